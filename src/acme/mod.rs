@@ -1,0 +1,39 @@
+//! ACME: what the request path needs of it.
+//!
+//! HTTP-01 key authorizations live in [`Challenges`], answered on the plain HTTP listener
+//! at `/.well-known/acme-challenge/{token}` before redirects and routing; TLS-ALPN-01
+//! certificates live in the TLS resolver.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Published HTTP-01 key authorizations, by token.
+#[derive(Debug, Default)]
+pub struct Challenges {
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+/// Path prefix of HTTP-01 validation requests (RFC 8555 section 8.3).
+pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+
+impl Challenges {
+    pub fn publish(&self, token: &str, key_authorization: &str) {
+        self.lock()
+            .insert(token.to_string(), key_authorization.to_string());
+    }
+
+    pub fn withdraw(&self, token: &str) {
+        self.lock().remove(token);
+    }
+
+    /// The key authorization for a token, if one is published.
+    pub fn answer(&self, token: &str) -> Option<String> {
+        self.lock().get(token).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

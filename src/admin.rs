@@ -1,0 +1,434 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/upstreams`, `/certificates`
+//! and `POST /upstreams/{name}/drain?server=IP:PORT`.
+//!
+//! It runs on the control runtime, so it answers while traffic saturates the workers.
+//! Mutating calls need `Authorization: Bearer $SWARMGATE_ADMIN_TOKEN`: without the
+//! variable every one is refused (403), with a wrong or missing token 401.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Gateway;
+use crate::metrics::{family, label};
+use crate::tls::store::seconds_left;
+
+/// Settings of the admin API.
+#[derive(Clone)]
+pub struct Admin {
+    pub gw: Arc<Gateway>,
+    /// `SWARMGATE_ADMIN_TOKEN`; `None` refuses every mutating call.
+    pub token: Option<String>,
+}
+
+/// Serves the admin API until `stop` fires.
+pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Resp {
+    reply(status, "text/plain; charset=utf-8", body)
+}
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
+    let gw = &admin.gw;
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Method::GET | Method::HEAD, "/readyz") => {
+            if gw.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+        }
+        (Method::GET | Method::HEAD, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render_metrics(gw),
+        ),
+        (Method::GET | Method::HEAD, "/upstreams") => {
+            reply(StatusCode::OK, "application/json", upstreams_json(gw))
+        }
+        (Method::GET | Method::HEAD, "/certificates") => {
+            reply(StatusCode::OK, "application/json", certificates_json(gw))
+        }
+        (Method::POST, p) if p.starts_with("/upstreams/") && p.ends_with("/drain") => {
+            if let Err(resp) = authorize(admin, &req) {
+                return resp;
+            }
+            let name = &p["/upstreams/".len()..p.len() - "/drain".len()];
+            let server = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("server=")))
+                .map(str::to_string);
+            let _ = req.into_body().collect().await;
+            drain(gw, name, server.as_deref())
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/upstreams" | "/certificates") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn authorize(admin: &Admin, req: &Request<Incoming>) -> Result<(), Resp> {
+    let Some(token) = admin.token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(text(
+            StatusCode::FORBIDDEN,
+            "mutating admin calls are disabled: SWARMGATE_ADMIN_TOKEN is not set\n",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => {
+            let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn drain(gw: &Gateway, name: &str, server: Option<&str>) -> Resp {
+    let snap = gw.snapshot();
+    let Some(upstream) = snap.upstreams.get(name) else {
+        return text(StatusCode::NOT_FOUND, "no such upstream\n");
+    };
+    let Some(addr) = server.and_then(|s| {
+        s.replace("%3A", ":")
+            .replace("%3a", ":")
+            .replace("%5B", "[")
+            .replace("%5D", "]")
+            .parse::<SocketAddr>()
+            .ok()
+    }) else {
+        return text(StatusCode::BAD_REQUEST, "needs ?server=IP:PORT\n");
+    };
+    if upstream.set.drain(addr) {
+        tracing::info!(upstream = name, server = %addr, "server drained by admin request");
+        reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"upstream": name, "server": addr.to_string(), "state": "draining"})
+                .to_string(),
+        )
+    } else {
+        text(StatusCode::NOT_FOUND, "no such server in this upstream\n")
+    }
+}
+
+fn upstreams_json(gw: &Gateway) -> String {
+    let snap = gw.snapshot();
+    let mut names: Vec<&String> = snap.upstreams.keys().collect();
+    names.sort();
+    let now = std::time::Instant::now();
+    let list: Vec<serde_json::Value> = names
+        .into_iter()
+        .filter_map(|n| snap.upstreams.get(n))
+        .map(|u| {
+            let servers: Vec<serde_json::Value> = u
+                .set
+                .all()
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "address": s.addr.to_string(),
+                        "state": s.state().as_str(),
+                        "ejected": s.is_ejected(now),
+                        "in_flight": s.in_flight(),
+                        "requests": s.requests.load(Ordering::Relaxed),
+                        "idle_connections": s.pool.idle_count(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": u.set.name,
+                "balance": match u.config.balance { crate::config::Balance::Random => "random", crate::config::Balance::P2c => "p2c" },
+                "discovery": u.config.dns.as_ref().map(|d| format!("{}:{}", d.name, d.port)),
+                "servers": servers,
+            })
+        })
+        .collect();
+    serde_json::json!({ "generation": snap.generation, "upstreams": list }).to_string()
+}
+
+fn certificates_json(gw: &Gateway) -> String {
+    let statics = gw.certs.statics();
+    let acme = gw.certs.acme();
+    let list: Vec<serde_json::Value> = statics
+        .infos()
+        .chain(acme.infos())
+        .map(|c| {
+            serde_json::json!({
+                "names": c.names,
+                "issuer": c.issuer,
+                "not_after": c.not_after,
+                "seconds_left": seconds_left(c.not_after),
+                "source": c.source,
+                "file": c.file.as_ref().map(|f| f.display().to_string()),
+            })
+        })
+        .collect();
+    serde_json::json!({ "certificates": list }).to_string()
+}
+
+/// The Prometheus text exposition of everything.
+pub fn render_metrics(gw: &Gateway) -> String {
+    let snap = gw.snapshot();
+    let m = &gw.metrics;
+    let mut out = String::with_capacity(16 * 1024);
+    const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+    family(
+        &mut out,
+        "swarmgate_requests_total",
+        "counter",
+        "Requests answered, by route, upstream and status class.",
+    );
+    for r in &snap.routes {
+        let (route, up) = (
+            label(&crate::snapshot::Route::key(&r.host, &r.prefix)),
+            label(&r.upstream.set.name),
+        );
+        for (class, n) in CLASSES.iter().zip(r.stats.class_counts()) {
+            let _ = writeln!(
+                out,
+                "swarmgate_requests_total{{route=\"{route}\",upstream=\"{up}\",class=\"{class}\"}} {n}"
+            );
+        }
+    }
+    for (class, n) in CLASSES.iter().zip(m.unrouted.class_counts()) {
+        let _ = writeln!(
+            out,
+            "swarmgate_requests_total{{route=\"\",upstream=\"\",class=\"{class}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "swarmgate_request_duration_seconds",
+        "histogram",
+        "Time from request head to the end of the response body.",
+    );
+    for r in &snap.routes {
+        let labels = format!(
+            "route=\"{}\",upstream=\"{}\"",
+            label(&crate::snapshot::Route::key(&r.host, &r.prefix)),
+            label(&r.upstream.set.name)
+        );
+        r.stats
+            .duration
+            .render(&mut out, "swarmgate_request_duration_seconds", &labels);
+    }
+    m.unrouted.duration.render(
+        &mut out,
+        "swarmgate_request_duration_seconds",
+        "route=\"\",upstream=\"\"",
+    );
+
+    let mut names: Vec<&String> = snap.upstreams.keys().collect();
+    names.sort();
+    family(
+        &mut out,
+        "swarmgate_upstream_servers",
+        "gauge",
+        "Servers by state (ejected counts servers passively ejected).",
+    );
+    for n in &names {
+        let c = snap.upstreams[*n].set.counts();
+        for (state, v) in ["pending", "healthy", "unhealthy", "draining", "ejected"]
+            .iter()
+            .zip(c)
+        {
+            let _ = writeln!(
+                out,
+                "swarmgate_upstream_servers{{upstream=\"{}\",state=\"{state}\"}} {v}",
+                label(n)
+            );
+        }
+    }
+    let per_upstream = [
+        (
+            "swarmgate_upstream_connect_errors_total",
+            "Failed connects to servers.",
+            0,
+        ),
+        (
+            "swarmgate_upstream_ejections_total",
+            "Servers passively ejected after failures.",
+            1,
+        ),
+        (
+            "swarmgate_upstream_resolve_errors_total",
+            "DNS discovery failures or empty answers.",
+            2,
+        ),
+        (
+            "swarmgate_upstream_health_transitions_total",
+            "Health state changes from active checks.",
+            3,
+        ),
+    ];
+    for (name, help, which) in per_upstream {
+        family(&mut out, name, "counter", help);
+        for n in &names {
+            let st = &snap.upstreams[*n].set.stats;
+            let v = [
+                &st.connect_errors,
+                &st.ejections,
+                &st.resolve_errors,
+                &st.health_transitions,
+            ][which]
+                .load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {v}", label(n));
+        }
+    }
+    let simple = [
+        (
+            "swarmgate_open_connections",
+            "gauge",
+            "Client connections open now.",
+            m.open_connections.load(Ordering::Relaxed),
+        ),
+        (
+            "swarmgate_connections_total",
+            "counter",
+            "Client connections accepted.",
+            m.connections_total.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "swarmgate_tls_handshakes_total",
+            "counter",
+            "Completed TLS handshakes.",
+            m.tls_handshakes.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "swarmgate_tls_handshake_errors_total",
+            "counter",
+            "Failed or timed-out TLS handshakes.",
+            m.tls_handshake_errors.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "swarmgate_retries_total",
+            "counter",
+            "Requests sent again to another server.",
+            m.retries.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "swarmgate_upgrades_total",
+            "counter",
+            "Upgrade (WebSocket) requests sent to servers.",
+            m.upgrades.load(Ordering::Relaxed) as i64,
+        ),
+        (
+            "swarmgate_config_generation",
+            "gauge",
+            "Reloads applied since start.",
+            snap.generation as i64,
+        ),
+    ];
+    for (name, kind, help, v) in simple {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        &mut out,
+        "swarmgate_reloads_total",
+        "counter",
+        "Configuration reloads by result.",
+    );
+    let _ = writeln!(
+        out,
+        "swarmgate_reloads_total{{result=\"ok\"}} {}",
+        m.reloads_ok.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "swarmgate_reloads_total{{result=\"failed\"}} {}",
+        m.reloads_failed.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "swarmgate_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until a served certificate expires.",
+    );
+    let (statics, acme) = (gw.certs.statics(), gw.certs.acme());
+    for c in statics.infos().chain(acme.infos()) {
+        let source = match c.source {
+            crate::tls::CertSource::Static => "static",
+            crate::tls::CertSource::Acme => "acme",
+            crate::tls::CertSource::Dev => "dev",
+        };
+        for name in &c.names {
+            let _ = writeln!(
+                out,
+                "swarmgate_certificate_expiry_seconds{{name=\"{}\",source=\"{source}\"}} {}",
+                label(name),
+                seconds_left(c.not_after)
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,85 @@
+//! Durations as the config writes them: `"500ms"`, `"2s"`, `"1m30s"`, `"30d"`.
+
+use std::time::Duration;
+
+/// Parses a sequence of `<integer><unit>` terms; units are `ms`, `s`, `m`, `h`, `d`.
+/// A bare `"0"` is accepted as zero; any other number needs a unit.
+pub fn parse(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if text.is_empty() {
+        return Err("empty duration; write e.g. \"500ms\", \"2s\", \"30d\"".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {text:?}: expected a number at {rest:?}"
+            ));
+        }
+        let (number, tail) = rest.split_at(digits);
+        let unit_len = tail.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let (unit, tail) = tail.split_at(unit_len);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        let millis_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => {
+                return Err(format!(
+                    "invalid duration {text:?}: {n} needs a unit (ms, s, m, h, d)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)"
+                ));
+            }
+        };
+        let ms = n
+            .checked_mul(millis_per_unit)
+            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+        total += Duration::from_millis(ms);
+        rest = tail;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units_and_sequences() {
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        assert_eq!(parse("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "2 s",
+            "2x",
+            "1.5s",
+            "-1s",
+            "99999999999999999999s",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! Configuration: TOML file, then the environment, then one typed and validated [`Config`].
+//!
+//! Invariants: a `Config` that exists is valid as a whole (addresses parse, every route
+//! names a declared upstream, no duplicate routes, no empty upstreams, durations sane);
+//! the hot path never parses. Problems are collected all at once with their place
+//! (`FILE:LINE:COL`, or the environment variable) so `swarmgate check` can show every one.
+//! The environment is passed in as a map, so tests never touch the process environment.
+
+pub mod duration;
+mod reader;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::de::DeTable;
+
+pub use reader::Problem;
+use reader::{Origin, Source, Table, as_string};
+
+/// `SWARMGATE_*` variables that are not config keys.
+const NON_KEY_VARS: &[&str] = &[
+    "SWARMGATE_CONFIG",
+    "SWARMGATE_LOG",
+    "SWARMGATE_LOG_FORMAT",
+    "SWARMGATE_ADMIN_TOKEN",
+    "SWARMGATE_ACME_STORAGE_KEY",
+];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for reload and messages).
+    pub path: PathBuf,
+    pub listen: Listen,
+    pub runtime: Runtime,
+    pub proxy: Proxy,
+    pub limits: Limits,
+    pub tls: Tls,
+    pub acme: Option<Acme>,
+    pub discovery: Discovery,
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Threads serving traffic; resolved (0 = one per core) by [`Runtime::threads`].
+    pub workers: usize,
+}
+
+impl Runtime {
+    pub fn threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub trusted_proxies: Vec<IpNet>,
+    pub redirect_https: bool,
+    pub shutdown_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Protections against slow, large or too many clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time a client has to send a complete request head (slowloris); on HTTP/1.1 also
+    /// how long a kept-alive connection may sit idle before its next request.
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line + headers): larger gets 431.
+    pub max_header_bytes: usize,
+    /// Longest request target: longer gets 414.
+    pub max_uri_bytes: usize,
+    /// HTTP/2 connections with no stream open this long are closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Request bodies up to this size are held so that an idempotent request can be
+    /// retried on another server; larger ones stream and are never replayed.
+    pub retry_body_bytes: usize,
+    /// Time allowed for a TLS handshake.
+    pub tls_handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub certs_dir: PathBuf,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    Http01,
+    TlsAlpn01,
+}
+
+#[derive(Debug, Clone)]
+pub struct Acme {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub challenge: Challenge,
+    pub ca_file: Option<PathBuf>,
+    pub renew_before: Duration,
+    pub storage: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// A route's host: exact (`fhir.example.org`), one-label wildcard (`*.example.org`), or `*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix after `*.`, e.g. `example.org`.
+    Wildcard(String),
+    Any,
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+            HostPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: HostPattern,
+    /// Normalised: starts with `/`, no trailing `/` unless it is `/`.
+    pub path: String,
+    pub strip_path: bool,
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    Random,
+    P2c,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that make a server healthy.
+    pub healthy_after: u32,
+    /// Consecutive failures that make a server unhealthy.
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTarget {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub servers: Vec<SocketAddr>,
+    pub dns: Option<DnsTarget>,
+    pub resolve_every: Duration,
+    pub balance: Balance,
+    pub health: Option<HealthConfig>,
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+/// Reads `path` and overlays `env`; every problem at once on failure.
+pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Vec<Problem>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Problem {
+            location: file.clone(),
+            message: format!("cannot read config: {e}"),
+            order: 0,
+        }]
+    })?;
+    parse(path, &text, env)
+}
+
+/// Parses config text (as if read from `path`) and overlays `env`.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<Config, Vec<Problem>> {
+    let file = path.display().to_string();
+    let src = Source::new(&file, text, env);
+    let doc = match DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let origin = Origin::File(e.span().unwrap_or(0..0));
+            src.problem(&origin, e.message().trim().to_string());
+            return Err(src.into_problems());
+        }
+    };
+    let root = Table::new(&src, Some(doc.get_ref()), doc.span(), None, "config");
+    let config = read_config(&root, path);
+    root.finish();
+    unknown_env_vars(&src);
+    if src.has_problems() {
+        Err(src.into_problems())
+    } else {
+        Ok(config)
+    }
+}
+
+fn section<'s, 't, 'i>(root: &Table<'s, 't, 'i>, name: &str) -> Table<'s, 't, 'i>
+where
+    's: 't,
+{
+    let (table, span) = match root.table(name) {
+        Some((t, span)) => (Some(t), span),
+        None => (None, 0..0),
+    };
+    Table::new(
+        root.source(),
+        table,
+        span,
+        Some(format!("SWARMGATE_{}_", name.to_ascii_uppercase())),
+        format!("[{name}]"),
+    )
+}
+
+fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
+    let listen = read_listen(&section(root, "listen"));
+    let runtime = {
+        let t = section(root, "runtime");
+        let workers = t.u64("workers", 0) as usize;
+        t.finish();
+        Runtime { workers }
+    };
+    let proxy = read_proxy(&section(root, "proxy"));
+    let limits = read_limits(&section(root, "limits"));
+    let tls = read_tls(&section(root, "tls"), path);
+    let acme = read_acme(&section(root, "acme"), path);
+    let discovery = read_discovery(&section(root, "discovery"));
+    let upstreams = read_upstreams(root);
+    let routes = read_routes(root, &upstreams);
+    if let Some(acme) = &acme {
+        check_acme_hosts(root.source(), acme, &routes);
+    }
+    Config {
+        path: path.to_path_buf(),
+        listen,
+        runtime,
+        proxy,
+        limits,
+        tls,
+        acme,
+        discovery,
+        routes: routes.into_iter().map(|(r, _)| r).collect(),
+        upstreams,
+    }
+}
+
+fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
+    let addr = |key: &str, default: &str| -> Option<SocketAddr> {
+        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| {
+            parse_listen_addr(&as_string(raw)?)
+        })
+    };
+    let listen = Listen {
+        http: addr("http", "0.0.0.0:80"),
+        https: addr("https", "0.0.0.0:443"),
+        admin: addr("admin", "127.0.0.1:9901"),
+    };
+    if listen.http.is_none() && listen.https.is_none() {
+        t.source().problem(
+            &Origin::Default(t.span()),
+            "[listen]: at least one of http and https must be set",
+        );
+    }
+    let bound: Vec<SocketAddr> = [listen.http, listen.https, listen.admin]
+        .into_iter()
+        .flatten()
+        .collect();
+    for (i, a) in bound.iter().enumerate() {
+        if a.port() != 0 && bound[..i].contains(a) {
+            t.source().problem(
+                &Origin::Default(t.span()),
+                format!("[listen]: {a} is used by two listeners"),
+            );
+        }
+    }
+    t.finish();
+    listen
+}
+
+/// `""` or `"off"` turns a listener off.
+fn parse_listen_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "off" {
+        return Ok(None);
+    }
+    text.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| format!("{text:?} is not an IP:PORT address (use [::]:443 for IPv6, \"\" to turn the listener off)"))
+}
+
+fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
+    let trusted_proxies = t.get("trusted_proxies", Vec::new(), |raw| {
+        reader::as_list(raw)?
+            .iter()
+            .map(|s| parse_cidr(s))
+            .collect()
+    });
+    let proxy = Proxy {
+        trusted_proxies,
+        redirect_https: t.bool("redirect_https", true),
+        shutdown_delay: t.duration("shutdown_delay", Duration::from_secs(5)),
+        drain_timeout: t.duration("drain_timeout", Duration::from_secs(30)),
+    };
+    t.finish();
+    proxy
+}
+
+/// A CIDR, or a bare address meaning just that host.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"))
+}
+
+fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
+    let limits = Limits {
+        header_read_timeout: t.duration("header_read_timeout", Duration::from_secs(30)),
+        max_header_bytes: t.u64("max_header_bytes", 64 * 1024) as usize,
+        max_uri_bytes: t.u64("max_uri_bytes", 8 * 1024) as usize,
+        idle_timeout: t.duration("idle_timeout", Duration::from_secs(120)),
+        max_connections: t.u64("max_connections", 100_000) as usize,
+        retry_body_bytes: t.u64("retry_body_bytes", 64 * 1024) as usize,
+        tls_handshake_timeout: t.duration("tls_handshake_timeout", Duration::from_secs(10)),
+    };
+    let at = Origin::Default(t.span());
+    if limits.header_read_timeout.is_zero() {
+        t.source()
+            .problem(&at, "[limits].header_read_timeout must be more than 0");
+    }
+    if limits.max_header_bytes < 8192 {
+        t.source()
+            .problem(&at, "[limits].max_header_bytes must be at least 8192");
+    }
+    if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
+        t.source().problem(
+            &at,
+            "[limits].max_uri_bytes must be between 64 and max_header_bytes",
+        );
+    }
+    if limits.max_connections == 0 {
+        t.source()
+            .problem(&at, "[limits].max_connections must be more than 0");
+    }
+    t.finish();
+    limits
+}
+
+fn read_tls(t: &Table<'_, '_, '_>, config_path: &Path) -> Tls {
+    let (dir, _) = t.string("certs_dir", "certs");
+    let min_version = t.get("min_version", TlsVersion::V1_2, |raw| {
+        match as_string(raw)?.as_str() {
+            "1.2" => Ok(TlsVersion::V1_2),
+            "1.3" => Ok(TlsVersion::V1_3),
+            other => Err(format!(
+                "{other:?} is not a TLS version swarmgate offers (\"1.2\" or \"1.3\")"
+            )),
+        }
+    });
+    t.finish();
+    Tls {
+        certs_dir: relative_to(config_path, &dir),
+        min_version,
+    }
+}
+
+/// Paths in the config are relative to the working directory, like every CLI tool's;
+/// the config's own folder would surprise a user running `swarmgate` from the repo.
+fn relative_to(_config_path: &Path, value: &str) -> PathBuf {
+    PathBuf::from(value)
+}
+
+fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
+    let env_has_acme = t
+        .source()
+        .env
+        .keys()
+        .any(|k| k.starts_with("SWARMGATE_ACME_") && k != "SWARMGATE_ACME_STORAGE_KEY");
+    if !t.present() && !env_has_acme {
+        return None;
+    }
+    let (directory, dir_origin) = t.string(
+        "directory",
+        "https://acme-v02.api.letsencrypt.org/directory",
+    );
+    if !(directory.starts_with("https://") || directory.starts_with("http://")) {
+        t.source().problem(
+            &dir_origin,
+            format!("[acme].directory: {directory:?} is not an http(s) URL"),
+        );
+    }
+    let contact = t.get("contact", Vec::new(), |raw| match raw {
+        reader::Raw::Toml(toml::de::DeValue::Array(_)) => reader::as_list(raw),
+        other => Ok(vec![as_string(other)?]),
+    });
+    for c in &contact {
+        if !c.starts_with("mailto:") {
+            t.source().problem(
+                &Origin::Default(t.span()),
+                format!("[acme].contact: {c:?} must start with mailto:"),
+            );
+        }
+    }
+    let challenge = t.get("challenge", Challenge::Http01, |raw| {
+        match as_string(raw)?.as_str() {
+            "http-01" => Ok(Challenge::Http01),
+            "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
+            other => Err(format!(
+                "{other:?} is not a challenge swarmgate answers (\"http-01\" or \"tls-alpn-01\")"
+            )),
+        }
+    });
+    let (ca_file, ca_origin) = t.string("ca_file", "");
+    let ca_file = (!ca_file.is_empty()).then(|| relative_to(config_path, &ca_file));
+    if let Some(ca) = &ca_file {
+        if let Err(e) = std::fs::metadata(ca) {
+            t.source().problem(
+                &ca_origin,
+                format!("[acme].ca_file: cannot read {}: {e}", ca.display()),
+            );
+        }
+    }
+    let renew_before = t.duration("renew_before", Duration::from_secs(30 * 86_400));
+    let (storage, storage_origin) = t.string("storage", "certs/acme");
+    if storage.is_empty() {
+        t.source().problem(
+            &storage_origin,
+            "[acme].storage must name a directory or a redis:// URL",
+        );
+    }
+    t.finish();
+    Some(Acme {
+        directory,
+        contact,
+        challenge,
+        ca_file,
+        renew_before,
+        storage,
+    })
+}
+
+fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[(RouteConfig, Origin)]) {
+    for (route, origin) in routes {
+        if matches!(route.host, HostPattern::Wildcard(_) | HostPattern::Any) {
+            src.problem(
+                origin,
+                format!(
+                    "route host {:?}: ACME's HTTP-01 and TLS-ALPN-01 challenges cannot issue wildcard certificates; \
+                     put a static certificate for it in [tls].certs_dir",
+                    route.host.to_string()
+                ),
+            );
+        }
+    }
+}
+
+fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
+    let nameservers = t.get("nameservers", Vec::new(), |raw| {
+        reader::as_list(raw)?
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|_| format!("{s:?} is not an IP:PORT address"))
+            })
+            .collect()
+    });
+    t.finish();
+    Discovery { nameservers }
+}
+
+fn read_upstreams(root: &Table<'_, '_, '_>) -> BTreeMap<String, UpstreamConfig> {
+    let mut out = BTreeMap::new();
+    let Some((table, _)) = root.table("upstream") else {
+        return out;
+    };
+    for (name, value) in table.iter() {
+        let name_str = name.get_ref().to_string();
+        let toml::de::DeValue::Table(t) = value.get_ref() else {
+            root.source().problem(
+                &Origin::File(value.span()),
+                format!("upstream.{name_str} must be a table"),
+            );
+            continue;
+        };
+        if name_str.is_empty()
+            || !name_str
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            root.source().problem(
+                &Origin::File(name.span()),
+                format!("upstream name {name_str:?}: use letters, digits, - and _"),
+            );
+            continue;
+        }
+        let env_prefix = format!(
+            "SWARMGATE_UPSTREAM_{}_",
+            name_str.to_ascii_uppercase().replace('-', "_")
+        );
+        let t = Table::new(
+            root.source(),
+            Some(t),
+            value.span(),
+            Some(env_prefix),
+            format!("[upstream.{name_str}]"),
+        );
+        out.insert(name_str.clone(), read_upstream(&t, &name_str));
+    }
+    out
+}
+
+fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
+    let (servers, servers_origin) = t.list("servers");
+    let servers: Vec<SocketAddr> = servers
+        .iter()
+        .filter_map(|s| match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                t.source().problem(
+                    &servers_origin,
+                    format!("{}.servers: {s:?} is not an IP:PORT address", t.name),
+                );
+                None
+            }
+        })
+        .collect();
+    let (dns, dns_origin) = t.string("dns", "");
+    let dns = if dns.is_empty() {
+        None
+    } else {
+        match parse_dns_target(&dns) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                t.source()
+                    .problem(&dns_origin, format!("{}.dns: {e}", t.name));
+                None
+            }
+        }
+    };
+    if servers.is_empty() && dns.is_none() && !t.source().has_problems() {
+        t.source().problem(
+            &Origin::Default(t.span()),
+            format!(
+                "{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"",
+                t.name
+            ),
+        );
+    }
+    let resolve_every = t.duration("resolve_every", Duration::from_secs(2));
+    if resolve_every < Duration::from_millis(100) {
+        t.source().problem(
+            &Origin::Default(t.span()),
+            format!("{}.resolve_every must be at least 100ms", t.name),
+        );
+    }
+    let balance = t.get("balance", Balance::Random, |raw| {
+        match as_string(raw)?.as_str() {
+            "random" => Ok(Balance::Random),
+            "p2c" => Ok(Balance::P2c),
+            other => Err(format!(
+                "{other:?} is not a balancer (\"random\" or \"p2c\")"
+            )),
+        }
+    });
+    let health = t.table("health").map(|(h, span)| {
+        let env_prefix = format!(
+            "SWARMGATE_UPSTREAM_{}_HEALTH_",
+            name.to_ascii_uppercase().replace('-', "_")
+        );
+        let h = Table::new(
+            t.source(),
+            Some(h),
+            span,
+            Some(env_prefix),
+            format!("{}.health", t.name),
+        );
+        let (path, path_origin) = h.string("path", "/health");
+        if !path.starts_with('/') {
+            h.source()
+                .problem(&path_origin, format!("{}.path must start with /", h.name));
+        }
+        let health = HealthConfig {
+            path,
+            interval: h.duration("interval", Duration::from_secs(2)),
+            timeout: h.duration("timeout", Duration::from_secs(1)),
+            healthy_after: h.u64("healthy_after", 1).max(1) as u32,
+            unhealthy_after: h.u64("unhealthy_after", 2).max(1) as u32,
+        };
+        if health.interval.is_zero() || health.timeout.is_zero() {
+            h.source().problem(
+                &Origin::Default(h.span()),
+                format!("{}: interval and timeout must be more than 0", h.name),
+            );
+        }
+        h.finish();
+        health
+    });
+    let upstream = UpstreamConfig {
+        name: name.to_string(),
+        servers,
+        dns,
+        resolve_every,
+        balance,
+        health,
+        retries: t.u64("retries", 2).min(100) as u32,
+        connect_timeout: t.duration("connect_timeout", Duration::from_secs(2)),
+        response_timeout: t.duration("response_timeout", Duration::from_secs(60)),
+    };
+    if upstream.connect_timeout.is_zero() || upstream.response_timeout.is_zero() {
+        t.source().problem(
+            &Origin::Default(t.span()),
+            format!(
+                "{}: connect_timeout and response_timeout must be more than 0",
+                t.name
+            ),
+        );
+    }
+    t.finish();
+    upstream
+}
+
+fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
+    let (name, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} needs a port: \"tasks.NAME:PORT\""))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!("{text:?}: {name:?} is not a DNS name"));
+    }
+    Ok(DnsTarget {
+        name: name.to_ascii_lowercase(),
+        port,
+    })
+}
+
+fn read_routes(
+    root: &Table<'_, '_, '_>,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+) -> Vec<(RouteConfig, Origin)> {
+    let mut out: Vec<(RouteConfig, Origin)> = Vec::new();
+    for (i, (table, span)) in root.array_of_tables("route").into_iter().enumerate() {
+        let t = Table::new(
+            root.source(),
+            Some(table),
+            span.clone(),
+            None,
+            format!("[[route]] #{}", i + 1),
+        );
+        let (host, host_origin) = t.string("host", "");
+        let host = match parse_host_pattern(&host) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                t.source()
+                    .problem(&host_origin, format!("{}.host: {e}", t.name));
+                None
+            }
+        };
+        let (path, path_origin) = t.string("path", "/");
+        let path = match normalize_path(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                t.source()
+                    .problem(&path_origin, format!("{}.path: {e}", t.name));
+                "/".to_string()
+            }
+        };
+        let strip_path = t.bool("strip_path", false);
+        let (upstream, up_origin) = t.string("upstream", "");
+        if upstream.is_empty() {
+            t.source()
+                .problem(&up_origin, format!("{}: needs upstream = \"NAME\"", t.name));
+        } else if !upstreams.contains_key(&upstream) {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            t.source().problem(
+                &up_origin,
+                format!(
+                    "{}: unknown upstream {upstream:?} (declared: {})",
+                    t.name,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        t.finish();
+        let Some(host) = host else { continue };
+        if let Some((_, first)) = out.iter().find(|(r, _)| r.host == host && r.path == path) {
+            let first_at = match first {
+                Origin::File(s) | Origin::Default(s) => t.source().position(s.start),
+                Origin::Env(v) => v.clone(),
+            };
+            t.source().problem(
+                &Origin::File(span.clone()),
+                format!(
+                    "duplicate route for host {:?} path {path:?} (first at {first_at})",
+                    host.to_string()
+                ),
+            );
+            continue;
+        }
+        out.push((
+            RouteConfig {
+                host,
+                path,
+                strip_path,
+                upstream,
+            },
+            Origin::File(span),
+        ));
+    }
+    out
+}
+
+/// `example.org`, `*.example.org` or `*`; lower-cased, no port.
+pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
+    let host = text.trim().to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("needs a host name (\"fhir.example.org\", \"*.example.org\" or \"*\")".into());
+    }
+    if host == "*" {
+        return Ok(HostPattern::Any);
+    }
+    let (wild, name) = match host.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, host.as_str()),
+    };
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.parse::<IpAddr>().is_err() && !name.split('.').all(valid_label) {
+        return Err(format!(
+            "{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"
+        ));
+    }
+    Ok(if wild {
+        HostPattern::Wildcard(name.to_string())
+    } else {
+        HostPattern::Exact(name.to_string())
+    })
+}
+
+fn normalize_path(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err(format!("{text:?} must start with /"));
+    }
+    if text.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "{text:?} is a path prefix: no query, fragment or spaces"
+        ));
+    }
+    let trimmed = text.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Any `SWARMGATE_*` variable that is neither a key that was read nor a known setting.
+fn unknown_env_vars(src: &Source<'_>) {
+    let used = src.used_env();
+    for var in src.env.keys().filter(|k| k.starts_with("SWARMGATE_")) {
+        if !used.contains(var) && !NON_KEY_VARS.contains(&var.as_str()) {
+            src.problem(
+                &Origin::Env(var.clone()),
+                "not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)",
+            );
+        }
+    }
+}
+
+impl Config {
+    /// A one-screen summary for `swarmgate check`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let opt = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+        s += &format!("config {} is valid\n", self.path.display());
+        s += &format!(
+            "listen: http {}, https {}, admin {}\n",
+            opt(self.listen.http),
+            opt(self.listen.https),
+            opt(self.listen.admin)
+        );
+        s += &format!("workers: {}\n", self.runtime.threads());
+        s += &format!(
+            "certificates: {}{}\n",
+            self.tls.certs_dir.display(),
+            self.acme.as_ref().map_or(String::new(), |a| format!(
+                ", ACME {} ({:?})",
+                a.directory, a.challenge
+            ))
+        );
+        s += &format!("routes ({}):\n", self.routes.len());
+        for r in self.routes.iter().take(20) {
+            s += &format!(
+                "  {}{} -> {}{}\n",
+                r.host,
+                r.path,
+                r.upstream,
+                if r.strip_path { " (strip_path)" } else { "" }
+            );
+        }
+        if self.routes.len() > 20 {
+            s += &format!("  ... and {} more\n", self.routes.len() - 20);
+        }
+        s += &format!("upstreams ({}):\n", self.upstreams.len());
+        for u in self.upstreams.values().take(20) {
+            let servers = match &u.dns {
+                Some(d) => format!("dns {}:{} every {:?}", d.name, d.port, u.resolve_every),
+                None => format!("{} server(s)", u.servers.len()),
+            };
+            s += &format!(
+                "  {}: {servers}, {:?}{}\n",
+                u.name,
+                u.balance,
+                if u.health.is_some() {
+                    ", health checked"
+                } else {
+                    ""
+                }
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,298 @@
+//! The gateway's shared state and how a configuration becomes (or replaces) it.
+//!
+//! [`Gateway::apply`] is the whole of start-up and reload: load certificates, keep or
+//! create each upstream's server set by name, reconcile static server lists, build the
+//! router, then swap the snapshot and the certificate store. Anything that can fail
+//! happens before the first swap, so an invalid config changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use hyper::header::HeaderValue;
+
+use crate::acme::Challenges;
+use crate::config::{self, Config};
+use crate::metrics::{Metrics, RouteStats};
+use crate::route::Router;
+use crate::snapshot::{ProxySettings, Route, Snapshot};
+use crate::tls::{CertResolver, CertStore, devcert};
+use crate::upstream::{ServerSet, SetSettings, Upstream};
+
+/// Everything that outlives one configuration.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    sets: Mutex<HashMap<String, Arc<ServerSet>>>,
+    route_stats: Mutex<HashMap<String, Arc<RouteStats>>>,
+    /// Serialises `apply` (SIGHUP and admin never race each other).
+    applying: tokio::sync::Mutex<()>,
+    pub certs: Arc<CertResolver>,
+    pub challenges: Arc<Challenges>,
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    /// Tasks (discovery, health) per upstream, restarted when their settings change.
+    pub(crate) tasks: Mutex<HashMap<String, crate::upstream::Tasks>>,
+    /// The nameservers discovery tasks were started with.
+    pub(crate) nameservers: Mutex<Vec<std::net::SocketAddr>>,
+    /// Upgraded connections (WebSocket tunnels), waited for at shutdown.
+    pub tunnels: tokio_util::task::TaskTracker,
+}
+
+/// Why a configuration was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid configuration:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<config::Problem> },
+    #[error("certificates:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Certificates(Vec<crate::tls::store::CertError>),
+    #[error("development certificate: {0}")]
+    DevCert(String),
+}
+
+impl Gateway {
+    /// Builds the gateway for `config` (the start-up form of `apply`).
+    pub fn new(config: Config) -> Result<Arc<Gateway>, ApplyError> {
+        let certs = Arc::new(CertResolver::default());
+        let prepared = prepare_certs(&config)?;
+        let gw = Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                router: Router::default(),
+                upstreams: HashMap::new(),
+                routes: Vec::new(),
+                proxy: proxy_settings(&config),
+                config: Arc::new(config.clone()),
+                generation: 0,
+            }),
+            sets: Mutex::new(HashMap::new()),
+            route_stats: Mutex::new(HashMap::new()),
+            applying: tokio::sync::Mutex::new(()),
+            certs,
+            challenges: Arc::new(Challenges::default()),
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(true),
+            tasks: Mutex::new(HashMap::new()),
+            nameservers: Mutex::new(Vec::new()),
+            tunnels: tokio_util::task::TaskTracker::new(),
+        });
+        gw.install(config, prepared, 0);
+        Ok(gw)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The snapshot without touching its reference count (hot path).
+    pub fn snapshot_guard(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// From the start of a graceful shutdown, `/readyz` answers 503.
+    pub fn set_not_ready(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    /// Re-reads the config file and the environment and applies them, or changes nothing.
+    pub async fn reload(
+        self: &Arc<Self>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<u64, ApplyError> {
+        let _one_at_a_time = self.applying.lock().await;
+        let path = self.snapshot().config.path.clone();
+        let result = match config::load(&path, env) {
+            Err(problems) => Err(ApplyError::Invalid { problems }),
+            Ok(config) => self.check_restart_only(&config).and_then(|()| {
+                let prepared = prepare_certs(&config)?;
+                let generation = self.snapshot().generation + 1;
+                self.install(config, prepared, generation);
+                Ok(generation)
+            }),
+        };
+        match &result {
+            Ok(_) => self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    /// Settings only a restart can change are logged, not refused.
+    fn check_restart_only(&self, next: &Config) -> Result<(), ApplyError> {
+        let now = self.snapshot();
+        if now.config.listen != next.listen {
+            tracing::warn!("[listen] changed; listeners are kept until restart");
+        }
+        if now.config.runtime.workers != next.runtime.workers {
+            tracing::warn!("[runtime] workers changed; takes effect at restart");
+        }
+        Ok(())
+    }
+
+    /// Swaps in a validated config. Cannot fail.
+    fn install(self: &Arc<Self>, config: Config, certs: PreparedCerts, generation: u64) {
+        let upstreams = self.upstreams_for(&config);
+        let routes = self.routes_for(&config, &upstreams);
+        let mut router = Router::default();
+        for r in &routes {
+            router.insert(&r.host, &r.prefix, Arc::clone(r));
+        }
+        let config = Arc::new(config);
+        let snapshot = Snapshot {
+            router,
+            upstreams,
+            routes,
+            proxy: proxy_settings(&config),
+            config: Arc::clone(&config),
+            generation,
+        };
+        self.certs.set_static(certs.statics);
+        self.snapshot.store(Arc::new(snapshot));
+        self.retire_upstreams(&config);
+        crate::upstream::start_tasks(self, &config);
+        if certs.dev_made {
+            tracing::warn!(dir = %config.tls.certs_dir.display(), hosts = ?certs.dev_hosts,
+                "made a self-signed development certificate ({}.crt): browsers will warn; put real certificates in certs_dir or configure [acme]",
+                devcert::DEV_CERT_STEM);
+        }
+    }
+
+    /// One `Upstream` per configured name, reusing server sets by name.
+    fn upstreams_for(&self, config: &Config) -> HashMap<String, Arc<Upstream>> {
+        let mut sets = self
+            .sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = HashMap::new();
+        for (name, up) in &config.upstreams {
+            let settings = SetSettings {
+                health_checked: up.health.is_some(),
+                drain_timeout: config.proxy.drain_timeout,
+            };
+            let set = match sets.get(name) {
+                Some(set) => {
+                    set.set_settings(settings);
+                    Arc::clone(set)
+                }
+                None => {
+                    let set = ServerSet::new(name, settings);
+                    sets.insert(name.clone(), Arc::clone(&set));
+                    set
+                }
+            };
+            if up.dns.is_none() {
+                let r = set.reconcile(&up.servers);
+                if !r.added.is_empty() || !r.draining.is_empty() {
+                    tracing::info!(upstream = %name, added = ?r.added, draining = ?r.draining, "servers reconciled");
+                }
+            }
+            out.insert(
+                name.clone(),
+                Arc::new(Upstream {
+                    config: up.clone(),
+                    set,
+                }),
+            );
+        }
+        out
+    }
+
+    /// Upstreams that left the config: their servers drain, then the set is dropped.
+    fn retire_upstreams(&self, config: &Config) {
+        let mut sets = self
+            .sets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sets.retain(|name, set| {
+            if config.upstreams.contains_key(name) {
+                return true;
+            }
+            let r = set.reconcile(&[]);
+            tracing::info!(upstream = %name, draining = ?r.draining, "upstream removed from the config");
+            false
+        });
+    }
+
+    fn routes_for(
+        &self,
+        config: &Config,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+    ) -> Vec<Arc<Route>> {
+        let mut stats = self
+            .route_stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keep = HashMap::new();
+        let routes = config
+            .routes
+            .iter()
+            .filter_map(|rc| {
+                let upstream = Arc::clone(upstreams.get(&rc.upstream)?);
+                let key = Route::key(&rc.host, &rc.path);
+                let s = stats.get(&key).cloned().unwrap_or_default();
+                keep.insert(key, Arc::clone(&s));
+                let prefix_header = (rc.strip_path && rc.path != "/")
+                    .then(|| HeaderValue::from_str(&rc.path).ok())
+                    .flatten();
+                Some(Arc::new(Route {
+                    host: rc.host.clone(),
+                    prefix: rc.path.clone(),
+                    strip_path: rc.strip_path,
+                    upstream,
+                    stats: s,
+                    prefix_header,
+                }))
+            })
+            .collect();
+        *stats = keep;
+        routes
+    }
+}
+
+fn proxy_settings(config: &Config) -> ProxySettings {
+    ProxySettings {
+        trusted_proxies: config.proxy.trusted_proxies.clone(),
+        redirect_https: config.proxy.redirect_https,
+        https_port: config.listen.https.map(|a| a.port()),
+        limits: config.limits.clone(),
+        acme_http01: config
+            .acme
+            .as_ref()
+            .is_some_and(|a| a.challenge == config::Challenge::Http01),
+    }
+}
+
+/// Certificates loaded for a config, before anything is swapped.
+pub struct PreparedCerts {
+    pub statics: CertStore,
+    dev_made: bool,
+    dev_hosts: Vec<String>,
+}
+
+/// Loads `certs_dir` and, where HTTPS is on without ACME, the development certificate.
+pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
+    let dir = &config.tls.certs_dir;
+    let mut statics =
+        CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
+    let mut dev_made = false;
+    let mut dev_hosts = Vec::new();
+    if config.listen.https.is_some() && config.acme.is_none() {
+        dev_hosts = devcert::uncovered(config.routes.iter().map(|r| &r.host), &statics);
+        // With no static certificate at all, clients without SNI need one too.
+        let always = statics.is_empty();
+        if !dev_hosts.is_empty() || always {
+            let (dev, made) =
+                devcert::ensure(dir, &dev_hosts, always).map_err(ApplyError::DevCert)?;
+            dev_made = made;
+            statics.extend(dev);
+        }
+    }
+    Ok(PreparedCerts {
+        statics,
+        dev_made,
+        dev_hosts,
+    })
+}

@@ -1,0 +1,224 @@
+//! Start, reload and shutdown.
+//!
+//! Start: the config was validated before this runs; the gateway state is built, every
+//! listener is bound (exit 2 if one cannot be), then traffic is served on the worker
+//! runtime while the control runtime (admin, signals, discovery, health checks) runs on
+//! a thread of its own, so control work never competes with traffic.
+//!
+//! `SIGHUP`: re-read the file and the environment, validate, swap atomically; an invalid
+//! config is refused whole and logged, and `/readyz` stays 200.
+//! `SIGTERM`/`SIGINT`: `/readyz` answers 503 at once; after `shutdown_delay` the
+//! listeners close and every connection is asked to finish; in-flight requests and
+//! tunnels get up to `drain_timeout`; then the process exits 0. A second signal during
+//! the drain exits at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, TlsVersion};
+use crate::gateway::Gateway;
+use crate::proxy::listener::{self, Kind, Shared};
+
+/// Process exit codes of `swarmgate run`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const INVALID_CONFIG: u8 = 1;
+    pub const CANNOT_BIND: u8 = 2;
+}
+
+/// The process environment as a map (read once per start or reload).
+pub fn environment() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// Runs the gateway until a graceful shutdown; returns the exit code.
+pub fn run(config: Config) -> u8 {
+    let control = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("swarmgate-control")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the control runtime");
+            return exit::INVALID_CONFIG;
+        }
+    };
+    let traffic = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.threads())
+        .thread_name("swarmgate-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the worker runtime");
+            return exit::INVALID_CONFIG;
+        }
+    };
+    let min_tls = config.tls.min_version;
+    let listen = config.listen.clone();
+    let limits = config.limits.clone();
+    let gw = match control.block_on(async { Gateway::new(config) }) {
+        Ok(gw) => gw,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::INVALID_CONFIG;
+        }
+    };
+    let tls_config = match crate::tls::server_config(Arc::clone(&gw.certs), min_tls) {
+        Ok(c) => Arc::new(ArcSwap::new(c)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the TLS configuration");
+            return exit::INVALID_CONFIG;
+        }
+    };
+
+    // Bind everything before serving anything.
+    let bind = |addr, rt: &tokio::runtime::Runtime, what: &str| {
+        rt.block_on(async { listener::bind(addr) }).map_err(|e| {
+            tracing::error!(listener = what, %addr, error = %e, "cannot bind");
+        })
+    };
+    let http = match listen.http.map(|a| bind(a, &traffic, "http")).transpose() {
+        Ok(l) => l,
+        Err(()) => return exit::CANNOT_BIND,
+    };
+    let https = match listen.https.map(|a| bind(a, &traffic, "https")).transpose() {
+        Ok(l) => l,
+        Err(()) => return exit::CANNOT_BIND,
+    };
+    let admin = match listen.admin.map(|a| bind(a, &control, "admin")).transpose() {
+        Ok(l) => l,
+        Err(()) => return exit::CANNOT_BIND,
+    };
+
+    let shared = Shared {
+        gw: Arc::clone(&gw),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        permits: Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
+    };
+    for (l, kind, name) in [
+        (http, Kind::Plain, "http"),
+        (https, Kind::Tls(Arc::clone(&tls_config)), "https"),
+    ] {
+        if let Some(l) = l {
+            tracing::info!(listener = name, addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
+            traffic.spawn(listener::serve(l, kind, shared.clone()));
+        }
+    }
+    let admin_stop = CancellationToken::new();
+    if let Some(l) = admin {
+        tracing::info!(listener = "admin", addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
+        let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
+        control.spawn(crate::admin::serve(
+            l,
+            crate::admin::Admin {
+                gw: Arc::clone(&gw),
+                token,
+            },
+            admin_stop.clone(),
+        ));
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        workers = traffic.metrics().num_workers(),
+        "swarmgate is serving"
+    );
+
+    let code = control.block_on(signals(Arc::clone(&gw), tls_config, shared, min_tls));
+    admin_stop.cancel();
+    traffic.shutdown_timeout(std::time::Duration::from_millis(100));
+    control.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// Waits for signals: reloads on SIGHUP, drains and returns on SIGTERM/SIGINT.
+async fn signals(
+    gw: Arc<Gateway>,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    shared: Shared,
+    mut min_tls: TlsVersion,
+) -> u8 {
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return exit::INVALID_CONFIG;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match gw.reload(&environment()).await {
+                    Ok(generation) => {
+                        let next = gw.snapshot().config.tls.min_version;
+                        if next != min_tls {
+                            match crate::tls::server_config(Arc::clone(&gw.certs), next) {
+                                Ok(c) => { tls.store(c); min_tls = next; }
+                                Err(e) => tracing::error!(error = %e, "TLS settings not applied"),
+                            }
+                        }
+                        tracing::info!(generation, "configuration reloaded");
+                    }
+                    Err(e) => tracing::error!("reload refused, the running configuration is kept: {e}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let snap = gw.snapshot();
+    let (delay, drain) = (
+        snap.config.proxy.shutdown_delay,
+        snap.config.proxy.drain_timeout,
+    );
+    drop(snap);
+    gw.set_not_ready();
+    tracing::info!(
+        ?delay,
+        "shutting down: /readyz is 503; listeners close after shutdown_delay"
+    );
+    let forced = tokio::select! {
+        () = tokio::time::sleep(delay) => false,
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    };
+    shared.shutdown.cancel();
+    shared.tracker.close();
+    gw.tunnels.close();
+    if !forced {
+        tracing::info!(
+            ?drain,
+            open = shared.tracker.len() + gw.tunnels.len(),
+            "listeners closed; draining connections"
+        );
+        let drained = async {
+            shared.tracker.wait().await;
+            gw.tunnels.wait().await;
+        };
+        tokio::select! {
+            r = tokio::time::timeout(drain, drained) => if r.is_err() {
+                tracing::warn!(left = shared.tracker.len() + gw.tunnels.len(), "drain_timeout reached; closing what is left");
+            },
+            _ = term.recv() => tracing::warn!("second signal: exiting without waiting"),
+            _ = int.recv() => tracing::warn!("second signal: exiting without waiting"),
+        }
+    }
+    tracing::info!("swarmgate stopped");
+    exit::OK
+}

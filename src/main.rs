@@ -1,0 +1,86 @@
+//! The `swarmgate` binary: parses the command line, validates the configuration
+//! (`check`, exit 0/1) or runs the gateway (exit 0 after a graceful shutdown, 1 on an
+//! invalid config, 2 when a listener cannot bind).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use swarmgate::cli::{Cli, Command};
+use swarmgate::lifecycle::{self, exit};
+use swarmgate::{config, gateway, tls};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    swarmgate::install_crypto_provider();
+    let env = lifecycle::environment();
+    match cli.command.as_ref().unwrap_or(&Command::Run) {
+        Command::Check => ExitCode::from(check(&cli, &env)),
+        Command::Run => {
+            swarmgate::telemetry::init(&env);
+            let config = match config::load(&cli.config, &env) {
+                Ok(c) => c,
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    tracing::error!(
+                        problems = problems.len(),
+                        "invalid configuration; not starting"
+                    );
+                    return ExitCode::from(exit::INVALID_CONFIG);
+                }
+            };
+            ExitCode::from(lifecycle::run(config))
+        }
+    }
+}
+
+/// `swarmgate check`: every problem as `FILE:LINE:COL: message`, or a summary.
+fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
+    let config = match config::load(&cli.config, env) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{} problem(s) in {}", problems.len(), cli.config.display());
+            return exit::INVALID_CONFIG;
+        }
+    };
+    let statics =
+        match tls::CertStore::load_dir(&config.tls.certs_dir, &[tls::devcert::DEV_CERT_STEM]) {
+            Ok(s) => s,
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!(
+                    "{} problem(s) with certificates in {}",
+                    errors.len(),
+                    config.tls.certs_dir.display()
+                );
+                return exit::INVALID_CONFIG;
+            }
+        };
+    print!("{}", config.summary());
+    let certs: Vec<String> = statics.infos().map(|i| i.names.join(",")).collect();
+    println!(
+        "static certificates: {}",
+        if certs.is_empty() {
+            "none".to_string()
+        } else {
+            certs.join("; ")
+        }
+    );
+    if config.listen.https.is_some() && config.acme.is_none() {
+        let missing = tls::devcert::uncovered(config.routes.iter().map(|r| &r.host), &statics);
+        if !missing.is_empty() {
+            println!(
+                "no certificate for: {} (a self-signed development certificate will be used)",
+                missing.join(", ")
+            );
+        }
+    }
+    let _ = gateway::prepare_certs; // run applies certificates; check only reads them
+    exit::OK
+}

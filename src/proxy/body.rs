@@ -1,0 +1,283 @@
+//! Body types of the proxy: what goes to a server, and what comes back to a client.
+//!
+//! Request bodies stream unless small enough to hold for a retry; response bodies stream
+//! through a wrapper that keeps the server's in-flight guard, hands the upstream
+//! connection back to its pool at the end, and writes the access log and metrics once.
+//! Nothing buffers a whole large body: memory per request is bounded by hyper's buffers
+//! plus `retry_body_bytes`.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// The body sent to a server.
+#[derive(Debug)]
+pub enum ReqBody {
+    Empty,
+    /// Fully read and small: can be sent again on a retry.
+    Held {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    /// Already-read head (if any) followed by the rest of the client's body.
+    Stream {
+        head: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl ReqBody {
+    /// A copy for another attempt, when the body can be replayed.
+    pub fn replay(&self) -> Option<ReqBody> {
+        match self {
+            ReqBody::Empty => Some(ReqBody::Empty),
+            ReqBody::Held { data, trailers } => Some(ReqBody::Held {
+                data: data.clone(),
+                trailers: trailers.clone(),
+            }),
+            ReqBody::Stream { .. } => None,
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Held { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            ReqBody::Stream { head, rest } => {
+                if let Some(h) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(h))));
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Held { data, trailers } => data.is_none() && trailers.is_none(),
+            ReqBody::Stream { head, rest } => head.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Held { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ReqBody::Stream { head, rest } => {
+                let head_len = head.as_ref().map_or(0, |h| h.len() as u64);
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + head_len);
+                if let Some(u) = r.upper() {
+                    hint.set_upper(u + head_len);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// What reading the start of a client body found.
+pub enum Prefetched {
+    Body(ReqBody),
+    /// The client's body was malformed (bad chunking, cut short): 400, nothing sent on.
+    Malformed(hyper::Error),
+}
+
+/// Reads what the client has already sent of its body, up to `limit` bytes, without
+/// waiting for more than the first frame: a body that ends within it is held (it can be
+/// replayed), a longer one streams on. Waiting for the first frame also catches a
+/// malformed body before any server sees the request.
+pub async fn prefetch(mut body: Incoming, limit: usize) -> Prefetched {
+    if body.is_end_stream() {
+        return Prefetched::Body(ReqBody::Empty);
+    }
+    let mut held: Vec<Bytes> = Vec::new();
+    let mut size = 0usize;
+    let mut first = true;
+    loop {
+        let next = if first {
+            first = false;
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        } else {
+            // Only frames that are already here: never wait on a client that may be
+            // waiting for our response before it sends more.
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(f) => f,
+                Poll::Pending => return Prefetched::Body(stream(held, body)),
+            }
+        };
+        match next {
+            None => {
+                return Prefetched::Body(ReqBody::Held {
+                    data: concat(held),
+                    trailers: None,
+                });
+            }
+            Some(Err(e)) => return Prefetched::Malformed(e),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    size += data.len();
+                    held.push(data);
+                    if body.is_end_stream() {
+                        return Prefetched::Body(ReqBody::Held {
+                            data: concat(held),
+                            trailers: None,
+                        });
+                    }
+                    if size > limit {
+                        return Prefetched::Body(stream(held, body));
+                    }
+                }
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    return Prefetched::Body(ReqBody::Held {
+                        data: concat(held),
+                        trailers,
+                    });
+                }
+            },
+        }
+    }
+}
+
+fn concat(mut parts: Vec<Bytes>) -> Option<Bytes> {
+    match parts.len() {
+        0 => None,
+        1 => parts.pop(),
+        _ => Some(parts.concat().into()),
+    }
+}
+
+fn stream(held: Vec<Bytes>, rest: Incoming) -> ReqBody {
+    ReqBody::Stream {
+        head: concat(held),
+        rest,
+    }
+}
+
+/// Called once when a response body ends (fully sent, failed or dropped).
+pub trait Finish: Send + 'static {
+    /// `complete`: the upstream body reached its end; `bytes`: data bytes passed.
+    fn finish(self: Box<Self>, complete: bool, bytes: u64);
+}
+
+/// The body sent to a client.
+pub enum RespBody {
+    /// A short answer of the gateway's own.
+    Local(Option<Bytes>),
+    /// A server's body, streamed.
+    Upstream(UpstreamBody),
+}
+
+impl RespBody {
+    pub fn text(text: &'static str) -> Self {
+        RespBody::Local(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        RespBody::Local(if bytes.is_empty() { None } else { Some(bytes) })
+    }
+
+    pub fn empty() -> Self {
+        RespBody::Local(None)
+    }
+}
+
+/// A server's response body; calls its [`Finish`] exactly once.
+pub struct UpstreamBody {
+    inner: Incoming,
+    bytes: u64,
+    finish: Option<Box<dyn Finish>>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, finish: Box<dyn Finish>) -> Self {
+        let mut body = UpstreamBody {
+            inner,
+            bytes: 0,
+            finish: Some(finish),
+        };
+        if body.inner.is_end_stream() {
+            // Nothing to stream (e.g. 204, 304, Content-Length: 0): hyper will not poll it.
+            body.done(true);
+        }
+        body
+    }
+
+    fn done(&mut self, complete: bool) {
+        if let Some(f) = self.finish.take() {
+            f.finish(complete, self.bytes);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        self.done(false);
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Upstream(u) => {
+                let frame = ready!(Pin::new(&mut u.inner).poll_frame(cx));
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            u.bytes += d.len() as u64;
+                        }
+                        if u.inner.is_end_stream() {
+                            u.done(true);
+                        }
+                    }
+                    None => u.done(true),
+                    Some(Err(_)) => u.done(false),
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Local(b) => b.is_none(),
+            RespBody::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RespBody::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}

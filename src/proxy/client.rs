@@ -1,0 +1,238 @@
+//! Upstream HTTP/1.1 connections: a small idle pool per server, connect and response
+//! timeouts, and the facts a retry decision needs.
+//!
+//! The pool belongs to one server, so choosing a server and choosing a connection are
+//! separate steps and nothing pins a client to a server. A connection goes back to its
+//! pool only when its response body has ended. Sending uses hyper's `try_send_request`,
+//! which hands the request back when none of it was written: that is what makes "nothing
+//! of it reached the server" a fact rather than a guess.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::body::ReqBody;
+
+/// The sending half of an upstream connection.
+pub type SendRequestHandle = SendRequest<ReqBody>;
+
+/// Idle connections kept per server.
+const MAX_IDLE: usize = 512;
+/// Idle connections older than this are not reused (servers commonly close at 60 s+).
+const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
+
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: SendRequest<ReqBody>,
+    since: Instant,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A live idle connection, most recently used first (warm, least likely closed).
+    fn take(&self) -> Option<SendRequest<ReqBody>> {
+        let mut idle = self.lock();
+        while let Some(conn) = idle.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < MAX_IDLE_AGE {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response has ended.
+    pub fn put(&self, sender: SendRequest<ReqBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes every idle connection (dropping a sender ends its connection task).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Why an attempt failed, with what a retry decision needs to know.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    /// The request was handed back unwritten (connection closed under it).
+    #[error("{addr} closed the connection before the request was sent")]
+    NotSent {
+        addr: SocketAddr,
+        request: Box<Request<ReqBody>>,
+    },
+    /// Some of the request may have reached the server; no response head came back.
+    #[error("{addr} failed before responding: {source}")]
+    Failed {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr} did not respond within {after:?}")]
+    ResponseTimeout { addr: SocketAddr, after: Duration },
+}
+
+impl SendError {
+    /// Whether no byte of the request reached the server.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            SendError::Connect { .. }
+                | SendError::ConnectTimeout { .. }
+                | SendError::NotSent { .. }
+        )
+    }
+
+    /// Whether the server looks broken (counts toward passive ejection).
+    pub fn is_server_failure(&self) -> bool {
+        !matches!(self, SendError::ResponseTimeout { .. })
+    }
+}
+
+/// A response and the connection it came on (to return to the pool when its body ends).
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub sender: SendRequest<ReqBody>,
+}
+
+/// Opens a TCP connection with `timeout`, TCP_NODELAY on.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, SendError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
+        Err(_) => {
+            return Err(SendError::ConnectTimeout {
+                addr,
+                after: timeout,
+            });
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A new HTTP/1.1 connection whose task ends when `kill` fires.
+async fn open(
+    addr: SocketAddr,
+    timeout: Duration,
+    kill: &CancellationToken,
+) -> Result<SendRequest<ReqBody>, SendError> {
+    let stream = connect(addr, timeout).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| SendError::Failed { addr, source })?;
+    let kill = kill.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            res = conn => if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "upstream connection ended") },
+            () = kill.cancelled() => {}
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` to the server at `addr` over a pooled or new connection.
+pub async fn send(
+    addr: SocketAddr,
+    pool: &Pool,
+    kill: &CancellationToken,
+    mut req: Request<ReqBody>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<Sent, SendError> {
+    let deadline = tokio::time::Instant::now() + response_timeout;
+    let timed_out = || SendError::ResponseTimeout {
+        addr,
+        after: response_timeout,
+    };
+    // A pooled connection may have been closed by the server a moment ago; hyper then
+    // hands the request back and the next idle (or a new) connection is used.
+    loop {
+        let (mut sender, pooled) = match pool.take() {
+            Some(s) => (s, true),
+            None => (open(addr, connect_timeout, kill).await?, false),
+        };
+        match tokio::time::timeout_at(deadline, sender.ready()).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(_)) if pooled => continue,
+            Ok(Err(source)) => return Err(SendError::Failed { addr, source }),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Ok(response)) => return Ok(Sent { response, sender }),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) if pooled => req = unsent,
+                Some(unsent) => {
+                    return Err(SendError::NotSent {
+                        addr,
+                        request: Box::new(unsent),
+                    });
+                }
+                None => {
+                    return Err(SendError::Failed {
+                        addr,
+                        source: e.into_error(),
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// A new connection for an HTTP/1.1 Upgrade (never pooled); its task ends with `kill`.
+pub async fn open_for_upgrade(
+    addr: SocketAddr,
+    timeout: Duration,
+    kill: &CancellationToken,
+) -> Result<SendRequest<ReqBody>, SendError> {
+    let stream = connect(addr, timeout).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| SendError::Failed { addr, source })?;
+    let kill = kill.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            res = conn.with_upgrades() => if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "upstream upgrade connection ended") },
+            () = kill.cancelled() => {}
+        }
+    });
+    Ok(sender)
+}

@@ -1,0 +1,60 @@
+//! The gateway's own answers: one enum of facts, one exhaustive match to a status code
+//! and a short plain-text body.
+
+use hyper::StatusCode;
+
+use super::client::SendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request target longer than {0} bytes")]
+    UriTooLong(usize),
+    #[error("no route for this host and path")]
+    NoRoute,
+    #[error("the TLS server name and the Host header disagree")]
+    Misdirected,
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("no server available in upstream {0}")]
+    NoServer(String),
+    #[error(transparent)]
+    Upstream(#[from] SendError),
+    #[error("upstream refused the upgrade")]
+    UpgradeFailed,
+    #[error("every attempt in upstream {upstream} failed; last: {last}")]
+    Exhausted { upstream: String, last: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoServer(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(SendError::ResponseTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(_) | ProxyError::UpgradeFailed | ProxyError::Exhausted { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The body sent to the client: short, stable, and free of internal addresses.
+    pub fn body(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "400 bad request\n",
+            ProxyError::UriTooLong(_) => "414 request target too long\n",
+            ProxyError::NoRoute => "404 no route for this host and path\n",
+            ProxyError::Misdirected => "421 misdirected request: TLS server name and Host differ\n",
+            ProxyError::MethodNotAllowed(_) => "405 method not allowed\n",
+            ProxyError::NoServer(_) => "503 no server available\n",
+            ProxyError::Upstream(SendError::ResponseTimeout { .. }) => "504 upstream timed out\n",
+            ProxyError::Upstream(_) | ProxyError::Exhausted { .. } => "502 upstream failed\n",
+            ProxyError::UpgradeFailed => "502 upstream upgrade failed\n",
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! What a service is told about the request it gets: the public base URL and the client.
+//!
+//! Sets `X-Forwarded-For`, `-Proto`, `-Host`, `-Port`, `-Prefix`, RFC 7239 `Forwarded`
+//! and `X-Request-Id`. From a peer in `trusted_proxies` the existing values are kept and
+//! the chains (`X-Forwarded-For`, `Forwarded`) extended; from anyone else every one of
+//! them is replaced, so a client can never spoof its address or the public URL.
+
+use std::net::IpAddr;
+
+use hyper::HeaderMap;
+use hyper::header::{FORWARDED, HeaderName, HeaderValue};
+use rand::Rng;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Per-connection values, made once when the connection is accepted.
+#[derive(Debug, Clone)]
+pub struct PeerValues {
+    /// The client IP as `X-Forwarded-For` writes it.
+    pub ip: HeaderValue,
+    /// The client as an RFC 7239 node: `192.0.2.1` or `"[2001:db8::1]"`.
+    pub node: String,
+}
+
+impl PeerValues {
+    pub fn new(ip: IpAddr) -> Self {
+        let ip = ip.to_canonical();
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            // RFC 7239 section 6: an IPv6 node is bracketed, and '[' ':' need quoting.
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        PeerValues {
+            ip: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            node,
+        }
+    }
+}
+
+/// The facts of one request.
+pub struct Facts<'a> {
+    pub peer: &'a PeerValues,
+    pub trusted: bool,
+    pub proto: &'static str,
+    /// The authority the client used (Host, or `:authority` on HTTP/2).
+    pub host: &'a str,
+    /// The public port: from the authority, else the scheme's default.
+    pub port: u16,
+    /// The prefix `strip_path` removed.
+    pub prefix: Option<&'a HeaderValue>,
+}
+
+/// Rewrites the forwarding headers in place; returns the request id in use.
+pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
+    let host_value = HeaderValue::from_str(f.host).ok();
+    if f.trusted {
+        extend(headers, &X_FORWARDED_FOR, &f.peer.ip);
+        keep_or(headers, &X_FORWARDED_PROTO, || {
+            Some(HeaderValue::from_static(f.proto))
+        });
+        keep_or(headers, &X_FORWARDED_HOST, || host_value.clone());
+        keep_or(headers, &X_FORWARDED_PORT, || {
+            Some(HeaderValue::from(f.port))
+        });
+        match f.prefix {
+            Some(p) => {
+                let joined = headers
+                    .get(&X_FORWARDED_PREFIX)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|outer| {
+                        format!(
+                            "{}{}",
+                            outer.trim_end_matches('/'),
+                            p.to_str().unwrap_or("")
+                        )
+                    })
+                    .and_then(|s| HeaderValue::from_str(&s).ok());
+                headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
+            }
+            None => {}
+        }
+        if let Some(element) = forwarded_element(f) {
+            extend(headers, &FORWARDED, &element);
+        }
+    } else {
+        headers.insert(&X_FORWARDED_FOR, f.peer.ip.clone());
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
+        match &host_value {
+            Some(h) => headers.insert(&X_FORWARDED_HOST, h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(f.port));
+        match f.prefix {
+            Some(p) => headers.insert(&X_FORWARDED_PREFIX, p.clone()),
+            None => headers.remove(&X_FORWARDED_PREFIX),
+        };
+        match forwarded_element(f) {
+            Some(e) => headers.insert(FORWARDED, e),
+            None => headers.remove(FORWARDED),
+        };
+    }
+    let keep_id = f.trusted
+        && headers
+            .get(&X_REQUEST_ID)
+            .is_some_and(|v| !v.is_empty() && v.len() <= 200);
+    if keep_id {
+        if let Some(id) = headers.get(&X_REQUEST_ID) {
+            return id.clone();
+        }
+    }
+    let id = new_request_id();
+    headers.insert(&X_REQUEST_ID, id.clone());
+    id
+}
+
+/// Keeps an existing value, or inserts the one `make` gives.
+fn keep_or(headers: &mut HeaderMap, name: &HeaderName, make: impl FnOnce() -> Option<HeaderValue>) {
+    if !headers.contains_key(name) {
+        if let Some(v) = make() {
+            headers.insert(name, v);
+        }
+    }
+}
+
+/// Appends `value` to a comma-separated chain, folding repeated fields into one.
+fn extend(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
+    let mut all = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    if all.peek().is_none() {
+        headers.insert(name, value.clone());
+        return;
+    }
+    let mut joined = all.collect::<Vec<_>>().join(", ");
+    joined.push_str(", ");
+    joined.push_str(value.to_str().unwrap_or(""));
+    match HeaderValue::from_str(&joined) {
+        Ok(v) => headers.insert(name, v),
+        Err(_) => headers.insert(name, value.clone()),
+    };
+}
+
+/// `for=...;host=...;proto=...` (RFC 7239 section 4), values quoted where the grammar
+/// needs it (section 6: an IPv6 node or a host with a port is not a token).
+fn forwarded_element(f: &Facts<'_>) -> Option<HeaderValue> {
+    let host = if f.host.bytes().all(is_token_byte) {
+        f.host.to_string()
+    } else {
+        format!("\"{}\"", f.host.replace('\\', "\\\\").replace('"', "\\\""))
+    };
+    HeaderValue::from_str(&format!(
+        "for={};host={};proto={}",
+        f.peer.node, host, f.proto
+    ))
+    .ok()
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// 128 random bits as 32 lower-case hex digits.
+pub fn new_request_id() -> HeaderValue {
+    let n: u128 = crate::proxy::with_rng(|r| r.random());
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        let nibble = ((n >> (124 - 4 * i)) & 0xf) as u8;
+        *b = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(
+        peer: &'a PeerValues,
+        trusted: bool,
+        host: &'a str,
+        prefix: Option<&'a HeaderValue>,
+    ) -> Facts<'a> {
+        Facts {
+            peer,
+            trusted,
+            proto: "https",
+            host,
+            port: 443,
+            prefix,
+        }
+    }
+
+    #[test]
+    fn untrusted_values_are_replaced() {
+        let peer = PeerValues::new("192.0.2.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        h.insert(&X_FORWARDED_PREFIX, HeaderValue::from_static("/evil"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("spoofed"));
+        let id = apply(&mut h, &facts(&peer, false, "fhir.example.org", None));
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
+        assert_eq!(h[&X_FORWARDED_HOST], "fhir.example.org");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_PORT], "443");
+        assert!(h.get(&X_FORWARDED_PREFIX).is_none());
+        assert_eq!(
+            h[FORWARDED],
+            "for=192.0.2.7;host=fhir.example.org;proto=https"
+        );
+        assert_ne!(id, "spoofed");
+        assert_eq!(id.len(), 32);
+    }
+
+    #[test]
+    fn trusted_chains_are_extended_and_ipv6_quoted() {
+        let peer = PeerValues::new("2001:db8::1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+        let prefix = HeaderValue::from_static("/fhir");
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.2"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(&X_FORWARDED_PREFIX, HeaderValue::from_static("/outer/"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=203.0.113.1"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc"));
+        let id = apply(
+            &mut h,
+            &facts(&peer, true, "example.org:8443", Some(&prefix)),
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.1, 203.0.113.2, 2001:db8::1");
+        assert_eq!(h[&X_FORWARDED_PREFIX], "/outer/fhir");
+        assert_eq!(
+            h[FORWARDED],
+            "for=203.0.113.1, for=\"[2001:db8::1]\";host=\"example.org:8443\";proto=https"
+        );
+        assert_eq!(id, "abc");
+    }
+}

@@ -1,0 +1,560 @@
+//! The hot path. [`handle`] reads top to bottom in the order of the SPEC:
+//!
+//! 1. the target host (Host, or the URI authority), malformed requests refused (400/414);
+//! 2. ACME HTTP-01 answers on plain HTTP, before anything else may redirect or route;
+//! 3. 421 when TLS SNI and Host disagree; 308 to https when `redirect_https` is on;
+//! 4. route lookup (404), upgrades to the tunnel path;
+//! 5. header rewrite in place (hop-by-hop, X-Forwarded-*, Forwarded, X-Request-Id), path
+//!    stripping, HTTP/1.1 towards the server;
+//! 6. server choice and the attempt loop with safe retries (503 when none is eligible);
+//! 7. the response streamed back through a body that releases the server and logs.
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod forwarded;
+pub mod hop;
+pub mod listener;
+pub mod upgrade;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::gateway::Gateway;
+use crate::metrics::RouteStats;
+use crate::route;
+use crate::snapshot::{Route, Snapshot};
+use crate::upstream::{InFlight, Server, ServerSet, balance};
+use body::{Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
+use client::{SendError, SendRequestHandle};
+use error::ProxyError;
+use forwarded::PeerValues;
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// Runs `f` with this thread's fast RNG (seeded from the OS once per thread).
+pub fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
+    RNG.with(|r| f(&mut r.borrow_mut()))
+}
+
+/// What is known about a client connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Whether it arrived over TLS.
+    pub tls: bool,
+    /// The TLS server name the client sent (lower case).
+    pub sni: Option<Box<str>>,
+    pub peer_values: PeerValues,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, sni: Option<&str>) -> Self {
+        Conn {
+            peer,
+            local,
+            tls,
+            sni: sni.map(|s| s.to_ascii_lowercase().into()),
+            peer_values: PeerValues::new(peer.ip()),
+        }
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+}
+
+/// Serves one request; never fails (errors become the gateway's own responses).
+pub async fn handle(
+    gw: Arc<Gateway>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let start = Instant::now();
+    let snap = gw.snapshot();
+    match route_request(&gw, &snap, &conn, req, start).await {
+        Ok(resp) => resp,
+        Err((err, stats)) => {
+            let stats = stats.unwrap_or_else(|| unrouted(&gw));
+            local_error(&err, &stats, start)
+        }
+    }
+}
+
+fn unrouted(gw: &Arc<Gateway>) -> RouteRef {
+    RouteRef::Gateway(Arc::clone(gw))
+}
+
+/// Where a request's statistics go: its route, or the gateway's "no route" bucket.
+enum RouteRef {
+    Route(Arc<RouteStats>),
+    Gateway(Arc<Gateway>),
+}
+
+impl RouteRef {
+    fn stats(&self) -> &RouteStats {
+        match self {
+            RouteRef::Route(r) => r,
+            RouteRef::Gateway(g) => &g.metrics.unrouted,
+        }
+    }
+}
+
+type Failure = (ProxyError, Option<RouteRef>);
+
+async fn route_request(
+    gw: &Arc<Gateway>,
+    snap: &Arc<Snapshot>,
+    conn: &Arc<Conn>,
+    mut req: Request<Incoming>,
+    start: Instant,
+) -> Result<Response<RespBody>, Failure> {
+    let limits = &snap.proxy.limits;
+    let authority = request_authority(&req).map_err(|e| (e, None))?;
+    let authority_str = authority.to_str().unwrap_or("");
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+        return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
+    }
+    if !conn.tls {
+        if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
+            return Ok(acme_answer(gw, &req, start));
+        }
+        if snap.proxy.redirect_https {
+            if let Some(port) = snap.proxy.https_port {
+                return Ok(redirect(gw, &req, authority_str, port, start));
+            }
+        }
+    }
+    let host = route::normalize_host(authority_str);
+    if let Some(sni) = &conn.sni {
+        if **sni != *host {
+            return Err((ProxyError::Misdirected, None));
+        }
+    }
+    let Some(route) = snap.router.lookup(&host, req.uri().path()) else {
+        return Err((ProxyError::NoRoute, None));
+    };
+    let route = Arc::clone(route);
+    let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
+    if req.method() == Method::CONNECT {
+        if req.extensions().get::<hyper::ext::Protocol>().is_none() {
+            return Err((ProxyError::MethodNotAllowed("CONNECT"), stats()));
+        }
+        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start)
+            .await
+            .map_err(|e| (e, stats()));
+    }
+    if upgrade::is_h1_upgrade(&req) {
+        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start)
+            .await
+            .map_err(|e| (e, stats()));
+    }
+
+    let request_id = rewrite_request(snap, conn, &route, &mut req, &authority);
+    let (parts, body) = req.into_parts();
+    let body = match body::prefetch(body, limits.retry_body_bytes).await {
+        Prefetched::Body(b) => b,
+        Prefetched::Malformed(e) => {
+            tracing::debug!(error = %e, "malformed request body");
+            return Err((ProxyError::BadRequest("malformed body"), stats()));
+        }
+    };
+    let method = parts.method.clone();
+    let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
+    let sent = attempts(&route, Request::from_parts(parts, body))
+        .await
+        .map_err(|e| (e, stats()))?;
+    Ok(respond(sent, route, method, start, log))
+}
+
+/// The host the request is for: the URI authority (HTTP/2, or HTTP/1.1 absolute-form,
+/// RFC 9112 section 3.2.2), else the one `Host` header an HTTP/1.1 request must carry.
+fn request_authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(auth) = req.uri().authority() {
+        return HeaderValue::from_str(auth.as_str())
+            .map_err(|_| ProxyError::BadRequest("invalid authority"));
+    }
+    match first {
+        Some(h) if !h.is_empty() && h.to_str().is_ok_and(valid_authority) => Ok(h.clone()),
+        Some(_) => Err(ProxyError::BadRequest("invalid Host header")),
+        None if req.version() == Version::HTTP_10 => Ok(HeaderValue::from_static("")),
+        None => Err(ProxyError::BadRequest("missing Host header")),
+    }
+}
+
+/// `host[:port]` made of the characters RFC 3986 allows in a reg-name or IP literal.
+fn valid_authority(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+}
+
+/// Edits the request into what the server gets; returns the request id.
+fn rewrite_request(
+    snap: &Snapshot,
+    conn: &Conn,
+    route: &Route,
+    req: &mut Request<Incoming>,
+    authority: &HeaderValue,
+) -> HeaderValue {
+    let authority_str = authority.to_str().unwrap_or("");
+    let headers = req.headers_mut();
+    let wants_trailers = hop::strip(headers);
+    headers.remove(header::EXPECT); // 100-continue was handled with the client
+    let port = route::authority_port(authority_str).unwrap_or(if conn.tls { 443 } else { 80 });
+    let facts = forwarded::Facts {
+        peer: &conn.peer_values,
+        trusted: snap.proxy.is_trusted(conn.peer.ip()),
+        proto: conn.proto(),
+        host: authority_str,
+        port,
+        prefix: route.prefix_header.as_ref(),
+    };
+    let id = forwarded::apply(headers, &facts);
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !headers.contains_key(header::HOST) || req.uri().authority().is_some() {
+        req.headers_mut().insert(header::HOST, authority.clone());
+    }
+    *req.version_mut() = Version::HTTP_11;
+    let needs_new_uri =
+        route.strip_path || req.uri().scheme().is_some() || req.uri().authority().is_some();
+    if needs_new_uri {
+        let path = req.uri().path();
+        let path = if route.strip_path {
+            route::strip_prefix(path, &route.prefix)
+        } else {
+            path.into()
+        };
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.into_owned(),
+        };
+        if let Ok(uri) = target.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+    id
+}
+
+/// Picks a server and sends, retrying on another server only when that is safe.
+async fn attempts(
+    route: &Route,
+    mut req: Request<ReqBody>,
+) -> Result<(client::Sent, InFlight), ProxyError> {
+    let upstream = &route.upstream;
+    let cfg = &upstream.config;
+    let idempotent = is_idempotent(req.method());
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error = String::new();
+    loop {
+        let server = {
+            let eligible = upstream.set.eligible();
+            let picked =
+                with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
+            match picked {
+                Some(s) => s,
+                None if tried.is_empty() => {
+                    return Err(ProxyError::NoServer(upstream.set.name.clone()));
+                }
+                None => {
+                    return Err(ProxyError::Exhausted {
+                        upstream: upstream.set.name.clone(),
+                        last: last_error,
+                    });
+                }
+            }
+        };
+        let guard = server.begin();
+        let replay = if idempotent && (tried.len() as u32) < cfg.retries {
+            copy_request(&req)
+        } else {
+            None
+        };
+        match client::send(
+            server.addr,
+            &server.pool,
+            &server.kill,
+            req,
+            cfg.connect_timeout,
+            cfg.response_timeout,
+        )
+        .await
+        {
+            Ok(sent) => {
+                record_success(&server);
+                return Ok((sent, guard));
+            }
+            Err(err) => {
+                record_failure(&upstream.set, &server, &err);
+                tried.push(server.addr);
+                let may_retry = (tried.len() as u32) <= cfg.retries;
+                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %err, "attempt failed");
+                last_error = err.to_string();
+                req = match err {
+                    SendError::NotSent { request, .. } if may_retry => *request,
+                    ref e if may_retry && e.nothing_sent() => match replay {
+                        Some(r) => r,
+                        None => return Err(ProxyError::Upstream(err)),
+                    },
+                    SendError::Failed { .. } if may_retry => match replay {
+                        Some(r) => r,
+                        None => return Err(ProxyError::Upstream(err)),
+                    },
+                    other => return Err(ProxyError::Upstream(other)),
+                };
+            }
+        }
+    }
+}
+
+/// RFC 9110 section 9.2.2.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A copy of a request whose body can be replayed.
+fn copy_request(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    let body = req.body().replay()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+fn record_success(server: &Arc<Server>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if server.consecutive_failures.load(Relaxed) != 0 {
+        server.consecutive_failures.store(0, Relaxed);
+        server.ejections.store(0, Relaxed);
+    }
+}
+
+/// Passive ejection: a refused or timed-out connect ejects at once (the container is
+/// gone); other failures after three in a row. The back-off doubles per ejection in a
+/// row, from 1 s up to 30 s.
+fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !err.is_server_failure() {
+        return;
+    }
+    if matches!(
+        err,
+        SendError::Connect { .. } | SendError::ConnectTimeout { .. }
+    ) {
+        set.stats.connect_errors.fetch_add(1, Relaxed);
+    }
+    let failures = server.consecutive_failures.fetch_add(1, Relaxed) + 1;
+    let threshold = if err.nothing_sent() && !matches!(err, SendError::NotSent { .. }) {
+        1
+    } else {
+        3
+    };
+    if failures >= threshold {
+        server.consecutive_failures.store(0, Relaxed);
+        let n = server.ejections.fetch_add(1, Relaxed).min(5);
+        let backoff = Duration::from_secs(1 << n).min(Duration::from_secs(30));
+        tracing::warn!(upstream = %set.name, server = %server.addr, error = %err, ?backoff, "server ejected");
+        set.eject(server, backoff);
+    }
+}
+
+/// Turns the server's response into the client's.
+fn respond(
+    (sent, guard): (client::Sent, InFlight),
+    route: Arc<Route>,
+    method: Method,
+    start: Instant,
+    log: Option<Box<AccessLog>>,
+) -> Response<RespBody> {
+    let (mut parts, incoming) = sent.response.into_parts();
+    hop::strip(&mut parts.headers);
+    let status = parts.status;
+    let done = Done {
+        sender: Some(sent.sender),
+        guard,
+        route,
+        status,
+        start,
+        log,
+        head: method == Method::HEAD,
+    };
+    Response::from_parts(
+        parts,
+        RespBody::Upstream(UpstreamBody::new(incoming, Box::new(done))),
+    )
+}
+
+/// Runs when a proxied response body ends: connection back to the pool, the server's
+/// in-flight count released, metrics and the access log written.
+struct Done {
+    sender: Option<SendRequestHandle>,
+    guard: InFlight,
+    route: Arc<Route>,
+    status: StatusCode,
+    start: Instant,
+    log: Option<Box<AccessLog>>,
+    head: bool,
+}
+
+impl Finish for Done {
+    fn finish(mut self: Box<Self>, complete: bool, bytes: u64) {
+        let server = self.guard.server();
+        if complete || self.head {
+            if let Some(sender) = self.sender.take() {
+                server.pool.put(sender);
+            }
+        }
+        let took = self.start.elapsed();
+        self.route.stats.record(self.status.as_u16(), took);
+        if let Some(log) = self.log.take() {
+            log.write(
+                self.status.as_u16(),
+                Some(server.addr),
+                took,
+                bytes,
+                complete,
+            );
+        }
+    }
+}
+
+/// The access-log fields captured at the start of a request (only when logged).
+pub struct AccessLog {
+    method: Method,
+    host: String,
+    path: String,
+    request_id: HeaderValue,
+}
+
+pub const ACCESS_TARGET: &str = "swarmgate::access";
+
+fn access_log_enabled() -> bool {
+    tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+}
+
+impl AccessLog {
+    fn new(parts: &http::request::Parts, host: &str, request_id: HeaderValue) -> Box<Self> {
+        Box::new(AccessLog {
+            method: parts.method.clone(),
+            host: host.to_string(),
+            path: parts.uri.path().to_string(),
+            request_id,
+        })
+    }
+
+    pub fn write(
+        &self,
+        status: u16,
+        upstream: Option<SocketAddr>,
+        took: Duration,
+        bytes: u64,
+        complete: bool,
+    ) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status,
+            upstream = upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+            duration_ms = took.as_secs_f64() * 1000.0,
+            bytes,
+            complete,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+        );
+    }
+}
+
+fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<RespBody> {
+    let status = err.status();
+    match status.as_u16() {
+        500..=599 => tracing::warn!(status = status.as_u16(), error = %err, "request failed"),
+        _ => tracing::debug!(status = status.as_u16(), error = %err, "request refused"),
+    }
+    stats.stats().record(status.as_u16(), start.elapsed());
+    text(status, err.body())
+}
+
+/// A short plain-text answer of the gateway's own.
+pub fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::text(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// 308 to the same URL over https; the port is the HTTPS listener's when the client
+/// named a port (development), else the scheme's default (the usual :80 -> :443).
+fn redirect(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+    authority: &str,
+    https_port: u16,
+    start: Instant,
+) -> Response<RespBody> {
+    let host = route::strip_port(authority);
+    let port = if route::authority_port(authority).is_some() && https_port != 443 {
+        format!(":{https_port}")
+    } else {
+        String::new()
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let mut resp = text(StatusCode::PERMANENT_REDIRECT, "308 use https\n");
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    gw.metrics
+        .unrouted
+        .record(resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// Answers an HTTP-01 validation request from the published key authorizations.
+fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Response<RespBody> {
+    let token = &req.uri().path()[crate::acme::HTTP01_PREFIX.len()..];
+    let resp = match gw.challenges.answer(token) {
+        Some(key_auth) => {
+            let mut r = Response::new(RespBody::from_bytes(key_auth.into()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            tracing::info!(token, "answered an ACME HTTP-01 challenge");
+            r
+        }
+        None => text(StatusCode::NOT_FOUND, "404 unknown ACME challenge token\n"),
+    };
+    gw.metrics
+        .unrouted
+        .record(resp.status().as_u16(), start.elapsed());
+    resp
+}

@@ -1,0 +1,257 @@
+//! Tunnels: HTTP/1.1 `Upgrade` (WebSocket over ws and wss) and RFC 8441 extended CONNECT
+//! over HTTP/2, both carried to the server as an HTTP/1.1 Upgrade on a connection of its
+//! own (never pooled).
+//!
+//! The tunnel holds its server's in-flight guard for its whole life, so a draining
+//! server waits for it, and ends when the server's `kill` token fires at drain timeout.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+
+use super::body::{ReqBody, RespBody};
+use super::error::ProxyError;
+use super::{Conn, client, forwarded, hop, with_rng};
+use crate::gateway::Gateway;
+use crate::route;
+use crate::snapshot::{Route, Snapshot};
+use crate::upstream::balance;
+
+/// An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8).
+pub fn is_h1_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && hop::connection_has(req.headers(), "upgrade")
+}
+
+pub async fn proxy(
+    gw: &Arc<Gateway>,
+    snap: &Snapshot,
+    conn: &Conn,
+    route: &Arc<Route>,
+    mut req: Request<Incoming>,
+    authority: &HeaderValue,
+    start: Instant,
+) -> Result<Response<RespBody>, ProxyError> {
+    let extended_connect = req.method() == Method::CONNECT;
+    let protocol = if extended_connect {
+        let p = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        if !p.eq_ignore_ascii_case("websocket") {
+            return Err(ProxyError::BadRequest(
+                "extended CONNECT supports :protocol websocket only",
+            ));
+        }
+        HeaderValue::from_static("websocket")
+    } else {
+        req.headers()
+            .get(header::UPGRADE)
+            .cloned()
+            .ok_or(ProxyError::BadRequest("missing Upgrade"))?
+    };
+    let client_side = hyper::upgrade::on(&mut req);
+    let upstream_req = build_request(
+        snap,
+        conn,
+        route,
+        &req,
+        authority,
+        protocol,
+        extended_connect,
+    );
+
+    let upstream = &route.upstream;
+    let cfg = &upstream.config;
+    let mut tried = Vec::new();
+    let (server, mut sender) = loop {
+        let server = {
+            let eligible = upstream.set.eligible();
+            with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
+        };
+        let Some(server) = server else {
+            return Err(ProxyError::NoServer(upstream.set.name.clone()));
+        };
+        match client::open_for_upgrade(server.addr, cfg.connect_timeout, &server.kill).await {
+            Ok(sender) => break (server, sender),
+            Err(e) if (tried.len() as u32) < cfg.retries => {
+                tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
+                tried.push(server.addr);
+            }
+            Err(e) => return Err(ProxyError::Upstream(e)),
+        }
+    };
+    let guard = server.begin();
+    let sent = tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await;
+    let mut resp = match sent {
+        Err(_) => {
+            return Err(client::SendError::ResponseTimeout {
+                addr: server.addr,
+                after: cfg.response_timeout,
+            }
+            .into());
+        }
+        Ok(Err(source)) => {
+            return Err(client::SendError::Failed {
+                addr: server.addr,
+                source,
+            }
+            .into());
+        }
+        Ok(Ok(r)) => r,
+    };
+    gw.metrics
+        .upgrades
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    route.stats.record(resp.status().as_u16(), start.elapsed());
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The server said no (or answered normally): pass its answer on.
+        let (mut parts, body) = resp.into_parts();
+        hop::strip(&mut parts.headers);
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        return Ok(Response::from_parts(parts, RespBody::from_bytes(bytes)));
+    }
+    let server_side = hyper::upgrade::on(&mut resp);
+    let kill = server.kill.clone();
+    let addr = server.addr;
+    gw.tunnels.spawn(async move {
+        let _in_flight = guard;
+        let (client_io, server_io) = match tokio::join!(client_side, server_side) {
+            (Ok(c), Ok(s)) => (c, s),
+            (c, s) => {
+                tracing::debug!(server = %addr, client_ok = c.is_ok(), server_ok = s.is_ok(), "tunnel could not start");
+                return;
+            }
+        };
+        let (mut client_io, mut server_io) = (TokioIo::new(client_io), TokioIo::new(server_io));
+        tokio::select! {
+            res = tokio::io::copy_bidirectional(&mut client_io, &mut server_io) => {
+                if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "tunnel ended with an error") }
+            }
+            () = kill.cancelled() => tracing::info!(server = %addr, "tunnel closed: server drained"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    hop::strip(&mut parts.headers);
+    if extended_connect {
+        // RFC 8441 section 5: a 2xx answers the CONNECT; the key/accept exchange is h1's.
+        parts.status = StatusCode::OK;
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    } else {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = parts
+            .headers
+            .get(header::UPGRADE)
+            .cloned()
+            .or(Some(protocol_of(&parts.headers)))
+        {
+            parts.headers.insert(header::UPGRADE, p);
+        }
+    }
+    Ok(Response::from_parts(parts, RespBody::empty()))
+}
+
+fn protocol_of(_headers: &hyper::HeaderMap) -> HeaderValue {
+    HeaderValue::from_static("websocket")
+}
+
+/// The HTTP/1.1 Upgrade request the server gets.
+fn build_request(
+    snap: &Snapshot,
+    conn: &Conn,
+    route: &Route,
+    req: &Request<Incoming>,
+    authority: &HeaderValue,
+    protocol: HeaderValue,
+    extended_connect: bool,
+) -> Request<ReqBody> {
+    let mut headers = req.headers().clone();
+    hop::strip(&mut headers);
+    let authority_str = authority.to_str().unwrap_or("");
+    let facts = forwarded::Facts {
+        peer: &conn.peer_values,
+        trusted: snap.proxy.is_trusted(conn.peer.ip()),
+        proto: conn.proto(),
+        host: authority_str,
+        port: route::authority_port(authority_str).unwrap_or(if conn.tls { 443 } else { 80 }),
+        prefix: route.prefix_header.as_ref(),
+    };
+    forwarded::apply(&mut headers, &facts);
+    headers.insert(header::HOST, authority.clone());
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+    if extended_connect && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+    }
+    let path = req.uri().path();
+    let path = if route.strip_path {
+        route::strip_prefix(path, &route.prefix)
+    } else {
+        path.into()
+    };
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    let mut out = Request::new(ReqBody::Empty);
+    *out.method_mut() = if extended_connect {
+        Method::GET
+    } else {
+        req.method().clone()
+    };
+    *out.uri_mut() = target
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 section 4.1).
+fn websocket_key() -> HeaderValue {
+    let bytes: [u8; 16] = with_rng(|r| r.random());
+    HeaderValue::from_str(&base64(&bytes))
+        .unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"foobar"), "Zm9vYmFy");
+    }
+}

@@ -1,0 +1,254 @@
+//! Route lookup: host, then the longest whole-segment path prefix.
+//!
+//! Precedence: an exact host beats a one-label wildcard (`*.example.org`), which beats
+//! the catch-all `*`; within a host the longest prefix wins. Prefixes match whole path
+//! segments: `/fhir` matches `/fhir`, `/fhir/` and `/fhir/x`, never `/fhirx`. Duplicate
+//! (host, prefix) pairs are refused by the config, so no tie can reach this module.
+//!
+//! Cost: one hash lookup per host candidate plus one per path segment of the request,
+//! whatever the number of routes, so 10,000 routes cost what 10 do.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::HostPattern;
+
+/// A host's routes, by normalised prefix.
+#[derive(Debug)]
+struct HostRoutes<R> {
+    by_prefix: HashMap<Box<str>, R>,
+    /// Longest prefix length present: a path walk can skip longer candidates.
+    longest: usize,
+}
+
+impl<R> Default for HostRoutes<R> {
+    fn default() -> Self {
+        HostRoutes {
+            by_prefix: HashMap::new(),
+            longest: 0,
+        }
+    }
+}
+
+impl<R> HostRoutes<R> {
+    fn insert(&mut self, prefix: &str, route: R) {
+        self.longest = self.longest.max(prefix.len());
+        self.by_prefix.insert(prefix.into(), route);
+    }
+
+    /// The value of the longest prefix of `path` that ends at a segment boundary.
+    fn lookup(&self, path: &str) -> Option<&R> {
+        // Candidates: the whole path, then every cut before a '/', longest first; cuts
+        // longer than the longest prefix present are skipped. "/" is tried last.
+        let mut end = path.len();
+        if end > self.longest {
+            match path.as_bytes()[..=self.longest]
+                .iter()
+                .rposition(|&b| b == b'/')
+            {
+                Some(i) if i > 0 => end = i,
+                _ => return self.by_prefix.get("/"),
+            }
+        }
+        loop {
+            let cut = &path[..end];
+            let at_boundary = end == path.len() || path.as_bytes()[end] == b'/';
+            if at_boundary && !cut.is_empty() {
+                if let Some(r) = self.by_prefix.get(cut) {
+                    return Some(r);
+                }
+            }
+            match cut.rfind('/') {
+                Some(0) | None => break,
+                Some(i) => end = i,
+            }
+        }
+        self.by_prefix.get("/")
+    }
+}
+
+/// Routes by host pattern; `R` is what a match yields (the proxy's `Arc<Route>`).
+#[derive(Debug)]
+pub struct Router<R> {
+    exact: HashMap<Box<str>, HostRoutes<R>>,
+    wildcard: HashMap<Box<str>, HostRoutes<R>>,
+    any: HostRoutes<R>,
+    len: usize,
+}
+
+impl<R> Default for Router<R> {
+    fn default() -> Self {
+        Router {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: HostRoutes::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<R> Router<R> {
+    /// Adds a route; a later duplicate replaces an earlier one (the config refuses them).
+    pub fn insert(&mut self, host: &HostPattern, prefix: &str, route: R) {
+        let routes = match host {
+            HostPattern::Exact(h) => self.exact.entry(h.as_str().into()).or_default(),
+            HostPattern::Wildcard(s) => self.wildcard.entry(s.as_str().into()).or_default(),
+            HostPattern::Any => &mut self.any,
+        };
+        routes.insert(prefix, route);
+        self.len += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Finds the route for a normalised host (lower case, no port) and a request path.
+    /// A host that has routes but none for this path falls through to wildcard and `*`
+    /// routes, like a more general virtual host would.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&R> {
+        let path = if path.is_empty() { "/" } else { path };
+        if let Some(r) = self.exact.get(host).and_then(|routes| routes.lookup(path)) {
+            return Some(r);
+        }
+        if let Some((_, parent)) = host.split_once('.') {
+            if let Some(r) = self
+                .wildcard
+                .get(parent)
+                .and_then(|routes| routes.lookup(path))
+            {
+                return Some(r);
+            }
+        }
+        self.any.lookup(path)
+    }
+}
+
+/// Normalises the authority a client sent into a route host: lower case, port and
+/// trailing dot removed, IPv6 brackets kept. Borrows when nothing needs to change.
+pub fn normalize_host(authority: &str) -> std::borrow::Cow<'_, str> {
+    let host = strip_port(authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
+/// `example.org:8443` -> `example.org`; `[::1]:8443` -> `[::1]`.
+pub fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(i) => &authority[..=i],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// The port in an authority, if it has one.
+pub fn authority_port(authority: &str) -> Option<u16> {
+    let rest = if authority.starts_with('[') {
+        &authority[authority.find(']')? + 1..]
+    } else {
+        authority
+    };
+    let (_, port) = rest.rsplit_once(':')?;
+    port.parse().ok()
+}
+
+/// Removes a matched route prefix from a path; the result always starts with `/`.
+pub fn strip_prefix<'p>(path: &'p str, prefix: &str) -> std::borrow::Cow<'p, str> {
+    if prefix == "/" {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) if rest.starts_with('/') => std::borrow::Cow::Borrowed(rest),
+        Some(rest) => std::borrow::Cow::Owned(format!("/{rest}")),
+        None => std::borrow::Cow::Borrowed(path),
+    }
+}
+
+/// A shared handle is what the proxy stores.
+pub type SharedRouter<R> = Arc<Router<R>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router<&'static str> {
+        let mut r = Router::default();
+        r.insert(&HostPattern::Exact("a.example.org".into()), "/", "a-root");
+        r.insert(
+            &HostPattern::Exact("a.example.org".into()),
+            "/fhir",
+            "a-fhir",
+        );
+        r.insert(
+            &HostPattern::Exact("a.example.org".into()),
+            "/fhir/r4/metadata",
+            "a-meta",
+        );
+        r.insert(&HostPattern::Wildcard("example.org".into()), "/", "wild");
+        r.insert(&HostPattern::Wildcard("example.org".into()), "/x", "wild-x");
+        r.insert(&HostPattern::Any, "/only-any", "any");
+        r
+    }
+
+    #[test]
+    fn exact_host_longest_whole_segment_prefix() {
+        let r = router();
+        assert_eq!(r.lookup("a.example.org", "/fhir"), Some(&"a-fhir"));
+        assert_eq!(r.lookup("a.example.org", "/fhir/"), Some(&"a-fhir"));
+        assert_eq!(
+            r.lookup("a.example.org", "/fhir/Patient/1"),
+            Some(&"a-fhir")
+        );
+        assert_eq!(r.lookup("a.example.org", "/fhirx"), Some(&"a-root"));
+        assert_eq!(
+            r.lookup("a.example.org", "/fhir/r4/metadata"),
+            Some(&"a-meta")
+        );
+        assert_eq!(
+            r.lookup("a.example.org", "/fhir/r4/metadatax"),
+            Some(&"a-fhir")
+        );
+        assert_eq!(r.lookup("a.example.org", ""), Some(&"a-root"));
+    }
+
+    #[test]
+    fn wildcard_matches_one_label_and_any_is_last() {
+        let r = router();
+        assert_eq!(r.lookup("b.example.org", "/x/1"), Some(&"wild-x"));
+        assert_eq!(r.lookup("b.example.org", "/y"), Some(&"wild"));
+        assert_eq!(r.lookup("example.org", "/only-any"), Some(&"any"));
+        assert_eq!(r.lookup("c.b.example.org", "/"), None);
+        assert_eq!(r.lookup("other.org", "/only-any/z"), Some(&"any"));
+        assert_eq!(r.lookup("other.org", "/"), None);
+    }
+
+    #[test]
+    fn host_normalisation() {
+        assert_eq!(normalize_host("Example.ORG:8443"), "example.org");
+        assert_eq!(normalize_host("example.org."), "example.org");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(authority_port("[::1]:80"), Some(80));
+        assert_eq!(authority_port("example.org"), None);
+        assert_eq!(authority_port("example.org:8443"), Some(8443));
+    }
+
+    #[test]
+    fn prefix_stripping_keeps_a_leading_slash() {
+        assert_eq!(strip_prefix("/fhir/Patient", "/fhir"), "/Patient");
+        assert_eq!(strip_prefix("/fhir", "/fhir"), "/");
+        assert_eq!(strip_prefix("/a", "/"), "/a");
+    }
+}

@@ -1,0 +1,135 @@
+//! One upstream server: its address, state, in-flight count and idle connection pool.
+//!
+//! Invariants: `in_flight` counts requests and tunnels between pick and the end of the
+//! response body (or tunnel); it only moves through [`InFlight`], a guard released on
+//! drop. A server whose state is `Draining` is never picked again; its `kill` token
+//! fires when its drain time is up, closing whatever it still carries.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::client::Pool;
+
+/// Where a server stands. `Pending` is a new server waiting for its first passing health
+/// check; only `Healthy` servers (not ejected) receive requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ServerState {
+    Pending = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+    Draining = 3,
+}
+
+impl ServerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => ServerState::Pending,
+            1 => ServerState::Healthy,
+            2 => ServerState::Unhealthy,
+            _ => ServerState::Draining,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Pending => "pending",
+            ServerState::Healthy => "healthy",
+            ServerState::Unhealthy => "unhealthy",
+            ServerState::Draining => "draining",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    state: AtomicU8,
+    in_flight: AtomicUsize,
+    /// Requests sent to this server since it appeared.
+    pub requests: AtomicU64,
+    /// Consecutive connect failures or resets (passive ejection).
+    pub(crate) consecutive_failures: AtomicU32,
+    /// How many times it was ejected in a row; grows the back-off.
+    pub(crate) ejections: AtomicU32,
+    /// Ejected until this many milliseconds after `born` (0 = not ejected).
+    pub(crate) ejected_until_ms: AtomicU64,
+    pub(crate) born: Instant,
+    pub pool: Pool,
+    /// Woken when the last in-flight request of a draining server ends.
+    pub(crate) idle: Notify,
+    /// Fired when the server's drain time is up or it is forgotten.
+    pub kill: CancellationToken,
+}
+
+impl Server {
+    pub fn new(addr: SocketAddr, state: ServerState) -> Arc<Self> {
+        Arc::new(Server {
+            addr,
+            state: AtomicU8::new(state as u8),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            pool: Pool::default(),
+            idle: Notify::new(),
+            kill: CancellationToken::new(),
+        })
+    }
+
+    pub fn state(&self) -> ServerState {
+        ServerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state; callers hold the set's update lock and refresh eligibility.
+    pub(crate) fn set_state(&self, state: ServerState) {
+        self.state.store(state as u8, Ordering::Release);
+        if state == ServerState::Draining && self.in_flight() == 0 {
+            self.idle.notify_one();
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive ejection currently keeps it out.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && (now.saturating_duration_since(self.born).as_millis() as u64) < until
+    }
+
+    /// Counts a request or tunnel until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+}
+
+/// One request or tunnel in flight on a server.
+#[derive(Debug)]
+pub struct InFlight(Arc<Server>);
+
+impl InFlight {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.state() == ServerState::Draining
+        {
+            self.0.idle.notify_one();
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! An upstream's server set and the one `reconcile` that changes it.
+//!
+//! Discovery results, config reloads and admin drains all come through here, so "a server
+//! appears" and "a server goes away" mean one thing everywhere:
+//! - an address already present keeps its `Server` (state, counters, pool);
+//! - a new address enters `Pending` when health checks are on, `Healthy` otherwise;
+//! - a vanished address starts draining: no new requests, idle connections closed at
+//!   once, in-flight work gets up to `drain_timeout`, then it is forgotten.
+//!
+//! The hot path reads `eligible` with one atomic load; every change rebuilds it under
+//! `update`, so readers never see a half-applied change.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use super::server::{Server, ServerState};
+
+/// Settings of a set that a reload may change.
+#[derive(Debug, Clone)]
+pub struct SetSettings {
+    pub health_checked: bool,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct SetStats {
+    pub connect_errors: AtomicU64,
+    pub ejections: AtomicU64,
+    pub resolve_errors: AtomicU64,
+    pub health_transitions: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct ServerSet {
+    pub name: String,
+    /// Every server not yet forgotten, draining ones included.
+    all: ArcSwap<Vec<Arc<Server>>>,
+    /// Healthy, not draining, not ejected: what the balancer picks from.
+    eligible: ArcSwap<Vec<Arc<Server>>>,
+    settings: ArcSwap<SetSettings>,
+    update: Mutex<()>,
+    pub stats: SetStats,
+}
+
+/// What a reconcile did, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub added: Vec<SocketAddr>,
+    pub draining: Vec<SocketAddr>,
+    pub kept: usize,
+}
+
+impl ServerSet {
+    pub fn new(name: &str, settings: SetSettings) -> Arc<Self> {
+        Arc::new(ServerSet {
+            name: name.to_string(),
+            all: ArcSwap::from_pointee(Vec::new()),
+            eligible: ArcSwap::from_pointee(Vec::new()),
+            settings: ArcSwap::from_pointee(settings),
+            update: Mutex::new(()),
+            stats: SetStats::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.update
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The servers requests may go to now.
+    pub fn eligible(&self) -> arc_swap::Guard<Arc<Vec<Arc<Server>>>> {
+        self.eligible.load()
+    }
+
+    /// Every server, draining ones included.
+    pub fn all(&self) -> Arc<Vec<Arc<Server>>> {
+        self.all.load_full()
+    }
+
+    pub fn settings(&self) -> Arc<SetSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, settings: SetSettings) {
+        let _g = self.lock();
+        let was_checked = self.settings.load().health_checked;
+        if was_checked && !settings.health_checked {
+            // Health checks switched off: nothing will ever promote pending servers.
+            for s in self.all.load().iter() {
+                if matches!(s.state(), ServerState::Pending | ServerState::Unhealthy) {
+                    s.set_state(ServerState::Healthy);
+                }
+            }
+        }
+        self.settings.store(Arc::new(settings));
+        self.refresh_eligible_locked();
+    }
+
+    /// Makes the set's addresses exactly `addrs` (see the module docs).
+    pub fn reconcile(self: &Arc<Self>, addrs: &[SocketAddr]) -> Reconciled {
+        let _g = self.lock();
+        let wanted: HashSet<SocketAddr> = addrs.iter().copied().collect();
+        let current = self.all.load_full();
+        let initial = if self.settings.load().health_checked {
+            ServerState::Pending
+        } else {
+            ServerState::Healthy
+        };
+        let mut report = Reconciled::default();
+        let mut next: Vec<Arc<Server>> = Vec::with_capacity(wanted.len() + current.len());
+        let mut present = HashSet::new();
+        for s in current.iter() {
+            present.insert(s.addr);
+            if wanted.contains(&s.addr) {
+                if s.state() == ServerState::Draining {
+                    // Back before its drain finished: it serves again.
+                    s.set_state(initial);
+                    report.added.push(s.addr);
+                } else {
+                    report.kept += 1;
+                }
+            } else if s.state() != ServerState::Draining {
+                self.start_drain_locked(s);
+                report.draining.push(s.addr);
+            }
+            next.push(Arc::clone(s));
+        }
+        for addr in addrs {
+            if present.insert(*addr) {
+                next.push(Server::new(*addr, initial));
+                report.added.push(*addr);
+            }
+        }
+        self.all.store(Arc::new(next));
+        self.refresh_eligible_locked();
+        report
+    }
+
+    /// Drains one server by hand (admin). False when the address is not in the set.
+    pub fn drain(self: &Arc<Self>, addr: SocketAddr) -> bool {
+        let _g = self.lock();
+        let Some(server) = self.all.load().iter().find(|s| s.addr == addr).cloned() else {
+            return false;
+        };
+        if server.state() != ServerState::Draining {
+            self.start_drain_locked(&server);
+            self.refresh_eligible_locked();
+        }
+        true
+    }
+
+    fn start_drain_locked(self: &Arc<Self>, server: &Arc<Server>) {
+        server.set_state(ServerState::Draining);
+        server.pool.clear();
+        let set = Arc::clone(self);
+        let server = Arc::clone(server);
+        let timeout = self.settings.load().drain_timeout;
+        // Reconcile runs on the control runtime; outside one (unit tests without a
+        // runtime) the server is simply forgotten when nothing is in flight.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move { set.finish_drain(server, timeout).await });
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %self.name, server = %server.addr, "no runtime to drain on")
+            }
+        }
+    }
+
+    async fn finish_drain(self: Arc<Self>, server: Arc<Server>, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while server.in_flight() > 0 && server.state() == ServerState::Draining {
+            if tokio::time::timeout_at(deadline, server.idle.notified())
+                .await
+                .is_err()
+            {
+                tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
+                    "drain_timeout reached; closing what is still in flight");
+                break;
+            }
+        }
+        let _g = self.lock();
+        if server.state() != ServerState::Draining {
+            return; // came back while draining
+        }
+        server.kill.cancel();
+        server.pool.clear();
+        let next: Vec<Arc<Server>> = self
+            .all
+            .load()
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, &server))
+            .cloned()
+            .collect();
+        self.all.store(Arc::new(next));
+        tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
+    }
+
+    /// Sets a server's health state (health checker). Returns whether it changed.
+    pub fn set_health(&self, server: &Arc<Server>, healthy: bool) -> bool {
+        let _g = self.lock();
+        let now = server.state();
+        let next = if healthy {
+            ServerState::Healthy
+        } else {
+            ServerState::Unhealthy
+        };
+        if now == ServerState::Draining || now == next {
+            return false;
+        }
+        server.set_state(next);
+        self.stats
+            .health_transitions
+            .fetch_add(1, Ordering::Relaxed);
+        self.refresh_eligible_locked();
+        true
+    }
+
+    /// Passive ejection: keeps `server` out for `for_how_long`; it comes back by itself.
+    pub fn eject(self: &Arc<Self>, server: &Arc<Server>, for_how_long: Duration) {
+        {
+            let _g = self.lock();
+            let until = server.born.elapsed() + for_how_long;
+            server
+                .ejected_until_ms
+                .store(until.as_millis().max(1) as u64, Ordering::Relaxed);
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+            self.refresh_eligible_locked();
+        }
+        let set = Arc::clone(self);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(for_how_long).await;
+                let _g = set.lock();
+                set.refresh_eligible_locked();
+            });
+        }
+    }
+
+    fn refresh_eligible_locked(&self) {
+        let now = Instant::now();
+        let eligible: Vec<Arc<Server>> = self
+            .all
+            .load()
+            .iter()
+            .filter(|s| s.state() == ServerState::Healthy && !s.is_ejected(now))
+            .cloned()
+            .collect();
+        self.eligible.store(Arc::new(eligible));
+    }
+
+    /// Counts by state, for metrics: (pending, healthy, unhealthy, draining, ejected).
+    pub fn counts(&self) -> [usize; 5] {
+        let now = Instant::now();
+        let mut c = [0; 5];
+        for s in self.all.load().iter() {
+            c[s.state() as usize] += 1;
+            if s.is_ejected(now) {
+                c[4] += 1;
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    fn set(health: bool) -> Arc<ServerSet> {
+        ServerSet::new(
+            "t",
+            SetSettings {
+                health_checked: health,
+                drain_timeout: Duration::from_secs(5),
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_keeps_adds_and_drains() {
+        let s = set(false);
+        let r = s.reconcile(&[addr(1), addr(2)]);
+        assert_eq!(r.added, vec![addr(1), addr(2)]);
+        let first = Arc::clone(&s.all()[0]);
+        first.requests.fetch_add(7, Ordering::Relaxed);
+        let guard = s.all()[1].begin();
+        let r = s.reconcile(&[addr(1), addr(3)]);
+        assert_eq!(
+            r,
+            Reconciled {
+                added: vec![addr(3)],
+                draining: vec![addr(2)],
+                kept: 1
+            }
+        );
+        assert!(
+            Arc::ptr_eq(&first, &s.all()[0]),
+            "an unchanged server keeps its state"
+        );
+        let eligible: Vec<_> = s.eligible().iter().map(|s| s.addr).collect();
+        assert_eq!(eligible, vec![addr(1), addr(3)]);
+        assert_eq!(
+            s.all().len(),
+            3,
+            "draining server is kept while a request is in flight"
+        );
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(s.all().len(), 2, "drained server is forgotten once idle");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_timeout_kills_stuck_requests() {
+        let s = set(false);
+        s.reconcile(&[addr(1)]);
+        let server = Arc::clone(&s.all()[0]);
+        let _stuck = server.begin();
+        s.reconcile(&[]);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!server.kill.is_cancelled());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(server.kill.is_cancelled());
+        assert!(s.all().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_servers_wait_for_health_when_checked() {
+        let s = set(true);
+        s.reconcile(&[addr(1)]);
+        assert!(s.eligible().is_empty());
+        let server = Arc::clone(&s.all()[0]);
+        assert!(s.set_health(&server, true));
+        assert_eq!(s.eligible().len(), 1);
+        s.eject(&server, Duration::from_secs(1));
+        assert!(s.eligible().is_empty());
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(s.eligible().len(), 1);
+    }
+}
