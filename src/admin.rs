@@ -70,8 +70,7 @@ type Resp = Response<Full<Bytes>>;
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -92,14 +91,10 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
             }
         }
-        (Method::GET | Method::HEAD, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            render_metrics(gw),
-        ),
-        (Method::GET | Method::HEAD, "/upstreams") => {
-            reply(StatusCode::OK, "application/json", upstreams_json(gw))
+        (Method::GET | Method::HEAD, "/metrics") => {
+            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render_metrics(gw))
         }
+        (Method::GET | Method::HEAD, "/upstreams") => reply(StatusCode::OK, "application/json", upstreams_json(gw)),
         (Method::GET | Method::HEAD, "/certificates") => {
             reply(StatusCode::OK, "application/json", certificates_json(gw))
         }
@@ -130,17 +125,13 @@ fn authorize(admin: &Admin, req: &Request<Incoming>) -> Result<(), Resp> {
             "mutating admin calls are disabled: SWARMGATE_ADMIN_TOKEN is not set\n",
         ));
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
         _ => {
             let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             Err(r)
         }
     }
@@ -157,12 +148,7 @@ fn drain(gw: &Gateway, name: &str, server: Option<&str>) -> Resp {
         return text(StatusCode::NOT_FOUND, "no such upstream\n");
     };
     let Some(addr) = server.and_then(|s| {
-        s.replace("%3A", ":")
-            .replace("%3a", ":")
-            .replace("%5B", "[")
-            .replace("%5D", "]")
-            .parse::<SocketAddr>()
-            .ok()
+        s.replace("%3A", ":").replace("%3a", ":").replace("%5B", "[").replace("%5D", "]").parse::<SocketAddr>().ok()
     }) else {
         return text(StatusCode::BAD_REQUEST, "needs ?server=IP:PORT\n");
     };
@@ -171,8 +157,7 @@ fn drain(gw: &Gateway, name: &str, server: Option<&str>) -> Resp {
         reply(
             StatusCode::OK,
             "application/json",
-            serde_json::json!({"upstream": name, "server": addr.to_string(), "state": "draining"})
-                .to_string(),
+            serde_json::json!({"upstream": name, "server": addr.to_string(), "state": "draining"}).to_string(),
         )
     } else {
         text(StatusCode::NOT_FOUND, "no such server in this upstream\n")
@@ -241,29 +226,16 @@ pub fn render_metrics(gw: &Gateway) -> String {
     let mut out = String::with_capacity(16 * 1024);
     const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-    family(
-        &mut out,
-        "swarmgate_requests_total",
-        "counter",
-        "Requests answered, by route, upstream and status class.",
-    );
+    family(&mut out, "swarmgate_requests_total", "counter", "Requests answered, by route, upstream and status class.");
     for r in &snap.routes {
-        let (route, up) = (
-            label(&crate::snapshot::Route::key(&r.host, &r.prefix)),
-            label(&r.upstream.set.name),
-        );
+        let (route, up) = (label(&crate::snapshot::Route::key(&r.host, &r.prefix)), label(&r.upstream.set.name));
         for (class, n) in CLASSES.iter().zip(r.stats.class_counts()) {
-            let _ = writeln!(
-                out,
-                "swarmgate_requests_total{{route=\"{route}\",upstream=\"{up}\",class=\"{class}\"}} {n}"
-            );
+            let _ =
+                writeln!(out, "swarmgate_requests_total{{route=\"{route}\",upstream=\"{up}\",class=\"{class}\"}} {n}");
         }
     }
     for (class, n) in CLASSES.iter().zip(m.unrouted.class_counts()) {
-        let _ = writeln!(
-            out,
-            "swarmgate_requests_total{{route=\"\",upstream=\"\",class=\"{class}\"}} {n}"
-        );
+        let _ = writeln!(out, "swarmgate_requests_total{{route=\"\",upstream=\"\",class=\"{class}\"}} {n}");
     }
     family(
         &mut out,
@@ -277,15 +249,9 @@ pub fn render_metrics(gw: &Gateway) -> String {
             label(&crate::snapshot::Route::key(&r.host, &r.prefix)),
             label(&r.upstream.set.name)
         );
-        r.stats
-            .duration
-            .render(&mut out, "swarmgate_request_duration_seconds", &labels);
+        r.stats.duration.render(&mut out, "swarmgate_request_duration_seconds", &labels);
     }
-    m.unrouted.duration.render(
-        &mut out,
-        "swarmgate_request_duration_seconds",
-        "route=\"\",upstream=\"\"",
-    );
+    m.unrouted.duration.render(&mut out, "swarmgate_request_duration_seconds", "route=\"\",upstream=\"\"");
 
     let mut names: Vec<&String> = snap.upstreams.keys().collect();
     names.sort();
@@ -297,49 +263,21 @@ pub fn render_metrics(gw: &Gateway) -> String {
     );
     for n in &names {
         let c = snap.upstreams[*n].set.counts();
-        for (state, v) in ["pending", "healthy", "unhealthy", "draining", "ejected"]
-            .iter()
-            .zip(c)
-        {
-            let _ = writeln!(
-                out,
-                "swarmgate_upstream_servers{{upstream=\"{}\",state=\"{state}\"}} {v}",
-                label(n)
-            );
+        for (state, v) in ["pending", "healthy", "unhealthy", "draining", "ejected"].iter().zip(c) {
+            let _ = writeln!(out, "swarmgate_upstream_servers{{upstream=\"{}\",state=\"{state}\"}} {v}", label(n));
         }
     }
     let per_upstream = [
-        (
-            "swarmgate_upstream_connect_errors_total",
-            "Failed connects to servers.",
-            0,
-        ),
-        (
-            "swarmgate_upstream_ejections_total",
-            "Servers passively ejected after failures.",
-            1,
-        ),
-        (
-            "swarmgate_upstream_resolve_errors_total",
-            "DNS discovery failures or empty answers.",
-            2,
-        ),
-        (
-            "swarmgate_upstream_health_transitions_total",
-            "Health state changes from active checks.",
-            3,
-        ),
+        ("swarmgate_upstream_connect_errors_total", "Failed connects to servers.", 0),
+        ("swarmgate_upstream_ejections_total", "Servers passively ejected after failures.", 1),
+        ("swarmgate_upstream_resolve_errors_total", "DNS discovery failures or empty answers.", 2),
+        ("swarmgate_upstream_health_transitions_total", "Health state changes from active checks.", 3),
     ];
     for (name, help, which) in per_upstream {
         family(&mut out, name, "counter", help);
         for n in &names {
             let st = &snap.upstreams[*n].set.stats;
-            let v = [
-                &st.connect_errors,
-                &st.ejections,
-                &st.resolve_errors,
-                &st.health_transitions,
-            ][which]
+            let v = [&st.connect_errors, &st.ejections, &st.resolve_errors, &st.health_transitions][which]
                 .load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {v}", label(n));
         }
@@ -381,39 +319,16 @@ pub fn render_metrics(gw: &Gateway) -> String {
             "Upgrade (WebSocket) requests sent to servers.",
             m.upgrades.load(Ordering::Relaxed) as i64,
         ),
-        (
-            "swarmgate_config_generation",
-            "gauge",
-            "Reloads applied since start.",
-            snap.generation as i64,
-        ),
+        ("swarmgate_config_generation", "gauge", "Reloads applied since start.", snap.generation as i64),
     ];
     for (name, kind, help, v) in simple {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
     }
-    family(
-        &mut out,
-        "swarmgate_reloads_total",
-        "counter",
-        "Configuration reloads by result.",
-    );
-    let _ = writeln!(
-        out,
-        "swarmgate_reloads_total{{result=\"ok\"}} {}",
-        m.reloads_ok.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "swarmgate_reloads_total{{result=\"failed\"}} {}",
-        m.reloads_failed.load(Ordering::Relaxed)
-    );
-    family(
-        &mut out,
-        "swarmgate_certificate_expiry_seconds",
-        "gauge",
-        "Seconds until a served certificate expires.",
-    );
+    family(&mut out, "swarmgate_reloads_total", "counter", "Configuration reloads by result.");
+    let _ = writeln!(out, "swarmgate_reloads_total{{result=\"ok\"}} {}", m.reloads_ok.load(Ordering::Relaxed));
+    let _ = writeln!(out, "swarmgate_reloads_total{{result=\"failed\"}} {}", m.reloads_failed.load(Ordering::Relaxed));
+    family(&mut out, "swarmgate_certificate_expiry_seconds", "gauge", "Seconds until a served certificate expires.");
     let (statics, acme) = (gw.certs.statics(), gw.certs.acme());
     for c in statics.infos().chain(acme.infos()) {
         let source = match c.source {

@@ -5,19 +5,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "swarmgate",
-    version,
-    about = "TLS-terminating ingress gateway for Docker Swarm services"
-)]
+#[command(name = "swarmgate", version, about = "TLS-terminating ingress gateway for Docker Swarm services")]
 pub struct Cli {
     /// Configuration file (TOML).
-    #[arg(
-        long,
-        global = true,
-        env = "SWARMGATE_CONFIG",
-        default_value = "config/swarmgate.toml"
-    )]
+    #[arg(long, global = true, env = "SWARMGATE_CONFIG", default_value = "config/swarmgate.toml")]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -98,10 +98,7 @@ impl Gateway {
     }
 
     /// Re-reads the config file and the environment and applies them, or changes nothing.
-    pub async fn reload(
-        self: &Arc<Self>,
-        env: &BTreeMap<String, String>,
-    ) -> Result<u64, ApplyError> {
+    pub async fn reload(self: &Arc<Self>, env: &BTreeMap<String, String>) -> Result<u64, ApplyError> {
         let _one_at_a_time = self.applying.lock().await;
         let path = self.snapshot().config.path.clone();
         let result = match config::load(&path, env) {
@@ -162,16 +159,11 @@ impl Gateway {
 
     /// One `Upstream` per configured name, reusing server sets by name.
     fn upstreams_for(&self, config: &Config) -> HashMap<String, Arc<Upstream>> {
-        let mut sets = self
-            .sets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sets = self.sets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = HashMap::new();
         for (name, up) in &config.upstreams {
-            let settings = SetSettings {
-                health_checked: up.health.is_some(),
-                drain_timeout: config.proxy.drain_timeout,
-            };
+            let settings =
+                SetSettings { health_checked: up.health.is_some(), drain_timeout: config.proxy.drain_timeout };
             let set = match sets.get(name) {
                 Some(set) => {
                     set.set_settings(settings);
@@ -189,23 +181,14 @@ impl Gateway {
                     tracing::info!(upstream = %name, added = ?r.added, draining = ?r.draining, "servers reconciled");
                 }
             }
-            out.insert(
-                name.clone(),
-                Arc::new(Upstream {
-                    config: up.clone(),
-                    set,
-                }),
-            );
+            out.insert(name.clone(), Arc::new(Upstream { config: up.clone(), set }));
         }
         out
     }
 
     /// Upstreams that left the config: their servers drain, then the set is dropped.
     fn retire_upstreams(&self, config: &Config) {
-        let mut sets = self
-            .sets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sets = self.sets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         sets.retain(|name, set| {
             if config.upstreams.contains_key(name) {
                 return true;
@@ -216,15 +199,8 @@ impl Gateway {
         });
     }
 
-    fn routes_for(
-        &self,
-        config: &Config,
-        upstreams: &HashMap<String, Arc<Upstream>>,
-    ) -> Vec<Arc<Route>> {
-        let mut stats = self
-            .route_stats
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn routes_for(&self, config: &Config, upstreams: &HashMap<String, Arc<Upstream>>) -> Vec<Arc<Route>> {
+        let mut stats = self.route_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut keep = HashMap::new();
         let routes = config
             .routes
@@ -234,9 +210,8 @@ impl Gateway {
                 let key = Route::key(&rc.host, &rc.path);
                 let s = stats.get(&key).cloned().unwrap_or_default();
                 keep.insert(key, Arc::clone(&s));
-                let prefix_header = (rc.strip_path && rc.path != "/")
-                    .then(|| HeaderValue::from_str(&rc.path).ok())
-                    .flatten();
+                let prefix_header =
+                    (rc.strip_path && rc.path != "/").then(|| HeaderValue::from_str(&rc.path).ok()).flatten();
                 Some(Arc::new(Route {
                     host: rc.host.clone(),
                     prefix: rc.path.clone(),
@@ -258,10 +233,7 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         redirect_https: config.proxy.redirect_https,
         https_port: config.listen.https.map(|a| a.port()),
         limits: config.limits.clone(),
-        acme_http01: config
-            .acme
-            .as_ref()
-            .is_some_and(|a| a.challenge == config::Challenge::Http01),
+        acme_http01: config.acme.as_ref().is_some_and(|a| a.challenge == config::Challenge::Http01),
     }
 }
 
@@ -275,8 +247,7 @@ pub struct PreparedCerts {
 /// Loads `certs_dir` and, where HTTPS is on without ACME, the development certificate.
 pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
     let dir = &config.tls.certs_dir;
-    let mut statics =
-        CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
+    let mut statics = CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
     let mut dev_made = false;
     let mut dev_hosts = Vec::new();
     if config.listen.https.is_some() && config.acme.is_none() {
@@ -284,15 +255,10 @@ pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
         // With no static certificate at all, clients without SNI need one too.
         let always = statics.is_empty();
         if !dev_hosts.is_empty() || always {
-            let (dev, made) =
-                devcert::ensure(dir, &dev_hosts, always).map_err(ApplyError::DevCert)?;
+            let (dev, made) = devcert::ensure(dir, &dev_hosts, always).map_err(ApplyError::DevCert)?;
             dev_made = made;
             statics.extend(dev);
         }
     }
-    Ok(PreparedCerts {
-        statics,
-        dev_made,
-        dev_hosts,
-    })
+    Ok(PreparedCerts { statics, dev_made, dev_hosts })
 }

@@ -104,14 +104,9 @@ pub fn run(config: Config) -> u8 {
         gw: Arc::clone(&gw),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
-        permits: Arc::new(Semaphore::new(
-            limits.max_connections.min(Semaphore::MAX_PERMITS),
-        )),
+        permits: Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS))),
     };
-    for (l, kind, name) in [
-        (http, Kind::Plain, "http"),
-        (https, Kind::Tls(Arc::clone(&tls_config)), "https"),
-    ] {
+    for (l, kind, name) in [(http, Kind::Plain, "http"), (https, Kind::Tls(Arc::clone(&tls_config)), "https")] {
         if let Some(l) = l {
             tracing::info!(listener = name, addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
             traffic.spawn(listener::serve(l, kind, shared.clone()));
@@ -121,14 +116,7 @@ pub fn run(config: Config) -> u8 {
     if let Some(l) = admin {
         tracing::info!(listener = "admin", addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
         let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
-        control.spawn(crate::admin::serve(
-            l,
-            crate::admin::Admin {
-                gw: Arc::clone(&gw),
-                token,
-            },
-            admin_stop.clone(),
-        ));
+        control.spawn(crate::admin::serve(l, crate::admin::Admin { gw: Arc::clone(&gw), token }, admin_stop.clone()));
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -150,17 +138,14 @@ async fn signals(
     shared: Shared,
     mut min_tls: TlsVersion,
 ) -> u8 {
-    let (mut hup, mut term, mut int) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers");
-            return exit::INVALID_CONFIG;
-        }
-    };
+    let (mut hup, mut term, mut int) =
+        match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+            _ => {
+                tracing::error!("cannot install signal handlers");
+                return exit::INVALID_CONFIG;
+            }
+        };
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -183,16 +168,10 @@ async fn signals(
         }
     }
     let snap = gw.snapshot();
-    let (delay, drain) = (
-        snap.config.proxy.shutdown_delay,
-        snap.config.proxy.drain_timeout,
-    );
+    let (delay, drain) = (snap.config.proxy.shutdown_delay, snap.config.proxy.drain_timeout);
     drop(snap);
     gw.set_not_ready();
-    tracing::info!(
-        ?delay,
-        "shutting down: /readyz is 503; listeners close after shutdown_delay"
-    );
+    tracing::info!(?delay, "shutting down: /readyz is 503; listeners close after shutdown_delay");
     let forced = tokio::select! {
         () = tokio::time::sleep(delay) => false,
         _ = term.recv() => true,

@@ -23,10 +23,7 @@ fn main() -> ExitCode {
                     for p in &problems {
                         eprintln!("{p}");
                     }
-                    tracing::error!(
-                        problems = problems.len(),
-                        "invalid configuration; not starting"
-                    );
+                    tracing::error!(problems = problems.len(), "invalid configuration; not starting");
                     return ExitCode::from(exit::INVALID_CONFIG);
                 }
             };
@@ -47,38 +44,23 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
-    let statics =
-        match tls::CertStore::load_dir(&config.tls.certs_dir, &[tls::devcert::DEV_CERT_STEM]) {
-            Ok(s) => s,
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{e}");
-                }
-                eprintln!(
-                    "{} problem(s) with certificates in {}",
-                    errors.len(),
-                    config.tls.certs_dir.display()
-                );
-                return exit::INVALID_CONFIG;
+    let statics = match tls::CertStore::load_dir(&config.tls.certs_dir, &[tls::devcert::DEV_CERT_STEM]) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
             }
-        };
+            eprintln!("{} problem(s) with certificates in {}", errors.len(), config.tls.certs_dir.display());
+            return exit::INVALID_CONFIG;
+        }
+    };
     print!("{}", config.summary());
     let certs: Vec<String> = statics.infos().map(|i| i.names.join(",")).collect();
-    println!(
-        "static certificates: {}",
-        if certs.is_empty() {
-            "none".to_string()
-        } else {
-            certs.join("; ")
-        }
-    );
+    println!("static certificates: {}", if certs.is_empty() { "none".to_string() } else { certs.join("; ") });
     if config.listen.https.is_some() && config.acme.is_none() {
         let missing = tls::devcert::uncovered(config.routes.iter().map(|r| &r.host), &statics);
         if !missing.is_empty() {
-            println!(
-                "no certificate for: {} (a self-signed development certificate will be used)",
-                missing.join(", ")
-            );
+            println!("no certificate for: {} (a self-signed development certificate will be used)", missing.join(", "));
         }
     }
     let _ = gateway::prepare_certs; // run applies certificates; check only reads them

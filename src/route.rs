@@ -23,10 +23,7 @@ struct HostRoutes<R> {
 
 impl<R> Default for HostRoutes<R> {
     fn default() -> Self {
-        HostRoutes {
-            by_prefix: HashMap::new(),
-            longest: 0,
-        }
+        HostRoutes { by_prefix: HashMap::new(), longest: 0 }
     }
 }
 
@@ -42,10 +39,7 @@ impl<R> HostRoutes<R> {
         // longer than the longest prefix present are skipped. "/" is tried last.
         let mut end = path.len();
         if end > self.longest {
-            match path.as_bytes()[..=self.longest]
-                .iter()
-                .rposition(|&b| b == b'/')
-            {
+            match path.as_bytes()[..=self.longest].iter().rposition(|&b| b == b'/') {
                 Some(i) if i > 0 => end = i,
                 _ => return self.by_prefix.get("/"),
             }
@@ -78,12 +72,7 @@ pub struct Router<R> {
 
 impl<R> Default for Router<R> {
     fn default() -> Self {
-        Router {
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
-            any: HostRoutes::default(),
-            len: 0,
-        }
+        Router { exact: HashMap::new(), wildcard: HashMap::new(), any: HostRoutes::default(), len: 0 }
     }
 }
 
@@ -116,11 +105,7 @@ impl<R> Router<R> {
             return Some(r);
         }
         if let Some((_, parent)) = host.split_once('.') {
-            if let Some(r) = self
-                .wildcard
-                .get(parent)
-                .and_then(|routes| routes.lookup(path))
-            {
+            if let Some(r) = self.wildcard.get(parent).and_then(|routes| routes.lookup(path)) {
                 return Some(r);
             }
         }
@@ -156,11 +141,7 @@ pub fn strip_port(authority: &str) -> &str {
 
 /// The port in an authority, if it has one.
 pub fn authority_port(authority: &str) -> Option<u16> {
-    let rest = if authority.starts_with('[') {
-        &authority[authority.find(']')? + 1..]
-    } else {
-        authority
-    };
+    let rest = if authority.starts_with('[') { &authority[authority.find(']')? + 1..] } else { authority };
     let (_, port) = rest.rsplit_once(':')?;
     port.parse().ok()
 }
@@ -187,16 +168,8 @@ mod tests {
     fn router() -> Router<&'static str> {
         let mut r = Router::default();
         r.insert(&HostPattern::Exact("a.example.org".into()), "/", "a-root");
-        r.insert(
-            &HostPattern::Exact("a.example.org".into()),
-            "/fhir",
-            "a-fhir",
-        );
-        r.insert(
-            &HostPattern::Exact("a.example.org".into()),
-            "/fhir/r4/metadata",
-            "a-meta",
-        );
+        r.insert(&HostPattern::Exact("a.example.org".into()), "/fhir", "a-fhir");
+        r.insert(&HostPattern::Exact("a.example.org".into()), "/fhir/r4/metadata", "a-meta");
         r.insert(&HostPattern::Wildcard("example.org".into()), "/", "wild");
         r.insert(&HostPattern::Wildcard("example.org".into()), "/x", "wild-x");
         r.insert(&HostPattern::Any, "/only-any", "any");
@@ -208,19 +181,10 @@ mod tests {
         let r = router();
         assert_eq!(r.lookup("a.example.org", "/fhir"), Some(&"a-fhir"));
         assert_eq!(r.lookup("a.example.org", "/fhir/"), Some(&"a-fhir"));
-        assert_eq!(
-            r.lookup("a.example.org", "/fhir/Patient/1"),
-            Some(&"a-fhir")
-        );
+        assert_eq!(r.lookup("a.example.org", "/fhir/Patient/1"), Some(&"a-fhir"));
         assert_eq!(r.lookup("a.example.org", "/fhirx"), Some(&"a-root"));
-        assert_eq!(
-            r.lookup("a.example.org", "/fhir/r4/metadata"),
-            Some(&"a-meta")
-        );
-        assert_eq!(
-            r.lookup("a.example.org", "/fhir/r4/metadatax"),
-            Some(&"a-fhir")
-        );
+        assert_eq!(r.lookup("a.example.org", "/fhir/r4/metadata"), Some(&"a-meta"));
+        assert_eq!(r.lookup("a.example.org", "/fhir/r4/metadatax"), Some(&"a-fhir"));
         assert_eq!(r.lookup("a.example.org", ""), Some(&"a-root"));
     }
 

@@ -13,29 +13,22 @@ pub fn init(env: &BTreeMap<String, String>) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e)),
     };
-    let json = env
-        .get("SWARMGATE_LOG_FORMAT")
-        .is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let json = env.get("SWARMGATE_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(true)
         .with_ansi(ansi);
-    let result = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
-    };
+    let result = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     if result.is_err() {
         return; // a subscriber is already installed (tests)
     }
     if let Some(e) = bad {
         tracing::warn!(SWARMGATE_LOG = spec, error = %e, "invalid SWARMGATE_LOG; using \"info\"");
     }
-    if let Some(f) = env
-        .get("SWARMGATE_LOG_FORMAT")
-        .filter(|f| !f.eq_ignore_ascii_case("json") && !f.eq_ignore_ascii_case("text"))
+    if let Some(f) =
+        env.get("SWARMGATE_LOG_FORMAT").filter(|f| !f.eq_ignore_ascii_case("json") && !f.eq_ignore_ascii_case("text"))
     {
         tracing::warn!(SWARMGATE_LOG_FORMAT = %f, "unknown log format; using text (\"json\" or \"text\")");
     }

@@ -18,8 +18,7 @@ pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 
 impl Challenges {
     pub fn publish(&self, token: &str, key_authorization: &str) {
-        self.lock()
-            .insert(token.to_string(), key_authorization.to_string());
+        self.lock().insert(token.to_string(), key_authorization.to_string());
     }
 
     pub fn withdraw(&self, token: &str) {
@@ -32,8 +31,6 @@ impl Challenges {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

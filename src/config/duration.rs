@@ -17,16 +17,12 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "invalid duration {text:?}: expected a number at {rest:?}"
-            ));
+            return Err(format!("invalid duration {text:?}: expected a number at {rest:?}"));
         }
         let (number, tail) = rest.split_at(digits);
         let unit_len = tail.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, tail) = tail.split_at(unit_len);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        let n: u64 = number.parse().map_err(|_| format!("invalid duration {text:?}: number too large"))?;
         let millis_per_unit: u64 = match unit {
             "ms" => 1,
             "s" => 1_000,
@@ -34,19 +30,13 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => {
-                return Err(format!(
-                    "invalid duration {text:?}: {n} needs a unit (ms, s, m, h, d)"
-                ));
+                return Err(format!("invalid duration {text:?}: {n} needs a unit (ms, s, m, h, d)"));
             }
             other => {
-                return Err(format!(
-                    "invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)"
-                ));
+                return Err(format!("invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)"));
             }
         };
-        let ms = n
-            .checked_mul(millis_per_unit)
-            .ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
+        let ms = n.checked_mul(millis_per_unit).ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
         total += Duration::from_millis(ms);
         rest = tail;
     }
@@ -69,16 +59,7 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "",
-            "5",
-            "s",
-            "2 s",
-            "2x",
-            "1.5s",
-            "-1s",
-            "99999999999999999999s",
-        ] {
+        for bad in ["", "5", "s", "2 s", "2x", "1.5s", "-1s", "99999999999999999999s"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -59,11 +59,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn threads(&self) -> usize {
-        if self.workers > 0 {
-            self.workers
-        } else {
-            std::thread::available_parallelism().map_or(1, usize::from)
-        }
+        if self.workers > 0 { self.workers } else { std::thread::available_parallelism().map_or(1, usize::from) }
     }
 }
 
@@ -196,22 +192,13 @@ pub struct UpstreamConfig {
 /// Reads `path` and overlays `env`; every problem at once on failure.
 pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Vec<Problem>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![Problem {
-            location: file.clone(),
-            message: format!("cannot read config: {e}"),
-            order: 0,
-        }]
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem { location: file.clone(), message: format!("cannot read config: {e}"), order: 0 }])?;
     parse(path, &text, env)
 }
 
 /// Parses config text (as if read from `path`) and overlays `env`.
-pub fn parse(
-    path: &Path,
-    text: &str,
-    env: &BTreeMap<String, String>,
-) -> Result<Config, Vec<Problem>> {
+pub fn parse(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<Config, Vec<Problem>> {
     let file = path.display().to_string();
     let src = Source::new(&file, text, env);
     let doc = match DeTable::parse(text) {
@@ -226,11 +213,7 @@ pub fn parse(
     let config = read_config(&root, path);
     root.finish();
     unknown_env_vars(&src);
-    if src.has_problems() {
-        Err(src.into_problems())
-    } else {
-        Ok(config)
-    }
+    if src.has_problems() { Err(src.into_problems()) } else { Ok(config) }
 }
 
 fn section<'s, 't, 'i>(root: &Table<'s, 't, 'i>, name: &str) -> Table<'s, 't, 'i>
@@ -284,9 +267,7 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
     let addr = |key: &str, default: &str| -> Option<SocketAddr> {
-        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| {
-            parse_listen_addr(&as_string(raw)?)
-        })
+        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(&as_string(raw)?))
     };
     let listen = Listen {
         http: addr("http", "0.0.0.0:80"),
@@ -294,21 +275,12 @@ fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
         admin: addr("admin", "127.0.0.1:9901"),
     };
     if listen.http.is_none() && listen.https.is_none() {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            "[listen]: at least one of http and https must be set",
-        );
+        t.source().problem(&Origin::Default(t.span()), "[listen]: at least one of http and https must be set");
     }
-    let bound: Vec<SocketAddr> = [listen.http, listen.https, listen.admin]
-        .into_iter()
-        .flatten()
-        .collect();
+    let bound: Vec<SocketAddr> = [listen.http, listen.https, listen.admin].into_iter().flatten().collect();
     for (i, a) in bound.iter().enumerate() {
         if a.port() != 0 && bound[..i].contains(a) {
-            t.source().problem(
-                &Origin::Default(t.span()),
-                format!("[listen]: {a} is used by two listeners"),
-            );
+            t.source().problem(&Origin::Default(t.span()), format!("[listen]: {a} is used by two listeners"));
         }
     }
     t.finish();
@@ -321,18 +293,14 @@ fn parse_listen_addr(text: &str) -> Result<Option<SocketAddr>, String> {
     if text.is_empty() || text == "off" {
         return Ok(None);
     }
-    text.parse::<SocketAddr>()
-        .map(Some)
-        .map_err(|_| format!("{text:?} is not an IP:PORT address (use [::]:443 for IPv6, \"\" to turn the listener off)"))
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        format!("{text:?} is not an IP:PORT address (use [::]:443 for IPv6, \"\" to turn the listener off)")
+    })
 }
 
 fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
-    let trusted_proxies = t.get("trusted_proxies", Vec::new(), |raw| {
-        reader::as_list(raw)?
-            .iter()
-            .map(|s| parse_cidr(s))
-            .collect()
-    });
+    let trusted_proxies =
+        t.get("trusted_proxies", Vec::new(), |raw| reader::as_list(raw)?.iter().map(|s| parse_cidr(s)).collect());
     let proxy = Proxy {
         trusted_proxies,
         redirect_https: t.bool("redirect_https", true),
@@ -366,22 +334,16 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
     };
     let at = Origin::Default(t.span());
     if limits.header_read_timeout.is_zero() {
-        t.source()
-            .problem(&at, "[limits].header_read_timeout must be more than 0");
+        t.source().problem(&at, "[limits].header_read_timeout must be more than 0");
     }
     if limits.max_header_bytes < 8192 {
-        t.source()
-            .problem(&at, "[limits].max_header_bytes must be at least 8192");
+        t.source().problem(&at, "[limits].max_header_bytes must be at least 8192");
     }
     if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
-        t.source().problem(
-            &at,
-            "[limits].max_uri_bytes must be between 64 and max_header_bytes",
-        );
+        t.source().problem(&at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
     }
     if limits.max_connections == 0 {
-        t.source()
-            .problem(&at, "[limits].max_connections must be more than 0");
+        t.source().problem(&at, "[limits].max_connections must be more than 0");
     }
     t.finish();
     limits
@@ -389,20 +351,13 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
 
 fn read_tls(t: &Table<'_, '_, '_>, config_path: &Path) -> Tls {
     let (dir, _) = t.string("certs_dir", "certs");
-    let min_version = t.get("min_version", TlsVersion::V1_2, |raw| {
-        match as_string(raw)?.as_str() {
-            "1.2" => Ok(TlsVersion::V1_2),
-            "1.3" => Ok(TlsVersion::V1_3),
-            other => Err(format!(
-                "{other:?} is not a TLS version swarmgate offers (\"1.2\" or \"1.3\")"
-            )),
-        }
+    let min_version = t.get("min_version", TlsVersion::V1_2, |raw| match as_string(raw)?.as_str() {
+        "1.2" => Ok(TlsVersion::V1_2),
+        "1.3" => Ok(TlsVersion::V1_3),
+        other => Err(format!("{other:?} is not a TLS version swarmgate offers (\"1.2\" or \"1.3\")")),
     });
     t.finish();
-    Tls {
-        certs_dir: relative_to(config_path, &dir),
-        min_version,
-    }
+    Tls { certs_dir: relative_to(config_path, &dir), min_version }
 }
 
 /// Paths in the config are relative to the working directory, like every CLI tool's;
@@ -412,23 +367,14 @@ fn relative_to(_config_path: &Path, value: &str) -> PathBuf {
 }
 
 fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
-    let env_has_acme = t
-        .source()
-        .env
-        .keys()
-        .any(|k| k.starts_with("SWARMGATE_ACME_") && k != "SWARMGATE_ACME_STORAGE_KEY");
+    let env_has_acme =
+        t.source().env.keys().any(|k| k.starts_with("SWARMGATE_ACME_") && k != "SWARMGATE_ACME_STORAGE_KEY");
     if !t.present() && !env_has_acme {
         return None;
     }
-    let (directory, dir_origin) = t.string(
-        "directory",
-        "https://acme-v02.api.letsencrypt.org/directory",
-    );
+    let (directory, dir_origin) = t.string("directory", "https://acme-v02.api.letsencrypt.org/directory");
     if !(directory.starts_with("https://") || directory.starts_with("http://")) {
-        t.source().problem(
-            &dir_origin,
-            format!("[acme].directory: {directory:?} is not an http(s) URL"),
-        );
+        t.source().problem(&dir_origin, format!("[acme].directory: {directory:?} is not an http(s) URL"));
     }
     let contact = t.get("contact", Vec::new(), |raw| match raw {
         reader::Raw::Toml(toml::de::DeValue::Array(_)) => reader::as_list(raw),
@@ -436,48 +382,28 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     });
     for c in &contact {
         if !c.starts_with("mailto:") {
-            t.source().problem(
-                &Origin::Default(t.span()),
-                format!("[acme].contact: {c:?} must start with mailto:"),
-            );
+            t.source().problem(&Origin::Default(t.span()), format!("[acme].contact: {c:?} must start with mailto:"));
         }
     }
-    let challenge = t.get("challenge", Challenge::Http01, |raw| {
-        match as_string(raw)?.as_str() {
-            "http-01" => Ok(Challenge::Http01),
-            "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
-            other => Err(format!(
-                "{other:?} is not a challenge swarmgate answers (\"http-01\" or \"tls-alpn-01\")"
-            )),
-        }
+    let challenge = t.get("challenge", Challenge::Http01, |raw| match as_string(raw)?.as_str() {
+        "http-01" => Ok(Challenge::Http01),
+        "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
+        other => Err(format!("{other:?} is not a challenge swarmgate answers (\"http-01\" or \"tls-alpn-01\")")),
     });
     let (ca_file, ca_origin) = t.string("ca_file", "");
     let ca_file = (!ca_file.is_empty()).then(|| relative_to(config_path, &ca_file));
     if let Some(ca) = &ca_file {
         if let Err(e) = std::fs::metadata(ca) {
-            t.source().problem(
-                &ca_origin,
-                format!("[acme].ca_file: cannot read {}: {e}", ca.display()),
-            );
+            t.source().problem(&ca_origin, format!("[acme].ca_file: cannot read {}: {e}", ca.display()));
         }
     }
     let renew_before = t.duration("renew_before", Duration::from_secs(30 * 86_400));
     let (storage, storage_origin) = t.string("storage", "certs/acme");
     if storage.is_empty() {
-        t.source().problem(
-            &storage_origin,
-            "[acme].storage must name a directory or a redis:// URL",
-        );
+        t.source().problem(&storage_origin, "[acme].storage must name a directory or a redis:// URL");
     }
     t.finish();
-    Some(Acme {
-        directory,
-        contact,
-        challenge,
-        ca_file,
-        renew_before,
-        storage,
-    })
+    Some(Acme { directory, contact, challenge, ca_file, renew_before, storage })
 }
 
 fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[(RouteConfig, Origin)]) {
@@ -499,10 +425,7 @@ fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
     let nameservers = t.get("nameservers", Vec::new(), |raw| {
         reader::as_list(raw)?
             .iter()
-            .map(|s| {
-                s.parse::<SocketAddr>()
-                    .map_err(|_| format!("{s:?} is not an IP:PORT address"))
-            })
+            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:PORT address")))
             .collect()
     });
     t.finish();
@@ -517,34 +440,18 @@ fn read_upstreams(root: &Table<'_, '_, '_>) -> BTreeMap<String, UpstreamConfig> 
     for (name, value) in table.iter() {
         let name_str = name.get_ref().to_string();
         let toml::de::DeValue::Table(t) = value.get_ref() else {
-            root.source().problem(
-                &Origin::File(value.span()),
-                format!("upstream.{name_str} must be a table"),
-            );
+            root.source().problem(&Origin::File(value.span()), format!("upstream.{name_str} must be a table"));
             continue;
         };
-        if name_str.is_empty()
-            || !name_str
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if name_str.is_empty() || !name_str.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             root.source().problem(
                 &Origin::File(name.span()),
                 format!("upstream name {name_str:?}: use letters, digits, - and _"),
             );
             continue;
         }
-        let env_prefix = format!(
-            "SWARMGATE_UPSTREAM_{}_",
-            name_str.to_ascii_uppercase().replace('-', "_")
-        );
-        let t = Table::new(
-            root.source(),
-            Some(t),
-            value.span(),
-            Some(env_prefix),
-            format!("[upstream.{name_str}]"),
-        );
+        let env_prefix = format!("SWARMGATE_UPSTREAM_{}_", name_str.to_ascii_uppercase().replace('-', "_"));
+        let t = Table::new(root.source(), Some(t), value.span(), Some(env_prefix), format!("[upstream.{name_str}]"));
         out.insert(name_str.clone(), read_upstream(&t, &name_str));
     }
     out
@@ -557,10 +464,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         .filter_map(|s| match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                t.source().problem(
-                    &servers_origin,
-                    format!("{}.servers: {s:?} is not an IP:PORT address", t.name),
-                );
+                t.source().problem(&servers_origin, format!("{}.servers: {s:?} is not an IP:PORT address", t.name));
                 None
             }
         })
@@ -572,8 +476,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         match parse_dns_target(&dns) {
             Ok(d) => Some(d),
             Err(e) => {
-                t.source()
-                    .problem(&dns_origin, format!("{}.dns: {e}", t.name));
+                t.source().problem(&dns_origin, format!("{}.dns: {e}", t.name));
                 None
             }
         }
@@ -581,44 +484,24 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     if servers.is_empty() && dns.is_none() && !t.source().has_problems() {
         t.source().problem(
             &Origin::Default(t.span()),
-            format!(
-                "{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"",
-                t.name
-            ),
+            format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name),
         );
     }
     let resolve_every = t.duration("resolve_every", Duration::from_secs(2));
     if resolve_every < Duration::from_millis(100) {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            format!("{}.resolve_every must be at least 100ms", t.name),
-        );
+        t.source().problem(&Origin::Default(t.span()), format!("{}.resolve_every must be at least 100ms", t.name));
     }
-    let balance = t.get("balance", Balance::Random, |raw| {
-        match as_string(raw)?.as_str() {
-            "random" => Ok(Balance::Random),
-            "p2c" => Ok(Balance::P2c),
-            other => Err(format!(
-                "{other:?} is not a balancer (\"random\" or \"p2c\")"
-            )),
-        }
+    let balance = t.get("balance", Balance::Random, |raw| match as_string(raw)?.as_str() {
+        "random" => Ok(Balance::Random),
+        "p2c" => Ok(Balance::P2c),
+        other => Err(format!("{other:?} is not a balancer (\"random\" or \"p2c\")")),
     });
     let health = t.table("health").map(|(h, span)| {
-        let env_prefix = format!(
-            "SWARMGATE_UPSTREAM_{}_HEALTH_",
-            name.to_ascii_uppercase().replace('-', "_")
-        );
-        let h = Table::new(
-            t.source(),
-            Some(h),
-            span,
-            Some(env_prefix),
-            format!("{}.health", t.name),
-        );
+        let env_prefix = format!("SWARMGATE_UPSTREAM_{}_HEALTH_", name.to_ascii_uppercase().replace('-', "_"));
+        let h = Table::new(t.source(), Some(h), span, Some(env_prefix), format!("{}.health", t.name));
         let (path, path_origin) = h.string("path", "/health");
         if !path.starts_with('/') {
-            h.source()
-                .problem(&path_origin, format!("{}.path must start with /", h.name));
+            h.source().problem(&path_origin, format!("{}.path must start with /", h.name));
         }
         let health = HealthConfig {
             path,
@@ -628,10 +511,8 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             unhealthy_after: h.u64("unhealthy_after", 2).max(1) as u32,
         };
         if health.interval.is_zero() || health.timeout.is_zero() {
-            h.source().problem(
-                &Origin::Default(h.span()),
-                format!("{}: interval and timeout must be more than 0", h.name),
-            );
+            h.source()
+                .problem(&Origin::Default(h.span()), format!("{}: interval and timeout must be more than 0", h.name));
         }
         h.finish();
         health
@@ -650,10 +531,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     if upstream.connect_timeout.is_zero() || upstream.response_timeout.is_zero() {
         t.source().problem(
             &Origin::Default(t.span()),
-            format!(
-                "{}: connect_timeout and response_timeout must be more than 0",
-                t.name
-            ),
+            format!("{}: connect_timeout and response_timeout must be more than 0", t.name),
         );
     }
     t.finish();
@@ -661,44 +539,23 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
 }
 
 fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
-    let (name, port) = text
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{text:?} needs a port: \"tasks.NAME:PORT\""))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
+    let (name, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?} needs a port: \"tasks.NAME:PORT\""))?;
+    let port: u16 = port.parse().map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
         return Err(format!("{text:?}: {name:?} is not a DNS name"));
     }
-    Ok(DnsTarget {
-        name: name.to_ascii_lowercase(),
-        port,
-    })
+    Ok(DnsTarget { name: name.to_ascii_lowercase(), port })
 }
 
-fn read_routes(
-    root: &Table<'_, '_, '_>,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
-) -> Vec<(RouteConfig, Origin)> {
+fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<(RouteConfig, Origin)> {
     let mut out: Vec<(RouteConfig, Origin)> = Vec::new();
     for (i, (table, span)) in root.array_of_tables("route").into_iter().enumerate() {
-        let t = Table::new(
-            root.source(),
-            Some(table),
-            span.clone(),
-            None,
-            format!("[[route]] #{}", i + 1),
-        );
+        let t = Table::new(root.source(), Some(table), span.clone(), None, format!("[[route]] #{}", i + 1));
         let (host, host_origin) = t.string("host", "");
         let host = match parse_host_pattern(&host) {
             Ok(h) => Some(h),
             Err(e) => {
-                t.source()
-                    .problem(&host_origin, format!("{}.host: {e}", t.name));
+                t.source().problem(&host_origin, format!("{}.host: {e}", t.name));
                 None
             }
         };
@@ -706,16 +563,14 @@ fn read_routes(
         let path = match normalize_path(&path) {
             Ok(p) => p,
             Err(e) => {
-                t.source()
-                    .problem(&path_origin, format!("{}.path: {e}", t.name));
+                t.source().problem(&path_origin, format!("{}.path: {e}", t.name));
                 "/".to_string()
             }
         };
         let strip_path = t.bool("strip_path", false);
         let (upstream, up_origin) = t.string("upstream", "");
         if upstream.is_empty() {
-            t.source()
-                .problem(&up_origin, format!("{}: needs upstream = \"NAME\"", t.name));
+            t.source().problem(&up_origin, format!("{}: needs upstream = \"NAME\"", t.name));
         } else if !upstreams.contains_key(&upstream) {
             let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
             t.source().problem(
@@ -723,11 +578,7 @@ fn read_routes(
                 format!(
                     "{}: unknown upstream {upstream:?} (declared: {})",
                     t.name,
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
                 ),
             );
         }
@@ -740,22 +591,11 @@ fn read_routes(
             };
             t.source().problem(
                 &Origin::File(span.clone()),
-                format!(
-                    "duplicate route for host {:?} path {path:?} (first at {first_at})",
-                    host.to_string()
-                ),
+                format!("duplicate route for host {:?} path {path:?} (first at {first_at})", host.to_string()),
             );
             continue;
         }
-        out.push((
-            RouteConfig {
-                host,
-                path,
-                strip_path,
-                upstream,
-            },
-            Origin::File(span),
-        ));
+        out.push((RouteConfig { host, path, strip_path, upstream }, Origin::File(span)));
     }
     out
 }
@@ -774,21 +614,12 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
         None => (false, host.as_str()),
     };
     let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
     if name.parse::<IpAddr>().is_err() && !name.split('.').all(valid_label) {
-        return Err(format!(
-            "{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"
-        ));
+        return Err(format!("{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"));
     }
-    Ok(if wild {
-        HostPattern::Wildcard(name.to_string())
-    } else {
-        HostPattern::Exact(name.to_string())
-    })
+    Ok(if wild { HostPattern::Wildcard(name.to_string()) } else { HostPattern::Exact(name.to_string()) })
 }
 
 fn normalize_path(text: &str) -> Result<String, String> {
@@ -796,16 +627,10 @@ fn normalize_path(text: &str) -> Result<String, String> {
         return Err(format!("{text:?} must start with /"));
     }
     if text.contains(['?', '#', ' ']) {
-        return Err(format!(
-            "{text:?} is a path prefix: no query, fragment or spaces"
-        ));
+        return Err(format!("{text:?} is a path prefix: no query, fragment or spaces"));
     }
     let trimmed = text.trim_end_matches('/');
-    Ok(if trimmed.is_empty() {
-        "/".to_string()
-    } else {
-        trimmed.to_string()
-    })
+    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
 }
 
 /// Any `SWARMGATE_*` variable that is neither a key that was read nor a known setting.
@@ -837,10 +662,7 @@ impl Config {
         s += &format!(
             "certificates: {}{}\n",
             self.tls.certs_dir.display(),
-            self.acme.as_ref().map_or(String::new(), |a| format!(
-                ", ACME {} ({:?})",
-                a.directory, a.challenge
-            ))
+            self.acme.as_ref().map_or(String::new(), |a| format!(", ACME {} ({:?})", a.directory, a.challenge))
         );
         s += &format!("routes ({}):\n", self.routes.len());
         for r in self.routes.iter().take(20) {
@@ -865,11 +687,7 @@ impl Config {
                 "  {}: {servers}, {:?}{}\n",
                 u.name,
                 u.balance,
-                if u.health.is_some() {
-                    ", health checked"
-                } else {
-                    ""
-                }
+                if u.health.is_some() { ", health checked" } else { "" }
             );
         }
         s

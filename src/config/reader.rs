@@ -53,13 +53,7 @@ pub(super) struct Source<'a> {
 
 impl<'a> Source<'a> {
     pub(super) fn new(file: &'a str, text: &'a str, env: &'a BTreeMap<String, String>) -> Self {
-        Source {
-            file,
-            text,
-            env,
-            problems: RefCell::new(Vec::new()),
-            used_env: RefCell::new(BTreeSet::new()),
-        }
+        Source { file, text, env, problems: RefCell::new(Vec::new()), used_env: RefCell::new(BTreeSet::new()) }
     }
 
     /// `FILE:LINE:COL` of a byte offset (1-based line and column, columns in characters).
@@ -77,11 +71,7 @@ impl<'a> Source<'a> {
             Origin::File(span) | Origin::Default(span) => (self.position(span.start), span.start),
             Origin::Env(var) => (format!("env {var}"), usize::MAX),
         };
-        self.problems.borrow_mut().push(Problem {
-            location,
-            message: message.into(),
-            order,
-        });
+        self.problems.borrow_mut().push(Problem { location, message: message.into(), order });
     }
 
     pub(super) fn env_var(&self, name: &str) -> Option<&'a str> {
@@ -131,14 +121,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         env_prefix: Option<String>,
         name: impl Into<String>,
     ) -> Self {
-        Table {
-            src,
-            table,
-            span,
-            env_prefix,
-            name: name.into(),
-            seen: RefCell::new(BTreeSet::new()),
-        }
+        Table { src, table, span, env_prefix, name: name.into(), seen: RefCell::new(BTreeSet::new()) }
     }
 
     pub(super) fn source(&self) -> &'s Source<'s> {
@@ -155,9 +138,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 
     fn env_name(&self, key: &str) -> Option<String> {
-        self.env_prefix
-            .as_ref()
-            .map(|p| format!("{p}{}", key.to_ascii_uppercase()))
+        self.env_prefix.as_ref().map(|p| format!("{p}{}", key.to_ascii_uppercase()))
     }
 
     /// The raw value of `key`: the environment first, then the file.
@@ -182,10 +163,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         match value.get_ref() {
             DeValue::Table(t) => Some((t, value.span())),
             _ => {
-                self.src.problem(
-                    &Origin::File(value.span()),
-                    format!("{}.{key} must be a table", self.name),
-                );
+                self.src.problem(&Origin::File(value.span()), format!("{}.{key} must be a table", self.name));
                 None
             }
         }
@@ -198,20 +176,14 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
             return Vec::new();
         };
         let DeValue::Array(items) = value.get_ref() else {
-            self.src.problem(
-                &Origin::File(value.span()),
-                format!("{key} must be an array of tables ([[{key}]])"),
-            );
+            self.src.problem(&Origin::File(value.span()), format!("{key} must be an array of tables ([[{key}]])"));
             return Vec::new();
         };
         let mut out = Vec::new();
         for item in items.iter() {
             match item.get_ref() {
                 DeValue::Table(t) => out.push((t, item.span())),
-                _ => self.src.problem(
-                    &Origin::File(item.span()),
-                    format!("each {key} must be a table"),
-                ),
+                _ => self.src.problem(&Origin::File(item.span()), format!("each {key} must be a table")),
             }
         }
         out
@@ -219,12 +191,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
 
     /// Reads `key` with `parse`, or `default` when absent. A parse failure is recorded
     /// and `default` is returned so that reading goes on.
-    pub(super) fn get<T>(
-        &self,
-        key: &str,
-        default: T,
-        parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>,
-    ) -> T
+    pub(super) fn get<T>(&self, key: &str, default: T, parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>) -> T
     where
         's: 't,
     {
@@ -245,8 +212,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
             Some((raw, origin)) => match parse(raw) {
                 Ok(v) => (v, origin),
                 Err(msg) => {
-                    self.src
-                        .problem(&origin, format!("{}.{key}: {msg}", self.name));
+                    self.src.problem(&origin, format!("{}.{key}: {msg}", self.name));
                     (default, origin)
                 }
             },
@@ -278,9 +244,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     where
         's: 't,
     {
-        self.get(key, default, |raw| {
-            as_string(raw).and_then(|s| super::duration::parse(&s))
-        })
+        self.get(key, default, |raw| as_string(raw).and_then(|s| super::duration::parse(&s)))
     }
 
     pub(super) fn list(&self, key: &str) -> (Vec<String>, Origin)
@@ -296,10 +260,8 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         let seen = self.seen.borrow();
         for (key, _) in table.iter() {
             if !seen.contains(key.get_ref().as_ref()) {
-                self.src.problem(
-                    &Origin::File(key.span()),
-                    format!("unknown key {:?} in {}", key.get_ref(), self.name),
-                );
+                self.src
+                    .problem(&Origin::File(key.span()), format!("unknown key {:?} in {}", key.get_ref(), self.name));
             }
         }
     }
@@ -325,10 +287,7 @@ pub(super) fn as_bool(raw: Raw<'_, '_>) -> Result<bool, String> {
 
 pub(super) fn as_u64(raw: Raw<'_, '_>) -> Result<u64, String> {
     match raw {
-        Raw::Env(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| format!("expected a whole number, found {s:?}")),
+        Raw::Env(s) => s.trim().parse().map_err(|_| format!("expected a whole number, found {s:?}")),
         Raw::Toml(DeValue::Integer(i)) => u64::from_str_radix(i.as_str(), i.radix())
             .map_err(|_| format!("expected a whole number >= 0, found {}", i.as_str())),
         Raw::Toml(other) => Err(format!("expected a whole number, found {}", kind(other))),
@@ -338,20 +297,12 @@ pub(super) fn as_u64(raw: Raw<'_, '_>) -> Result<u64, String> {
 /// A list of strings; from the environment, comma-separated.
 pub(super) fn as_list(raw: Raw<'_, '_>) -> Result<Vec<String>, String> {
     match raw {
-        Raw::Env(s) => Ok(s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()),
+        Raw::Env(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()),
         Raw::Toml(DeValue::Array(items)) => items
             .iter()
             .map(|item| match item.get_ref() {
                 DeValue::String(s) => Ok(s.to_string()),
-                other => Err(format!(
-                    "expected a list of strings, found {} in it",
-                    kind(other)
-                )),
+                other => Err(format!("expected a list of strings, found {} in it", kind(other))),
             })
             .collect(),
         Raw::Toml(other) => Err(format!("expected a list of strings, found {}", kind(other))),

@@ -35,10 +35,7 @@ impl ReqBody {
     pub fn replay(&self) -> Option<ReqBody> {
         match self {
             ReqBody::Empty => Some(ReqBody::Empty),
-            ReqBody::Held { data, trailers } => Some(ReqBody::Held {
-                data: data.clone(),
-                trailers: trailers.clone(),
-            }),
+            ReqBody::Held { data, trailers } => Some(ReqBody::Held { data: data.clone(), trailers: trailers.clone() }),
             ReqBody::Stream { .. } => None,
         }
     }
@@ -48,10 +45,7 @@ impl Body for ReqBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Held { data, trailers } => {
@@ -80,9 +74,7 @@ impl Body for ReqBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Held { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            ReqBody::Held { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             ReqBody::Stream { head, rest } => {
                 let head_len = head.as_ref().map_or(0, |h| h.len() as u64);
                 let r = rest.size_hint();
@@ -129,10 +121,7 @@ pub async fn prefetch(mut body: Incoming, limit: usize) -> Prefetched {
         };
         match next {
             None => {
-                return Prefetched::Body(ReqBody::Held {
-                    data: concat(held),
-                    trailers: None,
-                });
+                return Prefetched::Body(ReqBody::Held { data: concat(held), trailers: None });
             }
             Some(Err(e)) => return Prefetched::Malformed(e),
             Some(Ok(frame)) => match frame.into_data() {
@@ -140,10 +129,7 @@ pub async fn prefetch(mut body: Incoming, limit: usize) -> Prefetched {
                     size += data.len();
                     held.push(data);
                     if body.is_end_stream() {
-                        return Prefetched::Body(ReqBody::Held {
-                            data: concat(held),
-                            trailers: None,
-                        });
+                        return Prefetched::Body(ReqBody::Held { data: concat(held), trailers: None });
                     }
                     if size > limit {
                         return Prefetched::Body(stream(held, body));
@@ -151,10 +137,7 @@ pub async fn prefetch(mut body: Incoming, limit: usize) -> Prefetched {
                 }
                 Err(frame) => {
                     let trailers = frame.into_trailers().ok();
-                    return Prefetched::Body(ReqBody::Held {
-                        data: concat(held),
-                        trailers,
-                    });
+                    return Prefetched::Body(ReqBody::Held { data: concat(held), trailers });
                 }
             },
         }
@@ -170,10 +153,7 @@ fn concat(mut parts: Vec<Bytes>) -> Option<Bytes> {
 }
 
 fn stream(held: Vec<Bytes>, rest: Incoming) -> ReqBody {
-    ReqBody::Stream {
-        head: concat(held),
-        rest,
-    }
+    ReqBody::Stream { head: concat(held), rest }
 }
 
 /// Called once when a response body ends (fully sent, failed or dropped).
@@ -213,11 +193,7 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, finish: Box<dyn Finish>) -> Self {
-        let mut body = UpstreamBody {
-            inner,
-            bytes: 0,
-            finish: Some(finish),
-        };
+        let mut body = UpstreamBody { inner, bytes: 0, finish: Some(finish) };
         if body.inner.is_end_stream() {
             // Nothing to stream (e.g. 204, 304, Content-Length: 0): hyper will not poll it.
             body.done(true);
@@ -242,10 +218,7 @@ impl Body for RespBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream(u) => {

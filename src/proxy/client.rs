@@ -41,9 +41,7 @@ struct Idle {
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A live idle connection, most recently used first (warm, least likely closed).
@@ -64,10 +62,7 @@ impl Pool {
         }
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(Idle { sender, since: Instant::now() });
         }
     }
 
@@ -85,24 +80,15 @@ impl Pool {
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("connect to {addr} failed: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Connect { addr: SocketAddr, source: std::io::Error },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
     /// The request was handed back unwritten (connection closed under it).
     #[error("{addr} closed the connection before the request was sent")]
-    NotSent {
-        addr: SocketAddr,
-        request: Box<Request<ReqBody>>,
-    },
+    NotSent { addr: SocketAddr, request: Box<Request<ReqBody>> },
     /// Some of the request may have reached the server; no response head came back.
     #[error("{addr} failed before responding: {source}")]
-    Failed {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Failed { addr: SocketAddr, source: hyper::Error },
     #[error("{addr} did not respond within {after:?}")]
     ResponseTimeout { addr: SocketAddr, after: Duration },
 }
@@ -110,12 +96,7 @@ pub enum SendError {
 impl SendError {
     /// Whether no byte of the request reached the server.
     pub fn nothing_sent(&self) -> bool {
-        matches!(
-            self,
-            SendError::Connect { .. }
-                | SendError::ConnectTimeout { .. }
-                | SendError::NotSent { .. }
-        )
+        matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::NotSent { .. })
     }
 
     /// Whether the server looks broken (counts toward passive ejection).
@@ -136,10 +117,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, S
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
         Err(_) => {
-            return Err(SendError::ConnectTimeout {
-                addr,
-                after: timeout,
-            });
+            return Err(SendError::ConnectTimeout { addr, after: timeout });
         }
     };
     let _ = stream.set_nodelay(true);
@@ -177,10 +155,7 @@ pub async fn send(
     response_timeout: Duration,
 ) -> Result<Sent, SendError> {
     let deadline = tokio::time::Instant::now() + response_timeout;
-    let timed_out = || SendError::ResponseTimeout {
-        addr,
-        after: response_timeout,
-    };
+    let timed_out = || SendError::ResponseTimeout { addr, after: response_timeout };
     // A pooled connection may have been closed by the server a moment ago; hyper then
     // hands the request back and the next idle (or a new) connection is used.
     loop {
@@ -200,16 +175,10 @@ pub async fn send(
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) if pooled => req = unsent,
                 Some(unsent) => {
-                    return Err(SendError::NotSent {
-                        addr,
-                        request: Box::new(unsent),
-                    });
+                    return Err(SendError::NotSent { addr, request: Box::new(unsent) });
                 }
                 None => {
-                    return Err(SendError::Failed {
-                        addr,
-                        source: e.into_error(),
-                    });
+                    return Err(SendError::Failed { addr, source: e.into_error() });
                 }
             },
         }

@@ -35,11 +35,7 @@ impl PeerValues {
             // RFC 7239 section 6: an IPv6 node is bracketed, and '[' ':' need quoting.
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
-        PeerValues {
-            ip: HeaderValue::from_str(&ip.to_string())
-                .unwrap_or(HeaderValue::from_static("unknown")),
-            node,
-        }
+        PeerValues { ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")), node }
     }
 }
 
@@ -61,25 +57,15 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
     let host_value = HeaderValue::from_str(f.host).ok();
     if f.trusted {
         extend(headers, &X_FORWARDED_FOR, &f.peer.ip);
-        keep_or(headers, &X_FORWARDED_PROTO, || {
-            Some(HeaderValue::from_static(f.proto))
-        });
+        keep_or(headers, &X_FORWARDED_PROTO, || Some(HeaderValue::from_static(f.proto)));
         keep_or(headers, &X_FORWARDED_HOST, || host_value.clone());
-        keep_or(headers, &X_FORWARDED_PORT, || {
-            Some(HeaderValue::from(f.port))
-        });
+        keep_or(headers, &X_FORWARDED_PORT, || Some(HeaderValue::from(f.port)));
         match f.prefix {
             Some(p) => {
                 let joined = headers
                     .get(&X_FORWARDED_PREFIX)
                     .and_then(|v| v.to_str().ok())
-                    .map(|outer| {
-                        format!(
-                            "{}{}",
-                            outer.trim_end_matches('/'),
-                            p.to_str().unwrap_or("")
-                        )
-                    })
+                    .map(|outer| format!("{}{}", outer.trim_end_matches('/'), p.to_str().unwrap_or("")))
                     .and_then(|s| HeaderValue::from_str(&s).ok());
                 headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
             }
@@ -105,10 +91,7 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
             None => headers.remove(FORWARDED),
         };
     }
-    let keep_id = f.trusted
-        && headers
-            .get(&X_REQUEST_ID)
-            .is_some_and(|v| !v.is_empty() && v.len() <= 200);
+    let keep_id = f.trusted && headers.get(&X_REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 200);
     if keep_id {
         if let Some(id) = headers.get(&X_REQUEST_ID) {
             return id.clone();
@@ -130,11 +113,7 @@ fn keep_or(headers: &mut HeaderMap, name: &HeaderName, make: impl FnOnce() -> Op
 
 /// Appends `value` to a comma-separated chain, folding repeated fields into one.
 fn extend(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
-    let mut all = headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .peekable();
+    let mut all = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).peekable();
     if all.peek().is_none() {
         headers.insert(name, value.clone());
         return;
@@ -156,11 +135,7 @@ fn forwarded_element(f: &Facts<'_>) -> Option<HeaderValue> {
     } else {
         format!("\"{}\"", f.host.replace('\\', "\\\\").replace('"', "\\\""))
     };
-    HeaderValue::from_str(&format!(
-        "for={};host={};proto={}",
-        f.peer.node, host, f.proto
-    ))
-    .ok()
+    HeaderValue::from_str(&format!("for={};host={};proto={}", f.peer.node, host, f.proto)).ok()
 }
 
 /// RFC 9110 `tchar`.
@@ -183,20 +158,8 @@ pub fn new_request_id() -> HeaderValue {
 mod tests {
     use super::*;
 
-    fn facts<'a>(
-        peer: &'a PeerValues,
-        trusted: bool,
-        host: &'a str,
-        prefix: Option<&'a HeaderValue>,
-    ) -> Facts<'a> {
-        Facts {
-            peer,
-            trusted,
-            proto: "https",
-            host,
-            port: 443,
-            prefix,
-        }
+    fn facts<'a>(peer: &'a PeerValues, trusted: bool, host: &'a str, prefix: Option<&'a HeaderValue>) -> Facts<'a> {
+        Facts { peer, trusted, proto: "https", host, port: 443, prefix }
     }
 
     #[test]
@@ -214,10 +177,7 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_PORT], "443");
         assert!(h.get(&X_FORWARDED_PREFIX).is_none());
-        assert_eq!(
-            h[FORWARDED],
-            "for=192.0.2.7;host=fhir.example.org;proto=https"
-        );
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=fhir.example.org;proto=https");
         assert_ne!(id, "spoofed");
         assert_eq!(id.len(), 32);
     }
@@ -233,16 +193,10 @@ mod tests {
         h.insert(&X_FORWARDED_PREFIX, HeaderValue::from_static("/outer/"));
         h.insert(FORWARDED, HeaderValue::from_static("for=203.0.113.1"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc"));
-        let id = apply(
-            &mut h,
-            &facts(&peer, true, "example.org:8443", Some(&prefix)),
-        );
+        let id = apply(&mut h, &facts(&peer, true, "example.org:8443", Some(&prefix)));
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.1, 203.0.113.2, 2001:db8::1");
         assert_eq!(h[&X_FORWARDED_PREFIX], "/outer/fhir");
-        assert_eq!(
-            h[FORWARDED],
-            "for=203.0.113.1, for=\"[2001:db8::1]\";host=\"example.org:8443\";proto=https"
-        );
+        assert_eq!(h[FORWARDED], "for=203.0.113.1, for=\"[2001:db8::1]\";host=\"example.org:8443\";proto=https");
         assert_eq!(id, "abc");
     }
 }

@@ -7,13 +7,8 @@ use hyper::header::{self, HeaderName, HeaderValue};
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` still sent by old clients).
-const ALWAYS: [HeaderName; 5] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-];
+const ALWAYS: [HeaderName; 5] =
+    [header::CONNECTION, header::TE, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -21,19 +16,16 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
     if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection_tokens(connection)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+        let named: Vec<HeaderName> =
+            connection_tokens(connection).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
         for name in named {
             headers.remove(name);
         }
     }
-    let wants_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     for name in &ALWAYS {
         headers.remove(name);
     }
@@ -44,20 +36,12 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
 
 /// The comma-separated tokens of a `Connection` value, trimmed.
 pub fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
 /// Whether `Connection` contains `token` (case-insensitive).
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
+    headers.get_all(header::CONNECTION).iter().any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
 #[cfg(test)]
@@ -67,17 +51,11 @@ mod tests {
     #[test]
     fn removes_fixed_and_named_fields() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret, close"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret, close"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("x-kept", HeaderValue::from_static("yes"));

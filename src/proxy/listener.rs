@@ -45,11 +45,7 @@ pub struct Shared {
 
 /// Binds a listener with a deep accept backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
@@ -85,13 +81,7 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
     tracing::debug!(listener = ?local, "listener closed");
 }
 
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    kind: Kind,
-    shared: Shared,
-) {
+async fn connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, kind: Kind, shared: Shared) {
     let _ = stream.set_nodelay(true);
     let metrics = &shared.gw.metrics;
     let _open = OpenConnection::new(metrics);
@@ -103,29 +93,20 @@ async fn connection(
         }
         Kind::Tls(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
-            let tls =
-                match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        metrics
-                            .tls_handshake_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics
-                            .tls_handshake_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            metrics
-                .tls_handshakes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (_, session) = tls.get_ref();
             let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
             if alpn.as_deref() == Some(ACME_TLS_ALPN) {

@@ -76,11 +76,7 @@ impl Conn {
 }
 
 /// Serves one request; never fails (errors become the gateway's own responses).
-pub async fn handle(
-    gw: Arc<Gateway>,
-    conn: Arc<Conn>,
-    req: Request<Incoming>,
-) -> Response<RespBody> {
+pub async fn handle(gw: Arc<Gateway>, conn: Arc<Conn>, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
     let snap = gw.snapshot();
     match route_request(&gw, &snap, &conn, req, start).await {
@@ -151,14 +147,10 @@ async fn route_request(
         if req.extensions().get::<hyper::ext::Protocol>().is_none() {
             return Err((ProxyError::MethodNotAllowed("CONNECT"), stats()));
         }
-        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start)
-            .await
-            .map_err(|e| (e, stats()));
+        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start).await.map_err(|e| (e, stats()));
     }
     if upgrade::is_h1_upgrade(&req) {
-        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start)
-            .await
-            .map_err(|e| (e, stats()));
+        return upgrade::proxy(gw, snap, conn, &route, req, &authority, start).await.map_err(|e| (e, stats()));
     }
 
     let request_id = rewrite_request(snap, conn, &route, &mut req, &authority);
@@ -172,9 +164,7 @@ async fn route_request(
     };
     let method = parts.method.clone();
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
-    let sent = attempts(&route, Request::from_parts(parts, body))
-        .await
-        .map_err(|e| (e, stats()))?;
+    let sent = attempts(&route, Request::from_parts(parts, body)).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, method, start, log))
 }
 
@@ -187,8 +177,7 @@ fn request_authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError>
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(auth) = req.uri().authority() {
-        return HeaderValue::from_str(auth.as_str())
-            .map_err(|_| ProxyError::BadRequest("invalid authority"));
+        return HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"));
     }
     match first {
         Some(h) if !h.is_empty() && h.to_str().is_ok_and(valid_authority) => Ok(h.clone()),
@@ -200,8 +189,7 @@ fn request_authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError>
 
 /// `host[:port]` made of the characters RFC 3986 allows in a reg-name or IP literal.
 fn valid_authority(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
 /// Edits the request into what the server gets; returns the request id.
@@ -233,15 +221,10 @@ fn rewrite_request(
         req.headers_mut().insert(header::HOST, authority.clone());
     }
     *req.version_mut() = Version::HTTP_11;
-    let needs_new_uri =
-        route.strip_path || req.uri().scheme().is_some() || req.uri().authority().is_some();
+    let needs_new_uri = route.strip_path || req.uri().scheme().is_some() || req.uri().authority().is_some();
     if needs_new_uri {
         let path = req.uri().path();
-        let path = if route.strip_path {
-            route::strip_prefix(path, &route.prefix)
-        } else {
-            path.into()
-        };
+        let path = if route.strip_path { route::strip_prefix(path, &route.prefix) } else { path.into() };
         let target = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
             None => path.into_owned(),
@@ -254,10 +237,7 @@ fn rewrite_request(
 }
 
 /// Picks a server and sends, retrying on another server only when that is safe.
-async fn attempts(
-    route: &Route,
-    mut req: Request<ReqBody>,
-) -> Result<(client::Sent, InFlight), ProxyError> {
+async fn attempts(route: &Route, mut req: Request<ReqBody>) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let idempotent = is_idempotent(req.method());
@@ -266,36 +246,21 @@ async fn attempts(
     loop {
         let server = {
             let eligible = upstream.set.eligible();
-            let picked =
-                with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
+            let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
             match picked {
                 Some(s) => s,
                 None if tried.is_empty() => {
                     return Err(ProxyError::NoServer(upstream.set.name.clone()));
                 }
                 None => {
-                    return Err(ProxyError::Exhausted {
-                        upstream: upstream.set.name.clone(),
-                        last: last_error,
-                    });
+                    return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last: last_error });
                 }
             }
         };
         let guard = server.begin();
-        let replay = if idempotent && (tried.len() as u32) < cfg.retries {
-            copy_request(&req)
-        } else {
-            None
-        };
-        match client::send(
-            server.addr,
-            &server.pool,
-            &server.kill,
-            req,
-            cfg.connect_timeout,
-            cfg.response_timeout,
-        )
-        .await
+        let replay = if idempotent && (tried.len() as u32) < cfg.retries { copy_request(&req) } else { None };
+        match client::send(server.addr, &server.pool, &server.kill, req, cfg.connect_timeout, cfg.response_timeout)
+            .await
         {
             Ok(sent) => {
                 record_success(&server);
@@ -326,10 +291,7 @@ async fn attempts(
 
 /// RFC 9110 section 9.2.2.
 fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 /// A copy of a request whose body can be replayed.
@@ -359,18 +321,11 @@ fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
     if !err.is_server_failure() {
         return;
     }
-    if matches!(
-        err,
-        SendError::Connect { .. } | SendError::ConnectTimeout { .. }
-    ) {
+    if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) {
         set.stats.connect_errors.fetch_add(1, Relaxed);
     }
     let failures = server.consecutive_failures.fetch_add(1, Relaxed) + 1;
-    let threshold = if err.nothing_sent() && !matches!(err, SendError::NotSent { .. }) {
-        1
-    } else {
-        3
-    };
+    let threshold = if err.nothing_sent() && !matches!(err, SendError::NotSent { .. }) { 1 } else { 3 };
     if failures >= threshold {
         server.consecutive_failures.store(0, Relaxed);
         let n = server.ejections.fetch_add(1, Relaxed).min(5);
@@ -391,19 +346,8 @@ fn respond(
     let (mut parts, incoming) = sent.response.into_parts();
     hop::strip(&mut parts.headers);
     let status = parts.status;
-    let done = Done {
-        sender: Some(sent.sender),
-        guard,
-        route,
-        status,
-        start,
-        log,
-        head: method == Method::HEAD,
-    };
-    Response::from_parts(
-        parts,
-        RespBody::Upstream(UpstreamBody::new(incoming, Box::new(done))),
-    )
+    let done = Done { sender: Some(sent.sender), guard, route, status, start, log, head: method == Method::HEAD };
+    Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(incoming, Box::new(done))))
 }
 
 /// Runs when a proxied response body ends: connection back to the pool, the server's
@@ -429,13 +373,7 @@ impl Finish for Done {
         let took = self.start.elapsed();
         self.route.stats.record(self.status.as_u16(), took);
         if let Some(log) = self.log.take() {
-            log.write(
-                self.status.as_u16(),
-                Some(server.addr),
-                took,
-                bytes,
-                complete,
-            );
+            log.write(self.status.as_u16(), Some(server.addr), took, bytes, complete);
         }
     }
 }
@@ -464,14 +402,7 @@ impl AccessLog {
         })
     }
 
-    pub fn write(
-        &self,
-        status: u16,
-        upstream: Option<SocketAddr>,
-        took: Duration,
-        bytes: u64,
-        complete: bool,
-    ) {
+    pub fn write(&self, status: u16, upstream: Option<SocketAddr>, took: Duration, bytes: u64, complete: bool) {
         tracing::info!(
             target: ACCESS_TARGET,
             method = %self.method,
@@ -501,10 +432,7 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
 pub fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::text(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
@@ -532,9 +460,7 @@ fn redirect(
         }
         Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
     }
-    gw.metrics
-        .unrouted
-        .record(resp.status().as_u16(), start.elapsed());
+    gw.metrics.unrouted.record(resp.status().as_u16(), start.elapsed());
     resp
 }
 
@@ -544,17 +470,12 @@ fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Respons
     let resp = match gw.challenges.answer(token) {
         Some(key_auth) => {
             let mut r = Response::new(RespBody::from_bytes(key_auth.into()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             tracing::info!(token, "answered an ACME HTTP-01 challenge");
             r
         }
         None => text(StatusCode::NOT_FOUND, "404 unknown ACME challenge token\n"),
     };
-    gw.metrics
-        .unrouted
-        .record(resp.status().as_u16(), start.elapsed());
+    gw.metrics.unrouted.record(resp.status().as_u16(), start.elapsed());
     resp
 }

@@ -40,33 +40,16 @@ pub async fn proxy(
 ) -> Result<Response<RespBody>, ProxyError> {
     let extended_connect = req.method() == Method::CONNECT;
     let protocol = if extended_connect {
-        let p = req
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
+        let p = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !p.eq_ignore_ascii_case("websocket") {
-            return Err(ProxyError::BadRequest(
-                "extended CONNECT supports :protocol websocket only",
-            ));
+            return Err(ProxyError::BadRequest("extended CONNECT supports :protocol websocket only"));
         }
         HeaderValue::from_static("websocket")
     } else {
-        req.headers()
-            .get(header::UPGRADE)
-            .cloned()
-            .ok_or(ProxyError::BadRequest("missing Upgrade"))?
+        req.headers().get(header::UPGRADE).cloned().ok_or(ProxyError::BadRequest("missing Upgrade"))?
     };
     let client_side = hyper::upgrade::on(&mut req);
-    let upstream_req = build_request(
-        snap,
-        conn,
-        route,
-        &req,
-        authority,
-        protocol,
-        extended_connect,
-    );
+    let upstream_req = build_request(snap, conn, route, &req, authority, protocol, extended_connect);
 
     let upstream = &route.upstream;
     let cfg = &upstream.config;
@@ -92,33 +75,20 @@ pub async fn proxy(
     let sent = tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await;
     let mut resp = match sent {
         Err(_) => {
-            return Err(client::SendError::ResponseTimeout {
-                addr: server.addr,
-                after: cfg.response_timeout,
-            }
-            .into());
+            return Err(client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout }.into());
         }
         Ok(Err(source)) => {
-            return Err(client::SendError::Failed {
-                addr: server.addr,
-                source,
-            }
-            .into());
+            return Err(client::SendError::Failed { addr: server.addr, source }.into());
         }
         Ok(Ok(r)) => r,
     };
-    gw.metrics
-        .upgrades
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    gw.metrics.upgrades.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     route.stats.record(resp.status().as_u16(), start.elapsed());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server said no (or answered normally): pass its answer on.
         let (mut parts, body) = resp.into_parts();
         hop::strip(&mut parts.headers);
-        let bytes = http_body_util::BodyExt::collect(body)
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
         return Ok(Response::from_parts(parts, RespBody::from_bytes(bytes)));
     }
     let server_side = hyper::upgrade::on(&mut resp);
@@ -148,15 +118,8 @@ pub async fn proxy(
         parts.status = StatusCode::OK;
         parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
     } else {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(p) = parts
-            .headers
-            .get(header::UPGRADE)
-            .cloned()
-            .or(Some(protocol_of(&parts.headers)))
-        {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = parts.headers.get(header::UPGRADE).cloned().or(Some(protocol_of(&parts.headers))) {
             parts.headers.insert(header::UPGRADE, p);
         }
     }
@@ -196,24 +159,14 @@ fn build_request(
         headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
     }
     let path = req.uri().path();
-    let path = if route.strip_path {
-        route::strip_prefix(path, &route.prefix)
-    } else {
-        path.into()
-    };
+    let path = if route.strip_path { route::strip_prefix(path, &route.prefix) } else { path.into() };
     let target = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.into_owned(),
     };
     let mut out = Request::new(ReqBody::Empty);
-    *out.method_mut() = if extended_connect {
-        Method::GET
-    } else {
-        req.method().clone()
-    };
-    *out.uri_mut() = target
-        .parse()
-        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    *out.method_mut() = if extended_connect { Method::GET } else { req.method().clone() };
+    *out.uri_mut() = target.parse().unwrap_or_else(|_| hyper::Uri::from_static("/"));
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = headers;
     out
@@ -222,8 +175,7 @@ fn build_request(
 /// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 section 4.1).
 fn websocket_key() -> HeaderValue {
     let bytes: [u8; 16] = with_rng(|r| r.random());
-    HeaderValue::from_str(&base64(&bytes))
-        .unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
+    HeaderValue::from_str(&base64(&bytes)).unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
 }
 
 fn base64(data: &[u8]) -> String {

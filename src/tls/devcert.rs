@@ -13,14 +13,9 @@ use crate::tls::store::{CertStore, certified_key_from_pem};
 pub const DEV_CERT_STEM: &str = "swarmgate-dev";
 
 /// Hosts that need the development certificate: route hosts no static certificate covers.
-pub fn uncovered<'a>(
-    hosts: impl Iterator<Item = &'a HostPattern>,
-    statics: &CertStore,
-) -> Vec<String> {
-    let mut out: Vec<String> = hosts
-        .filter(|h| !matches!(h, HostPattern::Any) && !statics.covers(h))
-        .map(ToString::to_string)
-        .collect();
+pub fn uncovered<'a>(hosts: impl Iterator<Item = &'a HostPattern>, statics: &CertStore) -> Vec<String> {
+    let mut out: Vec<String> =
+        hosts.filter(|h| !matches!(h, HostPattern::Any) && !statics.covers(h)).map(ToString::to_string).collect();
     out.sort();
     out.dedup();
     out
@@ -38,11 +33,7 @@ pub fn ensure(dir: &Path, hosts: &[String], always: bool) -> Result<(CertStore, 
             let mut store = CertStore::default();
             store.add(
                 std::sync::Arc::new(ck),
-                super::store::CertInfo {
-                    source: super::store::CertSource::Dev,
-                    file: Some(crt),
-                    ..info
-                },
+                super::store::CertInfo { source: super::store::CertSource::Dev, file: Some(crt), ..info },
             );
             return Ok((store, false));
         }
@@ -56,17 +47,12 @@ pub fn ensure(dir: &Path, hosts: &[String], always: bool) -> Result<(CertStore, 
             names.push(extra.to_string());
         }
     }
-    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("cannot make a key: {e}"))?;
+    let key_pair =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| format!("cannot make a key: {e}"))?;
     let mut params = rcgen::CertificateParams::new(names.clone())
         .map_err(|e| format!("cannot make a certificate for {names:?}: {e}"))?;
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        "swarmgate development certificate",
-    );
-    let cert = params
-        .self_signed(&key_pair)
-        .map_err(|e| format!("cannot sign the certificate: {e}"))?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "swarmgate development certificate");
+    let cert = params.self_signed(&key_pair).map_err(|e| format!("cannot sign the certificate: {e}"))?;
     let (cert_pem, key_pem) = (cert.pem(), key_pair.serialize_pem());
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     crate::fsutil::write_atomic(&key, key_pem.as_bytes(), true)
@@ -77,11 +63,7 @@ pub fn ensure(dir: &Path, hosts: &[String], always: bool) -> Result<(CertStore, 
     let mut store = CertStore::default();
     store.add(
         std::sync::Arc::new(ck),
-        super::store::CertInfo {
-            source: super::store::CertSource::Dev,
-            file: Some(crt),
-            ..info
-        },
+        super::store::CertInfo { source: super::store::CertSource::Dev, file: Some(crt), ..info },
     );
     Ok((store, true))
 }

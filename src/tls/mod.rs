@@ -52,10 +52,7 @@ impl CertResolver {
 
     /// Publishes (or with `None` withdraws) a TLS-ALPN-01 challenge certificate.
     pub fn set_challenge(&self, name: &str, cert: Option<Arc<CertifiedKey>>) {
-        let mut map = self
-            .challenges
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match cert {
             Some(c) => map.insert(name.to_ascii_lowercase(), c),
             None => map.remove(&name.to_ascii_lowercase()),
@@ -65,16 +62,8 @@ impl CertResolver {
     /// The certificate a client asking for `sni` gets, without the challenge case.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         match sni {
-            None => self
-                .statics
-                .load()
-                .default_cert()
-                .or_else(|| self.acme.load().default_cert()),
-            Some(name) => self
-                .statics
-                .load()
-                .lookup(name)
-                .or_else(|| self.acme.load().lookup(name)),
+            None => self.statics.load().default_cert().or_else(|| self.acme.load().default_cert()),
+            Some(name) => self.statics.load().lookup(name).or_else(|| self.acme.load().lookup(name)),
         }
     }
 }
@@ -82,24 +71,16 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = hello.server_name();
-        let wants_challenge = hello
-            .alpn()
-            .is_some_and(|mut alpn| alpn.any(|p| p == ACME_TLS_ALPN));
+        let wants_challenge = hello.alpn().is_some_and(|mut alpn| alpn.any(|p| p == ACME_TLS_ALPN));
         if wants_challenge {
             let name = sni?;
-            let map = self
-                .challenges
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let map = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             return map.get(&name.to_ascii_lowercase()).cloned();
         }
         let cert = self.lookup(sni);
         if cert.is_none() {
             self.unknown_names.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                sni = sni.unwrap_or("<none>"),
-                "TLS handshake refused: no certificate for this name"
-            );
+            tracing::warn!(sni = sni.unwrap_or("<none>"), "TLS handshake refused: no certificate for this name");
         }
         cert
     }
@@ -107,10 +88,7 @@ impl ResolvesServerCert for CertResolver {
 
 /// The rustls server configuration: TLS 1.2/1.3 (or 1.3 only), ALPN h2, http/1.1 and
 /// acme-tls/1, stateless session tickets for resumption.
-pub fn server_config(
-    resolver: Arc<CertResolver>,
-    min: TlsVersion,
-) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+pub fn server_config(resolver: Arc<CertResolver>, min: TlsVersion) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],

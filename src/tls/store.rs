@@ -60,27 +60,17 @@ impl CertStore {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(store),
             Err(e) => {
-                return Err(vec![CertError {
-                    path: dir.to_path_buf(),
-                    message: format!("cannot read: {e}"),
-                }]);
+                return Err(vec![CertError { path: dir.to_path_buf(), message: format!("cannot read: {e}") }]);
             }
         };
         let mut crts: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "crt"))
-            .filter(|p| {
-                p.file_stem()
-                    .and_then(|s| s.to_str())
-                    .is_none_or(|s| !skip.contains(&s))
-            })
+            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s)))
             .collect();
         crts.sort();
         // `default.crt` first, so it is the default and wins name conflicts.
-        if let Some(i) = crts
-            .iter()
-            .position(|p| p.file_stem().is_some_and(|s| s == "default"))
-        {
+        if let Some(i) = crts.iter().position(|p| p.file_stem().is_some_and(|s| s == "default")) {
             let d = crts.remove(i);
             crts.insert(0, d);
         }
@@ -88,22 +78,13 @@ impl CertStore {
         for crt in crts {
             let key = crt.with_extension("key");
             match load_pair(&crt, &key) {
-                Ok((ck, info)) => store.add(
-                    Arc::new(ck),
-                    CertInfo {
-                        source: CertSource::Static,
-                        file: Some(crt),
-                        ..info
-                    },
-                ),
+                Ok((ck, info)) => {
+                    store.add(Arc::new(ck), CertInfo { source: CertSource::Static, file: Some(crt), ..info })
+                }
                 Err(message) => errors.push(CertError { path: crt, message }),
             }
         }
-        if errors.is_empty() {
-            Ok(store)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(store) } else { Err(errors) }
     }
 
     /// Adds a certificate under its names; earlier entries keep names they already have.
@@ -111,10 +92,7 @@ impl CertStore {
         for name in &info.names {
             let name = name.to_ascii_lowercase();
             match name.strip_prefix("*.") {
-                Some(suffix) => self
-                    .wildcard
-                    .entry(suffix.to_string())
-                    .or_insert_with(|| Arc::clone(&cert)),
+                Some(suffix) => self.wildcard.entry(suffix.to_string()).or_insert_with(|| Arc::clone(&cert)),
                 None => self.exact.entry(name).or_insert_with(|| Arc::clone(&cert)),
             };
         }
@@ -172,37 +150,30 @@ impl CertStore {
 /// Reads a PEM chain and key and checks that they belong together.
 pub fn load_pair(crt: &Path, key: &Path) -> Result<(CertifiedKey, CertInfo), String> {
     let chain_pem = std::fs::read(crt).map_err(|e| format!("cannot read: {e}"))?;
-    let key_pem =
-        std::fs::read(key).map_err(|e| format!("cannot read its key {}: {e}", key.display()))?;
+    let key_pem = std::fs::read(key).map_err(|e| format!("cannot read its key {}: {e}", key.display()))?;
     certified_key_from_pem(&chain_pem, &key_pem).map_err(|e| format!("{e} (key {})", key.display()))
 }
 
 /// Builds a rustls `CertifiedKey` (and its facts) from PEM bytes.
-pub fn certified_key_from_pem(
-    chain_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<(CertifiedKey, CertInfo), String> {
+pub fn certified_key_from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<(CertifiedKey, CertInfo), String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
     if chain.is_empty() {
         return Err("no certificate in the file".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("not a PEM private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("not a PEM private key: {e}"))?;
     let signing = any_supported_type(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     let info = describe(&chain[0])?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match()
-        .map_err(|_| "the private key does not belong to the certificate".to_string())?;
+    ck.keys_match().map_err(|_| "the private key does not belong to the certificate".to_string())?;
     Ok((ck, info))
 }
 
 /// Names, issuer and expiry of a leaf certificate.
 pub fn describe(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("unreadable certificate: {e}"))?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -218,12 +189,7 @@ pub fn describe(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
         }
     }
     if names.is_empty() {
-        if let Some(cn) = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-        {
+        if let Some(cn) = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
             names.push(cn.to_ascii_lowercase());
         }
     }
@@ -246,9 +212,6 @@ fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
 
 /// Seconds until `not_after` (negative when expired).
 pub fn seconds_left(not_after: i64) -> i64 {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64;
     not_after - now
 }

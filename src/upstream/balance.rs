@@ -30,24 +30,26 @@ pub fn pick_random<'a, R: Rng + ?Sized>(
     exclude: &[SocketAddr],
     rng: &mut R,
 ) -> Option<&'a Arc<Server>> {
+    if servers.is_empty() {
+        return None;
+    }
     if exclude.is_empty() {
-        if servers.is_empty() {
-            return None;
-        }
         return Some(&servers[rng.random_range(0..servers.len())]);
     }
-    let allowed = servers
-        .iter()
-        .filter(|s| !exclude.contains(&s.addr))
-        .count();
+    // A retry excludes one or two servers: drawing again is uniform over the rest and
+    // almost always done in one or two draws; the scan is only for sets mostly excluded.
+    for _ in 0..4 {
+        let s = &servers[rng.random_range(0..servers.len())];
+        if !exclude.contains(&s.addr) {
+            return Some(s);
+        }
+    }
+    let allowed = servers.iter().filter(|s| !exclude.contains(&s.addr)).count();
     if allowed == 0 {
         return None;
     }
     let nth = rng.random_range(0..allowed);
-    servers
-        .iter()
-        .filter(|s| !exclude.contains(&s.addr))
-        .nth(nth)
+    servers.iter().filter(|s| !exclude.contains(&s.addr)).nth(nth)
 }
 
 /// Power of two choices: two distinct uniform picks, the one with fewer requests in
@@ -58,10 +60,7 @@ pub fn pick_p2c<'a, R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Option<&'a Arc<Server>> {
     if !exclude.is_empty() {
-        let allowed: Vec<&Arc<Server>> = servers
-            .iter()
-            .filter(|s| !exclude.contains(&s.addr))
-            .collect();
+        let allowed: Vec<&Arc<Server>> = servers.iter().filter(|s| !exclude.contains(&s.addr)).collect();
         return two_choices(allowed.len(), rng).map(|(a, b)| better(allowed[a], allowed[b]));
     }
     two_choices(servers.len(), rng).map(|(a, b)| better(&servers[a], &servers[b]))
@@ -92,14 +91,7 @@ mod tests {
     use rand::rngs::SmallRng;
 
     fn servers(n: u16) -> Vec<Arc<Server>> {
-        (0..n)
-            .map(|i| {
-                Server::new(
-                    SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                    ServerState::Healthy,
-                )
-            })
-            .collect()
+        (0..n).map(|i| Server::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i)), ServerState::Healthy)).collect()
     }
 
     #[test]
@@ -127,9 +119,6 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(pick_p2c(&s, &[], &mut rng).map(|p| p.addr), Some(s[1].addr));
         }
-        assert_eq!(
-            pick_p2c(&s, &[s[1].addr], &mut rng).map(|p| p.addr),
-            Some(s[0].addr)
-        );
+        assert_eq!(pick_p2c(&s, &[s[1].addr], &mut rng).map(|p| p.addr), Some(s[0].addr));
     }
 }

@@ -25,8 +25,7 @@ pub(super) fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, Stri
     opts.timeout = Duration::from_secs(2);
     opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     let builder = if nameservers.is_empty() {
-        Resolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system resolver config: {e}"))?
+        Resolver::builder_tokio().map_err(|e| format!("cannot read the system resolver config: {e}"))?
     } else {
         let mut config = ResolverConfig::new();
         for ns in nameservers {
@@ -38,12 +37,7 @@ pub(super) fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, Stri
     Ok(builder.with_options(opts).build())
 }
 
-pub(super) async fn run(
-    set: Arc<ServerSet>,
-    target: DnsTarget,
-    every: Duration,
-    nameservers: Vec<SocketAddr>,
-) {
+pub(super) async fn run(set: Arc<ServerSet>, target: DnsTarget, every: Duration, nameservers: Vec<SocketAddr>) {
     let resolver = match resolver(&nameservers) {
         Ok(r) => r,
         Err(e) => {
@@ -52,19 +46,12 @@ pub(super) async fn run(
         }
     };
     // A fully qualified name: no search-domain guessing for service names.
-    let name = if target.name.ends_with('.') {
-        target.name.clone()
-    } else {
-        format!("{}.", target.name)
-    };
+    let name = if target.name.ends_with('.') { target.name.clone() } else { format!("{}.", target.name) };
     let mut last: Option<Vec<SocketAddr>> = None;
     loop {
         match resolver.lookup_ip(name.as_str()).await {
             Ok(found) => {
-                let mut addrs: Vec<SocketAddr> = found
-                    .iter()
-                    .map(|ip| SocketAddr::new(ip, target.port))
-                    .collect();
+                let mut addrs: Vec<SocketAddr> = found.iter().map(|ip| SocketAddr::new(ip, target.port)).collect();
                 addrs.sort();
                 addrs.dedup();
                 if addrs.is_empty() {

@@ -28,12 +28,8 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let servers: Vec<Arc<Server>> = set
-            .all()
-            .iter()
-            .filter(|s| s.state() != ServerState::Draining)
-            .cloned()
-            .collect();
+        let servers: Vec<Arc<Server>> =
+            set.all().iter().filter(|s| s.state() != ServerState::Draining).cloned().collect();
         streaks.retain(|addr, _| servers.iter().any(|s| s.addr == *addr));
         let mut checks = tokio::task::JoinSet::new();
         for server in servers {
@@ -46,22 +42,11 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
         while let Some(Ok((server, result))) = checks.join_next().await {
             let streak = streaks.entry(server.addr).or_default();
             match &result {
-                Ok(()) => {
-                    *streak = Streak {
-                        passes: streak.passes.saturating_add(1),
-                        fails: 0,
-                    }
-                }
-                Err(_) => {
-                    *streak = Streak {
-                        passes: 0,
-                        fails: streak.fails.saturating_add(1),
-                    }
-                }
+                Ok(()) => *streak = Streak { passes: streak.passes.saturating_add(1), fails: 0 },
+                Err(_) => *streak = Streak { passes: 0, fails: streak.fails.saturating_add(1) },
             }
             let state = server.state();
-            let changed = if streak.passes >= health.healthy_after && state != ServerState::Healthy
-            {
+            let changed = if streak.passes >= health.healthy_after && state != ServerState::Healthy {
                 set.set_health(&server, true)
             } else if streak.fails >= health.unhealthy_after && state != ServerState::Unhealthy {
                 set.set_health(&server, false)
@@ -85,13 +70,10 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
 /// One check on a fresh connection (a pooled one could hide a dead listener).
 pub(super) async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(addr)
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         let req = Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
@@ -99,16 +81,9 @@ pub(super) async fn check(addr: SocketAddr, path: &str, timeout: Duration) -> Re
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::new())
             .map_err(|e| format!("request: {e}"))?;
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
+        let res = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
         let status = res.status();
-        if status.is_success() || status.is_redirection() {
-            Ok(())
-        } else {
-            Err(format!("status {status}"))
-        }
+        if status.is_success() || status.is_redirection() { Ok(()) } else { Err(format!("status {status}")) }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,

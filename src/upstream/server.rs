@@ -126,9 +126,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.0.state() == ServerState::Draining
-        {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.state() == ServerState::Draining {
             self.0.idle.notify_one();
         }
     }

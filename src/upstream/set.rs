@@ -68,9 +68,7 @@ impl ServerSet {
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
-        self.update
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.update.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The servers requests may go to now.
@@ -107,11 +105,7 @@ impl ServerSet {
         let _g = self.lock();
         let wanted: HashSet<SocketAddr> = addrs.iter().copied().collect();
         let current = self.all.load_full();
-        let initial = if self.settings.load().health_checked {
-            ServerState::Pending
-        } else {
-            ServerState::Healthy
-        };
+        let initial = if self.settings.load().health_checked { ServerState::Pending } else { ServerState::Healthy };
         let mut report = Reconciled::default();
         let mut next: Vec<Arc<Server>> = Vec::with_capacity(wanted.len() + current.len());
         let mut present = HashSet::new();
@@ -176,10 +170,7 @@ impl ServerSet {
     async fn finish_drain(self: Arc<Self>, server: Arc<Server>, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         while server.in_flight() > 0 && server.state() == ServerState::Draining {
-            if tokio::time::timeout_at(deadline, server.idle.notified())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, server.idle.notified()).await.is_err() {
                 tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
                     "drain_timeout reached; closing what is still in flight");
                 break;
@@ -191,13 +182,7 @@ impl ServerSet {
         }
         server.kill.cancel();
         server.pool.clear();
-        let next: Vec<Arc<Server>> = self
-            .all
-            .load()
-            .iter()
-            .filter(|s| !Arc::ptr_eq(s, &server))
-            .cloned()
-            .collect();
+        let next: Vec<Arc<Server>> = self.all.load().iter().filter(|s| !Arc::ptr_eq(s, &server)).cloned().collect();
         self.all.store(Arc::new(next));
         tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
     }
@@ -206,18 +191,12 @@ impl ServerSet {
     pub fn set_health(&self, server: &Arc<Server>, healthy: bool) -> bool {
         let _g = self.lock();
         let now = server.state();
-        let next = if healthy {
-            ServerState::Healthy
-        } else {
-            ServerState::Unhealthy
-        };
+        let next = if healthy { ServerState::Healthy } else { ServerState::Unhealthy };
         if now == ServerState::Draining || now == next {
             return false;
         }
         server.set_state(next);
-        self.stats
-            .health_transitions
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.health_transitions.fetch_add(1, Ordering::Relaxed);
         self.refresh_eligible_locked();
         true
     }
@@ -227,9 +206,7 @@ impl ServerSet {
         {
             let _g = self.lock();
             let until = server.born.elapsed() + for_how_long;
-            server
-                .ejected_until_ms
-                .store(until.as_millis().max(1) as u64, Ordering::Relaxed);
+            server.ejected_until_ms.store(until.as_millis().max(1) as u64, Ordering::Relaxed);
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             self.refresh_eligible_locked();
         }
@@ -278,13 +255,7 @@ mod tests {
     }
 
     fn set(health: bool) -> Arc<ServerSet> {
-        ServerSet::new(
-            "t",
-            SetSettings {
-                health_checked: health,
-                drain_timeout: Duration::from_secs(5),
-            },
-        )
+        ServerSet::new("t", SetSettings { health_checked: health, drain_timeout: Duration::from_secs(5) })
     }
 
     #[tokio::test(start_paused = true)]
@@ -296,25 +267,11 @@ mod tests {
         first.requests.fetch_add(7, Ordering::Relaxed);
         let guard = s.all()[1].begin();
         let r = s.reconcile(&[addr(1), addr(3)]);
-        assert_eq!(
-            r,
-            Reconciled {
-                added: vec![addr(3)],
-                draining: vec![addr(2)],
-                kept: 1
-            }
-        );
-        assert!(
-            Arc::ptr_eq(&first, &s.all()[0]),
-            "an unchanged server keeps its state"
-        );
+        assert_eq!(r, Reconciled { added: vec![addr(3)], draining: vec![addr(2)], kept: 1 });
+        assert!(Arc::ptr_eq(&first, &s.all()[0]), "an unchanged server keeps its state");
         let eligible: Vec<_> = s.eligible().iter().map(|s| s.addr).collect();
         assert_eq!(eligible, vec![addr(1), addr(3)]);
-        assert_eq!(
-            s.all().len(),
-            3,
-            "draining server is kept while a request is in flight"
-        );
+        assert_eq!(s.all().len(), 3, "draining server is kept while a request is in flight");
         drop(guard);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(s.all().len(), 2, "drained server is forgotten once idle");

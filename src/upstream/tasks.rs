@@ -28,10 +28,7 @@ impl Drop for Tasks {
 /// Starts, keeps or stops each upstream's tasks to match `config`.
 pub fn start_tasks(gw: &Arc<Gateway>, config: &Config) {
     let snapshot = gw.snapshot();
-    let mut tasks = gw
-        .tasks
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut tasks = gw.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     tasks.retain(|name, _| config.upstreams.contains_key(name));
     let nameservers = &config.discovery.nameservers;
     for (name, up) in &config.upstreams {
@@ -40,22 +37,14 @@ pub fn start_tasks(gw: &Arc<Gateway>, config: &Config) {
         };
         let entry = tasks.entry(name.clone()).or_default();
         let want_dns = up.dns.clone().map(|d| (d, up.resolve_every));
-        let have_dns = entry
-            .discovery
-            .as_ref()
-            .map(|(d, every, _)| (d.clone(), *every));
+        let have_dns = entry.discovery.as_ref().map(|(d, every, _)| (d.clone(), *every));
         if want_dns != have_dns || (want_dns.is_some() && nameservers_changed(gw, config)) {
             if let Some((_, _, h)) = entry.discovery.take() {
                 h.abort();
             }
             if let Some((target, every)) = want_dns {
                 let set = Arc::clone(&upstream.set);
-                let handle = tokio::spawn(super::discovery::run(
-                    set,
-                    target.clone(),
-                    every,
-                    nameservers.clone(),
-                ));
+                let handle = tokio::spawn(super::discovery::run(set, target.clone(), every, nameservers.clone()));
                 entry.discovery = Some((target, every, handle.abort_handle()));
             }
         }
@@ -71,14 +60,9 @@ pub fn start_tasks(gw: &Arc<Gateway>, config: &Config) {
             }
         }
     }
-    *gw.nameservers
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = nameservers.clone();
+    *gw.nameservers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = nameservers.clone();
 }
 
 fn nameservers_changed(gw: &Gateway, config: &Config) -> bool {
-    *gw.nameservers
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        != config.discovery.nameservers
+    *gw.nameservers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) != config.discovery.nameservers
 }
