@@ -459,6 +459,7 @@ fn read_upstreams(root: &Table<'_, '_, '_>) -> BTreeMap<String, UpstreamConfig> 
 
 fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     let (servers, servers_origin) = t.list("servers");
+    let listed = servers.len();
     let servers: Vec<SocketAddr> = servers
         .iter()
         .filter_map(|s| match s.parse::<SocketAddr>() {
@@ -469,11 +470,11 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             }
         })
         .collect();
-    let (dns, dns_origin) = t.string("dns", "");
-    let dns = if dns.is_empty() {
+    let (dns_text, dns_origin) = t.string("dns", "");
+    let dns = if dns_text.is_empty() {
         None
     } else {
-        match parse_dns_target(&dns) {
+        match parse_dns_target(&dns_text) {
             Ok(d) => Some(d),
             Err(e) => {
                 t.source().problem(&dns_origin, format!("{}.dns: {e}", t.name));
@@ -481,7 +482,8 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             }
         }
     };
-    if servers.is_empty() && dns.is_none() && !t.source().has_problems() {
+    // Only when nothing was listed: unparsable entries were reported above.
+    if listed == 0 && dns_text.is_empty() {
         t.source().problem(
             &Origin::Default(t.span()),
             format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name),
