@@ -83,9 +83,9 @@ pub enum SendError {
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    /// The request was handed back unwritten (connection closed under it).
+    /// The connection closed before any of the request was written.
     #[error("{addr} closed the connection before the request was sent")]
-    NotSent { addr: SocketAddr, request: Box<Request<ReqBody>> },
+    Closed { addr: SocketAddr, source: hyper::Error },
     /// Some of the request may have reached the server; no response head came back.
     #[error("{addr} failed before responding: {source}")]
     Failed { addr: SocketAddr, source: hyper::Error },
@@ -96,13 +96,21 @@ pub enum SendError {
 impl SendError {
     /// Whether no byte of the request reached the server.
     pub fn nothing_sent(&self) -> bool {
-        matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::NotSent { .. })
+        matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
     /// Whether the server looks broken (counts toward passive ejection).
     pub fn is_server_failure(&self) -> bool {
         !matches!(self, SendError::ResponseTimeout { .. })
     }
+}
+
+/// A failed attempt, with the request handed back when none of it was written: only
+/// such a request may be sent to another server whatever its method.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: SendError,
+    pub unsent: Option<Request<ReqBody>>,
 }
 
 /// A response and the connection it came on (to return to the pool when its body ends).
@@ -145,7 +153,8 @@ async fn open(
     Ok(sender)
 }
 
-/// Sends `req` to the server at `addr` over a pooled or new connection.
+/// Sends `req` to the server at `addr` over a pooled or new connection. On failure the
+/// request comes back in [`Failure::unsent`] exactly when no byte of it was written.
 pub async fn send(
     addr: SocketAddr,
     pool: &Pool,
@@ -153,7 +162,7 @@ pub async fn send(
     mut req: Request<ReqBody>,
     connect_timeout: Duration,
     response_timeout: Duration,
-) -> Result<Sent, SendError> {
+) -> Result<Sent, Failure> {
     let deadline = tokio::time::Instant::now() + response_timeout;
     let timed_out = || SendError::ResponseTimeout { addr, after: response_timeout };
     // A pooled connection may have been closed by the server a moment ago; hyper then
@@ -161,24 +170,30 @@ pub async fn send(
     loop {
         let (mut sender, pooled) = match pool.take() {
             Some(s) => (s, true),
-            None => (open(addr, connect_timeout, kill).await?, false),
+            None => match open(addr, connect_timeout, kill).await {
+                Ok(s) => (s, false),
+                Err(error) => return Err(Failure { error, unsent: Some(req) }),
+            },
         };
         match tokio::time::timeout_at(deadline, sender.ready()).await {
-            Err(_) => return Err(timed_out()),
+            Err(_) => return Err(Failure { error: timed_out(), unsent: Some(req) }),
             Ok(Err(_)) if pooled => continue,
-            Ok(Err(source)) => return Err(SendError::Failed { addr, source }),
+            Ok(Err(source)) => return Err(Failure { error: SendError::Closed { addr, source }, unsent: Some(req) }),
             Ok(Ok(())) => {}
         }
         match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-            Err(_) => return Err(timed_out()),
+            Err(_) => return Err(Failure { error: timed_out(), unsent: None }),
             Ok(Ok(response)) => return Ok(Sent { response, sender }),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) if pooled => req = unsent,
                 Some(unsent) => {
-                    return Err(SendError::NotSent { addr, request: Box::new(unsent) });
+                    return Err(Failure {
+                        error: SendError::Closed { addr, source: e.into_error() },
+                        unsent: Some(unsent),
+                    });
                 }
                 None => {
-                    return Err(SendError::Failed { addr, source: e.into_error() });
+                    return Err(Failure { error: SendError::Failed { addr, source: e.into_error() }, unsent: None });
                 }
             },
         }

@@ -164,7 +164,7 @@ async fn route_request(
     };
     let method = parts.method.clone();
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
-    let sent = attempts(&route, Request::from_parts(parts, body)).await.map_err(|e| (e, stats()))?;
+    let sent = attempts(gw, &route, Request::from_parts(parts, body)).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, method, start, log))
 }
 
@@ -237,7 +237,11 @@ fn rewrite_request(
 }
 
 /// Picks a server and sends, retrying on another server only when that is safe.
-async fn attempts(route: &Route, mut req: Request<ReqBody>) -> Result<(client::Sent, InFlight), ProxyError> {
+async fn attempts(
+    gw: &Gateway,
+    route: &Route,
+    mut req: Request<ReqBody>,
+) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let idempotent = is_idempotent(req.method());
@@ -266,24 +270,27 @@ async fn attempts(route: &Route, mut req: Request<ReqBody>) -> Result<(client::S
                 record_success(&server);
                 return Ok((sent, guard));
             }
-            Err(err) => {
-                record_failure(&upstream.set, &server, &err);
+            Err(client::Failure { error, unsent }) => {
+                record_failure(&upstream.set, &server, &error);
                 tried.push(server.addr);
+                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
                 let may_retry = (tried.len() as u32) <= cfg.retries;
-                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %err, "attempt failed");
-                last_error = err.to_string();
-                req = match err {
-                    SendError::NotSent { request, .. } if may_retry => *request,
-                    ref e if may_retry && e.nothing_sent() => match replay {
-                        Some(r) => r,
-                        None => return Err(ProxyError::Upstream(err)),
-                    },
-                    SendError::Failed { .. } if may_retry => match replay {
-                        Some(r) => r,
-                        None => return Err(ProxyError::Upstream(err)),
-                    },
-                    other => return Err(ProxyError::Upstream(other)),
+                // Unsent: nothing reached the server, any method may go elsewhere. Sent (or
+                // maybe sent): only an idempotent request with a held body, and not after a
+                // response timeout (that would multiply the wait).
+                let next = match unsent {
+                    Some(r) => Some(r),
+                    None if !matches!(error, SendError::ResponseTimeout { .. }) => replay,
+                    None => None,
                 };
+                match next {
+                    Some(r) if may_retry => {
+                        gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        last_error = error.to_string();
+                        req = r;
+                    }
+                    _ => return Err(ProxyError::Upstream(error)),
+                }
             }
         }
     }
@@ -325,7 +332,7 @@ fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
         set.stats.connect_errors.fetch_add(1, Relaxed);
     }
     let failures = server.consecutive_failures.fetch_add(1, Relaxed) + 1;
-    let threshold = if err.nothing_sent() && !matches!(err, SendError::NotSent { .. }) { 1 } else { 3 };
+    let threshold = if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) { 1 } else { 3 };
     if failures >= threshold {
         server.consecutive_failures.store(0, Relaxed);
         let n = server.ejections.fetch_add(1, Relaxed).min(5);
