@@ -15,12 +15,15 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> =
-            connection_tokens(connection).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Every Connection line counts: a message may carry the field more than once.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(connection_tokens)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     let wants_trailers = headers
         .get_all(header::TE)
