@@ -15,6 +15,12 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
+    // Read before anything is removed: a client sending TE must also name it in
+    // Connection (RFC 9110 section 10.1.4), which removes it below.
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     // Every Connection line counts: a message may carry the field more than once.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -25,10 +31,6 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     for name in named {
         headers.remove(name);
     }
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     for name in &ALWAYS {
         headers.remove(name);
     }
