@@ -1,0 +1,230 @@
+//! `swarmgate check` and start-up failures of `swarmgate run`: exit codes, the summary,
+//! every problem at once as `FILE:LINE:COL: message`, environment overrides, certificates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const VALID: &str = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[[route]]
+host = "app.test"
+upstream = "app"
+
+[[route]]
+host = "*.wild.test"
+path = "/api/"
+strip_path = true
+upstream = "api"
+
+[upstream.app]
+servers = ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+[upstream.api]
+servers = ["127.0.0.1:9003"]
+balance = "p2c"
+"#;
+
+#[test]
+fn valid_config_exits_0_with_a_summary() {
+    let b = Gateway::builder(VALID).var("X", "");
+    let out = b.check();
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert_eq!(out.stderr, "");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "config swarmgate.toml is valid");
+    assert!(lines[1].starts_with("listen: http 127.0.0.1:"), "{}", lines[1]);
+    assert!(lines[1].contains(", https off, admin 127.0.0.1:"), "{}", lines[1]);
+    assert!(lines.contains(&"routes (2):"), "{}", out.stdout);
+    assert!(lines.contains(&"  app.test/ -> app"), "{}", out.stdout);
+    assert!(lines.contains(&"  *.wild.test/api -> api (strip_path)"), "{}", out.stdout);
+    assert!(lines.contains(&"upstreams (2):"), "{}", out.stdout);
+    assert!(lines.contains(&"  api: 1 server(s), P2c"), "{}", out.stdout);
+    assert!(lines.contains(&"  app: 2 server(s), Random"), "{}", out.stdout);
+    assert!(lines.contains(&"static certificates: none"), "{}", out.stdout);
+}
+
+#[test]
+fn environment_overrides_are_applied() {
+    let https = format!("127.0.0.1:{}", free_port());
+    let out =
+        Gateway::builder(VALID).env("SWARMGATE_LISTEN_HTTPS", &https).env("SWARMGATE_RUNTIME_WORKERS", "1").check();
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(out.stdout.contains(&format!(", https {https}, admin ")), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l == "workers: 1"), "{}", out.stdout);
+    // With HTTPS on and no certificate, check says the development one will be used.
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l
+                == "no certificate for: *.wild.test, app.test (a self-signed development certificate will be used)"),
+        "{}",
+        out.stdout
+    );
+    let out = Gateway::builder(VALID).env("SWARMGATE_RUNTIME_WORKERS", "3").check();
+    assert!(out.stdout.lines().any(|l| l == "workers: 3"), "{}", out.stdout);
+}
+
+/// Line numbers below count from the first line of the string (which is empty).
+const BROKEN: &str = r#"
+[listen]
+http = "nonsense"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+colour = "blue"
+
+[proxy]
+shutdown_delay = "5 parsecs"
+
+[upstream.app]
+servers = ["127.0.0.1:9001"]
+
+[upstream.empty]
+balance = "random"
+
+[[route]]
+host = "a.test"
+upstream = "app"
+
+[[route]]
+host = "a.test"
+upstream = "app"
+
+[[route]]
+host = "b.test"
+upstream = "ghost"
+"#;
+
+#[test]
+fn invalid_config_reports_every_problem_with_its_place() {
+    let out = Gateway::builder(BROKEN)
+        .env("SWARMGATE_BOGUS_THING", "1")
+        .env("SWARMGATE_PROXY_DRAIN_TIMEOUT", "forever")
+        .check();
+    assert_eq!(out.code, Some(1), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, "");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let expected = [
+        r#"swarmgate.toml:3:8: [listen].http: "nonsense" is not an IP:PORT address (use [::]:443 for IPv6, "" to turn the listener off)"#,
+        r#"swarmgate.toml:6:1: unknown key "colour" in [listen]"#,
+        r#"swarmgate.toml:9:18: [proxy].shutdown_delay: invalid duration "5 parsecs": 5 needs a unit (ms, s, m, h, d)"#,
+        r#"swarmgate.toml:14:1: [upstream.empty]: needs servers = ["IP:PORT", ...] or dns = "NAME:PORT""#,
+        r#"swarmgate.toml:21:1: duplicate route for host "a.test" path "/" (first at swarmgate.toml:17:1)"#,
+        r#"swarmgate.toml:27:12: [[route]] #3: unknown upstream "ghost" (declared: app, empty)"#,
+        r#"env SWARMGATE_PROXY_DRAIN_TIMEOUT: [proxy].drain_timeout: invalid duration "forever": expected a number at "forever""#,
+        r#"env SWARMGATE_BOGUS_THING: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"#,
+        "8 problem(s) in swarmgate.toml",
+    ];
+    for e in &expected {
+        assert!(lines.contains(e), "missing {e:?} in:\n{}", out.stderr);
+    }
+    assert_eq!(lines.len(), expected.len(), "unexpected lines in:\n{}", out.stderr);
+}
+
+#[test]
+fn toml_syntax_error_has_a_place() {
+    let out = Gateway::builder("[listen]\nhttp = \"@HTTP@\"\nadmin = \n").check();
+    assert_eq!(out.code, Some(1));
+    let first = out.stderr.lines().next().unwrap();
+    assert!(first.starts_with("swarmgate.toml:3:"), "{}", out.stderr);
+}
+
+#[test]
+fn certificate_problems_are_reported() {
+    let pki = Pki::new();
+    let (a_crt, _a_key) = pki.leaf(&["a.test"]);
+    let (_b_crt, b_key) = pki.leaf(&["b.test"]);
+    let (ok_crt, ok_key) = pki.leaf(&["ok.test"]);
+    let out = Gateway::builder(VALID)
+        .file("certs/broken.crt", "this is not PEM\n")
+        .file("certs/broken.key", "neither is this\n")
+        .file("certs/mismatch.crt", a_crt)
+        .file("certs/mismatch.key", b_key)
+        .file("certs/nokey.crt", ok_crt.clone())
+        .file("certs/ok.crt", ok_crt)
+        .file("certs/ok.key", ok_key)
+        .check();
+    assert_eq!(out.code, Some(1), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", out.stderr);
+    assert_eq!(lines[0], "certs/broken.crt: no certificate in the file (key certs/broken.key)");
+    assert_eq!(
+        lines[1],
+        "certs/mismatch.crt: the private key does not belong to the certificate (key certs/mismatch.key)"
+    );
+    assert!(lines[2].starts_with("certs/nokey.crt: cannot read its key certs/nokey.key: "), "{}", lines[2]);
+    assert_eq!(lines[3], "3 problem(s) with certificates in certs");
+
+    // The good pair alone passes and is listed.
+    let (ok_crt, ok_key) = pki.leaf(&["ok.test", "*.ok.test"]);
+    let out = Gateway::builder(VALID).file("certs/ok.crt", ok_crt).file("certs/ok.key", ok_key).check();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.lines().any(|l| l == "static certificates: ok.test,*.ok.test"), "{}", out.stdout);
+}
+
+#[tokio::test]
+async fn run_with_an_invalid_config_exits_1() {
+    let (code, logs) = Gateway::builder(BROKEN).run_to_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(1), "{logs}");
+    assert!(logs.contains(r#"swarmgate.toml:27:12: [[route]] #3: unknown upstream "ghost""#), "{logs}");
+}
+
+#[tokio::test]
+async fn run_with_a_taken_port_exits_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (code, logs) = Gateway::builder(
+        r#"
+[listen]
+http = "@TAKEN@"
+https = ""
+admin = "@ADMIN@"
+[[route]]
+host = "*"
+upstream = "app"
+[upstream.app]
+servers = ["127.0.0.1:9"]
+"#,
+    )
+    .var("TAKEN", taken.local_addr().unwrap())
+    .run_to_exit(Duration::from_secs(10))
+    .await;
+    assert_eq!(code, Some(2), "{logs}");
+    assert!(logs.contains("cannot bind"), "{logs}");
+}
+
+#[tokio::test]
+async fn run_applies_environment_overrides() {
+    let port = free_port();
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(
+        r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+[[route]]
+host = "*"
+upstream = "app"
+[upstream.app]
+servers = ["@B@"]
+"#,
+    )
+    .var("B", b.addr)
+    .env("SWARMGATE_LISTEN_HTTP", &format!("127.0.0.1:{port}"))
+    .start()
+    .await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = get(addr, "x.test", "/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "app");
+    // The file's address is not listened on.
+    assert!(tokio::net::TcpStream::connect(gw.http).await.is_err());
+}
