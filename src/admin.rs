@@ -168,7 +168,7 @@ fn upstreams_json(gw: &Gateway) -> String {
     let snap = gw.snapshot();
     let mut names: Vec<&String> = snap.upstreams.keys().collect();
     names.sort();
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let list: Vec<serde_json::Value> = names
         .into_iter()
         .filter_map(|n| snap.upstreams.get(n))

@@ -314,8 +314,11 @@ fn copy_request(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
 
 fn record_success(server: &Arc<Server>) {
     use std::sync::atomic::Ordering::Relaxed;
+    // Loads first: the common case (nothing to reset) writes no shared cache line.
     if server.consecutive_failures.load(Relaxed) != 0 {
         server.consecutive_failures.store(0, Relaxed);
+    }
+    if server.ejections.load(Relaxed) != 0 {
         server.ejections.store(0, Relaxed);
     }
 }
@@ -485,4 +488,64 @@ fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Respons
     };
     gw.metrics.unrouted.record(resp.status().as_u16(), start.elapsed());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{ServerState, SetSettings};
+
+    fn refused(addr: SocketAddr) -> SendError {
+        SendError::Connect { addr, source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_backoff_doubles_and_success_resets_it() {
+        let set = ServerSet::new("t", SetSettings { health_checked: false, drain_timeout: Duration::from_secs(1) });
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        set.reconcile(&[addr]);
+        let server = Arc::clone(&set.all()[0]);
+        assert_eq!(server.state(), ServerState::Healthy);
+        // A refused connect ejects at once; each ejection in a row doubles the back-off.
+        for expected_secs in [1u64, 2, 4] {
+            record_failure(&set, &server, &refused(addr));
+            assert!(set.eligible().is_empty(), "ejected after a refused connect");
+            tokio::time::sleep(Duration::from_millis(expected_secs * 1000 - 10)).await;
+            assert!(set.eligible().is_empty(), "still ejected just before {expected_secs}s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::task::yield_now().await;
+            assert_eq!(set.eligible().len(), 1, "back after {expected_secs}s");
+        }
+        // Other failures need three in a row.
+        let reset = SendError::Closed { addr, source: closed_error().await };
+        record_success(&server);
+        record_failure(&set, &server, &reset);
+        record_failure(&set, &server, &reset);
+        assert_eq!(set.eligible().len(), 1);
+        record_failure(&set, &server, &reset);
+        assert!(set.eligible().is_empty());
+        // After a success the back-off starts again from 1 s.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::task::yield_now().await;
+        record_success(&server);
+        record_failure(&set, &server, &refused(addr));
+        tokio::time::sleep(Duration::from_millis(1010)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(set.eligible().len(), 1, "back-off restarted at 1s after a success");
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 5);
+    }
+
+    /// A real hyper error: a handshake on a connection closed by its peer.
+    async fn closed_error() -> hyper::Error {
+        let (a, b) = tokio::io::duplex(64);
+        drop(b);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, ReqBody>(hyper_util::rt::TokioIo::new(a))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        tokio::spawn(conn);
+        match sender.send_request(Request::new(ReqBody::Empty)).await {
+            Err(e) => e,
+            Ok(_) => unreachable!("a closed connection cannot answer"),
+        }
+    }
 }

@@ -8,9 +8,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::client::Pool;
@@ -57,7 +57,8 @@ pub struct Server {
     pub(crate) consecutive_failures: AtomicU32,
     /// How many times it was ejected in a row; grows the back-off.
     pub(crate) ejections: AtomicU32,
-    /// Ejected until this many milliseconds after `born` (0 = not ejected).
+    /// Ejected until this many milliseconds after `born` (0 = not ejected). Tokio's clock,
+    /// so back-off is testable with paused time.
     pub(crate) ejected_until_ms: AtomicU64,
     pub(crate) born: Instant,
     pub pool: Pool,

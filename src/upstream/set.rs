@@ -14,7 +14,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -168,7 +170,7 @@ impl ServerSet {
     }
 
     async fn finish_drain(self: Arc<Self>, server: Arc<Server>, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         while server.in_flight() > 0 && server.state() == ServerState::Draining {
             if tokio::time::timeout_at(deadline, server.idle.notified()).await.is_err() {
                 tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
