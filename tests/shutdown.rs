@@ -1,0 +1,148 @@
+//! Graceful shutdown, as a load balancer and its clients see it: `/readyz` turns 503 at
+//! once, listeners stay open for `shutdown_delay`, keep-alive clients get
+//! `Connection: close` on their last response, HTTP/2 clients get GOAWAY, requests and
+//! tunnels in flight get up to `drain_timeout`, and the process exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::{Backend, Gateway, TlsOpts};
+use tokio_tungstenite::tungstenite::Message;
+
+fn config(backend: &Backend, delay: &str, drain: &str) -> String {
+    format!(
+        r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+
+[proxy]
+redirect_https = false
+shutdown_delay = "{delay}"
+drain_timeout = "{drain}"
+
+[tls]
+certs_dir = "@DIR@/certs"
+
+[[route]]
+host = "app.test"
+path = "/"
+upstream = "app"
+
+[upstream.app]
+servers = ["{}"]
+"#,
+        backend.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_politely_and_exits_zero() {
+    let backend = Backend::start("app").await;
+    let mut gw = Gateway::start(&config(&backend, "1s", "10s")).await;
+
+    // A kept-alive HTTP/1.1 client and an HTTP/2 client, both with a request in flight.
+    let mut h1 = support::H1::connect(gw.http).await;
+    assert_eq!(h1.get("app.test", "/").await.status, 200);
+    let (tls, info) = support::tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    let mut h2 = support::H2::over(tls).await;
+    assert_eq!(h2.get("app.test", "/").await.status, 200);
+
+    let h1_slow = tokio::spawn(async move {
+        let r = h1.get("app.test", "/sleep?ms=2000").await;
+        (r, h1)
+    });
+    let mut h2_sender = h2.sender.clone();
+    let h2_slow = tokio::spawn(async move {
+        let req = support::req2("GET", "app.test", "/sleep?ms=2000").body(support::empty()).unwrap();
+        h2_sender.ready().await.unwrap();
+        let resp = h2_sender.send_request(req).await.unwrap();
+        support::collect(resp).await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let term_at = Instant::now();
+    gw.signal("TERM");
+    // Readiness turns at once; the listeners still take new clients during the delay.
+    let ready = gw.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(term_at.elapsed() < Duration::from_millis(500));
+    assert_eq!(support::get(gw.http, "app.test", "/").await.status, 200, "listener closed before shutdown_delay");
+
+    // After the delay: no new connections.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(tokio::net::TcpStream::connect(gw.http).await.is_err(), "listener still open after shutdown_delay");
+    // HTTP/2: GOAWAY means no new stream on this connection.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(2),
+        h2.send(support::req2("GET", "app.test", "/").body(support::empty()).unwrap()),
+    )
+    .await;
+    assert!(!matches!(refused, Ok(Ok(ref r)) if r.status == 200), "a new stream was served after GOAWAY");
+
+    // Requests in flight finish, the HTTP/1.1 one told to close its connection.
+    let (r1, h1) = h1_slow.await.unwrap();
+    assert_eq!(r1.status, 200);
+    assert_eq!(r1.header("connection"), Some("close"), "the last keep-alive response must say Connection: close");
+    let r2 = h2_slow.await.unwrap();
+    assert_eq!(r2.status, 200);
+    assert!(support::wait_until(Duration::from_secs(2), || h1.is_closed()).await, "keep-alive connection not closed");
+
+    let status = gw.wait_exit(Duration::from_secs(5)).await.expect("gateway did not exit");
+    assert_eq!(status.code(), Some(0));
+    let took = term_at.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}: it should not wait for drain_timeout when idle");
+}
+
+#[tokio::test]
+async fn drain_timeout_bounds_the_wait() {
+    let backend = Backend::start("app").await;
+    let mut gw = Gateway::start(&config(&backend, "0s", "1s")).await;
+    let addr = gw.http;
+    let stuck = tokio::spawn(async move {
+        let mut c = support::H1::connect(addr).await;
+        c.send(support::req("GET", "app.test", "/sleep?ms=30000").body(support::empty()).unwrap()).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term_at = Instant::now();
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("gateway did not exit");
+    let took = term_at.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "exit after {took:?}, drain_timeout is 1s"
+    );
+    assert!(stuck.await.unwrap().is_err(), "the stuck request cannot have completed");
+    assert!(gw.logs().contains("drain_timeout reached"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_gets_drain_timeout() {
+    let backend = Backend::start("app").await;
+    let mut gw = Gateway::start(&config(&backend, "0s", "2s")).await;
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{}/ws", gw.http))
+            .unwrap();
+    request.headers_mut().insert("host", "app.test".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let term_at = Instant::now();
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("still here".into()),
+        "tunnel cut before drain_timeout"
+    );
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("gateway did not exit");
+    assert_eq!(status.code(), Some(0));
+    let took = term_at.elapsed();
+    assert!(took >= Duration::from_millis(1800), "the tunnel was not given drain_timeout: exit after {took:?}");
+    assert!(took < Duration::from_secs(5), "exit after {took:?}");
+}
