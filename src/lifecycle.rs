@@ -1,9 +1,10 @@
 //! Start, reload and shutdown.
 //!
 //! Start: the config was validated before this runs; the gateway state is built, every
-//! listener is bound (exit 2 if one cannot be), then traffic is served on the worker
-//! runtime while the control runtime (admin, signals, discovery, health checks) runs on
-//! a thread of its own, so control work never competes with traffic.
+//! listener is bound (exit 2 if one cannot be), then traffic is served by the workers
+//! (one single-threaded runtime per thread, see `proxy::workers`) while the control
+//! runtime (admin, signals, discovery, health checks) runs on a thread of its own, so
+//! control work never competes with traffic.
 //!
 //! `SIGHUP`: re-read the file and the environment, validate, swap atomically; an invalid
 //! config is refused whole and logged, and `/readyz` stays 200.
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, TlsVersion};
 use crate::gateway::Gateway;
 use crate::proxy::listener::{self, Kind, Shared};
+use crate::proxy::workers::Workers;
 
 /// Process exit codes of `swarmgate run`.
 pub mod exit {
@@ -51,18 +53,8 @@ pub fn run(config: Config) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
-    let traffic = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime.threads())
-        .thread_name("swarmgate-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the worker runtime");
-            return exit::INVALID_CONFIG;
-        }
-    };
+    let threads = config.runtime.threads();
+    crate::proxy::workers::set_count(threads);
     let min_tls = config.tls.min_version;
     let listen = config.listen.clone();
     let limits = config.limits.clone();
@@ -82,23 +74,27 @@ pub fn run(config: Config) -> u8 {
     };
 
     // Bind everything before serving anything.
-    let bind = |addr, rt: &tokio::runtime::Runtime, what: &str| {
-        rt.block_on(async { listener::bind(addr) }).map_err(|e| {
+    let bind = |addr, what: &str| {
+        control.block_on(async { listener::bind(addr).and_then(tokio::net::TcpListener::into_std) }).map_err(|e| {
             tracing::error!(listener = what, %addr, error = %e, "cannot bind");
         })
     };
-    let http = match listen.http.map(|a| bind(a, &traffic, "http")).transpose() {
+    let http = match listen.http.map(|a| bind(a, "http")).transpose() {
         Ok(l) => l,
         Err(()) => return exit::CANNOT_BIND,
     };
-    let https = match listen.https.map(|a| bind(a, &traffic, "https")).transpose() {
+    let https = match listen.https.map(|a| bind(a, "https")).transpose() {
         Ok(l) => l,
         Err(()) => return exit::CANNOT_BIND,
     };
-    let admin = match listen.admin.map(|a| bind(a, &control, "admin")).transpose() {
-        Ok(l) => l,
-        Err(()) => return exit::CANNOT_BIND,
-    };
+    let admin =
+        match listen.admin.map(|a| control.block_on(async { listener::bind(a) }).map_err(|e| (a, e))).transpose() {
+            Ok(l) => l,
+            Err((addr, e)) => {
+                tracing::error!(listener = "admin", %addr, error = %e, "cannot bind");
+                return exit::CANNOT_BIND;
+            }
+        };
 
     let shared = Shared {
         gw: Arc::clone(&gw),
@@ -106,27 +102,32 @@ pub fn run(config: Config) -> u8 {
         tracker: TaskTracker::new(),
         permits: Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS))),
     };
+    let mut listeners = Vec::new();
     for (l, kind, name) in [(http, Kind::Plain, "http"), (https, Kind::Tls(Arc::clone(&tls_config)), "https")] {
         if let Some(l) = l {
             tracing::info!(listener = name, addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
-            traffic.spawn(listener::serve(l, kind, shared.clone()));
+            listeners.push((l, kind));
         }
     }
+    let workers = match Workers::start(threads, &listeners, &shared) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the worker threads");
+            return exit::INVALID_CONFIG;
+        }
+    };
+    drop(listeners);
     let admin_stop = CancellationToken::new();
     if let Some(l) = admin {
         tracing::info!(listener = "admin", addr = %l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "listening");
         let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
         control.spawn(crate::admin::serve(l, crate::admin::Admin { gw: Arc::clone(&gw), token }, admin_stop.clone()));
     }
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        workers = traffic.metrics().num_workers(),
-        "swarmgate is serving"
-    );
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = threads, "swarmgate is serving");
 
     let code = control.block_on(signals(Arc::clone(&gw), tls_config, shared, min_tls));
     admin_stop.cancel();
-    traffic.shutdown_timeout(std::time::Duration::from_millis(100));
+    workers.stop();
     control.shutdown_timeout(std::time::Duration::from_millis(100));
     code
 }

@@ -28,9 +28,17 @@ const MAX_IDLE: usize = 512;
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 
-#[derive(Debug, Default)]
+/// Idle connections of one server, sharded per worker thread: a connection is driven by
+/// the worker that opened it, and reusing it from there needs no cross-thread wake-up.
+#[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    shards: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool { shards: (0..super::workers::count()).map(|_| Mutex::default()).collect() }
+    }
 }
 
 #[derive(Debug)]
@@ -40,8 +48,10 @@ struct Idle {
 }
 
 impl Pool {
+    /// This worker's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        let shard = &self.shards[super::workers::index() % self.shards.len()];
+        shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A live idle connection, most recently used first (warm, least likely closed).
@@ -68,11 +78,13 @@ impl Pool {
 
     /// Closes every idle connection (dropping a sender ends its connection task).
     pub fn clear(&self) {
-        self.lock().clear();
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        }
     }
 
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()).sum()
     }
 }
 

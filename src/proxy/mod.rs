@@ -16,6 +16,7 @@ pub mod forwarded;
 pub mod hop;
 pub mod listener;
 pub mod upgrade;
+pub mod workers;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
