@@ -1,0 +1,260 @@
+//! TLS termination: certificate choice by SNI, 421, ALPN h2 and http/1.1, minimum TLS
+//! version, the development certificate, and the plain-HTTP redirect.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const CONFIG: &str = r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+
+[proxy]
+redirect_https = @REDIRECT@
+
+[tls]
+certs_dir = "certs"
+min_version = "@MIN@"
+
+[[route]]
+host = "a.test"
+upstream = "app"
+
+[[route]]
+host = "*.wild.test"
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+"#;
+
+struct Setup {
+    gw: Gateway,
+    b: Backend,
+    pki: Pki,
+}
+
+async fn setup(min: &str, redirect: bool) -> Setup {
+    let pki = Pki::new();
+    let b = Backend::start("app").await;
+    let (a_crt, a_key) = pki.leaf(&["a.test"]);
+    let (w_crt, w_key) = pki.leaf(&["*.wild.test"]);
+    let (d_crt, d_key) = pki.leaf(&["default.test"]);
+    let gw = Gateway::builder(CONFIG)
+        .var("B", b.addr)
+        .var("MIN", min)
+        .var("REDIRECT", redirect)
+        .file("certs/a.crt", a_crt)
+        .file("certs/a.key", a_key)
+        .file("certs/wild.crt", w_crt)
+        .file("certs/wild.key", w_key)
+        .file("certs/default.crt", d_crt)
+        .file("certs/default.key", d_key)
+        .start()
+        .await;
+    Setup { gw, b, pki }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_by_san() {
+    let s = setup("1.2", true).await;
+    let opts = TlsOpts::sni("a.test").verified(&s.pki);
+    let (r, info) = https_get(s.gw.https, &opts, "a.test", "/x").await.unwrap();
+    assert_eq!(info.san, ["a.test"]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "app");
+    let seen = s.b.last();
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-port"), Some("443"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("a.test"));
+    assert_eq!(seen.header("forwarded"), Some("for=127.0.0.1;host=a.test;proto=https"));
+
+    // A wildcard SAN covers one label.
+    let opts = TlsOpts::sni("x.wild.test").verified(&s.pki);
+    let (r, info) = https_get(s.gw.https, &opts, "x.wild.test", "/").await.unwrap();
+    assert_eq!(info.san, ["*.wild.test"]);
+    assert_eq!(r.status, 200);
+    let err = tls_connect(s.gw.https, &TlsOpts::sni("y.x.wild.test")).await;
+    assert!(err.is_err(), "a two-label name got a certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_sni_fails_the_handshake() {
+    let s = setup("1.2", true).await;
+    let before = s.gw.metric("swarmgate_tls_handshake_errors_total").await.unwrap();
+    // Not even with a client that accepts any certificate: no other host's one is sent.
+    let err = tls_connect(s.gw.https, &TlsOpts::sni("unknown.test")).await;
+    assert!(err.is_err(), "handshake for an unknown name succeeded");
+    let err = tls_connect(s.gw.https, &TlsOpts::sni("test")).await;
+    assert!(err.is_err());
+    // The server counts its side of the failure a moment after the client sees it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut after = before;
+    while after - before < 2.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = s.gw.metric("swarmgate_tls_handshake_errors_total").await.unwrap();
+    }
+    assert_eq!(after - before, 2.0);
+    assert_eq!(s.b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sni_gets_the_default_certificate() {
+    let s = setup("1.2", true).await;
+    let (r, info) = https_get(s.gw.https, &TlsOpts::no_sni(), "a.test", "/").await.unwrap();
+    assert_eq!(info.san, ["default.test"]);
+    // Without SNI there is nothing for Host to disagree with.
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_other_than_sni_is_421() {
+    let s = setup("1.2", true).await;
+    let opts = TlsOpts::sni("a.test").verified(&s.pki);
+    let (r, _) = https_get(s.gw.https, &opts, "x.wild.test", "/").await.unwrap();
+    assert_eq!(r.status, 421);
+    assert_eq!(r.text(), "421 misdirected request: TLS server name and Host differ\n");
+    // The same over HTTP/2 (:authority).
+    let opts = opts.alpn(&[b"h2"]);
+    let (r, info) = https_get(s.gw.https, &opts, "x.wild.test", "/").await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(r.status, 421);
+    // Case and port do not count as a difference.
+    let (r, _) = https_get(s.gw.https, &opts, "A.Test:443", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(s.b.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_is_proxied_to_an_http1_server() {
+    let s = setup("1.2", true).await;
+    let opts = TlsOpts::sni("a.test").verified(&s.pki).alpn(&[b"h2", b"http/1.1"]);
+    let (stream, info) = tls_connect(s.gw.https, &opts).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    let mut h2 = H2::over(stream).await;
+    // Several streams at once on one connection.
+    let mut futs = Vec::new();
+    for i in 0..10 {
+        let req = req2("POST", "a.test", &format!("/echo?i={i}")).body(full(format!("body {i}"))).unwrap();
+        let mut sender = h2.sender.clone();
+        futs.push(tokio::spawn(async move {
+            sender.ready().await.unwrap();
+            collect(sender.send_request(req).await.unwrap()).await.unwrap()
+        }));
+    }
+    for (i, f) in futs.into_iter().enumerate() {
+        let r = f.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.version, hyper::Version::HTTP_2);
+        assert_eq!(r.text(), format!("body {i}"));
+    }
+    let r = h2.get("a.test", "/plain").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "app");
+    let seen = s.b.last();
+    assert_eq!(seen.version, hyper::Version::HTTP_11);
+    assert_eq!(seen.uri, "/plain");
+    assert_eq!(seen.header("host"), Some("a.test"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+
+    // http/1.1 by ALPN, and no ALPN at all, are HTTP/1.1.
+    let (r, info) = https_get(s.gw.https, &TlsOpts::sni("a.test").alpn(&[b"http/1.1"]), "a.test", "/").await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!((r.status, r.version), (200, hyper::Version::HTTP_11));
+    let (r, info) = https_get(s.gw.https, &TlsOpts::sni("a.test").alpn(&[]), "a.test", "/").await.unwrap();
+    assert_eq!(info.alpn, None);
+    assert_eq!((r.status, r.version), (200, hyper::Version::HTTP_11));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_client_with_min_version_12_and_13() {
+    let s = setup("1.2", true).await;
+    let mut opts = TlsOpts::sni("a.test").verified(&s.pki);
+    opts.tls12_only = true;
+    let (r, info) = https_get(s.gw.https, &opts, "a.test", "/").await.unwrap();
+    assert_eq!(info.version, Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(r.status, 200);
+    let (_, info) = https_get(s.gw.https, &TlsOpts::sni("a.test"), "a.test", "/").await.unwrap();
+    assert_eq!(info.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    drop(s);
+
+    let s = setup("1.3", true).await;
+    assert!(tls_connect(s.gw.https, &opts).await.is_err(), "TLS 1.2 accepted with min_version 1.3");
+    let (r, info) = https_get(s.gw.https, &TlsOpts::sni("a.test").verified(&s.pki), "a.test", "/").await.unwrap();
+    assert_eq!(info.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_redirected_to_https() {
+    let s = setup("1.2", true).await;
+    let https_port = s.gw.https.port();
+    let r = get(s.gw.http, &format!("a.test:{}", s.gw.http.port()), "/p/q?x=1&y=%20").await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some(format!("https://a.test:{https_port}/p/q?x=1&y=%20").as_str()));
+    assert_eq!(r.text(), "308 use https\n");
+    // Without a port in Host, the scheme's default port.
+    let r = get(s.gw.http, "a.test", "/p").await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://a.test/p"));
+    // Hosts without a route are redirected too (the route is looked up over https).
+    let r = get(s.gw.http, "nowhere.test", "/").await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://nowhere.test/"));
+    assert_eq!(s.b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_off_proxies_plain_http() {
+    let s = setup("1.2", false).await;
+    let r = get(s.gw.http, "a.test", "/p?x=1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "app");
+    let seen = s.b.last();
+    assert_eq!(seen.uri, "/p?x=1");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-port"), Some("80"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_development_certificate_is_made_when_none_covers_a_host() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(
+        r#"
+[listen]
+http = ""
+https = "@HTTPS@"
+admin = "@ADMIN@"
+[tls]
+certs_dir = "certs"
+[[route]]
+host = "dev.test"
+upstream = "app"
+[upstream.app]
+servers = ["@B@"]
+"#,
+    )
+    .var("B", b.addr)
+    .start()
+    .await;
+    let crt = gw.dir().join("certs/swarmgate-dev.crt");
+    let key = gw.dir().join("certs/swarmgate-dev.key");
+    assert!(crt.is_file(), "no {}", crt.display());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let (r, info) = https_get(gw.https, &TlsOpts::sni("dev.test"), "dev.test", "/").await.unwrap();
+    assert_eq!(info.san, ["dev.test", "localhost", "127.0.0.1", "::1"]);
+    assert_eq!(r.status, 200);
+    // The same certificate is what is written on disk, and clients without SNI get it.
+    let pem = std::fs::read_to_string(&crt).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let (_, info) = https_get(gw.https, &TlsOpts::no_sni(), "dev.test", "/").await.unwrap();
+    assert_eq!(info.san, ["dev.test", "localhost", "127.0.0.1", "::1"]);
+    assert!(gw.logs().contains("self-signed development certificate"), "{}", gw.logs());
+}

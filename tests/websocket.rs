@@ -1,0 +1,153 @@
+//! WebSocket tunnels: HTTP/1.1 Upgrade over ws and wss, and RFC 8441 extended CONNECT
+//! over HTTP/2, all to an HTTP/1.1 server's `/ws` echo.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+const CONFIG: &str = r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+
+[proxy]
+redirect_https = false
+
+[tls]
+certs_dir = "certs"
+
+[[route]]
+host = "ws.test"
+upstream = "app"
+
+[[route]]
+host = "ws.test"
+path = "/chat"
+strip_path = true
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+"#;
+
+async fn setup() -> (Gateway, Backend, Pki) {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["ws.test"]);
+    let b = Backend::start("app").await;
+    let gw =
+        Gateway::builder(CONFIG).var("B", b.addr).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
+    (gw, b, pki)
+}
+
+/// Sends a text, a binary and a large message and expects each echoed, then closes.
+async fn exchange<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    for msg in [Message::text("hello through the gateway"), Message::binary(vec![0u8, 1, 2, 255]), Message::binary(big)]
+    {
+        ws.send(msg.clone()).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+        assert_eq!(back.unwrap().unwrap(), msg);
+    }
+    ws.close(None).await.unwrap();
+}
+
+fn assert_upgrade_request(b: &Backend, proto: &str, path: &str) {
+    let seen = b.requests().into_iter().rfind(|r| r.header("upgrade").is_some()).expect("upgrade request");
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.uri, path);
+    assert_eq!(seen.version, hyper::Version::HTTP_11);
+    assert_eq!(seen.header("upgrade").map(str::to_ascii_lowercase).as_deref(), Some("websocket"));
+    assert_eq!(seen.header("connection").map(str::to_ascii_lowercase).as_deref(), Some("upgrade"));
+    assert_eq!(seen.header("host"), Some("ws.test"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some(proto));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert!(seen.header("sec-websocket-key").is_some_and(|k| k.len() == 24), "{:?}", seen.headers);
+    assert_eq!(seen.header("sec-websocket-version"), Some("13"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_over_plain_http() {
+    let (gw, b, _) = setup().await;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/ws?room=1", tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(resp.headers().get("x-backend").unwrap(), "app");
+    exchange(&mut ws).await;
+    assert_upgrade_request(&b, "http", "/ws?room=1");
+    // With strip_path the server gets the stripped path.
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.test/chat/ws", tcp).await.unwrap();
+    exchange(&mut ws).await;
+    assert_upgrade_request(&b, "http", "/ws");
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, "swarmgate_upgrades_total"), Some(2.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_over_https_http11() {
+    let (gw, b, pki) = setup().await;
+    let (tls, info) = tls_connect(gw.https, &TlsOpts::sni("ws.test").verified(&pki)).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://ws.test/ws", tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    exchange(&mut ws).await;
+    assert_upgrade_request(&b, "https", "/ws");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrade_is_passed_on() {
+    let (gw, b, _) = setup().await;
+    // The server answers a normal response to an upgrade it does not do.
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let err = tokio_tungstenite::client_async("ws://ws.test/status?code=403", tcp).await;
+    match err {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403);
+            assert_eq!(resp.body().as_deref(), Some(&b"app"[..]));
+        }
+        other => panic!("expected the server's 403, got {other:?}"),
+    }
+    assert_eq!(b.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc8441_extended_connect_over_h2() {
+    let (gw, b, pki) = setup().await;
+    let opts = TlsOpts::sni("ws.test").verified(&pki).alpn(&[b"h2"]);
+    let (tls, info) = tls_connect(gw.https, &opts).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    let mut h2 = H2::over(tls).await;
+    // One ordinary request first, so the server's SETTINGS (with
+    // SETTINGS_ENABLE_CONNECT_PROTOCOL) have arrived.
+    assert_eq!(h2.get("ws.test", "/").await.status, 200);
+    let mut req = req2("CONNECT", "ws.test", "/ws?via=h2")
+        .header("sec-websocket-version", "13")
+        .header("origin", "https://ws.test")
+        .body(empty())
+        .unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    h2.sender.ready().await.unwrap();
+    let mut resp = h2.sender.send_request(req).await.expect("extended CONNECT");
+    assert_eq!(resp.status(), 200, "{:?}", resp.headers());
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let upgraded = hyper::upgrade::on(&mut resp).await.expect("h2 tunnel");
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(upgraded), Role::Client, None)
+            .await;
+    exchange(&mut ws).await;
+    assert_upgrade_request(&b, "https", "/ws?via=h2");
+    assert_eq!(b.last().header("origin"), Some("https://ws.test"));
+    // The connection still serves ordinary streams.
+    assert_eq!(h2.get("ws.test", "/after").await.status, 200);
+}
