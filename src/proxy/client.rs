@@ -111,6 +111,19 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
+    /// Whether sending failed because the client's request body did (its stream gave a
+    /// `hyper::Error`: bad chunking, the client gone), not because of the server.
+    pub fn client_body_failed(&self) -> bool {
+        match self {
+            SendError::Failed { source, .. } => {
+                source.is_user()
+                    && std::error::Error::source(source)
+                        .is_some_and(|cause| cause.downcast_ref::<hyper::Error>().is_some())
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the server looks broken (counts toward passive ejection).
     pub fn is_server_failure(&self) -> bool {
         !matches!(self, SendError::ResponseTimeout { .. })

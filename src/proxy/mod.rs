@@ -271,6 +271,12 @@ async fn attempts(
                 record_success(&server);
                 return Ok((sent, guard));
             }
+            Err(client::Failure { error, .. }) if error.client_body_failed() => {
+                // The client's body broke (bad chunking, cut short) while it streamed to
+                // the server: the client's fault, not the server's, and nothing to retry.
+                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body failed");
+                return Err(ProxyError::BadRequest("malformed body"));
+            }
             Err(client::Failure { error, unsent }) => {
                 record_failure(&upstream.set, &server, &error);
                 tried.push(server.addr);
