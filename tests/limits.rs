@@ -1,0 +1,308 @@
+//! Malformed, oversized, slow and too many clients; servers that are gone or too slow.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+const CONFIG: &str = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[limits]
+header_read_timeout = "@HRT@"
+max_header_bytes = 8192
+max_uri_bytes = 256
+max_connections = @MAXCONN@
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = [@SERVERS@]
+connect_timeout = "500ms"
+response_timeout = "700ms"
+"#;
+
+async fn gateway_with(servers: &[&Backend], hrt: &str, max_conn: usize) -> Gateway {
+    let list: Vec<String> = servers.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    Gateway::builder(CONFIG).var("SERVERS", list.join(", ")).var("HRT", hrt).var("MAXCONN", max_conn).start().await
+}
+
+async fn gateway(b: &Backend) -> Gateway {
+    gateway_with(&[b], "1s", 1000).await
+}
+
+async fn raw(gw: &Gateway, request: &[u8]) -> (Vec<u8>, bool) {
+    raw_exchange(gw.http, request, Duration::from_secs(5)).await
+}
+
+/// A request with both Content-Length and Transfer-Encoding. hyper (the HTTP/1.1 parser)
+/// settles it before the gateway sees the request: Transfer-Encoding wins, Content-Length
+/// is dropped and the connection is closed after the response (RFC 9112 section 6.3
+/// allows this instead of a 400). What must hold either way: one request reaches the
+/// server, framed by chunked, without Content-Length, and nothing is smuggled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_cannot_smuggle() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    // CL.TE: by Content-Length the body holds a second request; by chunked it is empty.
+    let cl_te = b"POST /first HTTP/1.1\r\nHost: app.test\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n\
+0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    // TE.CL: by chunked the body is "GET /smuggled..." (0x2e bytes); by Content-Length 4.
+    let te_cl = b"POST /second HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n\
+2e\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\nX: 123\r\n0\r\n\r\n";
+    for (attack, path, body) in [
+        (&cl_te[..], "/first", &b""[..]),
+        (&te_cl[..], "/second", &b"GET /smuggled HTTP/1.1\r\nHost: app.test\r\nX: 123"[..]),
+    ] {
+        let before = b.hits();
+        let (bytes, closed) = raw(&gw, attack).await;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        assert!(closed, "connection kept open after a request with both framings: {text}");
+        assert_eq!(raw_response_count(&bytes), 1, "{text}");
+        let status = raw_status(&bytes);
+        match status {
+            Some(400) => assert_eq!(b.hits(), before, "a refused request reached the server"),
+            Some(200) => {
+                assert_eq!(b.hits(), before + 1, "{:?}", b.requests());
+                let seen = b.last();
+                assert_eq!(seen.uri, path);
+                assert!(!seen.has("content-length"), "{:?}", seen.headers);
+                assert_eq!(&seen.body[..], body);
+            }
+            other => panic!("{path}: status {other:?}: {text}"),
+        }
+    }
+    assert!(b.requests().iter().all(|r| r.uri != "/smuggled"), "{:?}", b.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunk_size_is_400_and_never_reaches_the_server() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let (bytes, _) =
+        raw(&gw, b"POST /x HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+            .await;
+    let r = parse_raw(&bytes);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(String::from_utf8_lossy(&r.body), "400 bad request\n");
+    // A chunk size that overflows.
+    let (bytes, _) = raw(
+        &gw,
+        b"POST /x HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&bytes), Some(400), "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(b.hits(), 0, "the server saw {:?}", b.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_must_be_there_once() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let (bytes, _) = raw(&gw, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    let r = parse_raw(&bytes);
+    assert_eq!(r.status, 400);
+    assert_eq!(String::from_utf8_lossy(&r.body), "400 bad request\n");
+    let (bytes, _) = raw(&gw, b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(400));
+    let (bytes, _) = raw(&gw, b"GET / HTTP/1.1\r\nHost: a.test/evil\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(400));
+    let (bytes, _) = raw(&gw, b"GET / HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(400));
+    assert_eq!(b.hits(), 0);
+    // The well-formed request on the same gateway goes through.
+    let (bytes, _) = raw(&gw, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(200));
+    assert_eq!(b.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_head_is_431_and_long_target_414() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let big = "x".repeat(9000);
+    let request = format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    let (bytes, _) = raw(&gw, request.as_bytes()).await;
+    assert_eq!(raw_status(&bytes), Some(431), "{}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]));
+    // Many small headers adding up count too.
+    let many: String = (0..400).map(|i| format!("X-H{i}: 0123456789\r\n")).collect();
+    let request = format!("GET / HTTP/1.1\r\nHost: app.test\r\n{many}Connection: close\r\n\r\n");
+    let (bytes, _) = raw(&gw, request.as_bytes()).await;
+    assert_eq!(raw_status(&bytes), Some(431));
+
+    let long = format!("/{}", "a".repeat(300));
+    let r = get(gw.http, "app.test", &long).await;
+    assert_eq!(r.status, 414);
+    assert_eq!(r.text(), "414 request target too long\n");
+    // The query counts as part of the target.
+    let r = get(gw.http, "app.test", &format!("/x?{}", "q".repeat(260))).await;
+    assert_eq!(r.status, 414);
+    assert_eq!(b.hits(), 0);
+    let ok = format!("/{}", "a".repeat(200));
+    let r = get(gw.http, "app.test", &ok).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(b.last().uri, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_does_not_block_others_and_is_cut_off() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let mut slow = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: ").await.unwrap();
+    let trickle = tokio::spawn(async move {
+        // One byte every 100 ms: never a complete head.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b"a").await.is_err() {
+                return (slow, started.elapsed(), true);
+            }
+        }
+        (slow, started.elapsed(), false)
+    });
+    // Meanwhile other clients are served at once.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = get(gw.http, "app.test", "/").await;
+        assert_eq!(r.status, 200);
+        assert!(t.elapsed() < Duration::from_millis(500));
+    }
+    let (mut slow, _, _) = trickle.await.unwrap();
+    let (bytes, closed) = read_until_close(&mut slow, Duration::from_secs(3)).await;
+    let took = started.elapsed();
+    assert!(closed, "slow client still connected after {took:?}");
+    assert!(took < Duration::from_secs(6), "closed only after {took:?}");
+    // Closed (possibly with a 408), never answered by the server.
+    assert!(bytes.is_empty() || raw_status(&bytes) == Some(408), "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(b.hits(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_closed_after_header_read_timeout() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let mut slow = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n").await.unwrap();
+    let (_, closed) = read_until_close(&mut slow, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert!(closed);
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "closed after {took:?}");
+    assert_eq!(b.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_their_turn() {
+    let b = Backend::start("app").await;
+    let gw = gateway_with(&[&b], "10s", 2).await;
+    let mut c1 = H1::connect(gw.http).await;
+    let mut c2 = H1::connect(gw.http).await;
+    assert_eq!(c1.get("app.test", "/").await.status, 200);
+    assert_eq!(c2.get("app.test", "/").await.status, 200);
+    // A third connection is not refused, just not served yet.
+    let mut c3 = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    c3.write_all(b"GET /third HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (bytes, closed) = read_until_close(&mut c3, Duration::from_millis(700)).await;
+    assert!(bytes.is_empty() && !closed, "third connection served early: {}", String::from_utf8_lossy(&bytes));
+    // The admin listener does not count against the limit.
+    let h = gw.admin_get("/healthz").await;
+    assert_eq!((h.status, h.text().as_str()), (200, "ok\n"));
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(2.0));
+    // One leaves: the waiting one is served.
+    drop(c1);
+    let t = Instant::now();
+    let (bytes, closed) = read_until_close(&mut c3, Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+    assert!(closed);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(b.last().uri, "/third");
+    assert_eq!(c2.get("app.test", "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_gives_502_or_503_quickly() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
+    b.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..5 {
+        let t = Instant::now();
+        let r = get(gw.http, "app.test", "/").await;
+        assert!(t.elapsed() < Duration::from_secs(2), "request {i} took {:?}", t.elapsed());
+        match r.status {
+            502 => assert_eq!(r.text(), "502 upstream failed\n"),
+            503 => assert_eq!(r.text(), "503 no server available\n"),
+            s => panic!("request {i}: status {s}"),
+        }
+    }
+    let m = gw.metrics().await;
+    assert!(metric_value(&m, "swarmgate_upstream_connect_errors_total{upstream=\"app\"}").unwrap() >= 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_is_retried_on_another_server() {
+    let live = Backend::start("live").await;
+    let dead = Backend::start("dead").await;
+    let gw = gateway_with(&[&live, &dead], "1s", 1000).await;
+    dead.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Nothing of a refused request reached a server: even a POST is sent again.
+    for i in 0..20 {
+        let r = send(gw.http, req("POST", "app.test", "/echo").body(full(format!("n{i}"))).unwrap()).await;
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.text(), format!("n{i}"));
+    }
+    assert_eq!(live.hits(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_is_504() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let t = Instant::now();
+    let r = get(gw.http, "app.test", "/sleep?ms=3000").await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.text(), "504 upstream timed out\n");
+    assert!(took >= Duration::from_millis(650) && took < Duration::from_millis(2000), "{took:?}");
+    // A timeout is not retried: the server saw the request once.
+    assert_eq!(b.hits(), 1);
+    let r = get(gw.http, "app.test", "/sleep?ms=100").await;
+    assert_eq!(r.status, 200);
+}
+
+/// A body that turns malformed after it started streaming to the server is the client's
+/// fault: 400, and it must not count against the server (or three such requests would
+/// eject a healthy server for everyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_broken_mid_stream_is_the_clients_fault() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"POST /sink HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"zz\r\nbroken\r\n0\r\n\r\n").await.unwrap();
+        let (bytes, _) = read_until_close(&mut s, Duration::from_secs(3)).await;
+        assert_eq!(raw_status(&bytes), Some(400), "request {i}: {}", String::from_utf8_lossy(&bytes));
+    }
+    for i in 0..5 {
+        let r = get(gw.http, "app.test", "/").await;
+        assert_eq!(r.status, 200, "request {i} after the broken ones: {}", r.text());
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
+}
