@@ -54,6 +54,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accepts until shutdown; each connection runs in its own tracked task.
 pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
     let local = listener.local_addr().ok();
+    let shared = Arc::new(shared);
     loop {
         let permit = tokio::select! {
             () = shared.shutdown.cancelled() => break,
@@ -71,102 +72,140 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
                 }
             },
         };
-        let (kind, shared2) = (kind.clone(), shared.clone());
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        shared.tracker.spawn(async move {
-            let _permit = permit;
-            connection(stream, peer, local, kind, shared2).await;
-        });
+        // Plain and TLS connections are separate tasks, so a plain connection's task is
+        // not sized for the TLS state it never has.
+        let task_shared = Arc::clone(&shared);
+        match &kind {
+            Kind::Plain => shared.tracker.spawn(async move {
+                let _permit = permit;
+                plain_connection(stream, peer, local, task_shared).await;
+            }),
+            Kind::Tls(config) => {
+                let config = config.load_full();
+                shared.tracker.spawn(async move {
+                    let _permit = permit;
+                    tls_connection(stream, peer, local, config, task_shared).await;
+                })
+            }
+        };
     }
     tracing::debug!(listener = ?local, "listener closed");
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, kind: Kind, shared: Shared) {
+async fn plain_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let _open = OpenConnection::new(&shared.gw.metrics);
+    let limits = shared.gw.snapshot_guard().proxy.limits.clone();
+    let conn = Arc::new(Conn::new(peer, local, false, None));
+    serve_h1(stream, conn, &limits, &shared).await;
+}
+
+async fn tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
     let metrics = &shared.gw.metrics;
     let _open = OpenConnection::new(metrics);
-    let limits = shared.gw.snapshot().proxy.limits.clone();
-    match kind {
-        Kind::Plain => {
-            let conn = Arc::new(Conn::new(peer, local, false, None));
-            serve_http(stream, conn, false, &limits, &shared).await;
+    let limits = shared.gw.snapshot_guard().proxy.limits.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
         }
-        Kind::Tls(config) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
-            let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (_, session) = tls.get_ref();
-            let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-            if alpn.as_deref() == Some(ACME_TLS_ALPN) {
-                // RFC 8737 section 3: the handshake was the answer; nothing else is served.
-                return;
-            }
-            let sni = session.server_name().map(str::to_string);
-            let conn = Arc::new(Conn::new(peer, local, true, sni.as_deref()));
-            serve_http(tls, conn, alpn.as_deref() == Some(b"h2"), &limits, &shared).await;
+        Err(_) => {
+            metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
         }
+    };
+    metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (_, session) = tls.get_ref();
+    let h2 = match session.alpn_protocol() {
+        // RFC 8737 section 3: the handshake was the answer; nothing else is served.
+        Some(ACME_TLS_ALPN) => return,
+        Some(b"h2") => true,
+        _ => false,
+    };
+    let conn = Arc::new(Conn::new(peer, local, true, session.server_name()));
+    if h2 {
+        Box::pin(serve_h2(tls, conn, &limits, &shared)).await;
+    } else {
+        serve_h1(tls, conn, &limits, &shared).await;
     }
 }
 
-/// Serves HTTP/1.1 (with upgrades) or HTTP/2 on an accepted connection until it ends or
-/// shutdown asks it to finish.
-async fn serve_http<I>(io: I, conn: Arc<Conn>, h2: bool, limits: &Limits, shared: &Shared)
+fn service(
+    gw: Arc<Gateway>,
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<super::body::RespBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<super::body::RespBody>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req| {
+        let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
+        async move { Ok::<_, Infallible>(super::handle(gw, conn, req).await) }
+    })
+}
+
+/// Serves HTTP/1.1 (with upgrades) until the connection ends or shutdown asks it to
+/// finish (then the response in progress carries `Connection: close`).
+async fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let gw = Arc::clone(&shared.gw);
-    let service = service_fn(move |req| {
-        let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
-        async move { Ok::<_, Infallible>(super::handle(gw, conn, req).await) }
-    });
-    let io = TokioIo::new(io);
-    let shutdown = &shared.shutdown;
-    let result = if h2 {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .enable_connect_protocol()
-            .max_concurrent_streams(256)
-            .max_header_list_size(limits.max_header_bytes as u32)
-            .keep_alive_interval(Some(limits.idle_timeout / 2))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            res = conn.as_mut() => res,
-            () = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service(Arc::clone(&shared.gw), conn)).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        res = conn.as_mut() => res,
+        () = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-    } else {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .max_header_size(limits.max_header_bytes)
-            .keep_alive(true);
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            res = conn.as_mut() => res,
-            () = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Serves HTTP/2 until the connection ends or shutdown sends GOAWAY.
+async fn serve_h2<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(256)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(limits.idle_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection(TokioIo::new(io), service(Arc::clone(&shared.gw), conn));
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        res = conn.as_mut() => res,
+        () = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     };
     if let Err(e) = result {
