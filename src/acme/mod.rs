@@ -12,6 +12,7 @@
 //! redirects and routing; TLS-ALPN-01 certificates live in the TLS resolver.
 
 pub mod contract;
+pub mod responder;
 pub mod storage;
 
 use std::collections::HashMap;
