@@ -73,6 +73,8 @@ pub fn run(config: Config) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
+    // Stored ACME certificates are in the resolver before any listener serves.
+    control.block_on(Arc::clone(&gw.acme).start());
     let tls_config = match crate::tls::server_config(Arc::clone(&gw.certs), min_tls) {
         Ok(c) => Arc::new(ArcSwap::new(c)),
         Err(e) => {
@@ -125,6 +127,7 @@ pub fn run(config: Config) -> u8 {
     );
 
     let code = control.block_on(signals(Arc::clone(&gw), tls_config, shared, min_tls));
+    gw.acme.stop();
     admin_stop.cancel();
     traffic.shutdown_timeout(std::time::Duration::from_millis(100));
     control.shutdown_timeout(std::time::Duration::from_millis(100));

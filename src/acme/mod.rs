@@ -12,11 +12,14 @@
 //! redirects and routing; TLS-ALPN-01 certificates live in the TLS resolver.
 
 pub mod contract;
+pub mod manager;
 pub mod responder;
 pub mod storage;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+pub use manager::{Manager, Wanted};
 
 /// Published HTTP-01 key authorizations, by token.
 #[derive(Debug, Default)]
