@@ -80,9 +80,35 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+=-".contains(&b))
 }
 
-/// A fresh random id for a lease holder.
+/// A fresh id for a lease holder: `HOST/PID/RANDOM`.
 pub fn holder_id() -> String {
-    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+    format!("{}/{}/{:016x}", this_host().unwrap_or("unknown"), std::process::id(), rand::random::<u64>())
+}
+
+fn this_host() -> Option<&'static str> {
+    static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty() && !h.contains('/'))
+    })
+    .as_deref()
+}
+
+/// Whether a holder id names a process of this host (same hostname, so the same PID
+/// namespace in practice) that no longer runs: its lease can be taken at once instead
+/// of after its TTL (a gateway killed in the middle of an order, then restarted).
+fn holder_is_gone(holder: &str) -> bool {
+    let mut parts = holder.splitn(3, '/');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else { return false };
+    this_host() == Some(host)
+        && pid != std::process::id()
+        && Path::new("/proc/self").exists()
+        && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -109,7 +135,8 @@ fn from_unix_ms(ms: u64) -> SystemTime {
 ///   holder died inside the section).
 ///
 /// Two processes on one host sharing the directory are serialised by the mutex file;
-/// tasks of one process also by an in-process mutex.
+/// tasks of one process also by an in-process mutex. A lease whose holder was a process
+/// of this host that no longer runs (killed mid-order) is taken over before its TTL.
 #[derive(Debug, Clone)]
 pub struct DirStorage {
     inner: Arc<DirInner>,
@@ -374,7 +401,11 @@ impl Storage for DirStorage {
                 let now = SystemTime::now();
                 if let Some(held) = s.read_lock(&name)? {
                     if from_unix_ms(held.expires_ms) > now {
-                        return Ok(None);
+                        if !holder_is_gone(&held.holder) {
+                            return Ok(None);
+                        }
+                        tracing::warn!(lock = %name, holder = %held.holder,
+                            "taking over a lease whose process no longer runs on this host");
                     }
                 }
                 let token = s.next_token()?;
@@ -457,6 +488,29 @@ mod tests {
         std::fs::write(dir.path().join(".meta/locks/y"), b"{not json").unwrap();
         let second = s.lock("y", Duration::from_secs(5)).await.unwrap().unwrap();
         assert!(second.token > first.token);
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_a_dead_process_on_this_host_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DirStorage::open(dir.path()).unwrap();
+        let locks = dir.path().join(".meta/locks");
+        std::fs::create_dir_all(&locks).unwrap();
+        let far = unix_ms(SystemTime::now() + Duration::from_secs(3600));
+        let host = this_host().unwrap();
+        // PIDs above the kernel's maximum (4194304) never run.
+        let dead = format!(r#"{{"token":7,"holder":"{host}/999999999/ab","expires_ms":{far}}}"#);
+        std::fs::write(locks.join("order-a"), dead).unwrap();
+        let lease = s.lock("order-a", Duration::from_secs(5)).await.unwrap().expect("taken over");
+        assert!(lease.token >= 1);
+        // Another host's holder (other PID namespace) is never judged.
+        let foreign = format!(r#"{{"token":7,"holder":"elsewhere/999999999/ab","expires_ms":{far}}}"#);
+        std::fs::write(locks.join("order-b"), foreign).unwrap();
+        assert!(s.lock("order-b", Duration::from_secs(5)).await.unwrap().is_none());
+        // A live one (this process, via another grant) is kept.
+        let live = s.lock("order-c", Duration::from_secs(60)).await.unwrap().unwrap();
+        assert!(s.lock("order-c", Duration::from_secs(5)).await.unwrap().is_none());
+        s.unlock(&live).await.unwrap();
     }
 
     #[test]
