@@ -278,6 +278,32 @@ fn reload_orders_new_hosts_and_a_refused_host_never_delays_the_others() {
 }
 
 #[test]
+fn failed_validation_logs_the_problem_document_and_retries_with_back_off() {
+    let s = Setup::new();
+    // Pebble validates HTTP-01 on a port where nothing listens.
+    let plan = PebblePlan::new(&s.path().join("pebble"), free_port(), s.ports.https, None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    let retried = wait_for(Duration::from_secs(15), || {
+        (gw.metric("swarmgate_acme_orders_total{result=\"failed\"}") >= 2.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", gw.log_text());
+    let log = gw.log_text();
+    assert!(log.contains("urn:ietf:params:acme:error:connection"), "challenge problem logged:\n{log}");
+    eprintln!("{}", log.lines().find(|l| l.contains("ACME order failed")).unwrap());
+    let (_, certs) = gw.admin("/certificates");
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let name = &certs["acme"]["names"][0];
+    assert_eq!(name["state"], "pending", "{certs}");
+    assert!(name["failures"].as_u64().unwrap() >= 2, "{certs}");
+    assert!(name["last_error"].as_str().unwrap().contains("error:connection"), "{certs}");
+    assert!(pebble.orders() >= 2);
+    assert_eq!(pebble.accounts(), 1, "the account is made once, not per attempt");
+    assert!(tls_connect(s.ports.https, APP, &pebble.roots()).is_err());
+}
+
+#[test]
 fn two_gateways_sharing_storage_order_each_name_once() {
     // Pebble validates nothing here (both gateways answer for every name only in the
     // clustered setup): this is about the storage lock, the account lease and pick-up.

@@ -386,7 +386,10 @@ impl State {
             let (ctx, tx, generation) = (Arc::clone(&ctx), self.done_tx.clone(), self.generation);
             tokio::spawn(async move {
                 let name = job.name.clone();
-                let result = ctx.obtain(job).await;
+                // A panic in the order must not leave the name marked busy forever.
+                let result = tokio::spawn(ctx.obtain(job))
+                    .await
+                    .unwrap_or_else(|e| Err(Failure::Error(format!("the order task failed: {e}"))));
                 let _ = tx.send(Done { name, generation, result });
             });
         }
@@ -781,13 +784,14 @@ impl Ctx {
                 _ => match order.poll_ready(&policy).await {
                     Ok(s) => s,
                     Err(e) => {
-                        let detail = failure_detail(&mut order).await;
-                        return Err(Failure::Error(format!("validation for {name}: {}{detail}", acme_error(&e))));
+                        let said = acme_error(&e);
+                        let detail = failure_detail(&mut order, &said).await;
+                        return Err(Failure::Error(format!("validation for {name}: {said}{detail}")));
                     }
                 },
             };
             if status != OrderStatus::Ready {
-                let detail = failure_detail(&mut order).await;
+                let detail = failure_detail(&mut order, "").await;
                 return Err(Failure::Error(format!("order for {name} became {status:?}{detail}")));
             }
             let key = order.finalize().await.map_err(|e| err("finalize", e))?;
@@ -802,18 +806,23 @@ impl Ctx {
     }
 }
 
-/// The challenge problems of a failed order, as ": name http-01: type: detail; …".
-async fn failure_detail(order: &mut Order) -> String {
-    let mut parts = Vec::new();
+/// The problems of a failed order not already in `said`, as ": name Http01: type: detail; …".
+async fn failure_detail(order: &mut Order, said: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut add = |text: String, shown: String| {
+        if !said.contains(&text) && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(shown);
+        }
+    };
     if let Some(p) = &order.state().error {
-        parts.push(problem_text(p));
+        add(problem_text(p), problem_text(p));
     }
     let mut authzs = order.authorizations();
     while let Some(Ok(mut authz)) = authzs.next().await {
         if let Ok(state) = authz.refresh().await {
             for c in &state.challenges {
                 if let Some(p) = &c.error {
-                    parts.push(format!("{} {:?}: {}", state.identifier(), c.r#type, problem_text(p)));
+                    add(problem_text(p), format!("{} {:?}: {}", state.identifier(), c.r#type, problem_text(p)));
                 }
             }
         }
