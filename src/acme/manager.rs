@@ -154,6 +154,7 @@ impl Manager {
             done_tx,
             dirty: true,
             warned: String::new(),
+            renew_before: Duration::ZERO,
         };
         let mut rx = self.tx.subscribe();
         let wanted = rx.borrow_and_update().clone();
@@ -246,6 +247,8 @@ struct State {
     dirty: bool,
     /// The last configuration warning logged (not repeated on every reload).
     warned: String,
+    /// The `renew_before` the schedule was made with.
+    renew_before: Duration,
 }
 
 impl State {
@@ -320,6 +323,15 @@ impl State {
         }
         let Some(ctx) = self.ctx.clone() else { return };
         self.entries.retain(|name, _| wanted.names.contains(name));
+        if same && self.renew_before != acme.renew_before {
+            // A new renew_before reschedules every certificate not being renewed now.
+            for e in self.entries.values_mut().filter(|e| !e.busy) {
+                if let Some(l) = &e.cert {
+                    e.next = renewal_instant(l, acme.renew_before);
+                }
+            }
+        }
+        self.renew_before = acme.renew_before;
         let now = Instant::now();
         let mut waiting = Vec::new();
         for name in &wanted.names {
