@@ -216,7 +216,18 @@ fn certificates_json(gw: &Gateway) -> String {
             })
         })
         .collect();
-    serde_json::json!({ "certificates": list }).to_string()
+    let snap = gw.snapshot();
+    let acme = snap.config.acme.as_ref().map(|a| {
+        serde_json::json!({
+            "directory": a.directory,
+            "challenge": match a.challenge {
+                crate::config::Challenge::Http01 => "http-01",
+                crate::config::Challenge::TlsAlpn01 => "tls-alpn-01",
+            },
+            "names": gw.acme.status(),
+        })
+    });
+    serde_json::json!({ "certificates": list, "acme": acme }).to_string()
 }
 
 /// The Prometheus text exposition of everything.
@@ -344,6 +355,29 @@ pub fn render_metrics(gw: &Gateway) -> String {
                 seconds_left(c.not_after)
             );
         }
+    }
+    let st = &gw.acme.stats;
+    family(&mut out, "swarmgate_acme_orders_total", "counter", "ACME certificate orders by result.");
+    for (result, n) in [("ok", &st.orders_ok), ("failed", &st.orders_failed)] {
+        let _ = writeln!(out, "swarmgate_acme_orders_total{{result=\"{result}\"}} {}", n.load(Ordering::Relaxed));
+    }
+    let acme_simple = [
+        (
+            "swarmgate_acme_renewals_total",
+            "counter",
+            "ACME certificates replaced by a renewal.",
+            st.renewals.load(Ordering::Relaxed),
+        ),
+        (
+            "swarmgate_acme_certificates_pending",
+            "gauge",
+            "Route hosts waiting for their first ACME certificate.",
+            st.pending.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in acme_simple {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
     }
     out
 }

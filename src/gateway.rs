@@ -29,6 +29,8 @@ pub struct Gateway {
     applying: tokio::sync::Mutex<()>,
     pub certs: Arc<CertResolver>,
     pub challenges: Arc<Challenges>,
+    /// Orders and renews certificates for route hosts without a static one.
+    pub acme: Arc<crate::acme::Manager>,
     pub metrics: Metrics,
     ready: AtomicBool,
     /// Tasks (discovery, health) per upstream, restarted when their settings change.
@@ -55,6 +57,8 @@ impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, ApplyError> {
         let certs = Arc::new(CertResolver::default());
         let prepared = prepare_certs(&config)?;
+        let challenges = Arc::new(Challenges::default());
+        let acme = crate::acme::Manager::new(Arc::clone(&certs), Arc::clone(&challenges));
         let gw = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 router: Router::default(),
@@ -68,7 +72,8 @@ impl Gateway {
             route_stats: Mutex::new(HashMap::new()),
             applying: tokio::sync::Mutex::new(()),
             certs,
-            challenges: Arc::new(Challenges::default()),
+            challenges,
+            acme,
             metrics: Metrics::default(),
             ready: AtomicBool::new(true),
             tasks: Mutex::new(HashMap::new()),
@@ -147,6 +152,7 @@ impl Gateway {
             generation,
         };
         self.certs.set_static(certs.statics);
+        self.acme.want(crate::acme::Wanted::from_config(&config, &self.certs.statics()));
         self.snapshot.store(Arc::new(snapshot));
         self.retire_upstreams(&config);
         crate::upstream::start_tasks(self, &config);

@@ -65,6 +65,8 @@ pub fn run(config: Config) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
+    // Stored ACME certificates are in the resolver before any listener serves.
+    control.block_on(Arc::clone(&gw.acme).start());
     let tls_config = match crate::tls::server_config(Arc::clone(&gw.certs), min_tls) {
         Ok(c) => Arc::new(ArcSwap::new(c)),
         Err(e) => {
@@ -126,6 +128,7 @@ pub fn run(config: Config) -> u8 {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = threads, "swarmgate is serving");
 
     let code = control.block_on(signals(Arc::clone(&gw), tls_config, shared, min_tls));
+    gw.acme.stop();
     admin_stop.cancel();
     workers.stop();
     control.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -1,11 +1,25 @@
-//! ACME: what the request path needs of it.
+//! ACME: certificates for every route host without a static one, kept renewed.
 //!
-//! HTTP-01 key authorizations live in [`Challenges`], answered on the plain HTTP listener
-//! at `/.well-known/acme-challenge/{token}` before redirects and routing; TLS-ALPN-01
-//! certificates live in the TLS resolver.
+//! - [`manager`]: the background task (control runtime) that loads stored certificates,
+//!   orders missing ones, renews them before expiry and swaps them into the resolver.
+//! - [`storage`]: the [`storage::Storage`] trait (values, leases with fencing tokens) and
+//!   its directory backend; [`contract`] is the check every backend must pass.
+//! - [`responder`]: how challenge answers are published ([`responder::Publisher`]); the
+//!   local one feeds [`Challenges`] (HTTP-01) and the TLS resolver (TLS-ALPN-01).
+//!
+//! What the request path needs: HTTP-01 key authorizations live in [`Challenges`],
+//! answered on the plain HTTP listener at `/.well-known/acme-challenge/{token}` before
+//! redirects and routing; TLS-ALPN-01 certificates live in the TLS resolver.
+
+pub mod contract;
+pub mod manager;
+pub mod responder;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+pub use manager::{Manager, Wanted};
 
 /// Published HTTP-01 key authorizations, by token.
 #[derive(Debug, Default)]

@@ -1,0 +1,1110 @@
+//! The ACME manager: one background task on the control runtime.
+//!
+//! ```text
+//!  Gateway::install ──want(Wanted)──▶ watch ──▶ run loop ──spawn──▶ obtain(name) (≤ 4 at once)
+//!                                               │  ▲                  │ lock "order-NAME" (lease)
+//!           CertResolver::set_acme ◀── publish ─┘  └──── Done ────────┘ order, put_fenced, unlock
+//! ```
+//!
+//! - Start-up (`start`): the certificates in storage are loaded (corrupt or foreign files
+//!   are reported and moved aside) and swapped into the resolver before the loop runs,
+//!   so a restart serves at once and orders nothing it already has.
+//! - Every name wanted (route hosts without a static certificate, sent on start and each
+//!   reload) without a certificate is ordered at once; one with a certificate is renewed
+//!   `renew_before` its expiry (at most a third of its lifetime, less up to 10% jitter).
+//! - Each name is its own task: at most [`CONCURRENT_ORDERS`] run at once and a failing
+//!   name never waits for another. Failures retry with exponential back-off (1 s
+//!   doubling, capped at a tenth of the remaining lifetime, or an hour without one).
+//! - Within an order, a lease `order-NAME` in storage keeps other gateways sharing the
+//!   storage from ordering the same name; its fencing token guards the write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
+    Identifier, NewAccount, NewOrder, Order, OrderStatus, Problem, RetryPolicy,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::sign::CertifiedKey;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Challenges;
+use super::responder::{Answer, LocalPublisher, Publisher};
+use super::storage::{DirStorage, Lease, Storage, StorageError};
+use crate::config::{self, Challenge, Config, HostPattern};
+use crate::tls::{CertInfo, CertResolver, CertSource, CertStore};
+
+/// Orders running at once.
+pub const CONCURRENT_ORDERS: usize = 4;
+/// Lease on `order-NAME` while ordering; renewed every third of it.
+const LEASE_TTL: Duration = Duration::from_secs(120);
+/// Longest one order may take, end to end.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest one HTTP request to the ACME server may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Wait before looking again when another gateway holds a name's lease.
+const DEFERRED_RETRY: Duration = Duration::from_secs(3);
+const RETRY_BASE: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(3600);
+
+/// What the gateway wants certificates for (sent on start and on every reload).
+#[derive(Debug, Clone, Default)]
+pub struct Wanted {
+    pub acme: Option<config::Acme>,
+    pub names: BTreeSet<String>,
+    pub http_listener: bool,
+    pub https_listener: bool,
+}
+
+impl Wanted {
+    /// Every exact route host (not an IP address) no static certificate covers.
+    pub fn from_config(config: &Config, statics: &CertStore) -> Wanted {
+        let names = if config.acme.is_some() {
+            config
+                .routes
+                .iter()
+                .filter_map(|r| match &r.host {
+                    HostPattern::Exact(h) => Some(h.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .filter(|h| h.parse::<IpAddr>().is_err() && statics.lookup(h).is_none())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        Wanted {
+            acme: config.acme.clone(),
+            names,
+            http_listener: config.listen.http.is_some(),
+            https_listener: config.listen.https.is_some(),
+        }
+    }
+}
+
+/// Counters rendered on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub orders_ok: AtomicU64,
+    pub orders_failed: AtomicU64,
+    pub renewals: AtomicU64,
+    /// Names wanted that have no certificate yet (gauge).
+    pub pending: AtomicU64,
+}
+
+/// One name's state, as `/certificates` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NameStatus {
+    pub name: String,
+    /// `valid`, `pending` (no certificate yet) or `renewing` (valid, due).
+    pub state: &'static str,
+    pub not_after: Option<i64>,
+    /// Seconds until the next order or renewal attempt.
+    pub next_attempt_in: Option<i64>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// The handle the gateway keeps.
+#[derive(Debug)]
+pub struct Manager {
+    tx: watch::Sender<Wanted>,
+    certs: Arc<CertResolver>,
+    challenges: Arc<Challenges>,
+    pub stats: Stats,
+    status: Mutex<Vec<NameStatus>>,
+    stop: CancellationToken,
+}
+
+impl Manager {
+    pub fn new(certs: Arc<CertResolver>, challenges: Arc<Challenges>) -> Arc<Manager> {
+        Arc::new(Manager {
+            tx: watch::Sender::new(Wanted::default()),
+            certs,
+            challenges,
+            stats: Stats::default(),
+            status: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Tells the manager what is wanted now (cheap; the task does the work).
+    pub fn want(&self, wanted: Wanted) {
+        self.tx.send_replace(wanted);
+    }
+
+    /// Loads what storage has, swaps it into the resolver, then runs the loop as a task
+    /// on the current runtime until [`Manager::stop`].
+    pub async fn start(self: Arc<Self>) {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut state = State {
+            mgr: Arc::clone(&self),
+            ctx: None,
+            entries: BTreeMap::new(),
+            generation: 0,
+            done_tx,
+            dirty: true,
+            warned: String::new(),
+            renew_before: Duration::ZERO,
+        };
+        let mut rx = self.tx.subscribe();
+        let wanted = rx.borrow_and_update().clone();
+        state.apply(wanted).await;
+        state.publish();
+        tokio::spawn(state.run(rx, done_rx));
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Per-name state for `/certificates`.
+    pub fn status(&self) -> Vec<NameStatus> {
+        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A certificate with its key, ready to serve.
+#[derive(Debug, Clone)]
+struct Loaded {
+    ck: Arc<CertifiedKey>,
+    info: CertInfo,
+    not_before: i64,
+    serial: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    cert: Option<Loaded>,
+    next: Instant,
+    failures: u32,
+    busy: bool,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// Another gateway holds the name's lease: look again shortly, not a failure.
+    Deferred,
+    Error(String),
+}
+
+struct Outcome {
+    loaded: Loaded,
+    /// A new order was made (false: a certificate someone else stored was picked up).
+    ordered: bool,
+    took: Duration,
+}
+
+struct Done {
+    name: String,
+    generation: u64,
+    result: Result<Outcome, Failure>,
+}
+
+/// Everything tied to one `[acme]` setting of directory, contact, CA file and storage.
+struct Ctx {
+    directory: String,
+    contact: Vec<String>,
+    ca_file: Option<PathBuf>,
+    storage_spec: String,
+    storage: Arc<dyn Storage>,
+    http: AcmeHttp,
+    publisher: Arc<dyn Publisher>,
+    account: tokio::sync::Mutex<Option<Account>>,
+    account_key: String,
+    limit: Semaphore,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("directory", &self.directory)
+            .field("storage", &self.storage)
+            .finish_non_exhaustive()
+    }
+}
+
+struct State {
+    mgr: Arc<Manager>,
+    ctx: Option<Arc<Ctx>>,
+    entries: BTreeMap<String, Entry>,
+    /// Bumped whenever `ctx` changes; results of older tasks are dropped.
+    generation: u64,
+    done_tx: mpsc::UnboundedSender<Done>,
+    /// The resolver's ACME store needs rebuilding.
+    dirty: bool,
+    /// The last configuration warning logged (not repeated on every reload).
+    warned: String,
+    /// The `renew_before` the schedule was made with.
+    renew_before: Duration,
+}
+
+impl State {
+    async fn run(mut self, mut rx: watch::Receiver<Wanted>, mut done_rx: mpsc::UnboundedReceiver<Done>) {
+        let stop = self.mgr.stop.clone();
+        loop {
+            self.spawn_due();
+            self.publish();
+            let next = self
+                .entries
+                .values()
+                .filter(|e| !e.busy)
+                .map(|e| e.next)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let wanted = rx.borrow_and_update().clone();
+                    self.apply(wanted).await;
+                }
+                Some(done) = done_rx.recv() => self.finish(done),
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// Adopts a new wanted set (and settings): new names get what storage has, gone
+    /// names are dropped, changed settings start over with a new context.
+    async fn apply(&mut self, wanted: Wanted) {
+        let Some(acme) = wanted.acme.clone() else {
+            if self.ctx.take().is_some() || !self.entries.is_empty() {
+                tracing::info!("[acme] removed: ACME certificates are no longer served");
+            }
+            self.entries.clear();
+            self.generation += 1;
+            self.dirty = true;
+            return;
+        };
+        self.warn_listeners(&wanted, &acme);
+        let same = self.ctx.as_ref().is_some_and(|c| {
+            c.directory == acme.directory
+                && c.contact == acme.contact
+                && c.ca_file == acme.ca_file
+                && c.storage_spec == acme.storage
+        });
+        let mut stored = HashMap::new();
+        if !same {
+            self.generation += 1;
+            self.entries.clear();
+            self.dirty = true;
+            let publisher = Arc::new(LocalPublisher {
+                challenges: Arc::clone(&self.mgr.challenges),
+                certs: Arc::clone(&self.mgr.certs),
+            });
+            match Ctx::new(&acme, publisher) {
+                Ok(ctx) => {
+                    tracing::info!(directory = %ctx.directory, storage = %ctx.storage.describe(),
+                        challenge = ?acme.challenge, "ACME configured");
+                    stored = ctx.load_all().await;
+                    self.ctx = Some(Arc::new(ctx));
+                }
+                Err(e) => {
+                    tracing::error!("ACME disabled: {e}");
+                    self.ctx = None;
+                    return;
+                }
+            }
+        }
+        let Some(ctx) = self.ctx.clone() else { return };
+        self.entries.retain(|name, _| wanted.names.contains(name));
+        if same && self.renew_before != acme.renew_before {
+            // A new renew_before reschedules every certificate not being renewed now.
+            for e in self.entries.values_mut().filter(|e| !e.busy) {
+                if let Some(l) = &e.cert {
+                    e.next = renewal_instant(l, acme.renew_before);
+                }
+            }
+        }
+        self.renew_before = acme.renew_before;
+        let now = Instant::now();
+        let mut waiting = Vec::new();
+        for name in &wanted.names {
+            if self.entries.contains_key(name) {
+                continue;
+            }
+            let cert = match stored.remove(name) {
+                Some(l) => Some(l),
+                None if same => ctx.load_cert(name).await,
+                None => None,
+            };
+            let next = match &cert {
+                Some(l) => renewal_instant(l, acme.renew_before),
+                None => now,
+            };
+            match &cert {
+                Some(l) => {
+                    tracing::info!(name = %name, serial = %l.serial, not_after = l.info.not_after,
+                    "ACME certificate loaded from storage")
+                }
+                None => waiting.push(name.clone()),
+            }
+            self.entries.insert(name.clone(), Entry { cert, next, failures: 0, busy: false, last_error: None });
+        }
+        if !waiting.is_empty() {
+            tracing::info!(names = ?waiting, "ordering ACME certificates; until each arrives, TLS handshakes for it are refused");
+        }
+        self.dirty = true;
+    }
+
+    fn warn_listeners(&mut self, wanted: &Wanted, acme: &config::Acme) {
+        let warning = match acme.challenge {
+            Challenge::Http01 if !wanted.http_listener => {
+                "[acme] challenge = \"http-01\" needs [listen].http (port 80 seen from the ACME server); orders will fail"
+            }
+            Challenge::TlsAlpn01 if !wanted.https_listener => {
+                "[acme] challenge = \"tls-alpn-01\" needs [listen].https (port 443 seen from the ACME server); orders will fail"
+            }
+            _ => "",
+        };
+        if !warning.is_empty() && self.warned != warning {
+            tracing::warn!("{warning}");
+        }
+        self.warned = warning.to_string();
+    }
+
+    fn spawn_due(&mut self) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        let Some(acme) = self.mgr.tx.borrow().acme.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        for (name, entry) in &mut self.entries {
+            if entry.busy || entry.next > now {
+                continue;
+            }
+            entry.busy = true;
+            let job = Job {
+                name: name.clone(),
+                current: entry.cert.clone(),
+                challenge: acme.challenge,
+                renew_before: acme.renew_before,
+            };
+            let (ctx, tx, generation) = (Arc::clone(&ctx), self.done_tx.clone(), self.generation);
+            tokio::spawn(async move {
+                let name = job.name.clone();
+                // A panic in the order must not leave the name marked busy forever.
+                let result = tokio::spawn(ctx.obtain(job))
+                    .await
+                    .unwrap_or_else(|e| Err(Failure::Error(format!("the order task failed: {e}"))));
+                let _ = tx.send(Done { name, generation, result });
+            });
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        if done.generation != self.generation {
+            return;
+        }
+        let renew_before =
+            self.mgr.tx.borrow().acme.as_ref().map_or(Duration::from_secs(30 * 86_400), |a| a.renew_before);
+        let Some(entry) = self.entries.get_mut(&done.name) else {
+            return;
+        };
+        entry.busy = false;
+        let stats = &self.mgr.stats;
+        match done.result {
+            Ok(out) => {
+                let renewed = entry.cert.is_some();
+                if out.ordered {
+                    stats.orders_ok.fetch_add(1, Ordering::Relaxed);
+                    if renewed {
+                        stats.renewals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(name = %done.name, serial = %out.loaded.serial,
+                        not_after = out.loaded.info.not_after, took_ms = out.took.as_millis() as u64,
+                        renewal = renewed, "ACME certificate issued");
+                } else {
+                    tracing::info!(name = %done.name, serial = %out.loaded.serial,
+                        "ACME certificate stored by another gateway picked up");
+                }
+                entry.next = renewal_instant(&out.loaded, renew_before);
+                entry.cert = Some(out.loaded);
+                entry.failures = 0;
+                entry.last_error = None;
+                self.dirty = true;
+            }
+            Err(Failure::Deferred) => {
+                tracing::debug!(name = %done.name, "another gateway is ordering this name; looking again shortly");
+                entry.next = Instant::now() + DEFERRED_RETRY;
+            }
+            Err(Failure::Error(message)) => {
+                stats.orders_failed.fetch_add(1, Ordering::Relaxed);
+                entry.failures += 1;
+                let remaining = entry.cert.as_ref().and_then(|l| {
+                    let left = crate::tls::store::seconds_left(l.info.not_after);
+                    (left > 0).then(|| Duration::from_secs(left as u64))
+                });
+                let delay = jittered(retry_delay(entry.failures, remaining));
+                entry.next = Instant::now() + delay;
+                tracing::error!(name = %done.name, failures = entry.failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    has_certificate = entry.cert.is_some(), "ACME order failed: {message}");
+                entry.last_error = Some(message);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Swaps the resolver's ACME store and the status when something changed.
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let status: Vec<NameStatus> = self
+            .entries
+            .iter()
+            .map(|(name, e)| NameStatus {
+                name: name.clone(),
+                state: match &e.cert {
+                    None => "pending",
+                    Some(_) if e.next <= now || e.busy => "renewing",
+                    Some(_) => "valid",
+                },
+                not_after: e.cert.as_ref().map(|l| l.info.not_after),
+                next_attempt_in: (!e.busy).then(|| e.next.saturating_duration_since(now).as_secs() as i64),
+                failures: e.failures,
+                last_error: e.last_error.clone(),
+            })
+            .collect();
+        let pending = self.entries.values().filter(|e| e.cert.is_none()).count();
+        self.mgr.stats.pending.store(pending as u64, Ordering::Relaxed);
+        *self.mgr.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let mut store = CertStore::default();
+        for e in self.entries.values() {
+            if let Some(l) = &e.cert {
+                store.add(Arc::clone(&l.ck), l.info.clone());
+            }
+        }
+        self.mgr.certs.set_acme(store);
+    }
+}
+
+struct Job {
+    name: String,
+    current: Option<Loaded>,
+    challenge: Challenge,
+    renew_before: Duration,
+}
+
+fn cert_key(name: &str) -> String {
+    format!("certs/{name}.pem")
+}
+
+impl Ctx {
+    fn new(acme: &config::Acme, publisher: Arc<dyn Publisher>) -> Result<Ctx, String> {
+        let storage: Arc<dyn Storage> = if acme.storage.starts_with("redis://") || acme.storage.starts_with("rediss://")
+        {
+            return Err(format!(
+                "[acme].storage {:?}: a shared Redis store is not supported by this build yet; use a directory",
+                redact(&acme.storage)
+            ));
+        } else {
+            Arc::new(DirStorage::open(&acme.storage).map_err(|e| e.to_string())?)
+        };
+        Ok(Ctx {
+            directory: acme.directory.clone(),
+            contact: acme.contact.clone(),
+            ca_file: acme.ca_file.clone(),
+            storage_spec: acme.storage.clone(),
+            storage,
+            http: AcmeHttp::new(acme.ca_file.as_deref())?,
+            publisher,
+            account: tokio::sync::Mutex::new(None),
+            account_key: format!("accounts/{}.json", key_segment(&acme.directory)),
+            limit: Semaphore::new(CONCURRENT_ORDERS),
+        })
+    }
+
+    /// Every stored certificate by name; files that are not one are moved aside.
+    async fn load_all(&self) -> HashMap<String, Loaded> {
+        let mut out = HashMap::new();
+        let keys = match self.storage.list("certs/").await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(storage = %self.storage.describe(), "cannot list stored certificates: {e}");
+                return out;
+            }
+        };
+        for key in keys {
+            if key.contains(".corrupt-") {
+                continue;
+            }
+            let Some(name) =
+                key.strip_prefix("certs/").and_then(|k| k.strip_suffix(".pem")).filter(|n| !n.contains('/'))
+            else {
+                if let Ok(Some(bytes)) = self.storage.get(&key).await {
+                    self.set_aside(&key, &bytes, "not a file swarmgate writes here").await;
+                }
+                continue;
+            };
+            if let Some(l) = self.load_cert(name).await {
+                out.insert(name.to_string(), l);
+            }
+        }
+        out
+    }
+
+    /// The stored certificate for `name`, if there is a good one (a bad one is set aside).
+    async fn load_cert(&self, name: &str) -> Option<Loaded> {
+        let key = cert_key(name);
+        let bytes = match self.storage.get(&key).await {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::error!(name, "cannot read the stored certificate: {e}");
+                return None;
+            }
+        };
+        match parse_bundle(&bytes, name, self.storage.locate(&key)) {
+            Ok(l) => Some(l),
+            Err(reason) => {
+                self.set_aside(&key, &bytes, &reason).await;
+                None
+            }
+        }
+    }
+
+    async fn set_aside(&self, key: &str, bytes: &[u8], reason: &str) {
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let aside = format!("{key}.corrupt-{ts}");
+        let moved = match self.storage.put(&aside, bytes).await {
+            Ok(()) => self.storage.delete(key).await,
+            Err(e) => Err(e),
+        };
+        match moved {
+            Ok(()) => {
+                tracing::error!(file = %self.storage.locate(key), moved_to = %self.storage.locate(&aside),
+                "unusable file in ACME storage moved aside: {reason}")
+            }
+            Err(e) => tracing::error!(file = %self.storage.locate(key),
+                "unusable file in ACME storage ({reason}) could not be moved aside: {e}"),
+        }
+    }
+
+    fn builder(&self) -> instant_acme::AccountBuilder {
+        Account::builder_with_http(Box::new(self.http.clone()))
+    }
+
+    /// The account: restored from storage, or created once (under the `account` lease).
+    async fn account(&self) -> Result<Account, Failure> {
+        let mut slot = self.account.lock().await;
+        if let Some(a) = slot.as_ref() {
+            return Ok(a.clone());
+        }
+        if let Some(account) = self.stored_account().await? {
+            tracing::info!(id = %account.id(), "ACME account restored from storage");
+            *slot = Some(account.clone());
+            return Ok(account);
+        }
+        let lease = match self.storage.lock("account", Duration::from_secs(60)).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(Failure::Deferred),
+            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+        };
+        let created = async {
+            // Another gateway may have made it while we waited for the lease.
+            if let Some(account) = self.stored_account().await? {
+                return Ok(account);
+            }
+            let contact: Vec<&str> = self.contact.iter().map(String::as_str).collect();
+            let (account, creds) = self
+                .builder()
+                .create(
+                    &NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false },
+                    self.directory.clone(),
+                    None,
+                )
+                .await
+                .map_err(|e| Failure::Error(format!("creating the ACME account: {}", acme_error(&e))))?;
+            let json =
+                serde_json::to_vec_pretty(&creds).map_err(|e| Failure::Error(format!("account credentials: {e}")))?;
+            match self.storage.put_fenced(&self.account_key, &json, lease.token).await {
+                Ok(()) => {}
+                Err(StorageError::Fenced { .. }) => {
+                    if let Some(a) = self.stored_account().await? {
+                        return Ok(a);
+                    }
+                }
+                Err(e) => tracing::error!("ACME account created but not stored ({e}); a restart will create another"),
+            }
+            tracing::info!(id = %account.id(), file = %self.storage.locate(&self.account_key),
+                "ACME account created");
+            Ok(account)
+        }
+        .await;
+        let _ = self.storage.unlock(&lease).await;
+        let account = created?;
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    async fn stored_account(&self) -> Result<Option<Account>, Failure> {
+        let bytes = match self.storage.get(&self.account_key).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+        };
+        match serde_json::from_slice::<AccountCredentials>(&bytes) {
+            Ok(creds) => self
+                .builder()
+                .from_credentials(creds)
+                .await
+                .map(Some)
+                .map_err(|e| Failure::Error(format!("restoring the ACME account: {}", acme_error(&e)))),
+            Err(e) => {
+                self.set_aside(&self.account_key, &bytes, &format!("not ACME account credentials: {e}")).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Gets a certificate for one name: picks up one another gateway stored, or orders.
+    async fn obtain(self: Arc<Self>, job: Job) -> Result<Outcome, Failure> {
+        let _permit = self.limit.acquire().await.map_err(|_| Failure::Error("shutting down".into()))?;
+        let started = std::time::Instant::now();
+        let lease = match self.storage.lock(&format!("order-{}", job.name), LEASE_TTL).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(Failure::Deferred),
+            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+        };
+        let token = lease.token;
+        let work = async {
+            match tokio::time::timeout(ORDER_TIMEOUT, self.obtain_locked(&job, token)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Error(format!("no certificate within {}s", ORDER_TIMEOUT.as_secs()))),
+            }
+        };
+        let (result, lease) = self.holding(lease, work).await;
+        if let Err(e) = self.storage.unlock(&lease).await {
+            tracing::warn!(name = %job.name, "cannot release the order lock: {e}");
+        }
+        result.map(|(loaded, ordered)| Outcome { loaded, ordered, took: started.elapsed() })
+    }
+
+    /// Runs `work` while renewing `lease`; returns the result and the lease as last renewed.
+    async fn holding<T>(&self, mut lease: Lease, work: impl Future<Output = T>) -> (T, Lease) {
+        tokio::pin!(work);
+        let every = LEASE_TTL / 3;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return (out, lease),
+                _ = tick.tick() => match self.storage.renew(&lease, LEASE_TTL).await {
+                    Ok(Some(l)) => lease = l,
+                    Ok(None) => tracing::warn!(lock = %lease.name,
+                        "order lease lost; the fencing token keeps a newer certificate from being overwritten"),
+                    Err(e) => tracing::warn!(lock = %lease.name, "cannot renew the order lease: {e}"),
+                },
+            }
+        }
+    }
+
+    async fn obtain_locked(&self, job: &Job, token: u64) -> Result<(Loaded, bool), Failure> {
+        // Another gateway sharing the storage may have just stored a fresh one.
+        if let Some(stored) = self.load_cert(&job.name).await {
+            let newer = job.current.as_ref().is_none_or(|c| c.serial != stored.serial);
+            let not_due = renewal_time(&stored, job.renew_before, 0.0) > SystemTime::now();
+            if newer && not_due {
+                return Ok((stored, false));
+            }
+        }
+        let account = self.account().await?;
+        let (chain, key) = self.order(&account, &job.name, job.challenge).await?;
+        let bundle = format!("{}\n{}", chain.trim_end(), key);
+        let key_name = cert_key(&job.name);
+        let loaded = parse_bundle(bundle.as_bytes(), &job.name, self.storage.locate(&key_name))
+            .map_err(|e| Failure::Error(format!("the ACME server returned an unusable certificate: {e}")))?;
+        match self.storage.put_fenced(&key_name, bundle.as_bytes(), token).await {
+            Ok(()) => {}
+            Err(StorageError::Fenced { .. }) => {
+                tracing::warn!(name = %job.name, "a newer certificate was stored meanwhile by another gateway; using it");
+                if let Some(stored) = self.load_cert(&job.name).await {
+                    return Ok((stored, true));
+                }
+            }
+            Err(e) => tracing::error!(name = %job.name,
+                "certificate issued but not stored ({e}); it is served until restart"),
+        }
+        Ok((loaded, true))
+    }
+
+    /// One ACME order for `name`: answers the challenge, finalizes, downloads the chain.
+    /// Returns (PEM chain, PEM key).
+    async fn order(&self, account: &Account, name: &str, challenge: Challenge) -> Result<(String, String), Failure> {
+        let err = |what: &str, e: instant_acme::Error| Failure::Error(format!("{what} for {name}: {}", acme_error(&e)));
+        let ids = [Identifier::Dns(name.to_string())];
+        let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| err("new order", e))?;
+        let kind = match challenge {
+            Challenge::Http01 => ChallengeType::Http01,
+            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        };
+        let mut published: Vec<Answer> = Vec::new();
+        let result = async {
+            let mut authzs = order.authorizations();
+            while let Some(authz) = authzs.next().await {
+                let mut authz = authz.map_err(|e| err("authorization", e))?;
+                match authz.status {
+                    AuthorizationStatus::Valid => continue,
+                    AuthorizationStatus::Pending => {}
+                    other => {
+                        return Err(Failure::Error(format!("authorization for {name} is {other:?}")));
+                    }
+                }
+                let mut ch = authz.challenge(kind.clone()).ok_or_else(|| {
+                    Failure::Error(format!("the ACME server offers no {kind:?} challenge for {name}"))
+                })?;
+                let key_auth = ch.key_authorization();
+                let answer = match challenge {
+                    Challenge::Http01 => {
+                        Answer::Http01 { token: ch.token.clone(), key_authorization: key_auth.as_str().to_string() }
+                    }
+                    Challenge::TlsAlpn01 => Answer::TlsAlpn01 {
+                        name: ch.identifier().to_string(),
+                        digest: key_auth.digest().as_ref().to_vec(),
+                    },
+                };
+                self.publisher
+                    .publish(&answer)
+                    .await
+                    .map_err(|e| Failure::Error(format!("publishing the challenge answer: {e}")))?;
+                published.push(answer);
+                ch.set_ready().await.map_err(|e| err("challenge", e))?;
+            }
+            let policy = RetryPolicy::new()
+                .initial_delay(Duration::from_millis(50))
+                .backoff(1.5)
+                .timeout(Duration::from_secs(90));
+            let status = match order.state().status {
+                OrderStatus::Ready => OrderStatus::Ready,
+                _ => match order.poll_ready(&policy).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let said = acme_error(&e);
+                        let detail = failure_detail(&mut order, &said).await;
+                        return Err(Failure::Error(format!("validation for {name}: {said}{detail}")));
+                    }
+                },
+            };
+            if status != OrderStatus::Ready {
+                let detail = failure_detail(&mut order, "").await;
+                return Err(Failure::Error(format!("order for {name} became {status:?}{detail}")));
+            }
+            let key = order.finalize().await.map_err(|e| err("finalize", e))?;
+            let chain = order.poll_certificate(&policy).await.map_err(|e| err("certificate", e))?;
+            Ok((chain, key))
+        }
+        .await;
+        for answer in &published {
+            self.publisher.withdraw(answer).await;
+        }
+        result
+    }
+}
+
+/// The problems of a failed order not already in `said`, as ": name Http01: type: detail; …".
+async fn failure_detail(order: &mut Order, said: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut add = |text: String, shown: String| {
+        if !said.contains(&text) && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(shown);
+        }
+    };
+    if let Some(p) = &order.state().error {
+        add(problem_text(p), problem_text(p));
+    }
+    let mut authzs = order.authorizations();
+    while let Some(Ok(mut authz)) = authzs.next().await {
+        if let Ok(state) = authz.refresh().await {
+            for c in &state.challenges {
+                if let Some(p) = &c.error {
+                    add(problem_text(p), format!("{} {:?}: {}", state.identifier(), c.r#type, problem_text(p)));
+                }
+            }
+        }
+    }
+    if parts.is_empty() { String::new() } else { format!(": {}", parts.join("; ")) }
+}
+
+/// An RFC 7807 problem as "type: detail (subproblems)".
+pub fn problem_text(p: &Problem) -> String {
+    let mut s =
+        format!("{}: {}", p.r#type.as_deref().unwrap_or("problem"), p.detail.as_deref().unwrap_or("(no detail)"));
+    for sub in &p.subproblems {
+        s.push_str(&format!(
+            "; {}: {}: {}",
+            sub.identifier.as_ref().map_or(String::new(), |i| i.authorized(false).to_string()),
+            sub.r#type.as_deref().unwrap_or("problem"),
+            sub.detail.as_deref().unwrap_or("")
+        ));
+    }
+    s
+}
+
+/// An instant-acme error with its problem document or its chain of causes.
+pub fn acme_error(e: &instant_acme::Error) -> String {
+    if let instant_acme::Error::Api(p) = e {
+        return format!("ACME problem {}", problem_text(p));
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+/// Parses a stored bundle (PEM chain, then the PEM key) and checks it covers `name`.
+fn parse_bundle(bytes: &[u8], name: &str, location: String) -> Result<Loaded, String> {
+    let (ck, info) = crate::tls::store::certified_key_from_pem(bytes, bytes)?;
+    if !info.names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+        return Err(format!("the certificate is for {:?}, not {name:?}", info.names));
+    }
+    let (not_before, serial) = facts(&ck.cert[0])?;
+    Ok(Loaded {
+        ck: Arc::new(ck),
+        info: CertInfo { source: CertSource::Acme, file: Some(PathBuf::from(location)), ..info },
+        not_before,
+        serial,
+    })
+}
+
+fn facts(leaf: &CertificateDer<'_>) -> Result<(i64, String), String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok((cert.validity().not_before.timestamp(), cert.raw_serial_as_string()))
+}
+
+/// When a certificate is due: `renew_before` its expiry, but no earlier than two thirds
+/// into its lifetime (a short-lived certificate is not renewed in a loop), less a jitter
+/// of up to 10% of that margin (`jitter` in 0..1) so a fleet spreads its renewals.
+fn renewal_time(l: &Loaded, renew_before: Duration, jitter: f64) -> SystemTime {
+    let lifetime = (l.info.not_after - l.not_before).max(1) as f64;
+    let margin = renew_before.as_secs_f64().min(lifetime / 3.0);
+    let at = l.info.not_after as f64 - margin - jitter * margin / 10.0;
+    if at <= 0.0 { UNIX_EPOCH } else { UNIX_EPOCH + Duration::from_secs_f64(at) }
+}
+
+fn renewal_instant(l: &Loaded, renew_before: Duration) -> Instant {
+    let at = renewal_time(l, renew_before, rand::random::<f64>());
+    let wait = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    Instant::now() + wait
+}
+
+/// Back-off after `failures` failed attempts: 1 s doubling, capped at a tenth of the
+/// remaining lifetime (at least 1 s) or at an hour.
+pub fn retry_delay(failures: u32, remaining: Option<Duration>) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let delay = RETRY_BASE.saturating_mul(1 << exp);
+    let cap = remaining.map_or(RETRY_CAP, |r| (r / 10).clamp(RETRY_BASE, RETRY_CAP));
+    delay.min(cap)
+}
+
+/// ±10% so that failing gateways do not retry in step.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.9 + rand::random::<f64>() * 0.2)
+}
+
+/// A storage key segment naming a directory URL (`https://h:1/dir` → `h_1_dir`).
+fn key_segment(url: &str) -> String {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).unwrap_or(url);
+    rest.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The HTTP client for the ACME API: TCP_NODELAY (no delayed-ACK stall per request),
+/// webpki roots plus every certificate in `ca_file`, and a per-request timeout.
+#[derive(Clone)]
+struct AcmeHttp {
+    client: hyper_util::client::legacy::Client<Connector, BodyWrapper<Bytes>>,
+}
+
+impl std::fmt::Debug for AcmeHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AcmeHttp")
+    }
+}
+
+impl AcmeHttp {
+    fn new(ca_file: Option<&Path>) -> Result<AcmeHttp, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("[acme].ca_file {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("[acme].ca_file {}: no certificate in it", path.display()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("[acme].ca_file {}: {e}", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS client: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(AcmeHttp { client })
+    }
+}
+
+impl HttpClient for AcmeHttp {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let fut = self.client.request(req);
+        Box::pin(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                Ok(Ok(rsp)) => Ok(BytesResponse::from(rsp)),
+                Ok(Err(e)) => Err(instant_acme::Error::Other(Box::new(e))),
+                Err(_) => {
+                    Err(instant_acme::Error::Other(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()).into()))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn loaded(not_before: i64, not_after: i64) -> Loaded {
+        let ck = super::super::responder::challenge_cert("x.example", &[0; 32]).unwrap();
+        Loaded {
+            ck: Arc::new(ck),
+            info: CertInfo {
+                names: vec!["x.example".into()],
+                issuer: String::new(),
+                not_after,
+                source: CertSource::Acme,
+                file: None,
+            },
+            not_before,
+            serial: "01".into(),
+        }
+    }
+
+    fn secs(t: SystemTime) -> f64 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    }
+
+    #[test]
+    fn renewal_is_renew_before_expiry_for_long_certificates() {
+        let day = 86_400;
+        let l = loaded(0, 90 * day);
+        let at = renewal_time(&l, Duration::from_secs(30 * day as u64), 0.0);
+        assert_eq!(secs(at), (60 * day) as f64);
+        let jittered = renewal_time(&l, Duration::from_secs(30 * day as u64), 1.0);
+        assert_eq!(secs(jittered), (57 * day) as f64);
+    }
+
+    #[test]
+    fn short_certificates_are_renewed_at_two_thirds_not_in_a_loop() {
+        let l = loaded(1000, 1030);
+        let at = renewal_time(&l, Duration::from_secs(30 * 86_400), 0.0);
+        assert_eq!(secs(at), 1020.0);
+    }
+
+    #[test]
+    fn retry_backs_off_and_stays_inside_the_lifetime() {
+        assert_eq!(retry_delay(1, None), Duration::from_secs(1));
+        assert_eq!(retry_delay(2, None), Duration::from_secs(2));
+        assert_eq!(retry_delay(5, None), Duration::from_secs(16));
+        assert_eq!(retry_delay(40, None), RETRY_CAP);
+        let left = Some(Duration::from_secs(100));
+        assert_eq!(retry_delay(10, left), Duration::from_secs(10));
+        assert_eq!(retry_delay(10, Some(Duration::from_secs(3))), RETRY_BASE);
+        assert_eq!(retry_delay(30, Some(Duration::from_secs(90 * 86_400))), RETRY_CAP);
+    }
+
+    #[test]
+    fn directory_urls_become_key_segments() {
+        assert_eq!(
+            key_segment("https://acme-v02.api.letsencrypt.org/directory"),
+            "acme-v02.api.letsencrypt.org_directory"
+        );
+        assert_eq!(key_segment("https://127.0.0.1:14000/dir"), "127.0.0.1_14000_dir");
+        assert!(super::super::storage::valid_key(&format!("accounts/{}.json", key_segment("https://[::1]:14000/dir"))));
+    }
+
+    #[test]
+    fn problems_read_well() {
+        let p: Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:rejectedIdentifier",
+            "detail": "not allowed",
+            "status": 400,
+            "subproblems": [{"type": "urn:ietf:params:acme:error:dns", "detail": "nope",
+                             "identifier": {"type": "dns", "value": "a.test"}}]
+        }))
+        .unwrap();
+        assert_eq!(
+            problem_text(&p),
+            "urn:ietf:params:acme:error:rejectedIdentifier: not allowed; a.test: urn:ietf:params:acme:error:dns: nope"
+        );
+        assert_eq!(redact("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
+    }
+
+    #[test]
+    fn bundles_must_cover_their_name() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap().self_signed(&key).unwrap();
+        let bundle = format!("{}{}", cert.pem(), key.serialize_pem());
+        let l = parse_bundle(bundle.as_bytes(), "a.example", "x".into()).unwrap();
+        assert_eq!(l.info.source, CertSource::Acme);
+        assert!(parse_bundle(bundle.as_bytes(), "b.example", "x".into()).is_err());
+        assert!(parse_bundle(b"garbage", "a.example", "x".into()).is_err());
+    }
+}

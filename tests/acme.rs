@@ -1,0 +1,372 @@
+//! ACME end to end: the real swarmgate binary against a real Pebble (Debian's `pebble`).
+//!
+//! Each test runs its own Pebble on free loopback ports whose `httpPort`/`tlsPort` are
+//! the gateway's plain HTTP and HTTPS listeners, so Pebble validates against the gateway
+//! itself. Served certificates are verified with rustls against Pebble's `/roots/0`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod acme_support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use acme_support::*;
+
+const APP: &str = "app.swarmgate.test";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    ports: Ports,
+    backend: u16,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup { dir: tempfile::tempdir().unwrap(), ports: Ports::free(), backend: backend() }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn plan(&self, validity: Option<u64>) -> PebblePlan {
+        PebblePlan::new(&self.path().join("pebble"), self.ports.http, self.ports.https, validity)
+    }
+
+    fn config(&self, plan: &PebblePlan, challenge: &str, renew_before: &str, hosts: &[String]) -> PathBuf {
+        let acme = AcmeSettings { directory: plan.directory_url(), ca_file: &plan.api_ca, challenge, renew_before };
+        write_config(self.path(), self.ports, &acme, hosts, self.backend)
+    }
+
+    fn gateway(&self, config: &Path, log: &str) -> Gateway {
+        Gateway::start(config, self.ports, self.path().join(log))
+    }
+}
+
+fn hosts(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Waits for a verified certificate for `host`, with the logs on failure.
+fn expect_cert(gw: &Gateway, pebble: &Pebble, host: &str, timeout: Duration) -> Tls {
+    match wait_for_cert(gw.ports.https, host, &pebble.roots(), timeout) {
+        Some(t) => t,
+        None => panic!(
+            "no valid certificate for {host} within {timeout:?}\n--- gateway\n{}\n--- pebble\n{}",
+            gw.log_text(),
+            pebble.log_text()
+        ),
+    }
+}
+
+fn issue_and_serve(challenge: &str) {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, challenge, "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    let mut tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let took = gw.started.elapsed();
+    eprintln!("{challenge}: start-up to a valid certificate for 1 host: {} ms", took.as_millis());
+
+    // rustls verified the chain against Pebble's root and the name; check the leaf too.
+    let (_, names, _) = peer_leaf(&tls);
+    assert_eq!(names, vec![APP.to_string()]);
+    let (status, body) = request(&mut tls, APP, "/", true).unwrap();
+    assert_eq!((status, body.as_str()), (200, "backend ok"));
+
+    assert_eq!(gw.metric("swarmgate_acme_orders_total{result=\"ok\"}"), 1.0);
+    assert_eq!(gw.metric("swarmgate_acme_orders_total{result=\"failed\"}"), 0.0);
+    assert_eq!(gw.metric("swarmgate_acme_certificates_pending"), 0.0);
+    let expiry = gw.metric(&format!("swarmgate_certificate_expiry_seconds{{name=\"{APP}\",source=\"acme\"}}"));
+    assert!(expiry > 86_400.0, "expiry metric {expiry}");
+    let (status, certs) = gw.admin("/certificates");
+    assert_eq!(status, 200);
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let list = certs["certificates"].as_array().unwrap();
+    let entry = list.iter().find(|c| c["names"][0] == APP).unwrap_or_else(|| panic!("{certs}"));
+    assert_eq!(entry["source"], "acme");
+    assert!(entry["issuer"].as_str().unwrap().contains("Pebble Intermediate"), "{entry}");
+    assert!(entry["not_after"].as_i64().unwrap() > 0);
+    assert_eq!(certs["acme"]["names"][0]["state"], "valid", "{certs}");
+
+    // Stored for the next start: one file, private.
+    let stored = s.path().join("acme/certs").join(format!("{APP}.pem"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let log = gw.log_text();
+    let http01_answers = log.matches("answered an ACME HTTP-01 challenge").count();
+    match challenge {
+        "http-01" => assert!(http01_answers > 0, "{log}"),
+        _ => assert_eq!(http01_answers, 0, "{log}"),
+    }
+    assert_eq!(pebble.orders(), 1);
+    assert_eq!(pebble.accounts(), 1);
+}
+
+#[test]
+fn http01_first_issuance_chains_to_pebble_and_is_served() {
+    issue_and_serve("http-01");
+}
+
+#[test]
+fn tls_alpn01_first_issuance_chains_to_pebble_and_is_served() {
+    issue_and_serve("tls-alpn-01");
+}
+
+#[test]
+fn restart_reuses_the_account_and_the_certificate() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw1.log");
+    let tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let (serial, _, _) = peer_leaf(&tls);
+    drop(tls);
+    gw.stop();
+    assert_eq!((pebble.orders(), pebble.accounts()), (1, 1));
+    let account_file = std::fs::read_dir(s.path().join("acme/accounts")).unwrap().count();
+    assert_eq!(account_file, 1);
+
+    let gw = s.gateway(&config, "gw2.log");
+    // Loaded before the listeners serve: the very first handshake gets it.
+    let tls = tls_connect(s.ports.https, APP, &pebble.roots())
+        .unwrap_or_else(|e| panic!("first handshake after restart: {e}\n{}", gw.log_text()));
+    assert_eq!(peer_leaf(&tls).0, serial, "the stored certificate is served");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pebble.orders(), 1, "no second order:\n{}", pebble.log_text());
+    assert_eq!(pebble.accounts(), 1, "no second account");
+    assert_eq!(gw.metric("swarmgate_acme_orders_total{result=\"ok\"}"), 0.0);
+    assert!(gw.log_text().contains("ACME certificate loaded from storage"));
+}
+
+#[test]
+fn renewal_swaps_the_certificate_while_a_connection_stays_open() {
+    let s = Setup::new();
+    // 15 s certificates with renew_before = 30d: renewed two thirds in (~10 s).
+    let plan = s.plan(Some(15));
+    let config = s.config(&plan, "tls-alpn-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    let mut held = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let (first, _, first_not_after) = peer_leaf(&held);
+    assert_eq!(request(&mut held, APP, "/", false).unwrap().0, 200);
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let renewed = loop {
+        assert!(Instant::now() < deadline, "no renewal:\n{}\n{}", gw.log_text(), pebble.log_text());
+        // The open connection keeps working through the swap.
+        assert_eq!(request(&mut held, APP, "/", false).unwrap(), (200, "backend ok".to_string()));
+        let fresh = tls_connect(s.ports.https, APP, &pebble.roots()).unwrap();
+        let (serial, names, not_after) = peer_leaf(&fresh);
+        if serial != first {
+            assert_eq!(names, vec![APP.to_string()]);
+            assert!(not_after > first_not_after);
+            break serial;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_ne!(renewed, first);
+    assert_eq!(request(&mut held, APP, "/", false).unwrap().0, 200, "old connection survives");
+    assert!(gw.metric("swarmgate_acme_renewals_total") >= 1.0);
+    assert!(pebble.orders() >= 2);
+    assert_eq!(pebble.accounts(), 1);
+}
+
+#[test]
+fn pebble_down_at_start_static_hosts_serve_and_acme_issues_once_it_appears() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&["static.swarmgate.test", APP]));
+    let (ca, crt, key) = ca_and_leaf("static test CA", &["static.swarmgate.test"]);
+    std::fs::write(s.path().join("certs/static.crt"), crt).unwrap();
+    std::fs::write(s.path().join("certs/static.key"), key).unwrap();
+    let static_roots = roots_from_pem(ca.as_bytes());
+
+    let gw = s.gateway(&config, "gw.log");
+    let mut tls = tls_connect(s.ports.https, "static.swarmgate.test", &static_roots).unwrap();
+    assert_eq!(request(&mut tls, "static.swarmgate.test", "/", true).unwrap().0, 200);
+    assert_eq!(gw.admin("/readyz").0, 200, "ready while ACME certificates are pending");
+    let failed = wait_for(Duration::from_secs(10), || {
+        (gw.metric("swarmgate_acme_orders_total{result=\"failed\"}") >= 1.0).then_some(())
+    });
+    assert!(failed.is_some(), "{}", gw.log_text());
+    assert_eq!(gw.metric("swarmgate_acme_certificates_pending"), 1.0);
+    // Until the certificate exists, its handshakes are refused (never another host's cert).
+    let refused = tls_connect(s.ports.https, APP, &static_roots);
+    assert!(refused.is_err());
+    assert!(gw.log_text().contains("ACME order failed"), "{}", gw.log_text());
+
+    let pebble = plan.start();
+    let appeared = Instant::now();
+    let tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    eprintln!("issued {} ms after pebble appeared", appeared.elapsed().as_millis());
+    assert_eq!(peer_leaf(&tls).1, vec![APP.to_string()]);
+    // The static host kept its own certificate.
+    assert!(tls_connect(s.ports.https, "static.swarmgate.test", &static_roots).is_ok());
+    assert_eq!(gw.metric("swarmgate_acme_certificates_pending"), 0.0);
+}
+
+#[test]
+fn corrupt_and_foreign_storage_files_are_set_aside() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let certs = s.path().join("acme/certs");
+    let accounts = s.path().join("acme/accounts");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(&accounts).unwrap();
+    std::fs::write(certs.join(format!("{APP}.pem")), b"-----BEGIN GARBAGE-----\nnope\n").unwrap();
+    let (other_crt, other_key) = self_signed(&["other.example"]);
+    std::fs::write(certs.join("wrong.swarmgate.test.pem"), format!("{other_crt}{other_key}")).unwrap();
+    std::fs::write(certs.join("notes.txt"), b"left here by someone").unwrap();
+    let account_name = format!("127.0.0.1_{}_dir.json", plan.api_port);
+    std::fs::write(accounts.join(&account_name), b"{\"not\": \"credentials\"}").unwrap();
+    let pebble = plan.start();
+
+    let gw = s.gateway(&config, "gw.log");
+    let tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    assert_eq!(peer_leaf(&tls).1, vec![APP.to_string()]);
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let in_certs = names(&certs);
+    for prefix in
+        [format!("{APP}.pem.corrupt-"), "wrong.swarmgate.test.pem.corrupt-".into(), "notes.txt.corrupt-".into()]
+    {
+        assert!(in_certs.iter().any(|n| n.starts_with(&prefix)), "{prefix} missing in {in_certs:?}");
+    }
+    assert!(in_certs.contains(&format!("{APP}.pem")), "{in_certs:?}");
+    let in_accounts = names(&accounts);
+    assert!(in_accounts.contains(&account_name), "new account stored: {in_accounts:?}");
+    assert!(in_accounts.iter().any(|n| n.starts_with(&format!("{account_name}.corrupt-"))), "{in_accounts:?}");
+    let log = gw.log_text();
+    assert!(log.matches("moved aside").count() >= 4, "{log}");
+    assert_eq!(gw.admin("/readyz").0, 200);
+}
+
+#[test]
+fn reload_orders_new_hosts_and_a_refused_host_never_delays_the_others() {
+    let s = Setup::new();
+    let mut plan = s.plan(None);
+    plan.blocklist = vec!["blocked.swarmgate.test".into()];
+    let config = s.config(&plan, "http-01", "30d", &hosts(&["blocked.swarmgate.test", APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let logged = wait_for(Duration::from_secs(10), || {
+        gw.log_text().contains("urn:ietf:params:acme:error:rejectedIdentifier").then_some(())
+    });
+    assert!(logged.is_some(), "the problem document is logged:\n{}", gw.log_text());
+    let (_, certs) = gw.admin("/certificates");
+    assert!(certs.contains("rejectedIdentifier"), "last error shown: {certs}");
+
+    // SIGHUP with one more host: it gets its certificate without a restart.
+    s.config(&pebble.plan, "http-01", "30d", &hosts(&["blocked.swarmgate.test", APP, "new.swarmgate.test"]));
+    let status = std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status().unwrap();
+    assert!(status.success());
+    let tls = expect_cert(&gw, &pebble, "new.swarmgate.test", Duration::from_secs(30));
+    assert_eq!(peer_leaf(&tls).1, vec!["new.swarmgate.test".to_string()]);
+    assert!(tls_connect(s.ports.https, APP, &pebble.roots()).is_ok());
+}
+
+#[test]
+fn failed_validation_logs_the_problem_document_and_retries_with_back_off() {
+    let s = Setup::new();
+    // Pebble validates HTTP-01 on a port where nothing listens.
+    let plan = PebblePlan::new(&s.path().join("pebble"), free_port(), s.ports.https, None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    let retried = wait_for(Duration::from_secs(15), || {
+        (gw.metric("swarmgate_acme_orders_total{result=\"failed\"}") >= 2.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", gw.log_text());
+    let log = gw.log_text();
+    assert!(log.contains("urn:ietf:params:acme:error:connection"), "challenge problem logged:\n{log}");
+    eprintln!("{}", log.lines().find(|l| l.contains("ACME order failed")).unwrap());
+    let (_, certs) = gw.admin("/certificates");
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let name = &certs["acme"]["names"][0];
+    assert_eq!(name["state"], "pending", "{certs}");
+    assert!(name["failures"].as_u64().unwrap() >= 2, "{certs}");
+    assert!(name["last_error"].as_str().unwrap().contains("error:connection"), "{certs}");
+    assert!(pebble.orders() >= 2);
+    assert_eq!(pebble.accounts(), 1, "the account is made once, not per attempt");
+    assert!(tls_connect(s.ports.https, APP, &pebble.roots()).is_err());
+}
+
+#[test]
+fn two_gateways_sharing_storage_order_each_name_once() {
+    // Pebble validates nothing here (both gateways answer for every name only in the
+    // clustered setup): this is about the storage lock, the account lease and pick-up.
+    let a = Setup::new();
+    let mut plan = a.plan(None);
+    plan.always_valid = true;
+    let names: Vec<String> = (1..=5).map(|i| format!("s{i}.swarmgate.test")).collect();
+    let config_a = a.config(&plan, "http-01", "30d", &names);
+    // Gateway B: its own ports and config, the same storage directory.
+    let b_ports = Ports::free();
+    let b_dir = tempfile::tempdir().unwrap();
+    let acme = AcmeSettings {
+        directory: plan.directory_url(),
+        ca_file: &plan.api_ca,
+        challenge: "http-01",
+        renew_before: "30d",
+    };
+    let config_b = write_config(b_dir.path(), b_ports, &acme, &names, a.backend);
+    let shared = a.path().join("acme").display().to_string();
+    let text = std::fs::read_to_string(&config_b).unwrap();
+    std::fs::write(&config_b, text.replace(&b_dir.path().join("acme").display().to_string(), &shared)).unwrap();
+    let pebble = plan.start();
+
+    let gw_a = a.gateway(&config_a, "gw-a.log");
+    let gw_b = Gateway::start(&config_b, b_ports, b_dir.path().join("gw-b.log"));
+    for name in &names {
+        expect_cert(&gw_a, &pebble, name, Duration::from_secs(30));
+        expect_cert(&gw_b, &pebble, name, Duration::from_secs(30));
+    }
+    assert_eq!(pebble.orders(), names.len(), "each name ordered once:\n{}\n{}", gw_a.log_text(), gw_b.log_text());
+    assert_eq!(pebble.accounts(), 1, "one account for the shared storage");
+    let ordered = gw_a.metric("swarmgate_acme_orders_total{result=\"ok\"}")
+        + gw_b.metric("swarmgate_acme_orders_total{result=\"ok\"}");
+    assert_eq!(ordered, names.len() as f64);
+    // Every name the one ordered, the other took from storage (at start or when its
+    // lease attempt found the fresh certificate).
+    let reused = |g: &Gateway| {
+        let log = g.log_text();
+        log.matches("picked up").count() + log.matches("loaded from storage").count()
+    };
+    assert_eq!(reused(&gw_a) + reused(&gw_b), names.len());
+}
+
+/// Start-up to valid certificates for 1 and for 20 hosts (printed; loose bounds only,
+/// since tests share two cores). Run alone for numbers:
+/// `cargo test --test acme time_to -- --nocapture --test-threads=1`.
+#[test]
+fn time_to_valid_certificates_for_1_and_20_hosts() {
+    for n in [1usize, 20] {
+        let s = Setup::new();
+        let plan = s.plan(None);
+        let names: Vec<String> = (1..=n).map(|i| format!("h{i}.swarmgate.test")).collect();
+        let config = s.config(&plan, "http-01", "30d", &names);
+        let pebble = plan.start();
+        let gw = s.gateway(&config, "gw.log");
+        let mut last = Duration::ZERO;
+        for name in &names {
+            expect_cert(&gw, &pebble, name, Duration::from_secs(60));
+            last = gw.started.elapsed();
+        }
+        eprintln!("MEASURE: start-up to valid certificates for {n} host(s): {} ms", last.as_millis());
+        assert_eq!(pebble.orders(), n);
+        assert_eq!(gw.metric("swarmgate_acme_orders_total{result=\"ok\"}"), n as f64);
+        assert!(last < Duration::from_secs(60));
+    }
+}
