@@ -48,13 +48,19 @@ fn route_lookup(c: &mut Criterion) {
 fn balancer_pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("balancer_pick");
     for n in [3u16, 1000] {
-        let servers: Vec<_> = (0..n).map(|i| Server::new(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8080)), ServerState::Healthy)).collect();
+        let servers: Vec<_> = (0..n)
+            .map(|i| Server::new(SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8080)), ServerState::Healthy))
+            .collect();
         let mut rng = SmallRng::seed_from_u64(1);
         for (name, how) in [("random", Balance::Random), ("p2c", Balance::P2c)] {
-            g.bench_function(format!("{name}_{n}_servers"), |b| b.iter(|| black_box(balance::pick(how, black_box(&servers), &[], &mut rng).map(|s| s.addr))));
+            g.bench_function(format!("{name}_{n}_servers"), |b| {
+                b.iter(|| black_box(balance::pick(how, black_box(&servers), &[], &mut rng).map(|s| s.addr)))
+            });
         }
         let exclude = [servers[0].addr];
-        g.bench_function(format!("random_{n}_servers_retry"), |b| b.iter(|| black_box(balance::pick(Balance::Random, &servers, &exclude, &mut rng).map(|s| s.addr))));
+        g.bench_function(format!("random_{n}_servers_retry"), |b| {
+            b.iter(|| black_box(balance::pick(Balance::Random, &servers, &exclude, &mut rng).map(|s| s.addr)))
+        });
     }
     g.finish();
 }
@@ -62,7 +68,12 @@ fn balancer_pick(c: &mut Criterion) {
 fn browser_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("host", HeaderValue::from_static("fhir.sandbox.example.org"));
-    h.insert("user-agent", HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Safari/537.36"));
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static(
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Safari/537.36",
+        ),
+    );
     h.insert("accept", HeaderValue::from_static("application/fhir+json, application/json;q=0.9, */*;q=0.8"));
     h.insert("accept-encoding", HeaderValue::from_static("gzip, deflate, br"));
     h.insert("accept-language", HeaderValue::from_static("en-US,en;q=0.9"));
@@ -81,7 +92,14 @@ fn header_rewrite(c: &mut Criterion) {
             || template.clone(),
             |h| {
                 hop::strip(h);
-                let facts = forwarded::Facts { peer: &peer, trusted: false, proto: "https", host: "fhir.sandbox.example.org", port: 443, prefix: None };
+                let facts = forwarded::Facts {
+                    peer: &peer,
+                    trusted: false,
+                    proto: "https",
+                    host: "fhir.sandbox.example.org",
+                    port: 443,
+                    prefix: None,
+                };
                 black_box(forwarded::apply(h, &facts))
             },
             criterion::BatchSize::SmallInput,
@@ -95,7 +113,14 @@ fn header_rewrite(c: &mut Criterion) {
             || trusted.clone(),
             |h| {
                 hop::strip(h);
-                let facts = forwarded::Facts { peer: &peer, trusted: true, proto: "https", host: "fhir.sandbox.example.org", port: 443, prefix: Some(&prefix) };
+                let facts = forwarded::Facts {
+                    peer: &peer,
+                    trusted: true,
+                    proto: "https",
+                    host: "fhir.sandbox.example.org",
+                    port: 443,
+                    prefix: Some(&prefix),
+                };
                 black_box(forwarded::apply(h, &facts))
             },
             criterion::BatchSize::SmallInput,
