@@ -99,7 +99,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
             reply(StatusCode::OK, "application/json", certificates_json(gw))
         }
         (Method::POST, p) if p.starts_with("/upstreams/") && p.ends_with("/drain") => {
-            if let Err(resp) = authorize(admin, &req) {
+            if let Some(resp) = authorize(admin, &req) {
                 return resp;
             }
             let name = &p["/upstreams/".len()..p.len() - "/drain".len()];
@@ -118,9 +118,10 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
     }
 }
 
-fn authorize(admin: &Admin, req: &Request<Incoming>) -> Result<(), Resp> {
+/// `None` when the request carries the admin token, else the refusal to send.
+fn authorize(admin: &Admin, req: &Request<Incoming>) -> Option<Resp> {
     let Some(token) = admin.token.as_deref().filter(|t| !t.is_empty()) else {
-        return Err(text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             "mutating admin calls are disabled: SWARMGATE_ADMIN_TOKEN is not set\n",
         ));
@@ -128,11 +129,11 @@ fn authorize(admin: &Admin, req: &Request<Incoming>) -> Result<(), Resp> {
     let given =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
         _ => {
             let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Err(r)
+            Some(r)
         }
     }
 }

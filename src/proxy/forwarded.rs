@@ -60,16 +60,13 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
         keep_or(headers, &X_FORWARDED_PROTO, || Some(HeaderValue::from_static(f.proto)));
         keep_or(headers, &X_FORWARDED_HOST, || host_value.clone());
         keep_or(headers, &X_FORWARDED_PORT, || Some(HeaderValue::from(f.port)));
-        match f.prefix {
-            Some(p) => {
-                let joined = headers
-                    .get(&X_FORWARDED_PREFIX)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|outer| format!("{}{}", outer.trim_end_matches('/'), p.to_str().unwrap_or("")))
-                    .and_then(|s| HeaderValue::from_str(&s).ok());
-                headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
-            }
-            None => {}
+        if let Some(p) = f.prefix {
+            let joined = headers
+                .get(&X_FORWARDED_PREFIX)
+                .and_then(|v| v.to_str().ok())
+                .map(|outer| format!("{}{}", outer.trim_end_matches('/'), p.to_str().unwrap_or("")))
+                .and_then(|s| HeaderValue::from_str(&s).ok());
+            headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
         }
         if let Some(element) = forwarded_element(f) {
             extend(headers, &FORWARDED, &element);
