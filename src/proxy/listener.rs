@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -116,17 +117,17 @@ async fn tls_connection(
     let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            metrics.tls_handshake_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "TLS handshake timed out");
             return;
         }
     };
-    metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics.tls_handshakes.fetch_add(1, Ordering::Relaxed);
     let (_, session) = tls.get_ref();
     let h2 = match session.alpn_protocol() {
         // RFC 8737 section 3: the handshake was the answer; nothing else is served.
@@ -199,7 +200,19 @@ where
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection(TokioIo::new(io), service(Arc::clone(&shared.gw), conn));
+    let streams = Arc::new(Streams::new());
+    let service = {
+        let (gw, streams) = (Arc::clone(&shared.gw), Arc::clone(&streams));
+        service_fn(move |req| {
+            let guard = StreamGuard::open(&streams);
+            let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
+            async move {
+                let resp = super::handle(gw, conn, req).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,
@@ -207,8 +220,90 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = streams.idle_for(limits.idle_timeout) => {
+            tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// The streams open on one HTTP/2 connection, for `idle_timeout`: a stream counts from
+/// its request until its response body is done (or the stream is reset).
+struct Streams {
+    open: AtomicUsize,
+    born: tokio::time::Instant,
+    /// Milliseconds after `born` of the last time a stream opened or closed.
+    last_change_ms: AtomicU64,
+}
+
+impl Streams {
+    fn new() -> Self {
+        Streams { open: AtomicUsize::new(0), born: tokio::time::Instant::now(), last_change_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_change_ms.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once no stream has been open for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let quiet_since = self.born + Duration::from_millis(self.last_change_ms.load(Ordering::Relaxed));
+            let now = tokio::time::Instant::now();
+            if self.open.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep_until(now + timeout).await;
+            } else if now >= quiet_since + timeout {
+                return;
+            } else {
+                tokio::time::sleep_until(quiet_since + timeout).await;
+            }
+        }
+    }
+}
+
+struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    fn open(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::Relaxed);
+        streams.touch();
+        StreamGuard(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body that keeps its stream counted until hyper drops it.
+struct Tracked {
+    body: super::body::RespBody,
+    _guard: StreamGuard,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
