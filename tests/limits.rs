@@ -306,3 +306,132 @@ async fn a_body_broken_mid_stream_is_the_clients_fault() {
     let m = gw.metrics().await;
     assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
 }
+
+const IDLE: &str = r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+
+[proxy]
+redirect_https = false
+
+[limits]
+header_read_timeout = "1s"
+idle_timeout = "1s"
+tls_handshake_timeout = "1s"
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+"#;
+
+async fn idle_gateway(b: &Backend) -> Gateway {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["app.test"]);
+    Gateway::builder(IDLE).var("B", b.addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_connection_is_closed_after_header_read_timeout() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    let (bytes, closed) = read_until_close(&mut s, Duration::from_secs(4)).await;
+    let took = started.elapsed();
+    assert_eq!(raw_status(&bytes), Some(200));
+    assert!(closed, "kept-alive connection still open after {took:?}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "closed after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connection_is_closed_after_idle_timeout() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (tls, info) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    let mut h2 = H2::over(tls).await;
+    assert_eq!(h2.get("app.test", "/").await.status, 200);
+    // A stream open longer than idle_timeout keeps the connection: it is not idle.
+    assert_eq!(h2.get("app.test", "/sleep?ms=1800").await.status, 200);
+    assert_eq!(h2.get("app.test", "/").await.status, 200);
+    let started = Instant::now();
+    // hyper's client answers PINGs by itself: only a real idle timeout closes this.
+    let closed = wait_until_async(Duration::from_secs(4), || {
+        let mut s = h2.sender.clone();
+        async move { s.ready().await.is_err() || s.is_closed() }
+    })
+    .await;
+    assert!(closed, "idle h2 connection still open after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_cut_off() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let before = gw.metric("swarmgate_tls_handshake_errors_total").await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(4)).await;
+    let took = started.elapsed();
+    assert!(closed, "silent TLS client still connected after {took:?}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "closed after {took:?}");
+    let after = gw.metric("swarmgate_tls_handshake_errors_total").await.unwrap();
+    assert_eq!(after - before, 1.0);
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let mut h2 = H2::over(tls).await;
+    assert_eq!(h2.get("app.test", "/").await.status, 200);
+    let mut req = req2("CONNECT", "app.test", "/ws").header("sec-websocket-version", "13").body(empty()).unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    h2.sender.ready().await.unwrap();
+    let mut resp = h2.sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+        assert_eq!(back, Message::text(format!("m{i}")));
+        // Quiet for longer than idle_timeout between messages.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    ws.send(Message::text("last")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+    assert_eq!(back, Message::text("last"));
+}
