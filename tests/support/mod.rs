@@ -1223,3 +1223,67 @@ pub fn parse_raw(raw: &[u8]) -> RawResp {
         .collect();
     RawResp { status, headers, body: raw[end + 4..].to_vec() }
 }
+
+/// A server that reads each request head and closes the connection without answering
+/// (a crashed or reset replica). Records what it read.
+pub struct Broken {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: CancellationToken,
+}
+
+impl Broken {
+    pub async fn start() -> Broken {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (seen2, stop2) = (Arc::clone(&seen), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = tokio::select! {
+                    () = stop2.cancelled() => return,
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let seen = Arc::clone(&seen2);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => {
+                                buf.extend_from_slice(&chunk[..n]);
+                                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                    break;
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    // Whatever of the body came with the head is kept too.
+                    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut chunk)).await {
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    seen.lock().unwrap().push(buf);
+                    // Dropping the stream closes it without a response.
+                });
+            }
+        });
+        Broken { addr, seen, stop }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// The raw bytes each connection sent before it was closed.
+    pub fn seen(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Broken {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
