@@ -195,7 +195,9 @@ pub async fn send(
     loop {
         let (mut sender, pooled) = match pool.take() {
             Some(s) => (s, true),
-            None => match open(addr, connect_timeout, kill).await {
+            // Boxed: connecting is the rare path and would otherwise size every request
+            // future (kept per client connection by hyper) for it.
+            None => match Box::pin(open(addr, connect_timeout, kill)).await {
                 Ok(s) => (s, false),
                 Err(error) => return Err(Failure { error, unsent: Some(req) }),
             },
