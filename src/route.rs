@@ -114,9 +114,17 @@ impl<R> Router<R> {
 }
 
 /// Normalises the authority a client sent into a route host: lower case, port and
-/// trailing dot removed, IPv6 brackets kept. Borrows when nothing needs to change.
+/// trailing dot removed, an IPv6 literal unbracketed and canonical (`[0::1]` -> `::1`, as
+/// the config writes it). Borrows when nothing needs to change.
 pub fn normalize_host(authority: &str) -> std::borrow::Cow<'_, str> {
     let host = strip_port(authority);
+    // An IPv6 literal is bracketed in Host and written bare, canonical, in routes (`::1`).
+    if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match ip.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) => std::borrow::Cow::Owned(ip.to_string()),
+            Err(_) => std::borrow::Cow::Borrowed(host),
+        };
+    }
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
@@ -203,7 +211,8 @@ mod tests {
     fn host_normalisation() {
         assert_eq!(normalize_host("Example.ORG:8443"), "example.org");
         assert_eq!(normalize_host("example.org."), "example.org");
-        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert_eq!(normalize_host("[2001:DB8:0::1]:443"), "2001:db8::1");
         assert_eq!(authority_port("[::1]:80"), Some(80));
         assert_eq!(authority_port("example.org"), None);
         assert_eq!(authority_port("example.org:8443"), Some(8443));

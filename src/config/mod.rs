@@ -611,6 +611,12 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     if host == "*" {
         return Ok(HostPattern::Any);
     }
+    // IP literals in canonical form, an IPv6 one with or without brackets: the router
+    // compares them with the Host a client sends (normalised the same way).
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(HostPattern::Exact(ip.to_string()));
+    }
     let (wild, name) = match host.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, host.as_str()),
