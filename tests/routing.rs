@@ -200,3 +200,44 @@ async fn absolute_form_target_routes_by_its_authority() {
     assert_eq!(seen.uri, "/fhir/x?y=1", "origin-form towards the server");
     assert_eq!(seen.header("host"), Some("a.example.test"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_literal_hosts_route() {
+    let v4 = Backend::start("v4").await;
+    let v6 = Backend::start("v6").await;
+    let gw = Gateway::builder(
+        r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+[[route]]
+host = "127.0.0.1"
+upstream = "v4"
+[[route]]
+host = "::1"
+upstream = "v6"
+[upstream.v4]
+servers = ["@V4@"]
+[upstream.v6]
+servers = ["@V6@"]
+"#,
+    )
+    .var("V4", v4.addr)
+    .var("V6", v6.addr)
+    .start()
+    .await;
+    let r = get(gw.http, &gw.http.to_string(), "/").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "v4"));
+    // An IPv6 literal is bracketed in Host (RFC 3986 section 3.2.2).
+    let r = get(gw.http, "[::1]:8080", "/").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "v6"));
+    let r = get(gw.http, "[::1]", "/").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "v6"));
+    assert_eq!(v6.last().header("x-forwarded-host"), Some("[::1]"));
+    assert_eq!(v6.last().header("forwarded"), Some("for=127.0.0.1;host=\"[::1]\";proto=http"));
+    let r = get(gw.http, "[0:0:0:0:0:0:0:1]:80", "/").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "v6"));
+    let r = get(gw.http, "[::2]", "/").await;
+    assert_eq!(r.status, 404);
+}
