@@ -292,4 +292,9 @@ async fn drain_with_the_token_stops_new_requests() {
         "{:?}",
         servers(&gw).await
     );
+    // With every server drained there is nothing to send to.
+    let r = admin_post(gw.admin, &format!("/upstreams/app/drain?server={}", b.addr), Some("s3cret-token")).await;
+    assert_eq!(r.status, 200);
+    let r = c.get("app.test", "/").await;
+    assert_eq!((r.status, r.text().as_str()), (503, "503 no server available\n"));
 }

@@ -228,3 +228,76 @@ servers = ["@B@"]
     // The file's address is not listened on.
     assert!(tokio::net::TcpStream::connect(gw.http).await.is_err());
 }
+
+#[test]
+fn version_and_help() {
+    let out = Gateway::builder("").exec(&["--version"]);
+    assert_eq!(out.code, Some(0));
+    assert_eq!(out.stdout, format!("swarmgate {}\n", env!("CARGO_PKG_VERSION")));
+    let out = Gateway::builder("").exec(&["--help"]);
+    assert_eq!(out.code, Some(0));
+    for word in ["run", "check", "--config"] {
+        assert!(out.stdout.contains(word), "--help does not mention {word}:\n{}", out.stdout);
+    }
+}
+
+#[test]
+fn config_path_from_the_environment_and_the_default() {
+    let out = Gateway::builder(VALID).env("SWARMGATE_CONFIG", CONFIG_FILE).exec(&["check"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.starts_with("config swarmgate.toml is valid\n"), "{}", out.stdout);
+    // Without either, config/swarmgate.toml (absent here).
+    let out = Gateway::builder(VALID).exec(&["check"]);
+    assert_eq!(out.code, Some(1));
+    let first = out.stderr.lines().next().unwrap();
+    assert!(first.starts_with("config/swarmgate.toml: cannot read config: "), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(
+        r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+[[route]]
+host = "*"
+upstream = "app"
+[upstream.app]
+servers = ["@B@"]
+"#,
+    )
+    .var("B", b.addr)
+    .env("SWARMGATE_LOG", "info")
+    .env("SWARMGATE_LOG_FORMAT", "json")
+    .start()
+    .await;
+    assert_eq!(get(gw.http, "app.test", "/logged?x=1").await.status, 200);
+    let access = async {
+        for _ in 0..100 {
+            if let Some(line) = gw.logs().lines().find(|l| l.contains("swarmgate::access")) {
+                return line.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no access log line:\n{}", gw.logs());
+    }
+    .await;
+    let logs = gw.logs();
+    for line in logs.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+    assert!(logs.lines().any(|l| l.contains("\"message\":\"swarmgate is serving\"")), "{logs}");
+    let v: serde_json::Value = serde_json::from_str(&access).unwrap();
+    assert_eq!(v["target"], "swarmgate::access");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/logged");
+    assert_eq!(v["host"], "app.test");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["upstream"], b.addr.to_string());
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["request_id"].as_str().map(str::len), Some(32));
+}

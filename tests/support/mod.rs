@@ -382,6 +382,21 @@ impl GatewayBuilder {
         }
     }
 
+    /// Runs the binary with `args` (the config written as `swarmgate.toml` first) and
+    /// waits for it to exit.
+    pub fn exec(self, args: &[&str]) -> CheckOutput {
+        self.write_files();
+        let ports = Ports::pick();
+        let text = substitute(&self.config, &ports, self.dir.path(), &self.vars);
+        std::fs::write(self.dir.path().join(CONFIG_FILE), text).unwrap();
+        let out = self.command(args).stdin(Stdio::null()).output().expect("run swarmgate");
+        CheckOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Runs `swarmgate run` and waits for it to exit by itself (for start-up failures).
     /// Returns the exit code and the logs.
     pub async fn run_to_exit(self, timeout: Duration) -> (Option<i32>, String) {
