@@ -4,6 +4,10 @@
 
 use std::process::ExitCode;
 
+/// jemalloc: per-thread caches suit thread-per-core workers (measured in the README).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::Parser;
 use swarmgate::cli::{Cli, Command};
 use swarmgate::lifecycle::{self, exit};
