@@ -441,3 +441,34 @@ async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
     let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
     assert_eq!(back, Message::text("last"));
 }
+
+/// In-flight counts (what p2c and drains rely on) come back down when a client gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_no_longer_in_flight() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let in_flight = |gw: &Gateway| {
+        let admin = gw.admin;
+        async move {
+            let r = get(admin, "admin", "/upstreams").await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            v["upstreams"][0]["servers"][0]["in_flight"].as_u64().unwrap()
+        }
+    };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET /sleep?ms=600 HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+        clients.push(s);
+    }
+    assert!(wait_until_async(Duration::from_secs(2), || async { in_flight(&gw).await == 3 }).await);
+    drop(clients);
+    let t = Instant::now();
+    let mut now = 3;
+    while now != 0 && t.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = in_flight(&gw).await;
+    }
+    assert_eq!(now, 0, "requests of gone clients still counted in flight");
+    assert!(t.elapsed() < Duration::from_secs(2));
+}

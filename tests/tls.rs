@@ -258,3 +258,33 @@ servers = ["@B@"]
     assert_eq!(info.san, ["dev.test", "localhost", "127.0.0.1", "::1"]);
     assert!(gw.logs().contains("self-signed development certificate"), "{}", gw.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_listed_on_the_admin_listener() {
+    let s = setup("1.2", true).await;
+    let r = s.gw.admin_get("/certificates").await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let mut certs: Vec<(String, String, String)> = v["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let names: Vec<&str> = c["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+            let left = c["seconds_left"].as_i64().unwrap();
+            assert!(left > 300 * 86_400, "{c}");
+            assert_eq!(c["issuer"], "CN=swarmgate test CA");
+            (names.join(","), c["source"].as_str().unwrap().to_string(), c["file"].as_str().unwrap().to_string())
+        })
+        .collect();
+    certs.sort();
+    let want = [
+        ("*.wild.test", "static", "certs/wild.crt"),
+        ("a.test", "static", "certs/a.crt"),
+        ("default.test", "static", "certs/default.crt"),
+    ];
+    let want: Vec<(String, String, String)> =
+        want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    assert_eq!(certs, want);
+    let _ = &s.b;
+}
