@@ -472,3 +472,35 @@ async fn a_client_that_goes_away_is_no_longer_in_flight() {
     assert_eq!(now, 0, "requests of gone clients still counted in flight");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_websocket_tunnel_outlives_the_idle_timeouts() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+        assert_eq!(back, Message::text(format!("m{i}")));
+        // Quiet for longer than header_read_timeout and idle_timeout.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    ws.send(Message::text("last")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+    assert_eq!(back, Message::text("last"));
+}
+
+/// A download that takes longer than the idle timeouts is not idleness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_response_outlives_the_idle_timeouts() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let mut c = H1::connect(gw.http).await;
+    let r = c.get("app.test", "/sleep?ms=1800").await;
+    assert_eq!(r.status, 200);
+    let r = c.get("app.test", "/").await;
+    assert_eq!(r.status, 200);
+}
