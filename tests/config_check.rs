@@ -301,3 +301,54 @@ servers = ["@B@"]
     assert_eq!(v["complete"], true);
     assert_eq!(v["request_id"].as_str().map(str::len), Some(32));
 }
+
+#[test]
+fn nested_keys_have_environment_forms() {
+    let config = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[[route]]
+host = "app.test"
+upstream = "my-app"
+
+[upstream.my-app]
+servers = ["127.0.0.1:9001"]
+health = { path = "/health", interval = "2s" }
+"#;
+    let out = Gateway::builder(config)
+        .env("SWARMGATE_UPSTREAM_MY_APP_SERVERS", "127.0.0.1:9001, 127.0.0.1:9002,127.0.0.1:9003")
+        .env("SWARMGATE_UPSTREAM_MY_APP_BALANCE", "p2c")
+        .env("SWARMGATE_UPSTREAM_MY_APP_HEALTH_PATH", "/ready")
+        .env("SWARMGATE_PROXY_SHUTDOWN_DELAY", "100ms")
+        .check();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.lines().any(|l| l == "  my-app: 3 server(s), P2c, health checked"), "{}", out.stdout);
+
+    // Bad values from the environment are reported against the variable.
+    let out = Gateway::builder(config)
+        .env("SWARMGATE_UPSTREAM_MY_APP_SERVERS", "127.0.0.1:9001,nonsense")
+        .env("SWARMGATE_UPSTREAM_MY_APP_HEALTH_PATH", "ready")
+        .env("SWARMGATE_UPSTREAM_GHOST_SERVERS", "127.0.0.1:1")
+        .check();
+    assert_eq!(out.code, Some(1));
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let expected = [
+        r#"env SWARMGATE_UPSTREAM_MY_APP_SERVERS: [upstream.my-app].servers: "nonsense" is not an IP:PORT address"#,
+        r#"env SWARMGATE_UPSTREAM_MY_APP_HEALTH_PATH: [upstream.my-app].health.path must start with /"#,
+        r#"env SWARMGATE_UPSTREAM_GHOST_SERVERS: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"#,
+        "3 problem(s) in swarmgate.toml",
+    ];
+    assert_eq!(lines, expected, "{}", out.stderr);
+}
+
+#[test]
+fn both_traffic_listeners_off_is_a_problem() {
+    let out = Gateway::builder("\n[listen]\nhttp = \"\"\nhttps = \"off\"\nadmin = \"@ADMIN@\"\n").check();
+    assert_eq!(out.code, Some(1));
+    let first = out.stderr.lines().next().unwrap();
+    assert!(first.starts_with("swarmgate.toml:2:"), "{}", out.stderr);
+    assert!(first.ends_with(": [listen]: at least one of http and https must be set"), "{}", out.stderr);
+}
