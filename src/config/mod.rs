@@ -74,14 +74,15 @@ pub struct Proxy {
 /// Protections against slow, large or too many clients.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Time a client has to send a complete request head (slowloris); on HTTP/1.1 also
-    /// how long a kept-alive connection may sit idle before its next request.
+    /// Time a client has to send a complete HTTP/1.1 request head, from its first byte
+    /// (from the connection's start for the first request): slowloris is closed.
     pub header_read_timeout: Duration,
     /// Largest request head (request line + headers): larger gets 431.
     pub max_header_bytes: usize,
     /// Longest request target: longer gets 414.
     pub max_uri_bytes: usize,
-    /// HTTP/2 connections with no stream open this long are closed (GOAWAY).
+    /// A kept-alive connection with no request open (HTTP/1.1: and no byte arriving;
+    /// HTTP/2: no stream open) is closed after this long.
     pub idle_timeout: Duration,
     /// Client connections served at once; further ones wait in the listen backlog.
     pub max_connections: usize,

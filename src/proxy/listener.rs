@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Conn;
+use super::activity::{Activity, RequestGuard, Tracked, Watched};
 use crate::config::Limits;
 use crate::gateway::Gateway;
 use crate::metrics::OpenConnection;
@@ -143,25 +144,9 @@ async fn tls_connection(
     }
 }
 
-fn service(
-    gw: Arc<Gateway>,
-    conn: Arc<Conn>,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<super::body::RespBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<hyper::Response<super::body::RespBody>, Infallible>> + Send,
-> + Clone
-+ Send
-+ 'static {
-    service_fn(move |req| {
-        let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
-        async move { Ok::<_, Infallible>(super::handle(gw, conn, req).await) }
-    })
-}
-
-/// Serves HTTP/1.1 (with upgrades) until the connection ends or shutdown asks it to
-/// finish (then the response in progress carries `Connection: close`).
+/// Serves HTTP/1.1 (with upgrades) until the connection ends, its timeouts expire (see
+/// `activity`), or shutdown asks it to finish (then the response in progress carries
+/// `Connection: close`).
 async fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -169,11 +154,15 @@ where
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Head and idle timing is ours (`activity`): hyper's one timer cannot tell a slow
+        // head from an idle keep-alive connection.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(io), service(Arc::clone(&shared.gw), conn)).with_upgrades();
+    let activity = Activity::new();
+    let io = Watched::new(io, Arc::clone(&activity));
+    let conn = builder.serve_connection(TokioIo::new(io), tracked_service(shared, conn, &activity)).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         res = conn.as_mut() => res,
@@ -181,10 +170,37 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        why = activity.expired(Some(limits.header_read_timeout), limits.idle_timeout) => {
+            tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+            return; // nothing is in flight: dropping the connection closes it
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// The proxy service, counting each request in `activity` until its response body ends.
+fn tracked_service(
+    shared: &Shared,
+    conn: Arc<Conn>,
+    activity: &Arc<Activity>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<Tracked>, Infallible>> + Send + use<>,
+> + Send
++ use<> {
+    let (gw, activity) = (Arc::clone(&shared.gw), Arc::clone(activity));
+    service_fn(move |req| {
+        let guard = RequestGuard::open(&activity);
+        let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
+        async move {
+            let resp = super::handle(gw, conn, req).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
+        }
+    })
 }
 
 /// Serves HTTP/2 until the connection ends or shutdown sends GOAWAY.
@@ -200,18 +216,8 @@ where
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
-    let streams = Arc::new(Streams::new());
-    let service = {
-        let (gw, streams) = (Arc::clone(&shared.gw), Arc::clone(&streams));
-        service_fn(move |req| {
-            let guard = StreamGuard::open(&streams);
-            let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
-            async move {
-                let resp = super::handle(gw, conn, req).await;
-                Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
-            }
-        })
-    };
+    let activity = Activity::new();
+    let service = tracked_service(shared, conn, &activity);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -220,7 +226,7 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        () = streams.idle_for(limits.idle_timeout) => {
+        _ = activity.expired(None, limits.idle_timeout) => {
             tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -228,82 +234,5 @@ where
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
-    }
-}
-
-/// The streams open on one HTTP/2 connection, for `idle_timeout`: a stream counts from
-/// its request until its response body is done (or the stream is reset).
-struct Streams {
-    open: AtomicUsize,
-    born: tokio::time::Instant,
-    /// Milliseconds after `born` of the last time a stream opened or closed.
-    last_change_ms: AtomicU64,
-}
-
-impl Streams {
-    fn new() -> Self {
-        Streams { open: AtomicUsize::new(0), born: tokio::time::Instant::now(), last_change_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        self.last_change_ms.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Completes once no stream has been open for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let quiet_since = self.born + Duration::from_millis(self.last_change_ms.load(Ordering::Relaxed));
-            let now = tokio::time::Instant::now();
-            if self.open.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep_until(now + timeout).await;
-            } else if now >= quiet_since + timeout {
-                return;
-            } else {
-                tokio::time::sleep_until(quiet_since + timeout).await;
-            }
-        }
-    }
-}
-
-struct StreamGuard(Arc<Streams>);
-
-impl StreamGuard {
-    fn open(streams: &Arc<Streams>) -> Self {
-        streams.open.fetch_add(1, Ordering::Relaxed);
-        streams.touch();
-        StreamGuard(Arc::clone(streams))
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
-}
-
-/// A response body that keeps its stream counted until hyper drops it.
-struct Tracked {
-    body: super::body::RespBody,
-    _guard: StreamGuard,
-}
-
-impl hyper::body::Body for Tracked {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
     }
 }

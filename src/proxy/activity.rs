@@ -1,0 +1,225 @@
+//! What a client connection is doing, for its timeouts: requests (streams) open, when
+//! that last changed, and when the head of the next HTTP/1.1 request began to arrive.
+//!
+//! - HTTP/1.1: a request head must be complete within `header_read_timeout` of its first
+//!   byte (or of the connection's start, for the first request): slowloris gets closed.
+//!   A kept-alive connection with no request open and no byte arriving is closed after
+//!   `idle_timeout`. Nothing is enforced while a request is open (a long download, or a
+//!   slow server, is not idleness).
+//! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`.
+//!
+//! A request counts from the service call until its response body is done or dropped
+//! ([`Tracked`]), so a streaming response keeps its connection busy.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// Shared by a connection's IO wrapper, its service and its watchdog.
+pub(super) struct Activity {
+    open: AtomicUsize,
+    born: Instant,
+    /// Milliseconds after `born` of the last time a request opened or closed.
+    last_change_ms: AtomicU64,
+    /// 1 + milliseconds after `born` when the first byte of the next request head came
+    /// (0: none yet). Starts at 1: the first head is timed from the connection's start.
+    head_started_ms: AtomicU64,
+}
+
+/// Why a watchdog ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expired {
+    Idle,
+    SlowHead,
+}
+
+impl Activity {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            open: AtomicUsize::new(0),
+            born: Instant::now(),
+            last_change_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(1),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.born + Duration::from_millis(ms)
+    }
+
+    fn on_read(&self) {
+        if self.open.load(Ordering::Relaxed) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
+            self.head_started_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Completes when the connection should be closed: see the module docs. `header` is
+    /// `None` for HTTP/2 (no head timing there).
+    pub(super) async fn expired(&self, header: Option<Duration>, idle: Duration) -> Expired {
+        loop {
+            let now = Instant::now();
+            if self.open.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep_until(now + idle).await;
+                continue;
+            }
+            let head = self.head_started_ms.load(Ordering::Relaxed);
+            let (deadline, why) = match header {
+                Some(h) if head != 0 => (self.at(head - 1) + h, Expired::SlowHead),
+                _ => (self.at(self.last_change_ms.load(Ordering::Relaxed)) + idle, Expired::Idle),
+            };
+            if now >= deadline {
+                return why;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One request open on a connection, until dropped.
+pub(super) struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    pub(super) fn open(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        activity.head_started_ms.store(0, Ordering::Relaxed);
+        activity.last_change_ms.store(activity.now_ms(), Ordering::Relaxed);
+        RequestGuard(Arc::clone(activity))
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.last_change_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted until hyper drops it.
+pub(super) struct Tracked {
+    pub(super) body: super::body::RespBody,
+    pub(super) _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project! {
+    /// A connection's IO, noting when request bytes arrive.
+    pub(super) struct Watched<I> {
+        #[pin]
+        io: I,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<I> Watched<I> {
+    pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
+        Watched { io, activity }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Watched<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_slow_heads_expire_but_open_requests_do_not() {
+        let (header, idle) = (Some(Duration::from_secs(10)), Duration::from_secs(60));
+        // The first head is timed from the connection's start.
+        let a = Activity::new();
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle).await, Expired::SlowHead);
+        assert_eq!(t0.elapsed(), Duration::from_secs(10));
+
+        // After a request, an idle connection lasts idle_timeout...
+        let a = Activity::new();
+        drop(RequestGuard::open(&a));
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle).await, Expired::Idle);
+        assert_eq!(t0.elapsed(), Duration::from_secs(60));
+
+        // ...unless a head starts arriving: then it has header_read_timeout from its first byte.
+        let a = Activity::new();
+        drop(RequestGuard::open(&a));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        a.on_read();
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle).await, Expired::SlowHead);
+        assert_eq!(t0.elapsed(), Duration::from_secs(10));
+
+        // An open request (a long response) is never idle.
+        let a = Activity::new();
+        let guard = RequestGuard::open(&a);
+        let watch = tokio::time::timeout(Duration::from_secs(600), a.expired(header, idle)).await;
+        assert!(watch.is_err(), "a connection with an open request expired");
+        drop(guard);
+        let t0 = Instant::now();
+        assert_eq!(a.expired(None, idle).await, Expired::Idle);
+        assert_eq!(t0.elapsed(), Duration::from_secs(60));
+    }
+}
