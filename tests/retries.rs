@@ -198,3 +198,26 @@ async fn absolute_form_authority_wins_over_host() {
     assert_eq!(seen.header("x-forwarded-host"), Some("real.test:8080"));
     assert_eq!(seen.header("x-forwarded-port"), Some("8080"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&[b.addr], 2).await;
+    let (raw, closed) = raw_exchange(
+        gw.http,
+        b"GET /sleep?ms=200 HTTP/1.1\r\nHost: app.test\r\n\r\n\
+POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 6\r\n\r\nsecond\
+GET /third HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(closed);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert_eq!(raw_response_count(&raw), 3, "{text}");
+    let first = text.find("\r\n\r\napp").expect("first answer");
+    let second = text.find("\r\n\r\nsecond").expect("second answer");
+    let third = text.rfind("\r\n\r\napp").expect("third answer");
+    assert!(first < second && second < third, "{text}");
+    let uris: Vec<String> = b.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, ["/sleep?ms=200", "/echo", "/third"]);
+}
