@@ -498,13 +498,15 @@ fn redirect(
     };
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = format!("https://{host}{port}{target}");
-    let mut resp = text(StatusCode::PERMANENT_REDIRECT, "308 use https\n");
-    match HeaderValue::from_str(&location) {
-        Ok(v) => {
+    // HTTP/1.0 without Host: no URL to send the client to.
+    let resp = match HeaderValue::from_str(&location) {
+        Ok(v) if !host.is_empty() => {
+            let mut resp = text(StatusCode::PERMANENT_REDIRECT, "308 use https\n");
             resp.headers_mut().insert(header::LOCATION, v);
+            resp
         }
-        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
-    }
+        _ => text(StatusCode::BAD_REQUEST, ProxyError::BadRequest("no host to redirect to").body()),
+    };
     gw.metrics.unrouted.record(resp.status().as_u16(), start.elapsed());
     resp
 }
