@@ -288,3 +288,19 @@ async fn certificates_are_listed_on_the_admin_listener() {
     assert_eq!(certs, want);
     let _ = &s.b;
 }
+
+/// An HTTP/1.0 request may come without Host: there is no URL to redirect it to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_is_not_redirected_to_nowhere() {
+    let s = setup("1.2", true).await;
+    let (raw, _) = raw_exchange(s.gw.http, b"GET /x HTTP/1.0\r\n\r\n", Duration::from_secs(2)).await;
+    let r = parse_raw(&raw);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(r.header("location"), None);
+    assert_eq!(String::from_utf8_lossy(&r.body), "400 bad request\n");
+    // With a Host, HTTP/1.0 is redirected like HTTP/1.1.
+    let (raw, _) = raw_exchange(s.gw.http, b"GET /x HTTP/1.0\r\nHost: a.test\r\n\r\n", Duration::from_secs(2)).await;
+    let r = parse_raw(&raw);
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://a.test/x"));
+}
