@@ -106,12 +106,21 @@ impl Gateway {
     pub async fn reload(self: &Arc<Self>, env: &BTreeMap<String, String>) -> Result<u64, ApplyError> {
         let _one_at_a_time = self.applying.lock().await;
         let path = self.snapshot().config.path.clone();
+        let t0 = std::time::Instant::now();
         let result = match config::load(&path, env) {
             Err(problems) => Err(ApplyError::Invalid { problems }),
             Ok(config) => self.check_restart_only(&config).and_then(|()| {
+                let t1 = std::time::Instant::now();
                 let prepared = prepare_certs(&config)?;
+                let t2 = std::time::Instant::now();
                 let generation = self.snapshot().generation + 1;
                 self.install(config, prepared, generation);
+                tracing::debug!(
+                    parse_ms = (t1 - t0).as_secs_f64() * 1e3,
+                    certs_ms = (t2 - t1).as_secs_f64() * 1e3,
+                    install_ms = t2.elapsed().as_secs_f64() * 1e3,
+                    "reload phases"
+                );
                 Ok(generation)
             }),
         };

@@ -153,6 +153,7 @@ async fn signals(
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                let started = std::time::Instant::now();
                 match gw.reload(&environment()).await {
                     Ok(generation) => {
                         let next = gw.snapshot().config.tls.min_version;
@@ -162,7 +163,8 @@ async fn signals(
                                 Err(e) => tracing::error!(error = %e, "TLS settings not applied"),
                             }
                         }
-                        tracing::info!(generation, "configuration reloaded");
+                        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+                        tracing::info!(generation, took_ms, "configuration reloaded");
                     }
                     Err(e) => tracing::error!("reload refused, the running configuration is kept: {e}"),
                 }

@@ -8,7 +8,11 @@
 //! Cost: one hash lookup per host candidate plus one per path segment of the request,
 //! whatever the number of routes, so 10,000 routes cost what 10 do.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// foldhash: route lookup hashes the host and one candidate per path segment on every
+/// request; SipHash's DoS resistance buys nothing for keys the operator wrote.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use crate::config::HostPattern;
@@ -23,7 +27,7 @@ struct HostRoutes<R> {
 
 impl<R> Default for HostRoutes<R> {
     fn default() -> Self {
-        HostRoutes { by_prefix: HashMap::new(), longest: 0 }
+        HostRoutes { by_prefix: HashMap::default(), longest: 0 }
     }
 }
 
@@ -72,7 +76,7 @@ pub struct Router<R> {
 
 impl<R> Default for Router<R> {
     fn default() -> Self {
-        Router { exact: HashMap::new(), wildcard: HashMap::new(), any: HostRoutes::default(), len: 0 }
+        Router { exact: HashMap::default(), wildcard: HashMap::default(), any: HostRoutes::default(), len: 0 }
     }
 }
 

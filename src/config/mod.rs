@@ -551,6 +551,8 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
 }
 
 fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<(RouteConfig, Origin)> {
+    // (host, path) -> index in `out`: duplicates found in one pass, not by a scan per route.
+    let mut seen: std::collections::HashMap<(HostPattern, String), usize> = std::collections::HashMap::new();
     let mut out: Vec<(RouteConfig, Origin)> = Vec::new();
     for (i, (table, span)) in root.array_of_tables("route").into_iter().enumerate() {
         let t = Table::new(root.source(), Some(table), span.clone(), None, format!("[[route]] #{}", i + 1));
@@ -587,8 +589,8 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         }
         t.finish();
         let Some(host) = host else { continue };
-        if let Some((_, first)) = out.iter().find(|(r, _)| r.host == host && r.path == path) {
-            let first_at = match first {
+        if let Some(&first) = seen.get(&(host.clone(), path.clone())) {
+            let first_at = match &out[first].1 {
                 Origin::File(s) | Origin::Default(s) => t.source().position(s.start),
                 Origin::Env(v) => v.clone(),
             };
@@ -598,6 +600,7 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
             );
             continue;
         }
+        seen.insert((host.clone(), path.clone()), out.len());
         out.push((RouteConfig { host, path, strip_path, upstream }, Origin::File(span)));
     }
     out
