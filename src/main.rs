@@ -11,7 +11,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::Parser;
 use swarmgate::cli::{Cli, Command};
 use swarmgate::lifecycle::{self, exit};
-use swarmgate::{config, gateway, tls};
+use swarmgate::{config, tls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,15 +58,19 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
-    print!("{}", config.summary());
+    let mut out = config.summary();
     let certs: Vec<String> = statics.infos().map(|i| i.names.join(",")).collect();
-    println!("static certificates: {}", if certs.is_empty() { "none".to_string() } else { certs.join("; ") });
+    out += &format!("static certificates: {}\n", if certs.is_empty() { "none".to_string() } else { certs.join("; ") });
     if config.listen.https.is_some() && config.acme.is_none() {
         let missing = tls::devcert::uncovered(config.routes.iter().map(|r| &r.host), &statics);
         if !missing.is_empty() {
-            println!("no certificate for: {} (a self-signed development certificate will be used)", missing.join(", "));
+            out += &format!(
+                "no certificate for: {} (a self-signed development certificate will be used)\n",
+                missing.join(", ")
+            );
         }
     }
-    let _ = gateway::prepare_certs; // run applies certificates; check only reads them
+    // A closed stdout (`swarmgate check | head`) is not a config problem.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
     exit::OK
 }
