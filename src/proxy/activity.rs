@@ -66,10 +66,16 @@ impl Activity {
     /// Completes when the connection should be closed: see the module docs. `header` is
     /// `None` for HTTP/2 (no head timing there).
     pub(super) async fn expired(&self, header: Option<Duration>, idle: Duration) -> Expired {
+        // Nothing wakes the watchdog when the state changes, so it never sleeps past
+        // `now + step`: a change at `c > now` can only set a deadline of `c + header` or
+        // `c + idle`, both later than that. (Sleeping until the deadline of the state seen
+        // would overshoot when a change brings it earlier: a request ending, or the next
+        // head starting, while the first head's or an open request's wait runs.)
+        let step = header.map_or(idle, |h| h.min(idle));
         loop {
             let now = Instant::now();
             if self.open.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep_until(now + idle).await;
+                tokio::time::sleep_until(now + step).await;
                 continue;
             }
             let head = self.head_started_ms.load(Ordering::Relaxed);
@@ -80,7 +86,7 @@ impl Activity {
             if now >= deadline {
                 return why;
             }
-            tokio::time::sleep_until(deadline).await;
+            tokio::time::sleep_until(deadline.min(now + step)).await;
         }
     }
 }
