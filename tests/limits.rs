@@ -341,10 +341,15 @@ async fn idle_gateway(b: &Backend) -> Gateway {
     Gateway::builder(IDLE).var("B", b.addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await
 }
 
+/// A kept-alive HTTP/1.1 connection with no request is closed after idle_timeout (not
+/// header_read_timeout, which is for a head that started arriving).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_http1_connection_is_closed_after_header_read_timeout() {
+async fn idle_http1_connection_is_closed_after_idle_timeout() {
     let b = Backend::start("app").await;
-    let gw = idle_gateway(&b).await;
+    let gw = Gateway::builder(&IDLE.replace(r#"header_read_timeout = "1s""#, r#"header_read_timeout = "5s""#))
+        .var("B", b.addr)
+        .start()
+        .await;
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let started = Instant::now();
@@ -503,4 +508,49 @@ async fn a_slow_response_outlives_the_idle_timeouts() {
     assert_eq!(r.status, 200);
     let r = c.get("app.test", "/").await;
     assert_eq!(r.status, 200);
+}
+
+/// The head of a second request on a kept-alive connection gets header_read_timeout too,
+/// however long idle_timeout is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_on_a_kept_alive_connection_is_cut_off() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(&IDLE.replace(r#"idle_timeout = "1s""#, r#"idle_timeout = "20s""#))
+        .var("B", b.addr)
+        .start()
+        .await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.unwrap();
+    assert_eq!(raw_status(&buf[..n]), Some(200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.te").await.unwrap();
+    let (mut s, closed) = {
+        let mut closed = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"s").await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut probe = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1), tokio::io::AsyncReadExt::read(&mut s, &mut probe))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        (s, closed)
+    };
+    let took = started.elapsed();
+    let _ = s.shutdown().await;
+    assert!(closed, "slow second head still open after {took:?}");
+    assert!(took < Duration::from_millis(2500), "closed only after {took:?}");
+    assert_eq!(b.hits(), 1);
 }
