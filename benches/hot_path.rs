@@ -86,6 +86,7 @@ fn header_rewrite(c: &mut Criterion) {
     let peer = forwarded::PeerValues::new("192.0.2.10".parse().unwrap());
     let template = browser_headers();
     let prefix = HeaderValue::from_static("/fhir");
+    let host = HeaderValue::from_static("fhir.sandbox.example.org");
     let mut g = c.benchmark_group("header_rewrite");
     g.bench_function("untrusted_peer", |b| {
         b.iter_batched_ref(
@@ -96,7 +97,7 @@ fn header_rewrite(c: &mut Criterion) {
                     peer: &peer,
                     trusted: false,
                     proto: "https",
-                    host: "fhir.sandbox.example.org",
+                    host: &host,
                     port: 443,
                     prefix: None,
                 };
@@ -117,7 +118,7 @@ fn header_rewrite(c: &mut Criterion) {
                     peer: &peer,
                     trusted: true,
                     proto: "https",
-                    host: "fhir.sandbox.example.org",
+                    host: &host,
                     port: 443,
                     prefix: Some(&prefix),
                 };

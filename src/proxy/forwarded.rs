@@ -45,7 +45,7 @@ pub struct Facts<'a> {
     pub trusted: bool,
     pub proto: &'static str,
     /// The authority the client used (Host, or `:authority` on HTTP/2).
-    pub host: &'a str,
+    pub host: &'a HeaderValue,
     /// The public port: from the authority, else the scheme's default.
     pub port: u16,
     /// The prefix `strip_path` removed.
@@ -54,12 +54,13 @@ pub struct Facts<'a> {
 
 /// Rewrites the forwarding headers in place; returns the request id in use.
 pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
-    let host_value = HeaderValue::from_str(f.host).ok();
+    // Up to seven fields are added: grow the map once, not field by field.
+    headers.reserve(7);
     if f.trusted {
         extend(headers, &X_FORWARDED_FOR, &f.peer.ip);
         keep_or(headers, &X_FORWARDED_PROTO, || Some(HeaderValue::from_static(f.proto)));
-        keep_or(headers, &X_FORWARDED_HOST, || host_value.clone());
-        keep_or(headers, &X_FORWARDED_PORT, || Some(HeaderValue::from(f.port)));
+        keep_or(headers, &X_FORWARDED_HOST, || (!f.host.is_empty()).then(|| f.host.clone()));
+        keep_or(headers, &X_FORWARDED_PORT, || Some(port_value(f.port)));
         if let Some(p) = f.prefix {
             let joined = headers
                 .get(&X_FORWARDED_PREFIX)
@@ -74,11 +75,12 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
     } else {
         headers.insert(&X_FORWARDED_FOR, f.peer.ip.clone());
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
-        match &host_value {
-            Some(h) => headers.insert(&X_FORWARDED_HOST, h.clone()),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
-        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(f.port));
+        if f.host.is_empty() {
+            headers.remove(&X_FORWARDED_HOST);
+        } else {
+            headers.insert(&X_FORWARDED_HOST, f.host.clone());
+        }
+        headers.insert(&X_FORWARDED_PORT, port_value(f.port));
         match f.prefix {
             Some(p) => headers.insert(&X_FORWARDED_PREFIX, p.clone()),
             None => headers.remove(&X_FORWARDED_PREFIX),
@@ -127,12 +129,33 @@ fn extend(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
 /// `for=...;host=...;proto=...` (RFC 7239 section 4), values quoted where the grammar
 /// needs it (section 6: an IPv6 node or a host with a port is not a token).
 fn forwarded_element(f: &Facts<'_>) -> Option<HeaderValue> {
-    let host = if f.host.bytes().all(is_token_byte) {
-        f.host.to_string()
-    } else {
-        format!("\"{}\"", f.host.replace('\\', "\\\\").replace('"', "\\\""))
-    };
-    HeaderValue::from_str(&format!("for={};host={};proto={}", f.peer.node, host, f.proto)).ok()
+    let host = f.host.to_str().ok()?;
+    let mut element = String::with_capacity(32 + f.peer.node.len() + host.len());
+    element.push_str("for=");
+    element.push_str(&f.peer.node);
+    if !host.is_empty() {
+        element.push_str(";host=");
+        if host.bytes().all(is_token_byte) {
+            element.push_str(host);
+        } else {
+            element.push('"');
+            element.push_str(&host.replace('\\', "\\\\").replace('"', "\\\""));
+            element.push('"');
+        }
+    }
+    element.push_str(";proto=");
+    element.push_str(f.proto);
+    // Takes the string's buffer: no second copy.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok()
+}
+
+/// The common ports without an allocation.
+fn port_value(port: u16) -> HeaderValue {
+    match port {
+        443 => HeaderValue::from_static("443"),
+        80 => HeaderValue::from_static("80"),
+        p => HeaderValue::from(p),
+    }
 }
 
 /// RFC 9110 `tchar`.
@@ -155,7 +178,12 @@ pub fn new_request_id() -> HeaderValue {
 mod tests {
     use super::*;
 
-    fn facts<'a>(peer: &'a PeerValues, trusted: bool, host: &'a str, prefix: Option<&'a HeaderValue>) -> Facts<'a> {
+    fn facts<'a>(
+        peer: &'a PeerValues,
+        trusted: bool,
+        host: &'a HeaderValue,
+        prefix: Option<&'a HeaderValue>,
+    ) -> Facts<'a> {
         Facts { peer, trusted, proto: "https", host, port: 443, prefix }
     }
 
@@ -168,7 +196,7 @@ mod tests {
         h.insert(&X_FORWARDED_PREFIX, HeaderValue::from_static("/evil"));
         h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("spoofed"));
-        let id = apply(&mut h, &facts(&peer, false, "fhir.example.org", None));
+        let id = apply(&mut h, &facts(&peer, false, &HeaderValue::from_static("fhir.example.org"), None));
         assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(h[&X_FORWARDED_HOST], "fhir.example.org");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
@@ -190,7 +218,7 @@ mod tests {
         h.insert(&X_FORWARDED_PREFIX, HeaderValue::from_static("/outer/"));
         h.insert(FORWARDED, HeaderValue::from_static("for=203.0.113.1"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc"));
-        let id = apply(&mut h, &facts(&peer, true, "example.org:8443", Some(&prefix)));
+        let id = apply(&mut h, &facts(&peer, true, &HeaderValue::from_static("example.org:8443"), Some(&prefix)));
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.1, 203.0.113.2, 2001:db8::1");
         assert_eq!(h[&X_FORWARDED_PREFIX], "/outer/fhir");
         assert_eq!(h[FORWARDED], "for=203.0.113.1, for=\"[2001:db8::1]\";host=\"example.org:8443\";proto=https");

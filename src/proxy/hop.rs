@@ -15,8 +15,20 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
-    // Read before anything is removed: a client sending TE must also name it in
-    // Connection (RFC 9110 section 10.1.4), which removes it below.
+    if headers.contains_key(header::CONNECTION) {
+        // `close`, `keep-alive` and `upgrade` (the usual tokens) go anyway: only other
+        // names cost a lookup, and the list is built only when there are any.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .filter(|t| !["close", "keep-alive", "upgrade"].iter().any(|c| t.eq_ignore_ascii_case(c)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
     let wants_trailers = headers
         .get_all(header::TE)
         .iter()

@@ -238,7 +238,7 @@ fn rewrite_request(
         peer: &conn.peer_values,
         trusted: snap.proxy.is_trusted(conn.peer.ip()),
         proto: conn.proto(),
-        host: authority_str,
+        host: authority,
         port,
         prefix: route.prefix_header.as_ref(),
     };

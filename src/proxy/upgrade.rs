@@ -147,7 +147,7 @@ fn build_request(
         peer: &conn.peer_values,
         trusted: snap.proxy.is_trusted(conn.peer.ip()),
         proto: conn.proto(),
-        host: authority_str,
+        host: authority,
         port: route::authority_port(authority_str).unwrap_or(if conn.tls { 443 } else { 80 }),
         prefix: route.prefix_header.as_ref(),
     };
