@@ -531,7 +531,12 @@ impl State {
                         not_after = out.loaded.info.not_after, took_ms = out.took.as_millis() as u64,
                         renewal = renewed, "ACME certificate issued");
                 } else {
-                    tracing::info!(name = %done.name, serial = %out.loaded.serial,
+                    stats.picked_up.fetch_add(1, Ordering::Relaxed);
+                    let delay_ms = out.loaded.meta.as_ref().map(|m| unix_ms(SystemTime::now()).saturating_sub(m.at_ms));
+                    if let Some(ms) = delay_ms {
+                        stats.propagation.observe(Duration::from_millis(ms));
+                    }
+                    tracing::info!(name = %done.name, serial = %out.loaded.serial, propagation_ms = delay_ms,
                         "ACME certificate stored by another gateway picked up");
                 }
                 entry.next = renewal_instant(&out.loaded, renew_before);

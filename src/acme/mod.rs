@@ -62,13 +62,14 @@ impl Challenges {
         self.remote.load_full()
     }
 
-    /// The key authorization for a token: local, else one another replica published.
-    pub async fn answer_anywhere(&self, token: &str) -> Option<String> {
+    /// The key authorization for a token and where it was found: `"local"`, else
+    /// `"store"` (published by another replica).
+    pub async fn answer_anywhere(&self, token: &str) -> Option<(String, &'static str)> {
         if let Some(a) = self.answer(token) {
-            return Some(a);
+            return Some((a, "local"));
         }
         let remote = self.remote()?;
-        remote.http01(token).await
+        remote.http01(token).await.map(|a| (a, "store"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {

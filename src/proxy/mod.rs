@@ -486,10 +486,10 @@ fn redirect(
 async fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Response<RespBody> {
     let token = &req.uri().path()[crate::acme::HTTP01_PREFIX.len()..];
     let resp = match gw.challenges.answer_anywhere(token).await {
-        Some(key_auth) => {
+        Some((key_auth, source)) => {
             let mut r = Response::new(RespBody::from_bytes(key_auth.into()));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            tracing::info!(token, "answered an ACME HTTP-01 challenge");
+            tracing::info!(token, source, "answered an ACME HTTP-01 challenge");
             r
         }
         None => text(StatusCode::NOT_FOUND, "404 unknown ACME challenge token\n"),

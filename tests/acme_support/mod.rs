@@ -8,6 +8,8 @@
 //! Both processes are killed on drop.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -458,6 +460,20 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `swarmgate run --config CONFIG` and waits for `/healthz`.
     pub fn start(config: &Path, ports: Ports, log: PathBuf) -> Gateway {
+        Self::start_env(config, ports, log, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_env(config: &Path, ports: Ports, log: PathBuf, env: &[(&str, &str)]) -> Gateway {
+        match Self::try_start_env(config, ports, log, env) {
+            Ok(gw) => gw,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `start_env`, but a gateway that exits at start (e.g. 2: a port another test took
+    /// between picking and binding) is an error to retry with other ports.
+    pub fn try_start_env(config: &Path, ports: Ports, log: PathBuf, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let out = std::fs::File::create(&log).unwrap();
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_swarmgate"))
@@ -466,6 +482,7 @@ impl Gateway {
             .arg(config)
             .env("SWARMGATE_LOG", "info,swarmgate=debug")
             .env_remove("SWARMGATE_LOG_FORMAT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -478,12 +495,12 @@ impl Gateway {
                 break;
             }
             if let Ok(Some(status)) = gw.child.try_wait() {
-                panic!("swarmgate exited ({status}) at start:\n{}", gw.log_text());
+                return Err(format!("swarmgate exited ({status}) at start:\n{}", gw.log_text()));
             }
             assert!(Instant::now() < deadline, "swarmgate did not come up:\n{}", gw.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        gw
+        Ok(gw)
     }
 
     pub fn log_text(&self) -> String {
@@ -507,6 +524,12 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: no shutdown, no lease released.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait for exit.
