@@ -706,7 +706,13 @@ impl Config {
         s += &format!(
             "certificates: {}{}\n",
             self.tls.certs_dir.display(),
-            self.acme.as_ref().map_or(String::new(), |a| format!(", ACME {} ({:?})", a.directory, a.challenge))
+            self.acme.as_ref().map_or(String::new(), |a| format!(
+                ", ACME {} ({:?}), storage {}{}",
+                a.directory,
+                a.challenge,
+                crate::acme::cluster::redact(&a.storage),
+                if a.storage_key.is_some() { " (encrypted)" } else { "" }
+            ))
         );
         s += &format!("routes ({}):\n", self.routes.len());
         for r in self.routes.iter().take(20) {
