@@ -552,8 +552,18 @@ pub(crate) mod test_server {
         pub(crate) ca_pem: Option<String>,
     }
 
+    /// A bindable port below the ephemeral range (outgoing connections never take it).
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let _ = NEXT.compare_exchange(0, start % 8000 + 1, Ordering::Relaxed, Ordering::Relaxed);
+        loop {
+            let port = (21_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
     }
 
     impl RedisServer {
