@@ -270,6 +270,16 @@ fn killing_the_lock_holder_mid_order_lets_another_replica_finish() {
     assert!(new_holder_pid.is_some_and(|p| p != dead.pid()));
     // The abandoned order and the one that finished.
     assert_eq!(c.pebble.orders(), 2, "{}", c.logs());
+    // TLS-ALPN-01 validations reached replicas that had not published the answer.
+    let remote = c
+        .replicas
+        .iter()
+        .map(|r| {
+            r.log_text().matches("answering a TLS-ALPN-01 validation with an answer another replica published").count()
+        })
+        .sum::<usize>();
+    eprintln!("MEASURE: TLS-ALPN-01 validations answered from the store by a replica that did not order: {remote}");
+    assert!(remote > 0, "{}", c.logs());
     let waits: f64 = c.replicas.iter().map(|r| r.metric("swarmgate_acme_lock_waits_total")).sum();
     assert!(waits >= 1.0, "the survivors waited for the lease");
     drop(dead);

@@ -721,6 +721,16 @@ mod tests {
         assert_eq!(b.http01_answer("tok-1_x").await.as_deref(), Some("tok-1_x.thumb"));
         assert_eq!(b.tls_alpn01_answer("app.example").await, Some(vec![9; 32]));
         assert_eq!(b.http01_answer("../x").await, None);
+        // The request path: local first, then the store; implausible tokens cost no lookup.
+        let challenges = super::super::Challenges::default();
+        challenges.set_remote(Some(RemoteAnswers { store: b.clone(), handle: tokio::runtime::Handle::current() }));
+        let long = Answer::Http01 { token: "T".repeat(43), key_authorization: "from-a".into() };
+        a.put_answer(&long).await.unwrap();
+        assert_eq!(challenges.answer_anywhere(&"T".repeat(43)).await, Some(("from-a".to_string(), "store")));
+        challenges.publish(&"T".repeat(43), "mine");
+        assert_eq!(challenges.answer_anywhere(&"T".repeat(43)).await, Some(("mine".to_string(), "local")));
+        assert_eq!(challenges.answer_anywhere("tok-1_x").await, None, "too short for an ACME token");
+        assert_eq!(challenges.answer_anywhere(&format!("{}.x", "T".repeat(43))).await, None);
         a.delete_answer(&http).await.unwrap();
         assert_eq!(b.http01_answer("tok-1_x").await, None);
     }

@@ -210,6 +210,11 @@ impl Manager {
         self.stop.cancel();
     }
 
+    /// Whether `name` is one of the hosts ACME gets certificates for (lower case).
+    pub fn wants(&self, name: &str) -> bool {
+        self.tx.borrow().names.contains(name)
+    }
+
     /// Per-name state for `/certificates`.
     pub fn status(&self) -> Vec<NameStatus> {
         self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()

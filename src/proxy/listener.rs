@@ -158,7 +158,8 @@ async fn tls_connection(
 /// the ClientHello and the handshake (rustls' resolver cannot wait), and the challenge
 /// certificate gets a configuration of its own for this one handshake.
 async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::ServerConfig>> {
-    if gw.certs.has_challenge(name) {
+    // Only for names ACME certifies here: a stranger's ClientHello costs no store lookup.
+    if gw.certs.has_challenge(name) || !gw.acme.wants(name) {
         return None;
     }
     let remote = gw.challenges.remote()?;
