@@ -384,7 +384,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
             "swarmgate_acme_lock_waits_total",
             "counter",
             "Times another replica held a name's (or the account's) lease and this one waited.",
-            st.lock_waits.load(Ordering::Relaxed),
+            st.store.lock_waits.load(Ordering::Relaxed),
         ),
         (
             "swarmgate_acme_picked_up_total",

@@ -112,8 +112,6 @@ pub struct Stats {
     pub renewals: AtomicU64,
     /// Names wanted that have no certificate yet (gauge).
     pub pending: AtomicU64,
-    /// Times a lease (name or account) was held by another replica and this one waited.
-    pub lock_waits: AtomicU64,
     /// Certificates another replica stored, loaded here.
     pub picked_up: AtomicU64,
     /// From a certificate being stored by one replica to its being served here.
@@ -297,6 +295,8 @@ struct Ctx {
     /// This replica's id in the store's metadata.
     replica: String,
     storage: Arc<dyn Storage>,
+    /// The store's health and lock waits (shared with the metrics).
+    counters: Arc<StoreCounters>,
     /// Clustered: where answers published by other replicas are looked up.
     remote: Option<RemoteAnswers>,
     http: AcmeHttp,
@@ -551,7 +551,7 @@ impl State {
                 self.dirty = true;
             }
             Err(Failure::Deferred) => {
-                stats.lock_waits.fetch_add(1, Ordering::Relaxed);
+                stats.store.lock_waits.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(name = %done.name, "another gateway is ordering this name; looking again shortly");
                 // An event about a certificate stored meanwhile: look at once.
                 entry.next = Instant::now() + if recheck { Duration::ZERO } else { jittered(DEFERRED_RETRY) };
@@ -776,7 +776,7 @@ impl Ctx {
     fn new(acme: &config::Acme, local: LocalPublisher, counters: Arc<StoreCounters>) -> Result<Ctx, String> {
         counters.up.store(1, Ordering::Relaxed);
         let (storage, publisher, remote): (Arc<dyn Storage>, Arc<dyn Publisher>, _) = if is_redis_url(&acme.storage) {
-            let store = RedisStorage::open(&acme.storage, None, counters)?;
+            let store = RedisStorage::open(&acme.storage, None, Arc::clone(&counters))?;
             let handle = tokio::runtime::Handle::try_current()
                 .map_err(|e| format!("the ACME manager needs a tokio runtime: {e}"))?;
             let remote = RemoteAnswers { store: store.clone(), handle };
@@ -798,6 +798,7 @@ impl Ctx {
             replica_id: acme.replica_id.clone(),
             replica: acme.replica_id.clone().unwrap_or_else(super::storage::default_replica_id),
             storage,
+            counters,
             remote,
             http: AcmeHttp::new(acme.ca_file.as_deref())?,
             publisher,
@@ -910,6 +911,7 @@ impl Ctx {
                 None => {
                     if !counted {
                         counted = true;
+                        self.counters.lock_waits.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!("another replica is creating the ACME account; waiting for it");
                     }
                     if waited_since.elapsed() > ACCOUNT_WAIT {

@@ -62,11 +62,14 @@ pub struct StoreCounters {
     pub errors: std::sync::atomic::AtomicU64,
     /// 1 while the last call (or the event channel) reached the store, else 0.
     pub up: std::sync::atomic::AtomicU64,
+    /// Times a lease (a name's or the account's) was held by another replica and this
+    /// one waited for it.
+    pub lock_waits: std::sync::atomic::AtomicU64,
 }
 
 impl Default for StoreCounters {
     fn default() -> Self {
-        StoreCounters { errors: 0.into(), up: 1.into() }
+        StoreCounters { errors: 0.into(), up: 1.into(), lock_waits: 0.into() }
     }
 }
 
