@@ -218,6 +218,7 @@ fn certificates_json(gw: &Gateway) -> String {
         })
         .collect();
     let snap = gw.snapshot();
+    let (replica, storage) = gw.acme.identity();
     let acme = snap.config.acme.as_ref().map(|a| {
         serde_json::json!({
             "directory": a.directory,
@@ -226,6 +227,9 @@ fn certificates_json(gw: &Gateway) -> String {
                 crate::config::Challenge::TlsAlpn01 => "tls-alpn-01",
             },
             "names": gw.acme.status(),
+            "replica": replica,
+            "storage": storage,
+            "store_reachable": gw.acme.stats.store.is_up(),
         })
     });
     serde_json::json!({ "certificates": list, "acme": acme }).to_string()
@@ -376,9 +380,55 @@ pub fn render_metrics(gw: &Gateway) -> String {
             st.pending.load(Ordering::Relaxed),
         ),
     ];
-    for (name, kind, help, v) in acme_simple {
+    let acme_cluster = [
+        (
+            "swarmgate_acme_lock_waits_total",
+            "counter",
+            "Times another replica held a name's (or the account's) lease and this one waited.",
+            st.store.lock_waits.load(Ordering::Relaxed),
+        ),
+        (
+            "swarmgate_acme_picked_up_total",
+            "counter",
+            "Certificates another replica stored, loaded and served here.",
+            st.picked_up.load(Ordering::Relaxed),
+        ),
+        (
+            "swarmgate_acme_store_errors_total",
+            "counter",
+            "Failed calls to the ACME store (Redis unreachable, timeouts, errors).",
+            st.store.errors.load(Ordering::Relaxed),
+        ),
+        (
+            "swarmgate_acme_store_up",
+            "gauge",
+            "1 while the ACME store answers, 0 while it cannot be reached.",
+            st.store.up.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in acme_simple.into_iter().chain(acme_cluster) {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        &mut out,
+        "swarmgate_acme_propagation_seconds",
+        "histogram",
+        "From a certificate stored by another replica to its being served here.",
+    );
+    let mut hist = String::new();
+    st.propagation.render(&mut hist, "swarmgate_acme_propagation_seconds", "");
+    // The shared renderer writes `{,le=..}` and `{}` without labels: tidy both.
+    out.push_str(&hist.replace("{,", "{").replace("{}", ""));
+    family(
+        &mut out,
+        "swarmgate_acme_certificate_ready",
+        "gauge",
+        "1 when an ACME host has a certificate to serve, else 0.",
+    );
+    for n in gw.acme.status() {
+        let ready = u8::from(n.not_after.is_some());
+        let _ = writeln!(out, "swarmgate_acme_certificate_ready{{name=\"{}\"}} {ready}", label(&n.name));
     }
     out
 }

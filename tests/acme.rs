@@ -3,6 +3,10 @@
 //! Each test runs its own Pebble on free loopback ports whose `httpPort`/`tlsPort` are
 //! the gateway's plain HTTP and HTTPS listeners, so Pebble validates against the gateway
 //! itself. Served certificates are verified with rustls against Pebble's `/roots/0`.
+//!
+//! The key cases run twice: with the directory store and with a Redis store (a
+//! `redis-server` of the test's own; `rediss://` with a password and sealed keys for the
+//! restart case). tests/cluster.rs runs several replicas on one Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod acme_support;
@@ -10,6 +14,7 @@ mod acme_support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use acme_support::cluster::{Redis, set_acme};
 use acme_support::*;
 
 const APP: &str = "app.swarmgate.test";
@@ -18,11 +23,19 @@ struct Setup {
     dir: tempfile::TempDir,
     ports: Ports,
     backend: u16,
+    redis: Option<Redis>,
 }
 
 impl Setup {
     fn new() -> Setup {
-        Setup { dir: tempfile::tempdir().unwrap(), ports: Ports::free(), backend: backend() }
+        Setup { dir: tempfile::tempdir().unwrap(), ports: Ports::free(), backend: backend(), redis: None }
+    }
+
+    /// ACME state in a Redis of its own instead of a directory.
+    fn with_redis() -> Setup {
+        let s = Setup::new();
+        let redis = Redis::start(&s.path().join("redis"));
+        Setup { redis: Some(redis), ..s }
     }
 
     fn path(&self) -> &Path {
@@ -35,7 +48,11 @@ impl Setup {
 
     fn config(&self, plan: &PebblePlan, challenge: &str, renew_before: &str, hosts: &[String]) -> PathBuf {
         let acme = AcmeSettings { directory: plan.directory_url(), ca_file: &plan.api_ca, challenge, renew_before };
-        write_config(self.path(), self.ports, &acme, hosts, self.backend)
+        let path = write_config(self.path(), self.ports, &acme, hosts, self.backend);
+        if let Some(r) = &self.redis {
+            set_acme(&path, &r.url(), &["replica_id = \"only-replica\"".to_string()]);
+        }
+        path
     }
 
     fn gateway(&self, config: &Path, log: &str) -> Gateway {
@@ -59,8 +76,8 @@ fn expect_cert(gw: &Gateway, pebble: &Pebble, host: &str, timeout: Duration) -> 
     }
 }
 
-fn issue_and_serve(challenge: &str) {
-    let s = Setup::new();
+fn issue_and_serve(challenge: &str, redis: bool) {
+    let s = if redis { Setup::with_redis() } else { Setup::new() };
     let plan = s.plan(None);
     let config = s.config(&plan, challenge, "30d", &hosts(&[APP]));
     let pebble = plan.start();
@@ -89,13 +106,31 @@ fn issue_and_serve(challenge: &str) {
     assert!(entry["issuer"].as_str().unwrap().contains("Pebble Intermediate"), "{entry}");
     assert!(entry["not_after"].as_i64().unwrap() > 0);
     assert_eq!(certs["acme"]["names"][0]["state"], "valid", "{certs}");
+    assert_eq!(certs["acme"]["store_reachable"], true, "{certs}");
 
-    // Stored for the next start: one file, private.
-    let stored = s.path().join("acme/certs").join(format!("{APP}.pem"));
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777, 0o600);
+    match &s.redis {
+        None => {
+            // Stored for the next start: one file, private.
+            let stored = s.path().join("acme/certs").join(format!("{APP}.pem"));
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                assert_eq!(std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777, 0o600);
+            }
+        }
+        Some(r) => {
+            let bundle = r.get(&format!("swarmgate:v:certs/{APP}.pem")).expect("certificate in Redis");
+            let bundle = String::from_utf8(bundle).unwrap();
+            assert!(bundle.contains("BEGIN CERTIFICATE") && bundle.contains("PRIVATE KEY"), "{bundle}");
+            let meta = r.get(&format!("swarmgate:v:orders/{APP}.json")).expect("order metadata in Redis");
+            assert!(String::from_utf8_lossy(&meta).contains("only-replica"));
+            let name = &certs["acme"]["names"][0];
+            assert_eq!(name["ordered_by"], "only-replica", "{certs}");
+            assert!(name["ordered_at"].as_i64().unwrap() > 1_700_000_000, "{certs}");
+            assert_eq!(certs["acme"]["replica"], "only-replica");
+            assert_eq!(gw.metric("swarmgate_acme_store_up"), 1.0);
+            assert_eq!(gw.metric(&format!("swarmgate_acme_certificate_ready{{name=\"{APP}\"}}")), 1.0);
+        }
     }
     let log = gw.log_text();
     let http01_answers = log.matches("answered an ACME HTTP-01 challenge").count();
@@ -109,12 +144,22 @@ fn issue_and_serve(challenge: &str) {
 
 #[test]
 fn http01_first_issuance_chains_to_pebble_and_is_served() {
-    issue_and_serve("http-01");
+    issue_and_serve("http-01", false);
 }
 
 #[test]
 fn tls_alpn01_first_issuance_chains_to_pebble_and_is_served() {
-    issue_and_serve("tls-alpn-01");
+    issue_and_serve("tls-alpn-01", false);
+}
+
+#[test]
+fn redis_http01_first_issuance_chains_to_pebble_and_is_served() {
+    issue_and_serve("http-01", true);
+}
+
+#[test]
+fn redis_tls_alpn01_first_issuance_chains_to_pebble_and_is_served() {
+    issue_and_serve("tls-alpn-01", true);
 }
 
 #[test]
@@ -144,9 +189,83 @@ fn restart_reuses_the_account_and_the_certificate() {
     assert!(gw.log_text().contains("ACME certificate loaded from storage"));
 }
 
+/// The restart case over `rediss://` with a password given in the environment
+/// (`SWARMGATE_ACME_STORAGE`), and private keys sealed with `SWARMGATE_ACME_STORAGE_KEY`.
+#[test]
+fn rediss_with_a_password_from_the_environment_and_sealed_keys_restart_reuses_everything() {
+    let s = Setup::new();
+    let (ca, crt, key) = ca_and_leaf("redis test CA", &["localhost", "127.0.0.1"]);
+    let tls_dir = s.path().join("redis-tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    for (f, pem) in [("ca.pem", &ca), ("redis.crt", &crt), ("redis.key", &key)] {
+        std::fs::write(tls_dir.join(f), pem).unwrap();
+    }
+    let password = "cluster-secret-Zq8";
+    let redis = Redis::start_with(
+        &s.path().join("redis"),
+        Some(password),
+        Some((tls_dir.join("redis.crt"), tls_dir.join("redis.key"))),
+    );
+    let url = format!("rediss://:{password}@localhost:{}/2", redis.port);
+    let storage_key = "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=";
+    let ca_file = tls_dir.join("ca.pem").display().to_string();
+    let env = [
+        ("SWARMGATE_ACME_STORAGE", url.as_str()),
+        ("SWARMGATE_ACME_STORAGE_KEY", storage_key),
+        ("SSL_CERT_FILE", ca_file.as_str()),
+    ];
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &env);
+    let tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let (serial, _, _) = peer_leaf(&tls);
+    drop(tls);
+    let (_, certs) = gw.admin("/certificates");
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs["acme"]["storage"], format!("rediss://***@localhost:{}/2 (encrypted)", redis.port), "{certs}");
+    assert!(!gw.log_text().contains(password), "the password must never be logged");
+    assert!(!gw.log_text().contains(storage_key), "the storage key must never be logged");
+    gw.stop();
+    assert!(!s.path().join("acme").exists(), "nothing stored in the directory the file names");
+
+    // What Redis holds: sealed, no private key in the clear.
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone().into_bytes()) },
+    )
+    .unwrap();
+    let mut con = client.get_connection_with_timeout(Duration::from_secs(5)).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("swarmgate:v:*").query(&mut con).unwrap();
+    assert!(keys.iter().any(|k| k.starts_with("swarmgate:v:accounts/")), "{keys:?}");
+    assert!(keys.contains(&format!("swarmgate:v:certs/{APP}.pem")), "{keys:?}");
+    for k in &keys {
+        let v: Vec<u8> = redis::cmd("GET").arg(k).query(&mut con).unwrap();
+        assert!(v.starts_with(b"swarmgate-sealed-v1\n"), "{k} is not sealed");
+        assert!(!v.windows(11).any(|w| w == b"PRIVATE KEY"), "{k} holds a key in the clear");
+    }
+
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &env);
+    let tls = tls_connect(s.ports.https, APP, &pebble.roots())
+        .unwrap_or_else(|e| panic!("first handshake after restart: {e}\n{}", gw.log_text()));
+    assert_eq!(peer_leaf(&tls).0, serial, "the stored certificate is served");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!((pebble.orders(), pebble.accounts()), (1, 1), "no second order or account");
+    assert!(gw.log_text().contains("ACME certificate loaded from storage"));
+}
+
 #[test]
 fn renewal_swaps_the_certificate_while_a_connection_stays_open() {
-    let s = Setup::new();
+    renewal(false);
+}
+
+#[test]
+fn redis_renewal_swaps_the_certificate_while_a_connection_stays_open() {
+    renewal(true);
+}
+
+fn renewal(redis: bool) {
+    let s = if redis { Setup::with_redis() } else { Setup::new() };
     // 15 s certificates with renew_before = 30d: renewed two thirds in (~10 s).
     let plan = s.plan(Some(15));
     let config = s.config(&plan, "tls-alpn-01", "30d", &hosts(&[APP]));

@@ -352,3 +352,38 @@ fn both_traffic_listeners_off_is_a_problem() {
     assert!(first.starts_with("swarmgate.toml:2:"), "{}", out.stderr);
     assert!(first.ends_with(": [listen]: at least one of http and https must be set"), "{}", out.stderr);
 }
+
+#[test]
+fn acme_storage_settings_are_checked_without_echoing_secrets() {
+    let acme = format!("{VALID}\n[acme]\nstorage = \"redis://:file-secret@127.0.0.1:6379/0\"\n");
+    let acme = acme.replace("host = \"*.wild.test\"", "host = \"wild.test\"");
+    let out = Gateway::builder(&acme)
+        .env("SWARMGATE_ACME_STORAGE", "rediss://:env-secret@redis.internal:6380/2")
+        .env("SWARMGATE_ACME_REPLICA_ID", "task-1")
+        .env("SWARMGATE_ACME_STORAGE_KEY", "0123456789abcdef0123456789abcdef")
+        .check();
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(
+        out.stdout.contains("storage rediss://***@redis.internal:6380/2 (encrypted)"),
+        "the password is never shown: {}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("secret"), "{}", out.stdout);
+
+    let out = Gateway::builder(&acme)
+        .env("SWARMGATE_ACME_STORAGE", "redis://:env-secret@redis.internal:notaport/0")
+        .env("SWARMGATE_ACME_STORAGE_KEY", "too short")
+        .check();
+    assert_eq!(out.code, Some(1), "stdout: {}", out.stdout);
+    assert!(
+        out.stderr.contains("env SWARMGATE_ACME_STORAGE: [acme].storage: not a usable Redis URL"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("env SWARMGATE_ACME_STORAGE_KEY: SWARMGATE_ACME_STORAGE_KEY: at least 32 characters"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("secret") && !out.stderr.contains("too short"), "{}", out.stderr);
+}

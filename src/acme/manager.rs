@@ -17,6 +17,12 @@
 //!   doubling, capped at a tenth of the remaining lifetime, or an hour without one).
 //! - Within an order, a lease `order-NAME` in storage keeps other gateways sharing the
 //!   storage from ordering the same name; its fencing token guards the write.
+//! - Clustered (a store with [`Storage::events`], Redis): a replica that stores a
+//!   certificate announces it; every replica loads it at once (and re-reads every name
+//!   every [`RESYNC_EVERY`] as the safety net, and after the event channel comes back).
+//!   Challenge answers go to the store too, so any replica answers any validation. A
+//!   store that cannot be reached pauses issuance (retried every few seconds, at most
+//!   [`STORE_RETRY_CAP`]); certificates already loaded keep serving.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -39,21 +45,28 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Challenges;
+use super::cluster::{ClusterPublisher, RedisStorage, RemoteAnswers, is_redis_url};
 use super::responder::{Answer, LocalPublisher, Publisher};
-use super::storage::{DirStorage, Lease, Storage, StorageError};
+use super::storage::{DirStorage, Event, Lease, Storage, StorageError, StoreCounters, unix_ms};
 use crate::config::{self, Challenge, Config, HostPattern};
 use crate::tls::{CertInfo, CertResolver, CertSource, CertStore};
 
 /// Orders running at once.
 pub const CONCURRENT_ORDERS: usize = 4;
-/// Lease on `order-NAME` while ordering; renewed every third of it.
-const LEASE_TTL: Duration = Duration::from_secs(120);
 /// Longest one order may take, end to end.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest one HTTP request to the ACME server may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Wait before looking again when another gateway holds a name's lease.
+/// Wait before looking again when another gateway holds a name's lease (an event from
+/// the holder usually comes first).
 const DEFERRED_RETRY: Duration = Duration::from_secs(3);
+/// Clustered: every name is read again from the store this often (the safety net for
+/// lost events).
+pub const RESYNC_EVERY: Duration = Duration::from_secs(15);
+/// Longest wait between attempts while the store cannot be reached.
+pub const STORE_RETRY_CAP: Duration = Duration::from_secs(10);
+/// Longest wait for another replica creating the account.
+const ACCOUNT_WAIT: Duration = Duration::from_secs(30);
 const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(3600);
 
@@ -99,6 +112,12 @@ pub struct Stats {
     pub renewals: AtomicU64,
     /// Names wanted that have no certificate yet (gauge).
     pub pending: AtomicU64,
+    /// Certificates another replica stored, loaded here.
+    pub picked_up: AtomicU64,
+    /// From a certificate being stored by one replica to its being served here.
+    pub propagation: crate::metrics::Histogram,
+    /// Reachability and errors of the store.
+    pub store: Arc<StoreCounters>,
 }
 
 /// One name's state, as `/certificates` shows it.
@@ -112,6 +131,19 @@ pub struct NameStatus {
     pub next_attempt_in: Option<i64>,
     pub failures: u32,
     pub last_error: Option<String>,
+    pub serial: Option<String>,
+    /// The replica that ordered the certificate served (from the store's metadata).
+    pub ordered_by: Option<String>,
+    /// When it was stored (Unix seconds).
+    pub ordered_at: Option<i64>,
+}
+
+/// Who ordered a certificate, and when: stored beside it as `orders/NAME.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrderMeta {
+    pub serial: String,
+    pub by: String,
+    pub at_ms: u64,
 }
 
 /// The handle the gateway keeps.
@@ -123,6 +155,8 @@ pub struct Manager {
     pub stats: Stats,
     status: Mutex<Vec<NameStatus>>,
     stop: CancellationToken,
+    /// This replica's id and the store it uses, for `/certificates`.
+    identity: Mutex<(String, String)>,
 }
 
 impl Manager {
@@ -134,7 +168,13 @@ impl Manager {
             stats: Stats::default(),
             status: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
+            identity: Mutex::new((super::storage::default_replica_id(), String::new())),
         })
+    }
+
+    /// (replica id, store) of the current `[acme]` settings.
+    pub fn identity(&self) -> (String, String) {
+        self.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Tells the manager what is wanted now (cheap; the task does the work).
@@ -155,6 +195,7 @@ impl Manager {
             dirty: true,
             warned: String::new(),
             renew_before: Duration::ZERO,
+            resync_at: None,
         };
         let mut rx = self.tx.subscribe();
         let wanted = rx.borrow_and_update().clone();
@@ -165,6 +206,11 @@ impl Manager {
 
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Whether `name` is one of the hosts ACME gets certificates for (lower case).
+    pub fn wants(&self, name: &str) -> bool {
+        self.tx.borrow().names.contains(name)
     }
 
     /// Per-name state for `/certificates`.
@@ -182,6 +228,8 @@ struct Loaded {
     info: CertInfo,
     not_before: i64,
     serial: String,
+    /// Who ordered it (when the store has that for this serial).
+    meta: Option<OrderMeta>,
 }
 
 #[derive(Debug)]
@@ -191,13 +239,23 @@ struct Entry {
     failures: u32,
     busy: bool,
     last_error: Option<String>,
+    /// An event said the store has something new while a task ran: look when it ends.
+    recheck: bool,
+    /// The last attempt failed because the store could not be reached.
+    store_wait: bool,
 }
 
 #[derive(Debug)]
 enum Failure {
     /// Another gateway holds the name's lease: look again shortly, not a failure.
     Deferred,
+    /// The store could not be reached: retried soon, not counted as a failed order.
+    Store(String),
     Error(String),
+}
+
+fn store_failure(e: StorageError) -> Failure {
+    Failure::Store(format!("storage: {e}"))
 }
 
 struct Outcome {
@@ -213,13 +271,34 @@ struct Done {
     result: Result<Outcome, Failure>,
 }
 
+/// What the run loop hears from the tasks it spawned and from the store.
+enum Msg {
+    Done(Done),
+    /// An event from the store (tagged with the generation of the context it came from).
+    Event(u64, Event),
+    /// A name read again from the store (after an event or a resync).
+    Reread {
+        name: String,
+        generation: u64,
+        loaded: Option<Loaded>,
+    },
+}
+
 /// Everything tied to one `[acme]` setting of directory, contact, CA file and storage.
 struct Ctx {
     directory: String,
     contact: Vec<String>,
     ca_file: Option<PathBuf>,
     storage_spec: String,
+    storage_key: Option<super::seal::SecretKey>,
+    replica_id: Option<String>,
+    /// This replica's id in the store's metadata.
+    replica: String,
     storage: Arc<dyn Storage>,
+    /// The store's health and lock waits (shared with the metrics).
+    counters: Arc<StoreCounters>,
+    /// Clustered: where answers published by other replicas are looked up.
+    remote: Option<RemoteAnswers>,
     http: AcmeHttp,
     publisher: Arc<dyn Publisher>,
     account: tokio::sync::Mutex<Option<Account>>,
@@ -242,7 +321,9 @@ struct State {
     entries: BTreeMap<String, Entry>,
     /// Bumped whenever `ctx` changes; results of older tasks are dropped.
     generation: u64,
-    done_tx: mpsc::UnboundedSender<Done>,
+    done_tx: mpsc::UnboundedSender<Msg>,
+    /// Clustered: when every name is read again from the store.
+    resync_at: Option<Instant>,
     /// The resolver's ACME store needs rebuilding.
     dirty: bool,
     /// The last configuration warning logged (not repeated on every reload).
@@ -252,18 +333,24 @@ struct State {
 }
 
 impl State {
-    async fn run(mut self, mut rx: watch::Receiver<Wanted>, mut done_rx: mpsc::UnboundedReceiver<Done>) {
+    async fn run(mut self, mut rx: watch::Receiver<Wanted>, mut done_rx: mpsc::UnboundedReceiver<Msg>) {
         let stop = self.mgr.stop.clone();
         loop {
+            if self.resync_at.is_some_and(|at| at <= Instant::now()) {
+                self.resync();
+            }
             self.spawn_due();
             self.publish();
-            let next = self
+            let mut next = self
                 .entries
                 .values()
                 .filter(|e| !e.busy)
                 .map(|e| e.next)
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            if let Some(at) = self.resync_at {
+                next = next.min(at);
+            }
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = rx.changed() => {
@@ -273,7 +360,11 @@ impl State {
                     let wanted = rx.borrow_and_update().clone();
                     self.apply(wanted).await;
                 }
-                Some(done) = done_rx.recv() => self.finish(done),
+                Some(msg) = done_rx.recv() => match msg {
+                    Msg::Done(done) => self.finish(done),
+                    Msg::Event(generation, event) => self.on_event(generation, event),
+                    Msg::Reread { name, generation, loaded } => self.on_reread(&name, generation, loaded),
+                },
                 () = tokio::time::sleep_until(next) => {}
             }
         }
@@ -289,6 +380,8 @@ impl State {
             self.entries.clear();
             self.generation += 1;
             self.dirty = true;
+            self.resync_at = None;
+            self.mgr.challenges.set_remote(None);
             return;
         };
         self.warn_listeners(&wanted, &acme);
@@ -297,21 +390,28 @@ impl State {
                 && c.contact == acme.contact
                 && c.ca_file == acme.ca_file
                 && c.storage_spec == acme.storage
+                && c.storage_key == acme.storage_key
+                && c.replica_id == acme.replica_id
         });
         let mut stored = HashMap::new();
         if !same {
             self.generation += 1;
             self.entries.clear();
             self.dirty = true;
-            let publisher = Arc::new(LocalPublisher {
-                challenges: Arc::clone(&self.mgr.challenges),
-                certs: Arc::clone(&self.mgr.certs),
-            });
-            match Ctx::new(&acme, publisher) {
+            let local =
+                LocalPublisher { challenges: Arc::clone(&self.mgr.challenges), certs: Arc::clone(&self.mgr.certs) };
+            self.mgr.challenges.set_remote(None);
+            self.resync_at = None;
+            match Ctx::new(&acme, local, Arc::clone(&self.mgr.stats.store)) {
                 Ok(ctx) => {
                     tracing::info!(directory = %ctx.directory, storage = %ctx.storage.describe(),
+                        replica = %ctx.replica, shared = ctx.storage.shared(),
                         challenge = ?acme.challenge, "ACME configured");
-                    stored = ctx.load_all().await;
+                    *self.mgr.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        (ctx.replica.clone(), ctx.storage.describe());
+                    self.mgr.challenges.set_remote(ctx.remote.clone());
+                    self.listen(&ctx);
+                    stored = ctx.load_all(&wanted.names).await;
                     self.ctx = Some(Arc::new(ctx));
                 }
                 Err(e) => {
@@ -340,7 +440,8 @@ impl State {
             }
             let cert = match stored.remove(name) {
                 Some(l) => Some(l),
-                None if same => ctx.load_cert(name).await,
+                // With the store down, the order attempt finds out (without holding up the loop).
+                None if same && self.mgr.stats.store.is_up() => ctx.load_cert(name).await,
                 None => None,
             };
             let next = match &cert {
@@ -354,7 +455,10 @@ impl State {
                 }
                 None => waiting.push(name.clone()),
             }
-            self.entries.insert(name.clone(), Entry { cert, next, failures: 0, busy: false, last_error: None });
+            self.entries.insert(
+                name.clone(),
+                Entry { cert, next, failures: 0, busy: false, last_error: None, recheck: false, store_wait: false },
+            );
         }
         if !waiting.is_empty() {
             tracing::info!(names = ?waiting, "ordering ACME certificates; until each arrives, TLS handshakes for it are refused");
@@ -402,7 +506,7 @@ impl State {
                 let result = tokio::spawn(ctx.obtain(job))
                     .await
                     .unwrap_or_else(|e| Err(Failure::Error(format!("the order task failed: {e}"))));
-                let _ = tx.send(Done { name, generation, result });
+                let _ = tx.send(Msg::Done(Done { name, generation, result }));
             });
         }
     }
@@ -417,6 +521,8 @@ impl State {
             return;
         };
         entry.busy = false;
+        let recheck = std::mem::take(&mut entry.recheck);
+        let was_waiting = std::mem::take(&mut entry.store_wait);
         let stats = &self.mgr.stats;
         match done.result {
             Ok(out) => {
@@ -430,7 +536,12 @@ impl State {
                         not_after = out.loaded.info.not_after, took_ms = out.took.as_millis() as u64,
                         renewal = renewed, "ACME certificate issued");
                 } else {
-                    tracing::info!(name = %done.name, serial = %out.loaded.serial,
+                    stats.picked_up.fetch_add(1, Ordering::Relaxed);
+                    let delay_ms = out.loaded.meta.as_ref().map(|m| unix_ms(SystemTime::now()).saturating_sub(m.at_ms));
+                    if let Some(ms) = delay_ms {
+                        stats.propagation.observe(Duration::from_millis(ms));
+                    }
+                    tracing::info!(name = %done.name, serial = %out.loaded.serial, propagation_ms = delay_ms,
                         "ACME certificate stored by another gateway picked up");
                 }
                 entry.next = renewal_instant(&out.loaded, renew_before);
@@ -440,8 +551,27 @@ impl State {
                 self.dirty = true;
             }
             Err(Failure::Deferred) => {
+                stats.store.lock_waits.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(name = %done.name, "another gateway is ordering this name; looking again shortly");
-                entry.next = Instant::now() + DEFERRED_RETRY;
+                // An event about a certificate stored meanwhile: look at once.
+                entry.next = Instant::now() + if recheck { Duration::ZERO } else { jittered(DEFERRED_RETRY) };
+            }
+            Err(Failure::Store(message)) => {
+                entry.failures += 1;
+                entry.store_wait = true;
+                let delay = jittered(retry_delay(entry.failures, None).min(STORE_RETRY_CAP));
+                entry.next = Instant::now() + delay;
+                if was_waiting {
+                    tracing::debug!(name = %done.name, retry_in_ms = delay.as_millis() as u64, "ACME store still unreachable: {message}");
+                } else if entry.cert.is_some() {
+                    tracing::warn!(name = %done.name, retry_in_ms = delay.as_millis() as u64,
+                        "ACME renewal waits for the store (the current certificate keeps serving): {message}");
+                } else {
+                    tracing::warn!(name = %done.name, retry_in_ms = delay.as_millis() as u64,
+                        "ACME host not ready: no certificate until the store can be reached (its handshakes are refused): {message}");
+                }
+                entry.last_error = Some(message);
+                self.dirty = true;
             }
             Err(Failure::Error(message)) => {
                 stats.orders_failed.fetch_add(1, Ordering::Relaxed);
@@ -461,6 +591,132 @@ impl State {
         }
     }
 
+    /// Clustered: forwards the store's events to the loop and schedules the re-reads.
+    fn listen(&mut self, ctx: &Ctx) {
+        let Some(mut events) = ctx.storage.events() else {
+            self.resync_at = None;
+            return;
+        };
+        self.resync_at = Some(Instant::now() + jittered(RESYNC_EVERY));
+        let (tx, generation, stop) = (self.done_tx.clone(), self.generation, self.mgr.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => return,
+                    e = events.recv() => e,
+                };
+                let event = match event {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Resync,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Msg::Event(generation, event)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn on_event(&mut self, generation: u64, event: Event) {
+        if generation != self.generation {
+            return;
+        }
+        let Some(ctx) = self.ctx.clone() else { return };
+        match event {
+            Event::Cert { name, by, .. } => {
+                if by == ctx.replica {
+                    return;
+                }
+                let Some(entry) = self.entries.get_mut(&name) else { return };
+                if entry.busy {
+                    entry.recheck = true;
+                } else {
+                    self.reread(&ctx, vec![name]);
+                }
+            }
+            Event::Resync => {
+                // The channel is (back) up: names that waited for the store go now, and
+                // everything is read again for what the events missed.
+                let now = Instant::now();
+                for e in self.entries.values_mut().filter(|e| !e.busy && e.store_wait) {
+                    e.next = now;
+                }
+                self.resync();
+            }
+        }
+    }
+
+    /// Reads every name not busy again from the store (clustered only).
+    fn resync(&mut self) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        if !ctx.storage.shared() {
+            self.resync_at = None;
+            return;
+        }
+        self.resync_at = Some(Instant::now() + jittered(RESYNC_EVERY));
+        let names: Vec<String> = self.entries.iter().filter(|(_, e)| !e.busy).map(|(n, _)| n.clone()).collect();
+        if !names.is_empty() {
+            self.reread(&ctx, names);
+        }
+    }
+
+    /// Reads `names` from the store in a task; each result comes back as `Msg::Reread`.
+    fn reread(&self, ctx: &Arc<Ctx>, names: Vec<String>) {
+        let (ctx, tx, generation) = (Arc::clone(ctx), self.done_tx.clone(), self.generation);
+        tokio::spawn(async move {
+            for name in names {
+                match ctx.fetch_cert(&name).await {
+                    Ok(loaded) => {
+                        if tx.send(Msg::Reread { name, generation, loaded }).is_err() {
+                            return;
+                        }
+                    }
+                    // Unreachable store: recorded and logged by the store's counters.
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    /// Adopts a certificate read from the store when it is newer than the one served.
+    fn on_reread(&mut self, name: &str, generation: u64, loaded: Option<Loaded>) {
+        if generation != self.generation {
+            return;
+        }
+        let renew_before = self.renew_before;
+        let Some(entry) = self.entries.get_mut(name) else { return };
+        let Some(l) = loaded else { return };
+        let newer = match &entry.cert {
+            None => true,
+            Some(c) => c.serial != l.serial && l.info.not_after >= c.info.not_after,
+        };
+        if !newer {
+            if let Some(c) = entry.cert.as_mut().filter(|c| c.serial == l.serial && c.meta.is_none()) {
+                c.meta = l.meta;
+            }
+            return;
+        }
+        if entry.busy {
+            entry.recheck = true;
+            return;
+        }
+        let stats = &self.mgr.stats;
+        stats.picked_up.fetch_add(1, Ordering::Relaxed);
+        let delay_ms = l.meta.as_ref().map(|m| unix_ms(SystemTime::now()).saturating_sub(m.at_ms));
+        if let Some(ms) = delay_ms {
+            stats.propagation.observe(Duration::from_millis(ms));
+        }
+        tracing::info!(name, serial = %l.serial, not_after = l.info.not_after,
+            ordered_by = l.meta.as_ref().map_or("?", |m| m.by.as_str()), propagation_ms = delay_ms,
+            renewal = entry.cert.is_some(), "ACME certificate stored by another replica picked up");
+        entry.next = renewal_instant(&l, renew_before);
+        entry.cert = Some(l);
+        entry.failures = 0;
+        entry.last_error = None;
+        entry.store_wait = false;
+        self.dirty = true;
+    }
+
     /// Swaps the resolver's ACME store and the status when something changed.
     fn publish(&mut self) {
         let now = Instant::now();
@@ -478,6 +734,9 @@ impl State {
                 next_attempt_in: (!e.busy).then(|| e.next.saturating_duration_since(now).as_secs() as i64),
                 failures: e.failures,
                 last_error: e.last_error.clone(),
+                serial: e.cert.as_ref().map(|l| l.serial.clone()),
+                ordered_by: e.cert.as_ref().and_then(|l| l.meta.as_ref()).map(|m| m.by.clone()),
+                ordered_at: e.cert.as_ref().and_then(|l| l.meta.as_ref()).map(|m| (m.at_ms / 1000) as i64),
             })
             .collect();
         let pending = self.entries.values().filter(|e| e.cert.is_none()).count();
@@ -508,23 +767,39 @@ fn cert_key(name: &str) -> String {
     format!("certs/{name}.pem")
 }
 
+/// Who ordered the certificate of `name` ([`OrderMeta`]).
+fn meta_key(name: &str) -> String {
+    format!("orders/{name}.json")
+}
+
 impl Ctx {
-    fn new(acme: &config::Acme, publisher: Arc<dyn Publisher>) -> Result<Ctx, String> {
-        let storage: Arc<dyn Storage> = if acme.storage.starts_with("redis://") || acme.storage.starts_with("rediss://")
-        {
-            return Err(format!(
-                "[acme].storage {:?}: a shared Redis store is not supported by this build yet; use a directory",
-                redact(&acme.storage)
-            ));
+    fn new(acme: &config::Acme, local: LocalPublisher, counters: Arc<StoreCounters>) -> Result<Ctx, String> {
+        counters.up.store(1, Ordering::Relaxed);
+        let (storage, publisher, remote): (Arc<dyn Storage>, Arc<dyn Publisher>, _) = if is_redis_url(&acme.storage) {
+            let store = RedisStorage::open(&acme.storage, None, Arc::clone(&counters))?;
+            let handle = tokio::runtime::Handle::try_current()
+                .map_err(|e| format!("the ACME manager needs a tokio runtime: {e}"))?;
+            let remote = RemoteAnswers { store: store.clone(), handle };
+            let publisher = Arc::new(ClusterPublisher { local, store: store.clone() });
+            (Arc::new(store), publisher, Some(remote))
         } else {
-            Arc::new(DirStorage::open(&acme.storage).map_err(|e| e.to_string())?)
+            (Arc::new(DirStorage::open(&acme.storage).map_err(|e| e.to_string())?), Arc::new(local), None)
+        };
+        let storage: Arc<dyn Storage> = match &acme.storage_key {
+            Some(key) => Arc::new(super::seal::Sealed::new(storage, key)?),
+            None => storage,
         };
         Ok(Ctx {
             directory: acme.directory.clone(),
             contact: acme.contact.clone(),
             ca_file: acme.ca_file.clone(),
             storage_spec: acme.storage.clone(),
+            storage_key: acme.storage_key.clone(),
+            replica_id: acme.replica_id.clone(),
+            replica: acme.replica_id.clone().unwrap_or_else(super::storage::default_replica_id),
             storage,
+            counters,
+            remote,
             http: AcmeHttp::new(acme.ca_file.as_deref())?,
             publisher,
             account: tokio::sync::Mutex::new(None),
@@ -534,12 +809,13 @@ impl Ctx {
     }
 
     /// Every stored certificate by name; files that are not one are moved aside.
-    async fn load_all(&self) -> HashMap<String, Loaded> {
+    async fn load_all(&self, wanted: &BTreeSet<String>) -> HashMap<String, Loaded> {
         let mut out = HashMap::new();
         let keys = match self.storage.list("certs/").await {
             Ok(k) => k,
             Err(e) => {
-                tracing::error!(storage = %self.storage.describe(), "cannot list stored certificates: {e}");
+                tracing::error!(storage = %self.storage.describe(), acme_hosts_not_ready = ?wanted,
+                    "cannot list stored certificates ({e}); static hosts are served, ACME hosts wait for the store");
                 return out;
             }
         };
@@ -564,19 +840,32 @@ impl Ctx {
 
     /// The stored certificate for `name`, if there is a good one (a bad one is set aside).
     async fn load_cert(&self, name: &str) -> Option<Loaded> {
-        let key = cert_key(name);
-        let bytes = match self.storage.get(&key).await {
-            Ok(b) => b?,
+        match self.fetch_cert(name).await {
+            Ok(l) => l,
             Err(e) => {
                 tracing::error!(name, "cannot read the stored certificate: {e}");
-                return None;
+                None
             }
+        }
+    }
+
+    /// The stored certificate for `name` with who ordered it; a bad one is set aside
+    /// (`Ok(None)`); `Err` when the store cannot be read.
+    async fn fetch_cert(&self, name: &str) -> Result<Option<Loaded>, StorageError> {
+        let key = cert_key(name);
+        let Some(bytes) = self.storage.get(&key).await? else {
+            return Ok(None);
         };
         match parse_bundle(&bytes, name, self.storage.locate(&key)) {
-            Ok(l) => Some(l),
+            Ok(mut l) => {
+                if let Ok(Some(meta)) = self.storage.get(&meta_key(name)).await {
+                    l.meta = serde_json::from_slice::<OrderMeta>(&meta).ok().filter(|m| m.serial == l.serial);
+                }
+                Ok(Some(l))
+            }
             Err(reason) => {
                 self.set_aside(&key, &bytes, &reason).await;
-                None
+                Ok(None)
             }
         }
     }
@@ -613,10 +902,29 @@ impl Ctx {
             *slot = Some(account.clone());
             return Ok(account);
         }
-        let lease = match self.storage.lock("account", Duration::from_secs(60)).await {
-            Ok(Some(l)) => l,
-            Ok(None) => return Err(Failure::Deferred),
-            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+        // One replica creates it; the others wait for it to appear in the store.
+        let waited_since = Instant::now();
+        let mut counted = false;
+        let lease = loop {
+            match self.storage.lock("account", self.storage.lease_ttl()).await.map_err(store_failure)? {
+                Some(l) => break l,
+                None => {
+                    if !counted {
+                        counted = true;
+                        self.counters.lock_waits.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("another replica is creating the ACME account; waiting for it");
+                    }
+                    if waited_since.elapsed() > ACCOUNT_WAIT {
+                        return Err(Failure::Deferred);
+                    }
+                    tokio::time::sleep(jittered(Duration::from_millis(150))).await;
+                    if let Some(account) = self.stored_account().await? {
+                        tracing::info!(id = %account.id(), "ACME account created by another replica restored from storage");
+                        *slot = Some(account.clone());
+                        return Ok(account);
+                    }
+                }
+            }
         };
         let created = async {
             // Another gateway may have made it while we waited for the lease.
@@ -659,7 +967,7 @@ impl Ctx {
         let bytes = match self.storage.get(&self.account_key).await {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
-            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+            Err(e) => return Err(store_failure(e)),
         };
         match serde_json::from_slice::<AccountCredentials>(&bytes) {
             Ok(creds) => self
@@ -679,10 +987,10 @@ impl Ctx {
     async fn obtain(self: Arc<Self>, job: Job) -> Result<Outcome, Failure> {
         let _permit = self.limit.acquire().await.map_err(|_| Failure::Error("shutting down".into()))?;
         let started = std::time::Instant::now();
-        let lease = match self.storage.lock(&format!("order-{}", job.name), LEASE_TTL).await {
+        let lease = match self.storage.lock(&format!("order-{}", job.name), self.storage.lease_ttl()).await {
             Ok(Some(l)) => l,
             Ok(None) => return Err(Failure::Deferred),
-            Err(e) => return Err(Failure::Error(format!("storage: {e}"))),
+            Err(e) => return Err(store_failure(e)),
         };
         let token = lease.token;
         let work = async {
@@ -701,12 +1009,13 @@ impl Ctx {
     /// Runs `work` while renewing `lease`; returns the result and the lease as last renewed.
     async fn holding<T>(&self, mut lease: Lease, work: impl Future<Output = T>) -> (T, Lease) {
         tokio::pin!(work);
-        let every = LEASE_TTL / 3;
+        let ttl = self.storage.lease_ttl();
+        let every = ttl / 3;
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         loop {
             tokio::select! {
                 out = &mut work => return (out, lease),
-                _ = tick.tick() => match self.storage.renew(&lease, LEASE_TTL).await {
+                _ = tick.tick() => match self.storage.renew(&lease, ttl).await {
                     Ok(Some(l)) => lease = l,
                     Ok(None) => tracing::warn!(lock = %lease.name,
                         "order lease lost; the fencing token keeps a newer certificate from being overwritten"),
@@ -718,7 +1027,7 @@ impl Ctx {
 
     async fn obtain_locked(&self, job: &Job, token: u64) -> Result<(Loaded, bool), Failure> {
         // Another gateway sharing the storage may have just stored a fresh one.
-        if let Some(stored) = self.load_cert(&job.name).await {
+        if let Some(stored) = self.fetch_cert(&job.name).await.map_err(store_failure)? {
             let newer = job.current.as_ref().is_none_or(|c| c.serial != stored.serial);
             let not_due = renewal_time(&stored, job.renew_before, 0.0) > SystemTime::now();
             if newer && not_due {
@@ -731,8 +1040,39 @@ impl Ctx {
         let key_name = cert_key(&job.name);
         let loaded = parse_bundle(bundle.as_bytes(), &job.name, self.storage.locate(&key_name))
             .map_err(|e| Failure::Error(format!("the ACME server returned an unusable certificate: {e}")))?;
-        match self.storage.put_fenced(&key_name, bundle.as_bytes(), token).await {
-            Ok(()) => {}
+        let meta =
+            OrderMeta { serial: loaded.serial.clone(), by: self.replica.clone(), at_ms: unix_ms(SystemTime::now()) };
+        let mut stored = self.storage.put_fenced(&key_name, bundle.as_bytes(), token).await;
+        // A store that went away mid-order: the certificate is worth a few more tries.
+        for delay in [1, 2, 4] {
+            match &stored {
+                Err(StorageError::Backend(e)) => {
+                    tracing::warn!(name = %job.name, "certificate issued but not stored yet ({e}); trying again in {delay}s");
+                    tokio::time::sleep(Duration::from_secs(delay)).await;
+                    stored = self.storage.put_fenced(&key_name, bundle.as_bytes(), token).await;
+                }
+                _ => break,
+            }
+        }
+        match stored {
+            Ok(()) => {
+                let mut loaded = loaded;
+                match serde_json::to_vec(&meta) {
+                    Ok(json) => {
+                        if let Err(e) = self.storage.put_fenced(&meta_key(&job.name), &json, token).await {
+                            tracing::warn!(name = %job.name, "cannot store who ordered the certificate: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!(name = %job.name, "order metadata: {e}"),
+                }
+                let event = Event::Cert { name: job.name.clone(), by: meta.by.clone(), at_ms: meta.at_ms };
+                if let Err(e) = self.storage.announce(&event).await {
+                    tracing::warn!(name = %job.name,
+                        "cannot tell the other replicas about the new certificate (they re-read the store): {e}");
+                }
+                loaded.meta = Some(meta);
+                return Ok((loaded, true));
+            }
             Err(StorageError::Fenced { .. }) => {
                 tracing::warn!(name = %job.name, "a newer certificate was stored meanwhile by another gateway; using it");
                 if let Some(stored) = self.load_cert(&job.name).await {
@@ -887,6 +1227,7 @@ fn parse_bundle(bytes: &[u8], name: &str, location: String) -> Result<Loaded, St
         info: CertInfo { source: CertSource::Acme, file: Some(PathBuf::from(location)), ..info },
         not_before,
         serial,
+        meta: None,
     })
 }
 
@@ -934,14 +1275,6 @@ fn key_segment(url: &str) -> String {
         .collect::<String>()
         .trim_start_matches('.')
         .to_string()
-}
-
-/// A URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1019,6 +1352,7 @@ impl HttpClient for AcmeHttp {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::cluster::redact;
     use super::*;
 
     fn loaded(not_before: i64, not_after: i64) -> Loaded {
@@ -1034,6 +1368,7 @@ mod tests {
             },
             not_before,
             serial: "01".into(),
+            meta: None,
         }
     }
 

@@ -45,11 +45,80 @@ pub struct Lease {
     pub holder: String,
 }
 
-/// The ACME manager's view of a store (directory today, Redis next).
+/// What replicas sharing a store tell each other (Redis pub/sub; a directory has none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A certificate for `name` was stored by replica `by` at `at_ms` (Unix milliseconds).
+    Cert { name: String, by: String, at_ms: u64 },
+    /// Events may have been missed (the channel was down): read everything again.
+    Resync,
+}
+
+/// Health of a store, shared with the metrics.
+#[derive(Debug)]
+pub struct StoreCounters {
+    /// Failed store calls (connection refused, timeouts, server errors).
+    pub errors: std::sync::atomic::AtomicU64,
+    /// 1 while the last call (or the event channel) reached the store, else 0.
+    pub up: std::sync::atomic::AtomicU64,
+    /// Times a lease (a name's or the account's) was held by another replica and this
+    /// one waited for it.
+    pub lock_waits: std::sync::atomic::AtomicU64,
+}
+
+impl Default for StoreCounters {
+    fn default() -> Self {
+        StoreCounters { errors: 0.into(), up: 1.into(), lock_waits: 0.into() }
+    }
+}
+
+impl StoreCounters {
+    /// Records the outcome of a call; logs when the store becomes unreachable or comes back.
+    pub fn record(&self, what: &str, ok: bool, error: Option<&str>) {
+        use std::sync::atomic::Ordering;
+        if ok {
+            if self.up.swap(1, Ordering::Relaxed) == 0 {
+                tracing::info!(store = what, "ACME store reachable again: issuance and renewal resume");
+            }
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            if self.up.swap(0, Ordering::Relaxed) == 1 {
+                tracing::error!(
+                    store = what,
+                    error = error.unwrap_or(""),
+                    "ACME store unreachable: certificates already loaded keep serving; issuance and renewal wait for it"
+                );
+            }
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed) == 1
+    }
+}
+
+/// The ACME manager's view of a store (a directory, or Redis shared by every replica).
 #[async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Where the data is, for logs (`certs/acme`, `redis://host/0`).
     fn describe(&self) -> String;
+    /// How long a lease lasts unless renewed (renewed every third of it while held).
+    fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(120)
+    }
+    /// Whether other replicas share this store and talk through [`Storage::events`].
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Events from replicas sharing the store, or `None` for a store nobody else watches.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Event>> {
+        None
+    }
+    /// Tells every replica sharing the store (best effort; a no-op without a channel).
+    async fn announce(&self, _event: &Event) -> Result<(), StorageError> {
+        Ok(())
+    }
     /// Where a key is kept, for operators (a file path for a directory).
     fn locate(&self, key: &str) -> String {
         format!("{}:{key}", self.describe())
@@ -85,6 +154,11 @@ pub fn holder_id() -> String {
     format!("{}/{}/{:016x}", this_host().unwrap_or("unknown"), std::process::id(), rand::random::<u64>())
 }
 
+/// This replica's id when `[acme].replica_id` is not set: `HOST/PID`.
+pub fn default_replica_id() -> String {
+    format!("{}/{}", this_host().unwrap_or("unknown"), std::process::id())
+}
+
 fn this_host() -> Option<&'static str> {
     static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     HOST.get_or_init(|| {
@@ -111,7 +185,7 @@ fn holder_is_gone(holder: &str) -> bool {
         && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -118,7 +118,13 @@ pub struct Acme {
     pub challenge: Challenge,
     pub ca_file: Option<PathBuf>,
     pub renew_before: Duration,
+    /// A directory, or `redis://`/`rediss://` shared by every replica.
     pub storage: String,
+    /// This replica's name in the shared store (`/certificates` shows who ordered what);
+    /// `None`: `HOST/PID`.
+    pub replica_id: Option<String>,
+    /// `SWARMGATE_ACME_STORAGE_KEY`: private keys are encrypted in the store with it.
+    pub storage_key: Option<crate::acme::seal::SecretKey>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -402,9 +408,45 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     let (storage, storage_origin) = t.string("storage", "certs/acme");
     if storage.is_empty() {
         t.source().problem(&storage_origin, "[acme].storage must name a directory or a redis:// URL");
+    } else if crate::acme::cluster::is_redis_url(&storage) {
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(storage.as_str()) {
+            // The message never repeats the URL (it may hold a password).
+            t.source().problem(
+                &storage_origin,
+                format!(
+                    "[acme].storage: not a usable Redis URL ({e}): expected redis://[:PASSWORD@]HOST:PORT/DB or rediss://…"
+                ),
+            );
+        }
+    } else if storage.contains("://") {
+        t.source().problem(
+            &storage_origin,
+            format!(
+                "[acme].storage: {storage:?}: only redis:// and rediss:// URLs are stores; anything else is a directory"
+            ),
+        );
     }
+    let (replica_id, replica_origin) = t.string("replica_id", "");
+    if replica_id.len() > 200 || replica_id.chars().any(char::is_control) {
+        t.source().problem(&replica_origin, "[acme].replica_id: at most 200 printable characters");
+    }
+    let replica_id = (!replica_id.is_empty()).then_some(replica_id);
+    let key_var = crate::acme::seal::KEY_VAR;
+    let storage_key = t.source().env.get(key_var).filter(|v| !v.is_empty()).cloned();
+    if let Some(k) = &storage_key {
+        if k.chars().count() < crate::acme::seal::MIN_KEY_CHARS {
+            t.source().problem(
+                &Origin::Env(key_var.to_string()),
+                format!(
+                    "{key_var}: at least {} characters of random data (e.g. `openssl rand -base64 32`)",
+                    crate::acme::seal::MIN_KEY_CHARS
+                ),
+            );
+        }
+    }
+    let storage_key = storage_key.map(crate::acme::seal::SecretKey::new);
     t.finish();
-    Some(Acme { directory, contact, challenge, ca_file, renew_before, storage })
+    Some(Acme { directory, contact, challenge, ca_file, renew_before, storage, replica_id, storage_key })
 }
 
 fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[(RouteConfig, Origin)]) {
@@ -674,7 +716,13 @@ impl Config {
         s += &format!(
             "certificates: {}{}\n",
             self.tls.certs_dir.display(),
-            self.acme.as_ref().map_or(String::new(), |a| format!(", ACME {} ({:?})", a.directory, a.challenge))
+            self.acme.as_ref().map_or(String::new(), |a| format!(
+                ", ACME {} ({:?}), storage {}{}",
+                a.directory,
+                a.challenge,
+                crate::acme::cluster::redact(&a.storage),
+                if a.storage_key.is_some() { " (encrypted)" } else { "" }
+            ))
         );
         s += &format!("routes ({}):\n", self.routes.len());
         for r in self.routes.iter().take(20) {

@@ -114,8 +114,19 @@ async fn tls_connection(
     let metrics = &shared.gw.metrics;
     let _open = OpenConnection::new(metrics);
     let limits = shared.gw.snapshot_guard().proxy.limits.clone();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+    let gw = &shared.gw;
+    let handshake = async move {
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        let hello = start.client_hello();
+        let challenge = hello.alpn().is_some_and(|mut alpn| alpn.any(|p| p == ACME_TLS_ALPN));
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let config = match (challenge, sni) {
+            (true, Some(name)) => remote_challenge(gw, &name).await.unwrap_or(config),
+            _ => config,
+        };
+        start.into_stream(config).await
+    };
+    let tls = match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +153,28 @@ async fn tls_connection(
     } else {
         serve_h1(tls, conn, &limits, &shared).await;
     }
+}
+
+/// Clustered TLS-ALPN-01: a validation for a name this replica holds no answer for (another
+/// replica placed the order) is answered from the store. The lookup happens here, between
+/// the ClientHello and the handshake (rustls' resolver cannot wait), and the challenge
+/// certificate gets a configuration of its own for this one handshake.
+async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+    // Only for names ACME certifies here: a stranger's ClientHello costs no store lookup.
+    if gw.certs.has_challenge(name) || !gw.acme.wants(name) {
+        return None;
+    }
+    let remote = gw.challenges.remote()?;
+    let digest = remote.tls_alpn01(name).await?;
+    let ck = match crate::acme::responder::challenge_cert(name, &digest) {
+        Ok(ck) => ck,
+        Err(e) => {
+            tracing::warn!(name, "cannot answer a TLS-ALPN-01 validation: {e}");
+            return None;
+        }
+    };
+    tracing::info!(name, "answering a TLS-ALPN-01 validation with an answer another replica published");
+    crate::tls::challenge_config(Arc::new(ck)).ok()
 }
 
 /// Serves HTTP/1.1 (with upgrades) until the connection ends, its timeouts expire (see

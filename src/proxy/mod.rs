@@ -126,7 +126,7 @@ async fn route_request(
     }
     if !conn.tls {
         if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
-            return Ok(acme_answer(gw, &req, start));
+            return Ok(acme_answer(gw, &req, start).await);
         }
         if snap.proxy.redirect_https {
             if let Some(port) = snap.proxy.https_port {
@@ -511,14 +511,15 @@ fn redirect(
     resp
 }
 
-/// Answers an HTTP-01 validation request from the published key authorizations.
-fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Response<RespBody> {
+/// Answers an HTTP-01 validation request from the published key authorizations: this
+/// replica's, else (clustered) those another replica published in the shared store.
+async fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Response<RespBody> {
     let token = &req.uri().path()[crate::acme::HTTP01_PREFIX.len()..];
-    let resp = match gw.challenges.answer(token) {
-        Some(key_auth) => {
+    let resp = match gw.challenges.answer_anywhere(token).await {
+        Some((key_auth, source)) => {
             let mut r = Response::new(RespBody::from_bytes(key_auth.into()));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            tracing::info!(token, "answered an ACME HTTP-01 challenge");
+            tracing::info!(token, source, "answered an ACME HTTP-01 challenge");
             r
         }
         None => text(StatusCode::NOT_FOUND, "404 unknown ACME challenge token\n"),

@@ -59,6 +59,12 @@ impl CertResolver {
         };
     }
 
+    /// Whether this process publishes a TLS-ALPN-01 answer for `name`.
+    pub fn has_challenge(&self, name: &str) -> bool {
+        let map = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.contains_key(&name.to_ascii_lowercase())
+    }
+
     /// The certificate a client asking for `sni` gets, without the challenge case.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         match sni {
@@ -101,4 +107,25 @@ pub fn server_config(resolver: Arc<CertResolver>, min: TlsVersion) -> Result<Arc
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
+}
+
+/// Serves one TLS-ALPN-01 challenge certificate (ALPN `acme-tls/1` only): the
+/// configuration of a single validation handshake.
+pub fn challenge_config(cert: Arc<CertifiedKey>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(cert)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
 }

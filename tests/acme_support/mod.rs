@@ -8,6 +8,8 @@
 //! Both processes are killed on drop.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,26 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 
-/// A free loopback port (bound then released; the OS does not hand it out again soon).
+/// A free loopback port below the kernel's ephemeral range (32768-60999 here), so the
+/// outgoing connections of other tests, which get ephemeral ports, never take it between
+/// this pick and the bind of whoever it is for. Ports are handed out in order from a
+/// random start, each checked bindable, never twice in one process.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+            ^ std::process::id().wrapping_mul(7919);
+        let _ = NEXT.compare_exchange(u32::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -458,6 +478,20 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `swarmgate run --config CONFIG` and waits for `/healthz`.
     pub fn start(config: &Path, ports: Ports, log: PathBuf) -> Gateway {
+        Self::start_env(config, ports, log, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_env(config: &Path, ports: Ports, log: PathBuf, env: &[(&str, &str)]) -> Gateway {
+        match Self::try_start_env(config, ports, log, env) {
+            Ok(gw) => gw,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `start_env`, but a gateway that exits at start (e.g. 2: a port another test took
+    /// between picking and binding) is an error to retry with other ports.
+    pub fn try_start_env(config: &Path, ports: Ports, log: PathBuf, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let out = std::fs::File::create(&log).unwrap();
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_swarmgate"))
@@ -466,6 +500,7 @@ impl Gateway {
             .arg(config)
             .env("SWARMGATE_LOG", "info,swarmgate=debug")
             .env_remove("SWARMGATE_LOG_FORMAT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -478,12 +513,12 @@ impl Gateway {
                 break;
             }
             if let Ok(Some(status)) = gw.child.try_wait() {
-                panic!("swarmgate exited ({status}) at start:\n{}", gw.log_text());
+                return Err(format!("swarmgate exited ({status}) at start:\n{}", gw.log_text()));
             }
             assert!(Instant::now() < deadline, "swarmgate did not come up:\n{}", gw.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        gw
+        Ok(gw)
     }
 
     pub fn log_text(&self) -> String {
@@ -507,6 +542,12 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL: no shutdown, no lease released.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait for exit.
