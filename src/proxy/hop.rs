@@ -15,7 +15,14 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
+    // Read before anything is removed: a client sending TE must also name it in
+    // Connection (RFC 9110 section 10.1.4), which removes it below.
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     if headers.contains_key(header::CONNECTION) {
+        // Every Connection line counts: a message may carry the field more than once.
         // `close`, `keep-alive` and `upgrade` (the usual tokens) go anyway: only other
         // names cost a lookup, and the list is built only when there are any.
         let named: Vec<HeaderName> = headers
@@ -28,20 +35,6 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
         for name in named {
             headers.remove(name);
         }
-    }
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    // Every Connection line counts: a message may carry the field more than once.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(connection_tokens)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
     }
     for name in &ALWAYS {
         headers.remove(name);
@@ -79,5 +72,16 @@ mod tests {
         assert!(strip(&mut h));
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn te_named_in_connection_still_asks_for_trailers_and_every_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("TE"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-second"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-second", HeaderValue::from_static("2"));
+        assert!(strip(&mut h), "a compliant client names TE in Connection");
+        assert!(h.is_empty(), "{h:?}");
     }
 }
