@@ -34,7 +34,10 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let redis = Redis::start(&dir.path().join("redis"));
         let balancer = Balancer::start();
-        balancer.hold.store(hold, std::sync::atomic::Ordering::SeqCst);
+        // Validations wait until every replica listens, so they are spread over all of
+        // them (otherwise the first replica may order and validate alone before the
+        // others start); `hold` keeps them waiting for the caller to release.
+        balancer.hold.store(true, std::sync::atomic::Ordering::SeqCst);
         let plan = PebblePlan::new(&dir.path().join("pebble"), balancer.http_port, balancer.https_port, validity);
         let pebble = plan.start();
         let backend = backend();
@@ -44,6 +47,9 @@ impl Cluster {
             c.replicas.push(gw);
             let ports: Vec<Ports> = c.replicas.iter().map(|r| r.ports).collect();
             c.balancer.set_targets(&ports);
+        }
+        if !hold {
+            c.balancer.hold.store(false, std::sync::atomic::Ordering::SeqCst);
         }
         c
     }
