@@ -107,7 +107,15 @@ async fn metrics_families_move_with_traffic() {
     assert_eq!(metric_value(&m, unrouted), Some(2.0));
     assert_eq!(metric_value(&m, count), Some(11.0));
     assert_eq!(metric_value(&m, "swarmgate_tls_handshakes_total"), Some(1.0));
-    assert_eq!(metric_value(&m, "swarmgate_open_connections"), Some(3.0));
+    // (The TLS connection above closed a moment ago: wait for the gateway to see it.)
+    assert!(
+        wait_until_async(Duration::from_secs(3), || async {
+            gw.metric("swarmgate_open_connections").await == Some(3.0)
+        })
+        .await,
+        "{}",
+        gw.metrics().await
+    );
     // Buckets are cumulative and end at the count.
     let buckets: Vec<f64> = m
         .lines()
@@ -251,8 +259,13 @@ async fn drain_with_the_token_stops_new_requests() {
     a.set_delay(Duration::from_millis(1500));
     let http = gw.http;
     let mut held = Vec::new();
-    for _ in 0..6 {
+    // One request at a time until one is on `a` (random picks: a few tries), each one
+    // at its server before the next, so none is between pick and server at the drain.
+    while a.hits() == 0 {
+        assert!(held.len() < 40, "a was never picked");
         held.push(tokio::spawn(async move { get(http, "app.test", "/").await }));
+        let n = held.len();
+        assert!(wait_until(Duration::from_secs(2), || a.hits() + b.hits() == n).await);
     }
     assert!(
         wait_until_async(Duration::from_secs(2), || async {
