@@ -24,8 +24,14 @@ fn main() -> ExitCode {
             let config = match config::load(&cli.config, &env) {
                 Ok(c) => c,
                 Err(problems) => {
+                    // With JSON logs every stderr line stays a JSON object.
+                    let json = env.get("SWARMGATE_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
                     for p in &problems {
-                        eprintln!("{p}");
+                        if json {
+                            tracing::error!(location = %p.location, "{}", p.message);
+                        } else {
+                            eprintln!("{p}");
+                        }
                     }
                     tracing::error!(problems = problems.len(), "invalid configuration; not starting");
                     return ExitCode::from(exit::INVALID_CONFIG);

@@ -45,7 +45,10 @@ pub struct ServerSet {
     /// Healthy, not draining, not ejected: what the balancer picks from.
     eligible: ArcSwap<Vec<Arc<Server>>>,
     settings: ArcSwap<SetSettings>,
-    update: Mutex<()>,
+    /// Serialises every change; holds the addresses an operator drained, which stay out
+    /// while the source (config or DNS) keeps listing them and are forgotten once it
+    /// stops (an address that comes back later is a new server).
+    update: Mutex<HashSet<SocketAddr>>,
     pub stats: SetStats,
 }
 
@@ -64,12 +67,12 @@ impl ServerSet {
             all: ArcSwap::from_pointee(Vec::new()),
             eligible: ArcSwap::from_pointee(Vec::new()),
             settings: ArcSwap::from_pointee(settings),
-            update: Mutex::new(()),
+            update: Mutex::new(HashSet::new()),
             stats: SetStats::default(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
+    fn lock(&self) -> MutexGuard<'_, HashSet<SocketAddr>> {
         self.update.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -104,8 +107,10 @@ impl ServerSet {
 
     /// Makes the set's addresses exactly `addrs` (see the module docs).
     pub fn reconcile(self: &Arc<Self>, addrs: &[SocketAddr]) -> Reconciled {
-        let _g = self.lock();
-        let wanted: HashSet<SocketAddr> = addrs.iter().copied().collect();
+        let mut held = self.lock();
+        let listed: HashSet<SocketAddr> = addrs.iter().copied().collect();
+        held.retain(|a| listed.contains(a));
+        let wanted: HashSet<SocketAddr> = listed.difference(&held).copied().collect();
         let current = self.all.load_full();
         let initial = if self.settings.load().health_checked { ServerState::Pending } else { ServerState::Healthy };
         let mut report = Reconciled::default();
@@ -128,7 +133,7 @@ impl ServerSet {
             next.push(Arc::clone(s));
         }
         for addr in addrs {
-            if present.insert(*addr) {
+            if wanted.contains(addr) && present.insert(*addr) {
                 next.push(Server::new(*addr, initial));
                 report.added.push(*addr);
             }
@@ -139,11 +144,13 @@ impl ServerSet {
     }
 
     /// Drains one server by hand (admin). False when the address is not in the set.
+    /// The drain sticks while the config or DNS keeps listing the address.
     pub fn drain(self: &Arc<Self>, addr: SocketAddr) -> bool {
-        let _g = self.lock();
+        let mut held = self.lock();
         let Some(server) = self.all.load().iter().find(|s| s.addr == addr).cloned() else {
             return false;
         };
+        held.insert(addr);
         if server.state() != ServerState::Draining {
             self.start_drain_locked(&server);
             self.refresh_eligible_locked();
@@ -277,6 +284,24 @@ mod tests {
         drop(guard);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(s.all().len(), 2, "drained server is forgotten once idle");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admin_drain_sticks_while_the_source_lists_the_server() {
+        let s = set(false);
+        s.reconcile(&[addr(1), addr(2)]);
+        assert!(s.drain(addr(2)));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(s.all().len(), 1, "drained and idle: forgotten");
+        // The next reload or DNS answer still lists it: it stays out.
+        let r = s.reconcile(&[addr(1), addr(2)]);
+        assert!(r.added.is_empty(), "{r:?}");
+        assert_eq!(s.eligible().iter().map(|s| s.addr).collect::<Vec<_>>(), vec![addr(1)]);
+        // Once the source stops listing it, it is forgotten; coming back, it is new.
+        s.reconcile(&[addr(1)]);
+        let r = s.reconcile(&[addr(1), addr(2)]);
+        assert_eq!(r.added, vec![addr(2)]);
+        assert_eq!(s.eligible().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]
