@@ -157,11 +157,13 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, S
     Ok(stream)
 }
 
-/// A new HTTP/1.1 connection whose task ends when `kill` fires.
-async fn open(
+/// A new HTTP/1.1 connection whose task ends when `kill` fires. With `upgrades` it can be
+/// handed to a tunnel after a 101 (such a connection is never pooled).
+pub async fn open(
     addr: SocketAddr,
     timeout: Duration,
     kill: &CancellationToken,
+    upgrades: bool,
 ) -> Result<SendRequest<ReqBody>, SendError> {
     let stream = connect(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
@@ -170,9 +172,13 @@ async fn open(
         .map_err(|source| SendError::Failed { addr, source })?;
     let kill = kill.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            res = conn => if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "upstream connection ended") },
-            () = kill.cancelled() => {}
+        let served = async { if upgrades { conn.with_upgrades().await } else { conn.await } };
+        let result = tokio::select! {
+            res = served => res,
+            () = kill.cancelled() => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(server = %addr, error = %e, upgrades, "upstream connection ended");
         }
     });
     Ok(sender)
@@ -197,7 +203,7 @@ pub async fn send(
             Some(s) => (s, true),
             // Boxed: connecting is the rare path and would otherwise size every request
             // future (kept per client connection by hyper) for it.
-            None => match Box::pin(open(addr, connect_timeout, kill)).await {
+            None => match Box::pin(open(addr, connect_timeout, kill, false)).await {
                 Ok(s) => (s, false),
                 Err(error) => return Err(Failure { error, unsent: Some(req) }),
             },
@@ -225,25 +231,4 @@ pub async fn send(
             },
         }
     }
-}
-
-/// A new connection for an HTTP/1.1 Upgrade (never pooled); its task ends with `kill`.
-pub async fn open_for_upgrade(
-    addr: SocketAddr,
-    timeout: Duration,
-    kill: &CancellationToken,
-) -> Result<SendRequest<ReqBody>, SendError> {
-    let stream = connect(addr, timeout).await?;
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| SendError::Failed { addr, source })?;
-    let kill = kill.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            res = conn.with_upgrades() => if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "upstream upgrade connection ended") },
-            () = kill.cancelled() => {}
-        }
-    });
-    Ok(sender)
 }
