@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# flat_cost.sh: does a request cost the same with 1,000 servers or 10,000 routes as with
+# 1 server and 10 routes? Runs the same HTTP/1.1 keep-alive load (wrk -t1 -c64) against
+# swarmgate (one worker, pinned to CPU 0) with each of the three configs, interleaved for
+# --rounds rounds, and prints requests/s, p99 and the proxy's CPU microseconds per
+# request. An nginx backend listening on every loopback address (port 19090) and wrk share
+# CPU 1. Needs nginx, wrk, curl, python3 (Debian packages) and a release build.
+#
+# usage: benches/flat_cost.sh [--gateway PATH] [--rounds N] [--duration S]
+set -euo pipefail
+GW=./target/release/swarmgate ROUNDS=3 DURATION=5
+while [ $# -gt 0 ]; do
+    case $1 in
+        --gateway) GW=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+[ -x "$GW" ] || { echo "no swarmgate binary at $GW: run cargo build --release" >&2; exit 1; }
+for t in nginx wrk curl python3 taskset; do
+    command -v "$t" >/dev/null || { echo "missing $t: apt-get install -y nginx wrk curl python3 util-linux" >&2; exit 1; }
+done
+TMP=$(mktemp -d /tmp/flat-cost.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+cat > "$TMP/backend.conf" <<NGX
+worker_processes 1;
+daemon off;
+pid $TMP/backend.pid;
+error_log $TMP/backend.err warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    client_body_temp_path $TMP; proxy_temp_path $TMP; fastcgi_temp_path $TMP;
+    uwsgi_temp_path $TMP; scgi_temp_path $TMP;
+    server { listen 19090 backlog=4096; location / { return 200 "hello, world\n"; } }
+}
+NGX
+
+python3 - "$TMP" <<'PY'
+import sys
+tmp = sys.argv[1]
+head = """[listen]
+http = "127.0.0.1:19421"
+https = ""
+admin = "127.0.0.1:19423"
+[runtime]
+workers = 1
+[proxy]
+redirect_https = false
+shutdown_delay = "0s"
+drain_timeout = "1s"
+"""
+def routes(n, hosts):
+    out = []
+    for i in range(n - 1):
+        out += ['[[route]]', f'host = "svc{i % hosts}.sandbox.example.org"', f'path = "/api/v{i % 3}/r{i // hosts}"', 'upstream = "b"']
+    out += ['[[route]]', 'host = "localhost"', 'path = "/"', 'upstream = "b"']
+    return "\n".join(out) + "\n"
+def servers(n):
+    addrs = [f'"127.0.{(i + 1) // 250}.{(i + 1) % 250 + 1}:19090"' for i in range(n)]
+    return "[upstream.b]\nservers = [" + ", ".join(addrs) + "]\n"
+open(f"{tmp}/base.toml", "w").write(head + routes(10, 1) + servers(1))
+open(f"{tmp}/servers1000.toml", "w").write(head + routes(10, 1) + servers(1000))
+open(f"{tmp}/routes10k.toml", "w").write(head + routes(10000, 1000) + servers(1))
+PY
+
+taskset -c 1 nginx -c "$TMP/backend.conf" & PIDS+=($!)
+sleep 0.5
+printf '%-6s %-12s %10s %9s %8s\n' round config rps p99 us/req
+for round in $(seq "$ROUNDS"); do
+    for cfg in base servers1000 routes10k; do
+        "$GW" check --config "$TMP/$cfg.toml" >/dev/null
+        SWARMGATE_LOG=warn taskset -c 0 "$GW" --config "$TMP/$cfg.toml" & pid=$!
+        for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:19423/readyz && break; sleep 0.1; done
+        taskset -c 1 wrk -t1 -c64 -d2s http://localhost:19421/ >/dev/null
+        t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        out=$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency http://localhost:19421/)
+        t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+        rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+        p99=$(echo "$out" | awk '/ 99%/ {print $2}')
+        tck=$(getconf CLK_TCK)
+        us=$(awk -v a="$t0" -v b="$t1" -v r="$rps" -v d="$DURATION" -v t="$tck" 'BEGIN {printf "%.1f", (b - a) / t * 1e6 / (r * d)}')
+        printf '%-6s %-12s %10s %9s %8s\n' "$round" "$cfg" "$rps" "$p99" "$us"
+        kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+    done
+done
