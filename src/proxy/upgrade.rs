@@ -49,7 +49,7 @@ pub async fn proxy(
         req.headers().get(header::UPGRADE).cloned().ok_or(ProxyError::BadRequest("missing Upgrade"))?
     };
     let client_side = hyper::upgrade::on(&mut req);
-    let upstream_req = build_request(snap, conn, route, &req, authority, protocol, extended_connect);
+    let upstream_req = build_request(snap, conn, route, &req, authority, protocol.clone(), extended_connect);
 
     let upstream = &route.upstream;
     let cfg = &upstream.config;
@@ -112,6 +112,8 @@ pub async fn proxy(
         }
     });
     let (mut parts, _) = resp.into_parts();
+    // The protocol the server switched to (hop-by-hop, so read before the strip).
+    let switched_to = parts.headers.get(header::UPGRADE).cloned().unwrap_or(protocol);
     hop::strip(&mut parts.headers);
     if extended_connect {
         // RFC 8441 section 5: a 2xx answers the CONNECT; the key/accept exchange is h1's.
@@ -119,15 +121,9 @@ pub async fn proxy(
         parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
     } else {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(p) = parts.headers.get(header::UPGRADE).cloned().or(Some(protocol_of(&parts.headers))) {
-            parts.headers.insert(header::UPGRADE, p);
-        }
+        parts.headers.insert(header::UPGRADE, switched_to);
     }
     Ok(Response::from_parts(parts, RespBody::empty()))
-}
-
-fn protocol_of(_headers: &hyper::HeaderMap) -> HeaderValue {
-    HeaderValue::from_static("websocket")
 }
 
 /// The HTTP/1.1 Upgrade request the server gets.
