@@ -80,7 +80,9 @@ impl Conn {
 /// Serves one request; never fails (errors become the gateway's own responses).
 pub async fn handle(gw: Arc<Gateway>, conn: Arc<Conn>, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
-    let snap = gw.snapshot();
+    // A guard, not a clone: no shared reference count written per request (arc-swap falls
+    // back to a full reference by itself when a thread holds many at once).
+    let snap = gw.snapshot_guard();
     match route_request(&gw, &snap, &conn, req, start).await {
         Ok(resp) => resp,
         Err((err, stats)) => {
