@@ -7,21 +7,36 @@ use hyper::header::{self, HeaderName, HeaderValue};
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` still sent by old clients).
-const ALWAYS: [HeaderName; 5] =
-    [header::CONNECTION, header::TE, header::TRANSFER_ENCODING, header::UPGRADE, header::PROXY_AUTHENTICATE];
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static ALWAYS: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
 /// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
 pub fn strip(headers: &mut HeaderMap) -> bool {
+    // One pass over the names first: a removal costs a hash lookup, and most messages
+    // carry none of these fields or only `Connection`. Standard names compare as enums.
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = ALWAYS.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    let [connection, te, ..] = present;
     // Read before anything is removed: a client sending TE must also name it in
     // Connection (RFC 9110 section 10.1.4), which removes it below.
-    let wants_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    if headers.contains_key(header::CONNECTION) {
+    let wants_trailers = te
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    if connection {
         // Every Connection line counts: a message may carry the field more than once.
         // `close`, `keep-alive` and `upgrade` (the usual tokens) go anyway: only other
         // names cost a lookup, and the list is built only when there are any.
@@ -36,11 +51,9 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
             headers.remove(name);
         }
     }
-    for name in &ALWAYS {
+    for (name, _) in ALWAYS.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
     wants_trailers
 }
 
