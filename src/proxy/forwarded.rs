@@ -139,7 +139,12 @@ fn forwarded_element(f: &Facts<'_>) -> Option<HeaderValue> {
             element.push_str(host);
         } else {
             element.push('"');
-            element.push_str(&host.replace('\\', "\\\\").replace('"', "\\\""));
+            for c in host.chars() {
+                if c == '\\' || c == '"' {
+                    element.push('\\');
+                }
+                element.push(c);
+            }
             element.push('"');
         }
     }
@@ -160,7 +165,7 @@ fn port_value(port: u16) -> HeaderValue {
 
 /// RFC 9110 `tchar`.
 fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^'..=b'`' | b'|' | b'~')
 }
 
 /// 128 random bits as 32 lower-case hex digits.
@@ -185,6 +190,22 @@ mod tests {
         prefix: Option<&'a HeaderValue>,
     ) -> Facts<'a> {
         Facts { peer, trusted, proto: "https", host, port: 443, prefix }
+    }
+
+    #[test]
+    fn token_bytes_are_rfc9110_tchar() {
+        for b in 0..=u8::MAX {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(is_token_byte(b), tchar, "byte {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn a_quoted_host_escapes_quotes_and_backslashes() {
+        let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
+        let host = HeaderValue::from_static("a\\b\"c:1");
+        let e = forwarded_element(&facts(&peer, false, &host, None));
+        assert_eq!(e.as_ref().map(HeaderValue::as_bytes), Some(&br#"for=192.0.2.7;host="a\\b\"c:1";proto=https"#[..]));
     }
 
     #[test]
