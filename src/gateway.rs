@@ -24,7 +24,7 @@ use crate::upstream::{ServerSet, SetSettings, Upstream};
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     sets: Mutex<HashMap<String, Arc<ServerSet>>>,
-    route_stats: Mutex<HashMap<String, Arc<RouteStats>>>,
+    route_stats: Mutex<crate::FastMap<String, Arc<RouteStats>>>,
     /// Serialises `apply` (SIGHUP and admin never race each other).
     applying: tokio::sync::Mutex<()>,
     pub certs: Arc<CertResolver>,
@@ -69,7 +69,7 @@ impl Gateway {
                 generation: 0,
             }),
             sets: Mutex::new(HashMap::new()),
-            route_stats: Mutex::new(HashMap::new()),
+            route_stats: Mutex::new(crate::FastMap::default()),
             applying: tokio::sync::Mutex::new(()),
             certs,
             challenges,
@@ -216,7 +216,8 @@ impl Gateway {
 
     fn routes_for(&self, config: &Config, upstreams: &HashMap<String, Arc<Upstream>>) -> Vec<Arc<Route>> {
         let mut stats = self.route_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut keep = HashMap::new();
+        let mut keep = crate::FastMap::default();
+        keep.reserve(config.routes.len());
         let routes = config
             .routes
             .iter()

@@ -15,6 +15,11 @@
 //! snapshot. Server sets outlive reloads (kept by upstream name), so health, draining and
 //! in-flight counts carry over.
 
+/// A hash map with foldhash, for keys the operator wrote (routes, certificate names,
+/// route labels): SipHash's DoS resistance buys nothing for them, and reloads and the
+/// request path hash thousands.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod acme;
 pub mod admin;
 pub mod cli;

@@ -8,11 +8,9 @@
 //! Cost: one hash lookup per host candidate plus one per path segment of the request,
 //! whatever the number of routes, so 10,000 routes cost what 10 do.
 
-use std::collections::HashMap as StdHashMap;
-
 /// foldhash: route lookup hashes the host and one candidate per path segment on every
-/// request; SipHash's DoS resistance buys nothing for keys the operator wrote.
-type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+/// request.
+use crate::FastMap as HashMap;
 use std::sync::Arc;
 
 use crate::config::HostPattern;

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use toml::de::DeTable;
 
 pub use reader::Problem;
-use reader::{Origin, Source, Table, as_string};
+use reader::{Origin, Source, Table, TableName, as_string};
 
 /// `SWARMGATE_*` variables that are not config keys.
 const NON_KEY_VARS: &[&str] = &[
@@ -223,7 +223,7 @@ pub fn parse(path: &Path, text: &str, env: &BTreeMap<String, String>) -> Result<
     if src.has_problems() { Err(src.into_problems()) } else { Ok(config) }
 }
 
-fn section<'s, 't, 'i>(root: &Table<'s, 't, 'i>, name: &str) -> Table<'s, 't, 'i>
+fn section<'s, 't, 'i>(root: &Table<'s, 't, 'i>, name: &'static str) -> Table<'s, 't, 'i>
 where
     's: 't,
 {
@@ -273,7 +273,7 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
 }
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
-    let addr = |key: &str, default: &str| -> Option<SocketAddr> {
+    let addr = |key: &'static str, default: &str| -> Option<SocketAddr> {
         t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(&as_string(raw)?))
     };
     let listen = Listen {
@@ -594,10 +594,10 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
 
 fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<(RouteConfig, Origin)> {
     // (host, path) -> index in `out`: duplicates found in one pass, not by a scan per route.
-    let mut seen: std::collections::HashMap<(HostPattern, String), usize> = std::collections::HashMap::new();
+    let mut seen: crate::FastMap<(HostPattern, String), usize> = crate::FastMap::default();
     let mut out: Vec<(RouteConfig, Origin)> = Vec::new();
     for (i, (table, span)) in root.array_of_tables("route").into_iter().enumerate() {
-        let t = Table::new(root.source(), Some(table), span.clone(), None, format!("[[route]] #{}", i + 1));
+        let t = Table::new(root.source(), Some(table), span.clone(), None, TableName::Item("route", i + 1));
         let (host, host_origin) = t.string("host", "");
         let host = match parse_host_pattern(&host) {
             Ok(h) => Some(h),
@@ -631,19 +631,24 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         }
         t.finish();
         let Some(host) = host else { continue };
-        if let Some(&first) = seen.get(&(host.clone(), path.clone())) {
-            let first_at = match &out[first].1 {
-                Origin::File(s) | Origin::Default(s) => t.source().position(s.start),
-                Origin::Env(v) => v.clone(),
-            };
-            t.source().problem(
-                &Origin::File(span.clone()),
-                format!("duplicate route for host {:?} path {path:?} (first at {first_at})", host.to_string()),
-            );
-            continue;
+        match seen.entry((host, path)) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                let first_at = match &out[*first.get()].1 {
+                    Origin::File(s) | Origin::Default(s) => t.source().position(s.start),
+                    Origin::Env(v) => v.clone(),
+                };
+                let (host, path) = first.key();
+                t.source().problem(
+                    &Origin::File(span.clone()),
+                    format!("duplicate route for host {:?} path {path:?} (first at {first_at})", host.to_string()),
+                );
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let (host, path) = slot.key().clone();
+                slot.insert(out.len());
+                out.push((RouteConfig { host, path, strip_path, upstream }, Origin::File(span)));
+            }
         }
-        seen.insert((host.clone(), path.clone()), out.len());
-        out.push((RouteConfig { host, path, strip_path, upstream }, Origin::File(span)));
     }
     out
 }

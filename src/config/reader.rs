@@ -109,8 +109,38 @@ pub(super) struct Table<'s, 't, 'i> {
     /// e.g. `SWARMGATE_LISTEN_`; `None` where keys have no environment form.
     env_prefix: Option<String>,
     /// The name shown in messages, e.g. `[listen]`.
-    pub name: String,
-    seen: RefCell<BTreeSet<String>>,
+    pub name: TableName,
+    /// Keys asked for so far (a table has a handful: a list beats a set).
+    seen: RefCell<Vec<&'static str>>,
+}
+
+/// A table's name in messages, made only when a message needs it: a config with
+/// 10,000 routes would otherwise format 10,000 names on every reload.
+pub(super) enum TableName {
+    Text(String),
+    /// `[[KEY]] #N`: the Nth table (1-based) of an array of tables.
+    Item(&'static str, usize),
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableName::Text(s) => f.write_str(s),
+            TableName::Item(key, n) => write!(f, "[[{key}]] #{n}"),
+        }
+    }
+}
+
+impl From<String> for TableName {
+    fn from(s: String) -> Self {
+        TableName::Text(s)
+    }
+}
+
+impl From<&str> for TableName {
+    fn from(s: &str) -> Self {
+        TableName::Text(s.to_string())
+    }
 }
 
 impl<'s, 't, 'i> Table<'s, 't, 'i> {
@@ -119,9 +149,9 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         table: Option<&'t DeTable<'i>>,
         span: Range<usize>,
         env_prefix: Option<String>,
-        name: impl Into<String>,
+        name: impl Into<TableName>,
     ) -> Self {
-        Table { src, table, span, env_prefix, name: name.into(), seen: RefCell::new(BTreeSet::new()) }
+        Table { src, table, span, env_prefix, name: name.into(), seen: RefCell::new(Vec::new()) }
     }
 
     pub(super) fn source(&self) -> &'s Source<'s> {
@@ -142,11 +172,11 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 
     /// The raw value of `key`: the environment first, then the file.
-    pub(super) fn raw(&self, key: &str) -> Option<(Raw<'_, 'i>, Origin)>
+    pub(super) fn raw(&self, key: &'static str) -> Option<(Raw<'_, 'i>, Origin)>
     where
         's: 't,
     {
-        self.seen.borrow_mut().insert(key.to_string());
+        self.seen.borrow_mut().push(key);
         if let Some(var) = self.env_name(key) {
             if let Some(text) = self.src.env_var(&var) {
                 return Some((Raw::Env(text), Origin::Env(var)));
@@ -157,8 +187,8 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 
     /// A spanned sub-table (inline or not); a wrong type is a problem.
-    pub(super) fn table(&self, key: &str) -> Option<(&'t DeTable<'i>, Range<usize>)> {
-        self.seen.borrow_mut().insert(key.to_string());
+    pub(super) fn table(&self, key: &'static str) -> Option<(&'t DeTable<'i>, Range<usize>)> {
+        self.seen.borrow_mut().push(key);
         let value: &'t Spanned<DeValue<'i>> = self.table?.get(key)?;
         match value.get_ref() {
             DeValue::Table(t) => Some((t, value.span())),
@@ -170,8 +200,8 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 
     /// A spanned array of tables (`[[route]]`).
-    pub(super) fn array_of_tables(&self, key: &str) -> Vec<(&'t DeTable<'i>, Range<usize>)> {
-        self.seen.borrow_mut().insert(key.to_string());
+    pub(super) fn array_of_tables(&self, key: &'static str) -> Vec<(&'t DeTable<'i>, Range<usize>)> {
+        self.seen.borrow_mut().push(key);
         let Some(value) = self.table.and_then(|t| t.get(key)) else {
             return Vec::new();
         };
@@ -191,7 +221,12 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
 
     /// Reads `key` with `parse`, or `default` when absent. A parse failure is recorded
     /// and `default` is returned so that reading goes on.
-    pub(super) fn get<T>(&self, key: &str, default: T, parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>) -> T
+    pub(super) fn get<T>(
+        &self,
+        key: &'static str,
+        default: T,
+        parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>,
+    ) -> T
     where
         's: 't,
     {
@@ -200,7 +235,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
 
     pub(super) fn get_with_origin<T>(
         &self,
-        key: &str,
+        key: &'static str,
         default: T,
         parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>,
     ) -> (T, Origin)
@@ -219,35 +254,35 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         }
     }
 
-    pub(super) fn string(&self, key: &str, default: &str) -> (String, Origin)
+    pub(super) fn string(&self, key: &'static str, default: &str) -> (String, Origin)
     where
         's: 't,
     {
         self.get_with_origin(key, default.to_string(), as_string)
     }
 
-    pub(super) fn bool(&self, key: &str, default: bool) -> bool
+    pub(super) fn bool(&self, key: &'static str, default: bool) -> bool
     where
         's: 't,
     {
         self.get(key, default, as_bool)
     }
 
-    pub(super) fn u64(&self, key: &str, default: u64) -> u64
+    pub(super) fn u64(&self, key: &'static str, default: u64) -> u64
     where
         's: 't,
     {
         self.get(key, default, as_u64)
     }
 
-    pub(super) fn duration(&self, key: &str, default: std::time::Duration) -> std::time::Duration
+    pub(super) fn duration(&self, key: &'static str, default: std::time::Duration) -> std::time::Duration
     where
         's: 't,
     {
         self.get(key, default, |raw| as_string(raw).and_then(|s| super::duration::parse(&s)))
     }
 
-    pub(super) fn list(&self, key: &str) -> (Vec<String>, Origin)
+    pub(super) fn list(&self, key: &'static str) -> (Vec<String>, Origin)
     where
         's: 't,
     {
@@ -259,7 +294,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         let Some(table) = self.table else { return };
         let seen = self.seen.borrow();
         for (key, _) in table.iter() {
-            if !seen.contains(key.get_ref().as_ref()) {
+            if !seen.contains(&key.get_ref().as_ref()) {
                 self.src
                     .problem(&Origin::File(key.span()), format!("unknown key {:?} in {}", key.get_ref(), self.name));
             }

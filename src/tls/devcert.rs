@@ -14,8 +14,12 @@ pub const DEV_CERT_STEM: &str = "swarmgate-dev";
 
 /// Hosts that need the development certificate: route hosts no static certificate covers.
 pub fn uncovered<'a>(hosts: impl Iterator<Item = &'a HostPattern>, statics: &CertStore) -> Vec<String> {
-    let mut out: Vec<String> =
-        hosts.filter(|h| !matches!(h, HostPattern::Any) && !statics.covers(h)).map(ToString::to_string).collect();
+    // Routes share hosts (one per path): each distinct host is looked up once.
+    let mut distinct = std::collections::HashSet::with_hasher(foldhash::fast::RandomState::default());
+    let mut out: Vec<String> = hosts
+        .filter(|h| !matches!(h, HostPattern::Any) && distinct.insert(*h) && !statics.covers(h))
+        .map(ToString::to_string)
+        .collect();
     out.sort();
     out.dedup();
     out

@@ -6,7 +6,6 @@
 //! files claim one name, the first file in name order keeps it. The default certificate
 //! (for clients without SNI) is `default.crt` if present, else the first file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -37,8 +36,8 @@ pub struct CertInfo {
 
 #[derive(Debug, Default)]
 pub struct CertStore {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    exact: crate::FastMap<String, Arc<CertifiedKey>>,
+    wildcard: crate::FastMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
     entries: Vec<(Arc<CertifiedKey>, CertInfo)>,
 }
