@@ -4,20 +4,22 @@
 #   cargo build --release && benches/load.sh                    # about 5 minutes
 #   benches/load.sh --rounds 1 --duration 3                     # a quick look
 #   benches/load.sh --only nginx,swarmgate --scenarios h1,tls
+#   benches/load.sh --scenarios instr                           # instructions/request, 1.5 minutes
 #
 # Options (defaults in brackets):
 #   --gateway PATH     swarmgate binary [./target/release/swarmgate]; this script builds nothing
-#   --scenarios LIST   h1,h1-16k,tls,h2,mem [all five]
+#   --scenarios LIST   h1,h1-16k,tls,h2,mem [all five]; instr (slow) runs only when listed
 #   --only LIST        contenders among nginx,haproxy,swarmgate [all three]
 #   --rounds N         rounds of every scenario [3]
 #   --duration S       seconds measured per run, after a 1 s warm-up [5]
 #   --mem-conns N      idle connections in the mem scenario [5000]
-#   --keep-tmp         keep the work dir (configs, logs, raw tool outputs)
+#   --keep-tmp         keep the work dir (configs, logs, raw tool outputs, callgrind files)
 #
 # Needs a Linux machine with 2+ cores, nginx, haproxy, wrk, h2load (nghttp2-client), openssl,
-# curl, python3; run as root on Debian/Ubuntu it installs what is missing (no service is
-# started). Nothing listens outside 127.0.0.1; ports 19080 (backend), 1918x (nginx), 1928x
-# (haproxy), 1938x (swarmgate). Every process it starts is stopped on exit, Ctrl-C included.
+# curl, python3, and valgrind for instr; run as root on Debian/Ubuntu it installs what is
+# missing (no service is started). Nothing listens outside 127.0.0.1; ports 19080 (backend),
+# 1918x (nginx), 1928x (haproxy), 1938x (swarmgate). Every process it starts is stopped on
+# exit, Ctrl-C included.
 #
 # Method: each proxy is pinned to the first allowed CPU with one worker (nginx
 # worker_processes 1, haproxy nbthread 1, SWARMGATE_RUNTIME_WORKERS=1); an nginx backend
@@ -32,6 +34,23 @@
 #   h2       HTTP/2 over TLS 1.3, 13 B             h2load -t1 -c16 -m8
 #   mem      a freshly started proxy's RSS growth with N idle keep-alive HTTP/1.1
 #            connections (one request answered on each), in KiB per connection
+#   instr    user-space CPU instructions per request, counted by valgrind's callgrind, for
+#            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16; not in the
+#            default list, as it takes about 1.5 minutes for three contenders
+#
+# instr is the number to watch on a shared machine, where requests/s and CPU time move
+# with the neighbours: the same build on the same config counts the same within about 1%
+# whatever else runs. It runs once per contender and path (not per round), on the h1
+# configs: a fresh proxy, pinned, under valgrind --tool=callgrind --instr-atstart=no (nginx
+# with master_process off, so one process; haproxy with maxconn 1024, as valgrind keeps it
+# from raising its fd limit), 2 s of wrk to warm up, then callgrind_control -i on, 8 s of
+# wrk, -i off, -d to dump, and a stop. instr/req is the sum of the dumps' totals: lines over
+# the requests wrk completed. It counts the proxy process's own user-space instructions, all
+# threads and libraries included, and nothing the kernel does for it (syscalls, TCP, copies
+# to and from sockets): for syscalls per request use strace -c -f -p PID. Under valgrind a
+# proxy runs 20 to 30 times slower, so 4,000 to 20,000 requests are counted and the set-up of
+# its 16 connections is in the count. Another callgrind_control run without a pid on the same
+# machine would switch this one's counting too.
 #
 # Reading the table: rps is the median over rounds (min..max beside it); p50/p99 are the
 # medians of the load generator's latency percentiles; /nginx and /hapx divide a contender's
@@ -43,7 +62,10 @@
 # counts upstream connections the backend accepted in the middle 60% of the run (0 =
 # keep-alive works), err failed or non-2xx requests. The memory table gives the RSS of a
 # fresh proxy (all its processes) before, with the idle connections held, and 1 s after
-# closing them; "dropped" counts connections the proxy closed while they idled.
+# closing them; "dropped" counts connections the proxy closed while they idled. The
+# instructions table gives instr/req per path, and /nginx and /hapx as its ratio to
+# nginx's / haproxy's (lower is better there); with --keep-tmp, read where they go with
+# callgrind_annotate --inclusive=yes on a cg.CONTENDER.SCENARIO.PID.1 file.
 set -euo pipefail
 
 GATEWAY=./target/release/swarmgate
@@ -53,6 +75,8 @@ ROUNDS=3
 DURATION=5
 WARMUP=1
 MEM_CONNS=5000
+INSTR_WARMUP=2   # instr: seconds of wrk before callgrind counts,
+INSTR_DURATION=8 # and seconds counted
 KEEP_TMP=0
 
 die() { echo "load.sh: $*" >&2; exit 1; }
@@ -77,7 +101,7 @@ done
 IFS=, read -r -a SCEN <<<"$SCENARIOS"
 IFS=, read -r -a CONT <<<"$ONLY"
 for s in "${SCEN[@]}"; do
-    [[ $s =~ ^(h1|h1-16k|tls|h2|mem)$ ]] || die "unknown scenario '$s' (h1,h1-16k,tls,h2,mem)"
+    [[ $s =~ ^(h1|h1-16k|tls|h2|mem|instr)$ ]] || die "unknown scenario '$s' (h1,h1-16k,tls,h2,mem,instr)"
 done
 for c in "${CONT[@]}"; do
     [[ $c =~ ^(nginx|haproxy|swarmgate)$ ]] || die "unknown contender '$c' (nginx,haproxy,swarmgate)"
@@ -96,8 +120,11 @@ need_tools() { # prints "command package" for every missing tool
     local -a want=("nginx nginx" "curl curl" "openssl openssl" "python3 python3"
         "taskset util-linux" "ps procps")
     has haproxy "${CONT[@]}" && want+=("haproxy haproxy")
-    if has h1 "${SCEN[@]}" || has h1-16k "${SCEN[@]}" || has tls "${SCEN[@]}"; then want+=("wrk wrk"); fi
+    if has h1 "${SCEN[@]}" || has h1-16k "${SCEN[@]}" || has tls "${SCEN[@]}" || has instr "${SCEN[@]}"; then
+        want+=("wrk wrk")
+    fi
     has h2 "${SCEN[@]}" && want+=("h2load nghttp2-client")
+    has instr "${SCEN[@]}" && want+=("valgrind valgrind" "callgrind_control valgrind")
     local w
     for w in "${want[@]}"; do
         command -v "${w% *}" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "${w% *}" >/dev/null 2>&1 ||
@@ -167,13 +194,13 @@ launch() { # launch NAME LOGFILE CMD...: start in the background, remember the p
     STARTED[$pid]=$(start_time_of "$pid") || STARTED[$pid]=gone
     PID[$name]=$pid
 }
-stop() { # stop NAME: TERM, then KILL after 3 s (and the children left behind)
+stop() { # stop NAME [SECONDS]: TERM, then KILL after 3 s or SECONDS (and the children left behind)
     local name=$1 pid=${PID[$1]:-} i kids
     [[ -n $pid ]] || return 0
     if alive "$pid"; then
         kids=$(children "$pid")
         kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 30; i++)); do alive "$pid" || break; sleep 0.1; done
+        for ((i = 0; i < ${2:-3} * 10; i++)); do alive "$pid" || break; sleep 0.1; done
         if alive "$pid"; then
             # shellcheck disable=SC2086 # kids: a list of pids
             kill -KILL "$pid" $kids 2>/dev/null || true
@@ -294,16 +321,16 @@ EOF
     nginx -t -q -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" >"$d/test.log" 2>&1 ||
         die "nginx rejects its config: $(cat "$d/test.log")"
 }
-write_haproxy() {
-    local d=$TMP/haproxy
+write_haproxy() { # write_haproxy [MAXCONN FILE]: PROXY_MAXCONN in haproxy.cfg by default
+    local d=$TMP/haproxy maxconn=${1:-$PROXY_MAXCONN} cfg=$TMP/haproxy/${2:-haproxy.cfg}
     mkdir -p "$d"
-    cat >"$d/haproxy.cfg" <<EOF
+    cat >"$cfg" <<EOF
 global
     nbthread 1
-    maxconn $PROXY_MAXCONN
+    maxconn $maxconn
 defaults
     mode http
-    maxconn $PROXY_MAXCONN
+    maxconn $maxconn
     timeout connect 5s
     timeout client 300s
     timeout server 300s
@@ -320,7 +347,7 @@ backend backend
     http-reuse always
     server b1 127.0.0.1:$P_BACKEND
 EOF
-    haproxy -c -q -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 || die "haproxy rejects its config: $(cat "$d/check.log")"
+    haproxy -c -q -f "$cfg" >"$d/check.log" 2>&1 || die "haproxy rejects $cfg: $(cat "$d/check.log")"
 }
 write_swarmgate() {
     local d=$TMP/swarmgate
@@ -357,25 +384,34 @@ EOF
         die "swarmgate check rejects its config: $(cat "$d/check.log")"
 }
 
-start() { # start NAME: launch pinned, wait until it answers
-    local name=$1 d=$TMP/$1 i code
+start() { # start NAME [CALLGRIND_OUT]: launch pinned, wait until it answers
+    # With CALLGRIND_OUT, a contender runs under callgrind (instrumentation off until switched
+    # on), which writes CALLGRIND_OUT.PID[.PART] and logs to CALLGRIND_OUT.log.
+    local name=$1 d=$TMP/$1 i code secs=10 log=$TMP/$1/stderr.log cfg=haproxy.cfg
+    local -a vg=() single=()
+    if [[ -n ${2:-} ]]; then
+        vg=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$2.%p")
+        log=$2.log secs=120
+        single=(-g 'master_process off;') # nginx: one process, not a master and a worker as another user
+        cfg=haproxy-valgrind.cfg          # haproxy: a maxconn that fits the fd limit valgrind leaves it
+    fi
     case $name in
-        backend) launch backend "$d/stderr.log" taskset -c "$CPU_LOAD" nginx -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
-        nginx) launch nginx "$d/stderr.log" taskset -c "$CPU_PROXY" nginx -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
-        haproxy) launch haproxy "$d/stderr.log" taskset -c "$CPU_PROXY" haproxy -db -f "$d/haproxy.cfg" ;;
+        backend) launch backend "$log" taskset -c "$CPU_LOAD" nginx -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
+        nginx) launch nginx "$log" taskset -c "$CPU_PROXY" "${vg[@]}" nginx "${single[@]}" -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
+        haproxy) launch haproxy "$log" taskset -c "$CPU_PROXY" "${vg[@]}" haproxy -db -f "$d/$cfg" ;;
         swarmgate)
-            launch swarmgate "$d/stderr.log" env SWARMGATE_RUNTIME_WORKERS=1 SWARMGATE_LOG=warn \
-                taskset -c "$CPU_PROXY" "$GATEWAY" run --config "$d/swarmgate.toml"
+            launch swarmgate "$log" env SWARMGATE_RUNTIME_WORKERS=1 SWARMGATE_LOG=warn \
+                taskset -c "$CPU_PROXY" "${vg[@]}" "$GATEWAY" run --config "$d/swarmgate.toml"
             ;;
     esac
     local port=${HTTP_PORT[$name]:-$P_BACKEND}
-    for ((i = 0; i < 100; i++)); do
+    for ((i = 0; i < secs * 10; i++)); do
         code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/" || true)
         [[ $code == 200 ]] && return 0
-        alive "${PID[$name]}" || die "$name exited at start-up: $(tail -n 20 "$d/stderr.log" "$d/error.log" 2>/dev/null)"
+        alive "${PID[$name]}" || die "$name exited at start-up: $(tail -n 20 "$log" "$d/error.log" 2>/dev/null)"
         sleep 0.1
     done
-    die "$name does not answer 200 on 127.0.0.1:$port after 10 s (last: $code): $(tail -n 20 "$d/stderr.log" 2>/dev/null)"
+    die "$name does not answer 200 on 127.0.0.1:$port after $secs s (last: $code): $(tail -n 20 "$log" 2>/dev/null)"
 }
 
 verify() { # verify NAME: status, body size, forwarding headers, TLS 1.3 only, our cert, h2
@@ -415,8 +451,8 @@ cpu_stat() { # "busy total" ticks of CPU $1 from /proc/stat (busy: all but idle 
 backend_accepts() { curl -s --max-time 2 "http://127.0.0.1:$P_BACKEND/_status" | awk 'NR == 3 {print $1}'; }
 now_ns() { date +%s%N; }
 
-load_cmd() { # load_cmd SCENARIO CONTENDER SECONDS OUTFILE: sets LOAD_CMD, the load generator on CPU_LOAD
-    local s=$1 c=$2 secs=$3 out=$4 url log=/dev/null
+load_cmd() { # load_cmd SCENARIO CONTENDER SECONDS OUTFILE [CONNS]: sets LOAD_CMD, the load generator on CPU_LOAD
+    local s=$1 c=$2 secs=$3 out=$4 conns=${5:-64} url log=/dev/null
     case $s in
         h1) url=http://127.0.0.1:${HTTP_PORT[$c]}/ ;;
         h1-16k) url=http://127.0.0.1:${HTTP_PORT[$c]}/16k ;;
@@ -427,7 +463,7 @@ load_cmd() { # load_cmd SCENARIO CONTENDER SECONDS OUTFILE: sets LOAD_CMD, the l
         LOAD_CMD=(taskset -c "$CPU_LOAD" h2load -t1 -c16 -m8 -D "$secs" --connect-to="127.0.0.1:${HTTPS_PORT[$c]}"
             --log-file="$log" "https://localhost:${HTTPS_PORT[$c]}/")
     else
-        LOAD_CMD=(taskset -c "$CPU_LOAD" wrk -t1 -c64 -d"${secs}s" --latency "$url")
+        LOAD_CMD=(taskset -c "$CPU_LOAD" wrk -t1 -c"$conns" -d"${secs}s" --latency "$url")
     fi
 }
 parse_load() { # parse_load SCENARIO OUTFILE -> "rps requests p50ms p99ms errors"
@@ -500,6 +536,48 @@ measure() { # measure SCENARIO ROUND CONTENDER: one warm-up, one measured run, o
         "$pxcpu" "$usreq" "$cpu1" "$other" "$((${acc1:-0} - ${acc0:-0} - 1))" "$bad" >>"$TMP/runs.tsv"
     printf '  %-7s round %d  %-9s %9.0f req/s  p99 %7s ms  proxy CPU %5s%%  other on its CPU %5s%%\n' \
         "$s" "$r" "$c" "$rps" "$p99" "$pxcpu" "$other" >&2
+}
+
+vg_control() { # vg_control CONTENDER ARGS...: callgrind_control ARGS on the contender's process only
+    local c=$1 pid=${PID[$1]} out
+    shift
+    # Without a pid callgrind_control would address every callgrind run on the machine. It exits
+    # 0 whatever happens; "OK." means it found the process and vgdb has returned.
+    out=$(timeout 120 callgrind_control "$@" "$pid" 2>&1) || true
+    echo "callgrind_control $* $pid: $out" >>"$TMP/callgrind/$c.control.log"
+    [[ $out == *"OK."* ]] ||
+        die "callgrind_control $* $pid failed for $c: $out (vgdb needs to ptrace the process: run as root?)"
+}
+
+measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k
+    local c=$1 s out pid n bad instr
+    local -a dumps
+    mkdir -p "$TMP/callgrind"
+    for s in h1 h1-16k; do
+        stop "$c"
+        out=$TMP/callgrind/cg.$c.$s
+        start "$c" "$out"
+        pid=${PID[$c]}
+        load_cmd "$s" "$c" "$INSTR_WARMUP" /dev/null 16
+        "${LOAD_CMD[@]}" >/dev/null 2>&1 || true
+        load_cmd "$s" "$c" "$INSTR_DURATION" "$TMP/raw/instr.$s.$c.txt" 16
+        vg_control "$c" -i on
+        "${LOAD_CMD[@]}" >"$TMP/raw/instr.$s.$c.txt" 2>&1 || true
+        vg_control "$c" -i off
+        vg_control "$c" -d
+        alive "$pid" || die "$c died under callgrind: $(tail -n 20 "$out.log")"
+        stop "$c" 30 # exiting, callgrind writes one more (empty: instrumentation is off) dump
+        read -r _ n _ _ bad <<<"$(parse_load "$s" "$TMP/raw/instr.$s.$c.txt")"
+        ((n > 0)) || die "wrk got no answer from $c under callgrind: $(cat "$TMP/raw/instr.$s.$c.txt")"
+        # One file per process and dump; an empty one (cut short by a KILL) has no totals line.
+        mapfile -t dumps < <(compgen -G "$out.[0-9]*")
+        instr=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
+        ((instr > 0)) || die "no instructions counted for $c: no totals in ${dumps[*]:-$out.*}"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$s" "$c" "$n" "$instr" "$bad" >>"$TMP/instr.tsv"
+        printf '  instr   %-7s %-9s %9d requests  %14d instructions  %8.0f per request\n' \
+            "$s" "$c" "$n" "$instr" "$(awk -v i="$instr" -v n="$n" 'BEGIN { print i / n }')" >&2
+    done
+    start "$c" # as it was, for the scenarios that follow
 }
 
 cat >"$TMP/idle_conns.py" <<'PY'
@@ -601,7 +679,7 @@ measure_mem() { # measure_mem ROUND CONTENDER: on a fresh process
 cat >"$TMP/summary.py" <<'PY'
 import statistics, sys
 
-runs_file, mem_file, scenarios, contenders, mem_conns = sys.argv[1:6]
+runs_file, mem_file, scenarios, contenders, mem_conns, instr_file = sys.argv[1:7]
 scenarios, contenders = scenarios.split(","), contenders.split(",")
 med = statistics.median
 
@@ -686,12 +764,48 @@ if mem:
     print(line(cols))
     for r in out:
         print(line(r))
+
+instr = {}
+try:
+    with open(instr_file) as f:
+        for line in f:
+            s, c, n, ir, err = line.rstrip("\n").split("\t")
+            instr[s, c] = dict(n=int(n), ir=int(ir), err=int(err), per=int(ir) / int(n))
+except FileNotFoundError:
+    pass
+if instr:
+    if table or mem:
+        print()
+    paths = {"h1": "/", "h1-16k": "/16k"}
+    cols = ["instructions", "path", "requests", "instr/req", "/nginx", "/hapx", "err"]
+    out = []
+    for c in contenders:
+        for s in paths:
+            x = instr.get((s, c))
+            if x is None:
+                continue
+            rel = lambda base: f"{x['per'] / instr[s, base]['per']:.2f}" if base != c and (s, base) in instr else "-"
+            out.append([c, paths[s], str(x["n"]), f"{x['per']:.0f}", rel("nginx"), rel("haproxy"), str(x["err"])])
+    w = [max(len(str(r[i])) for r in out + [cols]) for i in range(len(cols))]
+    line = lambda r: "  ".join(str(v).ljust(w[i]) if i < 2 else str(v).rjust(w[i]) for i, v in enumerate(r))
+    print(line(cols))
+    last = None
+    for r in out:
+        if last is not None and r[0] != last:
+            print()
+        last = r[0]
+        print(line(r))
 PY
 
 # ------------------------------------------------------------------ go
 mkdir -p "$TMP/raw"
 has nginx "${CONT[@]}" && write_nginx
-has haproxy "${CONT[@]}" && write_haproxy
+if has haproxy "${CONT[@]}"; then
+    write_haproxy
+    # Under valgrind haproxy cannot set its fd limit (valgrind keeps the top few fds and refuses
+    # setrlimit): a maxconn whose fds fit in what it is given; instr uses 16 connections.
+    has instr "${SCEN[@]}" && write_haproxy 1024 haproxy-valgrind.cfg
+fi
 has swarmgate "${CONT[@]}" && write_swarmgate
 start backend
 for c in "${CONT[@]}"; do
@@ -710,9 +824,16 @@ done
         esac
     done
     echo "  scenarios $SCENARIOS; $ROUNDS round(s) of ${WARMUP} s warm-up + ${DURATION} s; all contenders checked (HTTP, HTTPS, h2, TLS 1.3 only, X-Forwarded-*)"
+    if has instr "${SCEN[@]}"; then
+        echo "  instr: once per contender and path under $(valgrind --version) callgrind, ${INSTR_WARMUP} s warm-up + ${INSTR_DURATION} s counted"
+    fi
 } >&2
 
 for s in "${SCEN[@]}"; do
+    if [[ $s == instr ]]; then # deterministic enough that one run per contender will do
+        for c in "${CONT[@]}"; do measure_instr "$c"; done
+        continue
+    fi
     for ((r = 1; r <= ROUNDS; r++)); do
         for ((i = 0; i < ${#CONT[@]}; i++)); do
             c=${CONT[$(((i + r - 1) % ${#CONT[@]}))]}
@@ -722,4 +843,12 @@ for s in "${SCEN[@]}"; do
 done
 
 echo
-python3 "$TMP/summary.py" "$TMP/runs.tsv" "$TMP/mem.tsv" "$SCENARIOS" "$ONLY" "$MEM_CONNS"
+python3 "$TMP/summary.py" "$TMP/runs.tsv" "$TMP/mem.tsv" "$SCENARIOS" "$ONLY" "$MEM_CONNS" "$TMP/instr.tsv"
+if has instr "${SCEN[@]}"; then
+    if [[ $KEEP_TMP == 1 ]]; then
+        echo "callgrind files: $TMP/callgrind/cg.CONTENDER.{h1,h1-16k}.PID.1 (the counted run); read one with"
+        echo "  callgrind_annotate --inclusive=yes FILE | less"
+    else
+        echo "(--keep-tmp keeps the callgrind files, to read with callgrind_annotate --inclusive=yes FILE)"
+    fi
+fi
