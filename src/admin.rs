@@ -312,6 +312,12 @@ pub fn render_metrics(gw: &Gateway) -> String {
             m.connections_total.load(Ordering::Relaxed) as i64,
         ),
         (
+            "swarmgate_connections_parked_total",
+            "counter",
+            "Times an idle HTTP/1.1 connection was parked: its buffers freed until its next request.",
+            m.connections_parked.load(Ordering::Relaxed) as i64,
+        ),
+        (
             "swarmgate_tls_handshakes_total",
             "counter",
             "Completed TLS handshakes.",

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_errors: AtomicU64,
+    /// Idle HTTP/1.1 connections whose session was ended to free its buffers.
+    pub connections_parked: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     /// Requests answered before a route was known (400, 404, 421, redirects...).

@@ -10,13 +10,19 @@
 //!
 //! A request counts from the service call until its response body is done or dropped
 //! ([`Tracked`]), so a streaming response keeps its connection busy.
+//!
+//! It also tells when an HTTP/1.1 connection may be parked ([`Activity::parkable`]): idle
+//! long enough that hyper's per-connection buffers are better freed than kept (see
+//! `listener::serve_h1`). While parking, [`Watched`] swallows the shutdown hyper sends
+//! when its session ends, so the socket stays open for the next request.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -30,6 +36,12 @@ pub(super) struct Activity {
     /// 1 + milliseconds after `born` when the first byte of the next request head came
     /// (0: none yet). Starts at 1: the first head is timed from the connection's start.
     head_started_ms: AtomicU64,
+    /// Requests seen so far.
+    requests: AtomicU64,
+    /// A request asked to close the connection after its response: never parked then.
+    closing: AtomicBool,
+    /// The session is being ended to park the connection: shutdowns are not passed on.
+    parking: AtomicBool,
 }
 
 /// Why a watchdog ended a connection.
@@ -46,7 +58,43 @@ impl Activity {
             born: Instant::now(),
             last_change_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(1),
+            requests: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         })
+    }
+
+    /// Requests seen so far on the connection.
+    pub(super) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The client asked for the connection to end after the current response.
+    pub(super) fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// While set, the IO's `poll_shutdown` succeeds without shutting anything down.
+    pub(super) fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Relaxed);
+    }
+
+    /// Completes once no request has been open and no byte of a new head has arrived for
+    /// `after`; never if the client asked for the connection to close.
+    pub(super) async fn parkable(&self, after: Duration) {
+        loop {
+            if self.closing.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            let now = Instant::now();
+            let busy = self.open.load(Ordering::Relaxed) > 0 || self.head_started_ms.load(Ordering::Relaxed) != 0;
+            let deadline =
+                if busy { now + after } else { self.at(self.last_change_ms.load(Ordering::Relaxed)) + after };
+            if !busy && now >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -97,6 +145,7 @@ pub(super) struct RequestGuard(Arc<Activity>);
 impl RequestGuard {
     pub(super) fn open(activity: &Arc<Activity>) -> Self {
         activity.open.fetch_add(1, Ordering::Relaxed);
+        activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.head_started_ms.store(0, Ordering::Relaxed);
         activity.last_change_ms.store(activity.now_ms(), Ordering::Relaxed);
         RequestGuard(Arc::clone(activity))
@@ -117,13 +166,13 @@ pub(super) struct Tracked {
 }
 
 impl hyper::body::Body for Tracked {
-    type Data = bytes::Bytes;
+    type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
@@ -137,23 +186,56 @@ impl hyper::body::Body for Tracked {
 }
 
 pin_project! {
-    /// A connection's IO, noting when request bytes arrive.
+    /// A connection's IO, noting when request bytes arrive. Bytes read by an earlier
+    /// session but not consumed by it (`unread`) are read again first.
     pub(super) struct Watched<I> {
         #[pin]
         io: I,
         activity: Arc<Activity>,
+        unread: Bytes,
     }
 }
 
 impl<I> Watched<I> {
     pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
-        Watched { io, activity }
+        Watched { io, activity, unread: Bytes::new() }
+    }
+
+    /// Puts back bytes a session read past its last request (a pipelined head). They are
+    /// copied: the slice may hold on to the session's whole read buffer.
+    pub(super) fn unread(&mut self, bytes: &[u8]) {
+        self.unread = Bytes::copy_from_slice(bytes);
+        if !bytes.is_empty() {
+            // A head has begun: timed from now, and no reason to park.
+            self.activity.on_read();
+        }
+    }
+
+    pub(super) fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+}
+
+impl<I: AsyncRead + Unpin> Watched<I> {
+    /// Waits for the first byte of the next request (kept as unread) while no session,
+    /// and so no buffer, exists. `false`: the client closed the connection.
+    pub(super) async fn first_byte(&mut self) -> std::io::Result<bool> {
+        let mut byte = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(self, &mut byte).await?;
+        self.unread(&byte[..n]);
+        Ok(n == 1)
     }
 }
 
 impl<I: AsyncRead> AsyncRead for Watched<I> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = this.io.poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -185,7 +267,11 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        let this = self.project();
+        if this.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        this.io.poll_shutdown(cx)
     }
 }
 

@@ -177,9 +177,16 @@ async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::Server
     crate::tls::challenge_config(Arc::new(ck)).ok()
 }
 
+/// How long an HTTP/1.1 connection idles before it is parked: hyper's session (about
+/// 17 KiB of buffers and state) is ended without a byte on the wire and the socket waits
+/// for the next request with nothing but this task (about 1 KiB). A busy keep-alive
+/// connection never pays for the new session; an idle one stops costing memory.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Serves HTTP/1.1 (with upgrades) until the connection ends, its timeouts expire (see
 /// `activity`), or shutdown asks it to finish (then the response in progress carries
-/// `Connection: close`).
+/// `Connection: close`). Idle, it is parked (see [`PARK_AFTER`]) and served again by a
+/// new session when the next request's first byte arrives.
 async fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -194,22 +201,70 @@ where
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
     let activity = Activity::new();
-    let io = Watched::new(io, Arc::clone(&activity));
-    let conn = builder.serve_connection(TokioIo::new(io), tracked_service(shared, conn, &activity)).with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        res = conn.as_mut() => res,
-        () = shared.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let watchdog = activity.expired(Some(limits.header_read_timeout), limits.idle_timeout);
+    tokio::pin!(watchdog);
+    let mut io = Watched::new(io, Arc::clone(&activity));
+    loop {
+        let service = tracked_service(shared, Arc::clone(&conn), &activity);
+        // Boxed: a parked connection keeps no room for a session in its task.
+        let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+        let (requests, result) = tokio::select! {
+            res = &mut *session => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            () = shared.shutdown.cancelled() => {
+                Pin::new(&mut *session).graceful_shutdown();
+                if let Err(e) = (&mut *session).await {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            why = watchdog.as_mut() => {
+                tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                return; // nothing is in flight: dropping the connection closes it
+            }
+            () = activity.parkable(PARK_AFTER) => {
+                // Idle: hyper closes the session at once and its shutdown is swallowed.
+                activity.set_parking(true);
+                let requests = activity.requests();
+                Pin::new(&mut *session).graceful_shutdown();
+                (requests, (&mut *session).await)
+            }
+        };
+        activity.set_parking(false);
+        // A request that slipped in while parking was answered with `Connection: close`;
+        // an upgraded session has no socket to give back.
+        io = match (result, session.into_parts()) {
+            (Ok(()), Some(parts)) if activity.requests() == requests => {
+                let mut io = parts.io.into_inner();
+                if !parts.read_buf.is_empty() {
+                    io.unread(&parts.read_buf);
+                }
+                io // the rest of the session (its read buffer included) is freed here
+            }
+            _ => return,
+        };
+        shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+        if !io.has_unread() {
+            tokio::select! {
+                res = io.first_byte() => match res {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "parked client connection failed");
+                        return;
+                    }
+                },
+                () = shared.shutdown.cancelled() => return,
+                why = watchdog.as_mut() => {
+                    tracing::debug!(?why, "parked HTTP/1.1 connection closed by its timeout");
+                    return;
+                }
+            }
         }
-        why = activity.expired(Some(limits.header_read_timeout), limits.idle_timeout) => {
-            tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-            return; // nothing is in flight: dropping the connection closes it
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
@@ -226,8 +281,11 @@ fn tracked_service(
 > + Send
 + use<> {
     let (gw, activity) = (Arc::clone(&shared.gw), Arc::clone(activity));
-    service_fn(move |req| {
+    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = RequestGuard::open(&activity);
+        if req.version() < hyper::Version::HTTP_11 || super::hop::connection_has(req.headers(), "close") {
+            activity.set_closing();
+        }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
         async move {
             let resp = super::handle(gw, conn, req).await;

@@ -1,0 +1,190 @@
+//! Parked HTTP/1.1 connections: after a second of idleness the gateway ends hyper's
+//! session on a kept-alive connection (freeing its buffers) without a byte on the wire,
+//! and serves the next request with a new session. To the client nothing changes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const CONFIG: &str = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[proxy]
+shutdown_delay = "0s"
+
+[limits]
+header_read_timeout = "1s"
+idle_timeout = "30s"
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+"#;
+
+/// Longer than the gateway's park delay (1 s).
+const IDLE: Duration = Duration::from_millis(1600);
+
+async fn setup() -> (Gateway, Backend) {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(CONFIG).var("B", b.addr).start().await;
+    (gw, b)
+}
+
+async fn parked(gw: &Gateway) -> f64 {
+    gw.metric("swarmgate_connections_parked_total").await.unwrap_or(0.0)
+}
+
+/// Reads responses until `n` have arrived (each framed by Content-Length) or 5 s passed.
+async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_response_count(&buf) < n {
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+            Ok(Err(e)) => panic!("read failed: {e}"),
+        }
+    }
+    buf
+}
+
+const GET: &[u8] = b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_parked_and_serves_its_next_request() {
+    let (gw, b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut s, 1).await), Some(200));
+    assert_eq!(parked(&gw).await, 0.0, "parked while a request was just answered");
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0, "an idle connection was not parked");
+    for _ in 0..3 {
+        s.write_all(GET).await.unwrap();
+        let raw = read_responses(&mut s, 1).await;
+        assert_eq!(raw_status(&raw), Some(200), "{}", String::from_utf8_lossy(&raw));
+    }
+    assert_eq!(b.requests().len(), 4);
+    // Parked again after the second round of requests, on the same socket.
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 2.0);
+    s.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut s, 1).await), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_and_split_heads_after_parking_are_served_in_order() {
+    let (gw, b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_responses(&mut s, 1).await;
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0);
+    // Two requests in one write: the first byte wakes the parked connection, the rest
+    // (the second head included) must reach the new session.
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: app.test\r\n\r\nGET /two HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let raw = read_responses(&mut s, 2).await;
+    assert_eq!(raw_response_count(&raw), 2, "{}", String::from_utf8_lossy(&raw));
+    tokio::time::sleep(IDLE).await;
+    // A head split across writes, its first part arriving at a parked connection.
+    s.write_all(b"GET /three HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"TP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let raw = read_responses(&mut s, 1).await;
+    assert_eq!(raw_status(&raw), Some(200), "{}", String::from_utf8_lossy(&raw));
+    // A request with the start of the next one behind it: hyper reads the partial head
+    // while the first request is open, the connection is parked with it in the session's
+    // buffer, and the new session must start from those bytes.
+    tokio::time::sleep(IDLE).await;
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: app.test\r\n\r\nGET /fi").await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut s, 1).await), Some(200));
+    let before = parked(&gw).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(parked(&gw).await, before + 1.0, "not parked with a partial head read");
+    s.write_all(b"ve HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let raw = read_responses(&mut s, 1).await;
+    assert_eq!(raw_status(&raw), Some(200), "{}", String::from_utf8_lossy(&raw));
+    let paths: Vec<String> = b.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(paths, ["/a", "/one", "/two", "/three", "/four", "/five"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_on_a_parked_connection_still_times_out() {
+    let (gw, _b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_responses(&mut s, 1).await;
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0);
+    s.write_all(b"GET / HT").await.unwrap();
+    let t0 = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert!(closed, "a head that never completes kept its parked connection open");
+    assert!(t0.elapsed() < Duration::from_secs(4), "closed after {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_asked_to_close_is_closed_not_parked() {
+    let (gw, _b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (raw, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&raw), Some(200));
+    assert!(closed, "Connection: close was not honoured");
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_on_a_parked_connection_works() {
+    let (gw, _b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_responses(&mut s, 1).await;
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0);
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.test/ws", s).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("after parking")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+    assert_eq!(back.unwrap().unwrap(), Message::text("after parking"));
+    // An open tunnel is not an idle connection: nothing is parked under it.
+    tokio::time::sleep(IDLE).await;
+    ws.send(Message::text("still there")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+    assert_eq!(back.unwrap().unwrap(), Message::text("still there"));
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_parked_connections_at_once() {
+    let (gw, _b) = setup().await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_responses(&mut s, 1).await;
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0);
+    gw.signal("TERM");
+    let t0 = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "a parked connection outlived shutdown");
+    assert!(t0.elapsed() < Duration::from_secs(8), "closed after {:?}", t0.elapsed());
+}
