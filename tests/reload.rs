@@ -238,3 +238,43 @@ async fn a_request_in_flight_finishes_across_a_reload() {
     assert!(gone.await);
     let _ = &s.b2;
 }
+
+const STUCK: &str = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[proxy]
+drain_timeout = "1s"
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = ["@SERVER@"]
+retries = 0
+response_timeout = "30s"
+"#;
+
+/// A server removed by a reload drains for `drain_timeout`; a request still waiting on
+/// it then is cut (its upstream connection aborted: 502), not left to response_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stuck_on_a_removed_server_is_cut_at_drain_timeout() {
+    let slow = Backend::start_with_delay("slow", Duration::from_secs(20)).await;
+    let fast = Backend::start("fast").await;
+    let gw = Gateway::builder(STUCK).var("SERVER", slow.addr).start().await;
+    let http = gw.http;
+    let stuck = tokio::spawn(async move {
+        let t0 = std::time::Instant::now();
+        (get(http, "app.test", "/stuck").await.status, t0.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v2 = STUCK.replace("@SERVER@", &fast.addr.to_string());
+    assert!(matches!(gw.reload(&v2).await, Reload::Applied(_)));
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 200, "the new server does not serve");
+    let (status, took) = tokio::time::timeout(Duration::from_secs(10), stuck).await.expect("cut in time").unwrap();
+    assert_eq!(status, 502);
+    assert!(took < Duration::from_secs(5), "cut after {took:?}, not at drain_timeout");
+}

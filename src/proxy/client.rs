@@ -170,15 +170,21 @@ pub async fn open(
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| SendError::Failed { addr, source })?;
-    let kill = kill.clone();
-    tokio::spawn(async move {
-        let served = async { if upgrades { conn.with_upgrades().await } else { conn.await } };
-        let result = tokio::select! {
-            res = served => res,
-            () = kill.cancelled() => Ok(()),
-        };
+    let served = tokio::spawn(async move {
+        let result = if upgrades { conn.with_upgrades().await } else { conn.await };
         if let Err(e) = result {
             tracing::debug!(server = %addr, error = %e, upgrades, "upstream connection ended");
+        }
+    });
+    // `kill` aborts the connection from a task of its own, woken twice in the connection's
+    // life: selecting on it inside the connection's task would poll it on every wake-up,
+    // that is several times per request.
+    let abort = served.abort_handle();
+    let kill = kill.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = served => {}
+            () = kill.cancelled() => abort.abort(),
         }
     });
     Ok(sender)
