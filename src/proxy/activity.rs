@@ -31,7 +31,7 @@ use tokio::time::Instant;
 pub(super) struct Activity {
     open: AtomicUsize,
     born: Instant,
-    /// Milliseconds after `born` of the last time a request opened or closed.
+    /// Milliseconds after `born` of the last time a request closed.
     last_change_ms: AtomicU64,
     /// 1 + milliseconds after `born` when the first byte of the next request head came
     /// (0: none yet). Starts at 1: the first head is timed from the connection's start.
@@ -147,7 +147,8 @@ impl RequestGuard {
         activity.open.fetch_add(1, Ordering::Relaxed);
         activity.requests.fetch_add(1, Ordering::Relaxed);
         activity.head_started_ms.store(0, Ordering::Relaxed);
-        activity.last_change_ms.store(activity.now_ms(), Ordering::Relaxed);
+        // `last_change_ms` is only read while no request is open: the guard's drop sets
+        // it, and a clock read here would buy nothing.
         RequestGuard(Arc::clone(activity))
     }
 }
