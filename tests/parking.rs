@@ -17,11 +17,15 @@ use tokio_tungstenite::tungstenite::Message;
 const CONFIG: &str = r#"
 [listen]
 http = "@HTTP@"
-https = ""
+https = "@HTTPS@"
 admin = "@ADMIN@"
 
 [proxy]
 shutdown_delay = "0s"
+redirect_https = false
+
+[tls]
+certs_dir = "certs"
 
 [limits]
 header_read_timeout = "1s"
@@ -39,9 +43,17 @@ servers = ["@B@"]
 const IDLE: Duration = Duration::from_millis(1600);
 
 async fn setup() -> (Gateway, Backend) {
-    let b = Backend::start("app").await;
-    let gw = Gateway::builder(CONFIG).var("B", b.addr).start().await;
+    let (gw, b, _) = setup_tls().await;
     (gw, b)
+}
+
+async fn setup_tls() -> (Gateway, Backend, Pki) {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["app.test"]);
+    let b = Backend::start("app").await;
+    let gw =
+        Gateway::builder(CONFIG).var("B", b.addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await;
+    (gw, b, pki)
 }
 
 async fn parked(gw: &Gateway) -> f64 {
@@ -187,4 +199,22 @@ async fn shutdown_closes_parked_connections_at_once() {
     let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
     assert!(closed, "a parked connection outlived shutdown");
     assert!(t0.elapsed() < Duration::from_secs(8), "closed after {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_https_connection_is_parked_and_keeps_its_tls_session() {
+    let (gw, b, pki) = setup_tls().await;
+    let (tls, info) = tls_connect(gw.https, &TlsOpts::sni("app.test").verified(&pki)).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let mut h1 = H1::over(tls).await;
+    assert_eq!(h1.get("app.test", "/a").await.status, 200);
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0, "an idle HTTPS connection was not parked");
+    // Same TLS connection, no new handshake: the session survived the parking.
+    let handshakes = gw.metric("swarmgate_tls_handshakes_total").await;
+    assert_eq!(h1.get("app.test", "/b").await.status, 200);
+    assert_eq!(h1.get("app.test", "/c").await.status, 200);
+    assert!(!h1.is_closed());
+    assert_eq!(gw.metric("swarmgate_tls_handshakes_total").await, handshakes);
+    assert_eq!(b.requests().len(), 3);
 }
