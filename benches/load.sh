@@ -33,7 +33,8 @@
 #   tls      HTTPS keep-alive, TLS 1.3, 13 B       wrk -t1 -c64
 #   h2       HTTP/2 over TLS 1.3, 13 B             h2load -t1 -c16 -m8
 #   mem      a freshly started proxy's RSS growth with N idle keep-alive HTTP/1.1
-#            connections (one request answered on each), in KiB per connection
+#            connections (one request answered on each, then 2.5 s idle), in KiB per
+#            connection
 #   instr    user-space CPU instructions per request, counted by valgrind's callgrind, for
 #            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16; not in the
 #            default list, as it takes about 1.5 minutes for three contenders
@@ -643,7 +644,9 @@ for _ in range(n):
             sock.close()
         if sum(errors.values()) >= 100:
             break
-time.sleep(1)
+# Idle long enough for swarmgate to park them (1 s) and its allocator to hand the freed
+# pages back (1 s decay): the steady state of idle connections, not the burst of opening.
+time.sleep(2.5)
 held = rss_kib(pids)
 poll = select.poll()
 for sock in socks:
@@ -703,6 +706,17 @@ def m(vals, fmt):
     vals = [v for v in vals if v is not None]
     return format(med(vals), fmt) if vals else "-"
 
+def print_table(cols, rows, left=2, group=True):
+    """Columns padded to their widest cell, the first `left` left-aligned; with `group`, a
+    blank line where the first column changes."""
+    w = [max(len(str(r[i])) for r in rows + [cols]) for i in range(len(cols))]
+    line = lambda r: "  ".join(str(v).ljust(w[i]) if i < left else str(v).rjust(w[i]) for i, v in enumerate(r))
+    print(line(cols))
+    for i, r in enumerate(rows):
+        if group and i > 0 and r[0] != rows[i - 1][0]:
+            print()
+        print(line(r))
+
 def ratio(rows, s, c, base):
     if c == base:
         return "-"
@@ -726,15 +740,7 @@ for s in scenarios:
                       m([x["cpu1"] for x in rows], ".0f"), f"{max(x['other'] for x in rows):.0f}",
                       str(max(x["upc"] for x in rows)), str(sum(x["err"] for x in rows))])
 if table:
-    w = [max(len(str(r[i])) for r in table + [cols]) for i in range(len(cols))]
-    line = lambda r: "  ".join(str(v).ljust(w[i]) if i < 2 else str(v).rjust(w[i]) for i, v in enumerate(r))
-    print(line(cols))
-    last = None
-    for r in table:
-        if last is not None and r[0] != last:
-            print()
-        last = r[0]
-        print(line(r))
+    print_table(cols, table)
 
 mem = []
 try:
@@ -759,11 +765,7 @@ if mem:
         out.append([c, f"{min(x['open'] for x in rows)}/{mem_conns}", str(max(x["dropped"] for x in rows)),
                     mib(med(x["before"] for x in rows)), mib(med(x["held"] for x in rows)),
                     mib(med(x["after"] for x in rows)), f"{med(per):.2f}", f"{min(per):.2f}..{max(per):.2f}"])
-    w = [max(len(str(r[i])) for r in out + [cols]) for i in range(len(cols))]
-    line = lambda r: "  ".join(str(v).ljust(w[i]) if i == 0 else str(v).rjust(w[i]) for i, v in enumerate(r))
-    print(line(cols))
-    for r in out:
-        print(line(r))
+    print_table(cols, out, left=1, group=False)
 
 instr = {}
 try:
@@ -786,15 +788,7 @@ if instr:
                 continue
             rel = lambda base: f"{x['per'] / instr[s, base]['per']:.2f}" if base != c and (s, base) in instr else "-"
             out.append([c, paths[s], str(x["n"]), f"{x['per']:.0f}", rel("nginx"), rel("haproxy"), str(x["err"])])
-    w = [max(len(str(r[i])) for r in out + [cols]) for i in range(len(cols))]
-    line = lambda r: "  ".join(str(v).ljust(w[i]) if i < 2 else str(v).rjust(w[i]) for i, v in enumerate(r))
-    print(line(cols))
-    last = None
-    for r in out:
-        if last is not None and r[0] != last:
-            print()
-        last = r[0]
-        print(line(r))
+    print_table(cols, out)
 PY
 
 # ------------------------------------------------------------------ go

@@ -78,6 +78,16 @@ async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<u8> {
 
 const GET: &[u8] = b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n";
 
+/// A connection that served one request (`GET /a`) and has been parked since.
+async fn parked_connection(gw: &Gateway) -> TcpStream {
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut s, 1).await), Some(200));
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(gw).await, 1.0, "an idle connection was not parked");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_parked_and_serves_its_next_request() {
     let (gw, b) = setup().await;
@@ -103,11 +113,7 @@ async fn an_idle_connection_is_parked_and_serves_its_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_and_split_heads_after_parking_are_served_in_order() {
     let (gw, b) = setup().await;
-    let mut s = TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    read_responses(&mut s, 1).await;
-    tokio::time::sleep(IDLE).await;
-    assert_eq!(parked(&gw).await, 1.0);
+    let mut s = parked_connection(&gw).await;
     // Two requests in one write: the first byte wakes the parked connection, the rest
     // (the second head included) must reach the new session.
     s.write_all(b"GET /one HTTP/1.1\r\nHost: app.test\r\n\r\nGET /two HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -141,11 +147,7 @@ async fn pipelined_and_split_heads_after_parking_are_served_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_head_on_a_parked_connection_still_times_out() {
     let (gw, _b) = setup().await;
-    let mut s = TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    read_responses(&mut s, 1).await;
-    tokio::time::sleep(IDLE).await;
-    assert_eq!(parked(&gw).await, 1.0);
+    let mut s = parked_connection(&gw).await;
     s.write_all(b"GET / HT").await.unwrap();
     let t0 = Instant::now();
     let (_, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
@@ -168,11 +170,7 @@ async fn a_connection_asked_to_close_is_closed_not_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_upgrade_on_a_parked_connection_works() {
     let (gw, _b) = setup().await;
-    let mut s = TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    read_responses(&mut s, 1).await;
-    tokio::time::sleep(IDLE).await;
-    assert_eq!(parked(&gw).await, 1.0);
+    let s = parked_connection(&gw).await;
     let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.test/ws", s).await.unwrap();
     assert_eq!(resp.status(), 101);
     ws.send(Message::text("after parking")).await.unwrap();
@@ -189,11 +187,7 @@ async fn a_websocket_upgrade_on_a_parked_connection_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_parked_connections_at_once() {
     let (gw, _b) = setup().await;
-    let mut s = TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(GET).await.unwrap();
-    read_responses(&mut s, 1).await;
-    tokio::time::sleep(IDLE).await;
-    assert_eq!(parked(&gw).await, 1.0);
+    let mut s = parked_connection(&gw).await;
     gw.signal("TERM");
     let t0 = Instant::now();
     let (_, closed) = read_until_close(&mut s, Duration::from_secs(10)).await;
