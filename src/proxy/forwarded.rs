@@ -6,6 +6,7 @@
 //! them is replaced, so a client can never spoof its address or the public URL.
 
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use hyper::HeaderMap;
 use hyper::header::{FORWARDED, HeaderName, HeaderValue};
@@ -19,12 +20,25 @@ pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Per-connection values, made once when the connection is accepted.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PeerValues {
     /// The client IP as `X-Forwarded-For` writes it.
     pub ip: HeaderValue,
     /// The client as an RFC 7239 node: `192.0.2.1` or `"[2001:db8::1]"`.
     pub node: String,
+    /// The values the last request of the connection got, reused while its authority
+    /// stays the same (nearly always): a `Forwarded` element and a port are otherwise
+    /// built and allocated for every request.
+    last: Mutex<Option<Reused>>,
+}
+
+#[derive(Debug)]
+struct Reused {
+    host: HeaderValue,
+    port: u16,
+    proto: &'static str,
+    element: Option<HeaderValue>,
+    port_value: HeaderValue,
 }
 
 impl PeerValues {
@@ -35,7 +49,27 @@ impl PeerValues {
             // RFC 7239 section 6: an IPv6 node is bracketed, and '[' ':' need quoting.
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
-        PeerValues { ip: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")), node }
+        let ip = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        PeerValues { ip, node, last: Mutex::new(None) }
+    }
+
+    /// `(Forwarded element, X-Forwarded-Port value)` for `f`, from the last request's when
+    /// its authority, port and scheme were the same.
+    fn element_and_port(&self, f: &Facts<'_>) -> (Option<HeaderValue>, HeaderValue) {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = last.as_ref().filter(|r| r.port == f.port && r.proto == f.proto && r.host == f.host) {
+            return (r.element.clone(), r.port_value.clone());
+        }
+        let reused = Reused {
+            host: f.host.clone(),
+            port: f.port,
+            proto: f.proto,
+            element: forwarded_element(f),
+            port_value: port_value(f.port),
+        };
+        let out = (reused.element.clone(), reused.port_value.clone());
+        *last = Some(reused);
+        out
     }
 }
 
@@ -56,11 +90,12 @@ pub struct Facts<'a> {
 pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
     // Up to seven fields are added: grow the map once, not field by field.
     headers.reserve(7);
+    let (element, port) = f.peer.element_and_port(f);
     if f.trusted {
         extend(headers, &X_FORWARDED_FOR, &f.peer.ip);
         keep_or(headers, &X_FORWARDED_PROTO, || Some(HeaderValue::from_static(f.proto)));
         keep_or(headers, &X_FORWARDED_HOST, || (!f.host.is_empty()).then(|| f.host.clone()));
-        keep_or(headers, &X_FORWARDED_PORT, || Some(port_value(f.port)));
+        keep_or(headers, &X_FORWARDED_PORT, || Some(port));
         if let Some(p) = f.prefix {
             let joined = headers
                 .get(&X_FORWARDED_PREFIX)
@@ -69,7 +104,7 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
                 .and_then(|s| HeaderValue::from_str(&s).ok());
             headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
         }
-        if let Some(element) = forwarded_element(f) {
+        if let Some(element) = element {
             extend(headers, &FORWARDED, &element);
         }
     } else {
@@ -80,12 +115,12 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
         } else {
             headers.insert(&X_FORWARDED_HOST, f.host.clone());
         }
-        headers.insert(&X_FORWARDED_PORT, port_value(f.port));
+        headers.insert(&X_FORWARDED_PORT, port);
         match f.prefix {
             Some(p) => headers.insert(&X_FORWARDED_PREFIX, p.clone()),
             None => headers.remove(&X_FORWARDED_PREFIX),
         };
-        match forwarded_element(f) {
+        match element {
             Some(e) => headers.insert(FORWARDED, e),
             None => headers.remove(FORWARDED),
         };
@@ -190,6 +225,26 @@ mod tests {
         prefix: Option<&'a HeaderValue>,
     ) -> Facts<'a> {
         Facts { peer, trusted, proto: "https", host, port: 443, prefix }
+    }
+
+    #[test]
+    fn a_connection_reuses_its_last_values_only_for_the_same_authority() {
+        let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
+        let (a, b) = (HeaderValue::from_static("a.example"), HeaderValue::from_static("b.example:8443"));
+        let mut h = HeaderMap::new();
+        apply(&mut h, &facts(&peer, false, &a, None));
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=a.example;proto=https");
+        let mut h = HeaderMap::new();
+        apply(&mut h, &Facts { port: 8443, ..facts(&peer, false, &b, None) });
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=\"b.example:8443\";proto=https");
+        assert_eq!(h[&X_FORWARDED_PORT], "8443");
+        let mut h = HeaderMap::new();
+        apply(&mut h, &Facts { proto: "http", port: 8443, ..facts(&peer, false, &b, None) });
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=\"b.example:8443\";proto=http");
+        let mut h = HeaderMap::new();
+        apply(&mut h, &facts(&peer, false, &a, None));
+        assert_eq!(h[FORWARDED], "for=192.0.2.7;host=a.example;proto=https");
+        assert_eq!(h[&X_FORWARDED_PORT], "443");
     }
 
     #[test]
