@@ -208,30 +208,40 @@ where
         let service = tracked_service(shared, Arc::clone(&conn), &activity);
         // Boxed: a parked connection keeps no room for a session in its task.
         let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-        let (requests, result) = tokio::select! {
-            res = &mut *session => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+        // Requests seen when parking began; `None` while the session serves.
+        let mut parking: Option<u64> = None;
+        let (requests, result) = loop {
+            tokio::select! {
+                res = &mut *session => match parking {
+                    Some(requests) => break (requests, res),
+                    None => {
+                        if let Err(e) = res {
+                            tracing::debug!(error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                },
+                () = shared.shutdown.cancelled() => {
+                    activity.set_parking(false);
+                    Pin::new(&mut *session).graceful_shutdown();
+                    if let Err(e) = (&mut *session).await {
+                        tracing::debug!(error = %e, "client connection ended with an error");
+                    }
+                    return;
                 }
-                return;
-            }
-            () = shared.shutdown.cancelled() => {
-                Pin::new(&mut *session).graceful_shutdown();
-                if let Err(e) = (&mut *session).await {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+                why = watchdog.as_mut() => {
+                    tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                    return; // nothing is in flight: dropping the connection closes it
                 }
-                return;
-            }
-            why = watchdog.as_mut() => {
-                tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                return; // nothing is in flight: dropping the connection closes it
-            }
-            () = activity.parkable(PARK_AFTER) => {
-                // Idle: hyper closes the session at once and its shutdown is swallowed.
-                activity.set_parking(true);
-                let requests = activity.requests();
-                Pin::new(&mut *session).graceful_shutdown();
-                (requests, (&mut *session).await)
+                () = activity.parkable(PARK_AFTER), if parking.is_none() => {
+                    // Idle: hyper ends the session once its last response is flushed (at
+                    // once, mostly), and the shutdown it then sends is swallowed. The other
+                    // branches still run meanwhile: a client that stopped reading is
+                    // closed by the idle timeout, and shutdown is heard.
+                    activity.set_parking(true);
+                    parking = Some(activity.requests());
+                    Pin::new(&mut *session).graceful_shutdown();
+                }
             }
         };
         activity.set_parking(false);
