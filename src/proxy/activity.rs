@@ -11,7 +11,7 @@
 //! A request counts from the service call until its response body is done or dropped
 //! ([`Tracked`]), so a streaming response keeps its connection busy.
 //!
-//! It also tells when an HTTP/1.1 connection may be parked ([`Activity::parkable`]): idle
+//! It also tells when an HTTP/1.1 connection may be parked ([`Expired::Park`]): idle
 //! long enough that hyper's per-connection buffers are better freed than kept (see
 //! `listener::serve_h1`). While parking, [`Watched`] swallows the shutdown hyper sends
 //! when its session ends, so the socket stays open for the next request.
@@ -44,11 +44,13 @@ pub(super) struct Activity {
     parking: AtomicBool,
 }
 
-/// Why a watchdog ended a connection.
+/// Why a watchdog completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Expired {
     Idle,
     SlowHead,
+    /// Idle long enough to park (only when asked for).
+    Park,
 }
 
 impl Activity {
@@ -79,24 +81,6 @@ impl Activity {
         self.parking.store(parking, Ordering::Relaxed);
     }
 
-    /// Completes once no request has been open and no byte of a new head has arrived for
-    /// `after`; never if the client asked for the connection to close.
-    pub(super) async fn parkable(&self, after: Duration) {
-        loop {
-            if self.closing.load(Ordering::Relaxed) {
-                return std::future::pending().await;
-            }
-            let now = Instant::now();
-            let busy = self.open.load(Ordering::Relaxed) > 0 || self.head_started_ms.load(Ordering::Relaxed) != 0;
-            let deadline =
-                if busy { now + after } else { self.at(self.last_change_ms.load(Ordering::Relaxed)) + after };
-            if !busy && now >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
     }
@@ -111,15 +95,19 @@ impl Activity {
         }
     }
 
-    /// Completes when the connection should be closed: see the module docs. `header` is
-    /// `None` for HTTP/2 (no head timing there).
-    pub(super) async fn expired(&self, header: Option<Duration>, idle: Duration) -> Expired {
+    /// Completes when the connection should be closed (see the module docs) or, given
+    /// `park`, parked: idle that long with no request open, no head begun and no request
+    /// having asked to close. `header` is `None` for HTTP/2 (no head timing there). One
+    /// timer for all three, as it is polled at every wake-up of the connection's task.
+    pub(super) async fn expired(&self, header: Option<Duration>, idle: Duration, park: Option<Duration>) -> Expired {
         // Nothing wakes the watchdog when the state changes, so it never sleeps past
-        // `now + step`: a change at `c > now` can only set a deadline of `c + header` or
-        // `c + idle`, both later than that. (Sleeping until the deadline of the state seen
-        // would overshoot when a change brings it earlier: a request ending, or the next
-        // head starting, while the first head's or an open request's wait runs.)
+        // `now + step`: a change at `c > now` can only set a deadline of `c + header`,
+        // `c + idle` or `c + park`, all later than that. (Sleeping until the deadline of
+        // the state seen would overshoot when a change brings it earlier: a request
+        // ending, or the next head starting, while the first head's or an open request's
+        // wait runs.)
         let step = header.map_or(idle, |h| h.min(idle));
+        let step = park.map_or(step, |p| p.min(step));
         loop {
             let now = Instant::now();
             if self.open.load(Ordering::Relaxed) > 0 {
@@ -127,10 +115,16 @@ impl Activity {
                 continue;
             }
             let head = self.head_started_ms.load(Ordering::Relaxed);
-            let (deadline, why) = match header {
+            let last = self.at(self.last_change_ms.load(Ordering::Relaxed));
+            let (mut deadline, mut why) = match header {
                 Some(h) if head != 0 => (self.at(head - 1) + h, Expired::SlowHead),
-                _ => (self.at(self.last_change_ms.load(Ordering::Relaxed)) + idle, Expired::Idle),
+                _ => (last + idle, Expired::Idle),
             };
+            if let Some(p) = park.filter(|_| head == 0 && !self.closing.load(Ordering::Relaxed)) {
+                if last + p < deadline {
+                    (deadline, why) = (last + p, Expired::Park);
+                }
+            }
             if now >= deadline {
                 return why;
             }
@@ -286,14 +280,14 @@ mod tests {
         // The first head is timed from the connection's start.
         let a = Activity::new();
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle).await, Expired::SlowHead);
+        assert_eq!(a.expired(header, idle, None).await, Expired::SlowHead);
         assert_eq!(t0.elapsed(), Duration::from_secs(10));
 
         // After a request, an idle connection lasts idle_timeout...
         let a = Activity::new();
         drop(RequestGuard::open(&a));
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle).await, Expired::Idle);
+        assert_eq!(a.expired(header, idle, None).await, Expired::Idle);
         assert_eq!(t0.elapsed(), Duration::from_secs(60));
 
         // ...unless a head starts arriving: then it has header_read_timeout from its first byte.
@@ -302,17 +296,53 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(30)).await;
         a.on_read();
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle).await, Expired::SlowHead);
+        assert_eq!(a.expired(header, idle, None).await, Expired::SlowHead);
         assert_eq!(t0.elapsed(), Duration::from_secs(10));
 
         // An open request (a long response) is never idle.
         let a = Activity::new();
         let guard = RequestGuard::open(&a);
-        let watch = tokio::time::timeout(Duration::from_secs(600), a.expired(header, idle)).await;
+        let watch = tokio::time::timeout(Duration::from_secs(600), a.expired(header, idle, None)).await;
         assert!(watch.is_err(), "a connection with an open request expired");
         drop(guard);
         let t0 = Instant::now();
-        assert_eq!(a.expired(None, idle).await, Expired::Idle);
+        assert_eq!(a.expired(None, idle, None).await, Expired::Idle);
+        assert_eq!(t0.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_parks_unless_busy_or_closing() {
+        let (header, idle, park) =
+            (Some(Duration::from_secs(10)), Duration::from_secs(60), Some(Duration::from_secs(1)));
+        // Parked a second after its request ended...
+        let a = Activity::new();
+        drop(RequestGuard::open(&a));
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle, park).await, Expired::Park);
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+
+        // ...not while a request is open: a second after it ends.
+        let a = Activity::new();
+        let guard = RequestGuard::open(&a);
+        let watch = tokio::time::timeout(Duration::from_secs(30), a.expired(header, idle, park)).await;
+        assert!(watch.is_err(), "parked with a request open");
+        drop(guard);
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle, park).await, Expired::Park);
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+
+        // A head that has begun is timed, not parked.
+        let a = Activity::new();
+        drop(RequestGuard::open(&a));
+        a.on_read();
+        assert_eq!(a.expired(header, idle, park).await, Expired::SlowHead);
+
+        // A connection asked to close is never parked: it just idles out.
+        let a = Activity::new();
+        drop(RequestGuard::open(&a));
+        a.set_closing();
+        let t0 = Instant::now();
+        assert_eq!(a.expired(header, idle, park).await, Expired::Idle);
         assert_eq!(t0.elapsed(), Duration::from_secs(60));
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Conn;
-use super::activity::{Activity, RequestGuard, Tracked, Watched};
+use super::activity::{Activity, Expired, RequestGuard, Tracked, Watched};
 use crate::config::Limits;
 use crate::gateway::Gateway;
 use crate::metrics::OpenConnection;
@@ -201,7 +201,8 @@ where
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
     let activity = Activity::new();
-    let watchdog = activity.expired(Some(limits.header_read_timeout), limits.idle_timeout);
+    let watch = |park| activity.expired(Some(limits.header_read_timeout), limits.idle_timeout, park);
+    let watchdog = watch(Some(PARK_AFTER));
     tokio::pin!(watchdog);
     let mut io = Watched::new(io, Arc::clone(&activity));
     loop {
@@ -230,10 +231,10 @@ where
                     return;
                 }
                 why = watchdog.as_mut() => {
-                    tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                    return; // nothing is in flight: dropping the connection closes it
-                }
-                () = activity.parkable(PARK_AFTER), if parking.is_none() => {
+                    if why != Expired::Park {
+                        tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                        return; // nothing is in flight: dropping the connection closes it
+                    }
                     // Idle: hyper ends the session once its last response is flushed (at
                     // once, mostly), and the shutdown it then sends is swallowed. The other
                     // branches still run meanwhile: a client that stopped reading is
@@ -241,6 +242,7 @@ where
                     activity.set_parking(true);
                     parking = Some(activity.requests());
                     Pin::new(&mut *session).graceful_shutdown();
+                    watchdog.set(watch(None));
                 }
             }
         };
@@ -275,6 +277,8 @@ where
                 }
             }
         }
+        // A request has begun: its session may be parked again once it idles.
+        watchdog.set(watch(Some(PARK_AFTER)));
     }
 }
 
@@ -327,7 +331,7 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        _ = activity.expired(None, limits.idle_timeout) => {
+        _ = activity.expired(None, limits.idle_timeout, None) => {
             tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
             conn.as_mut().graceful_shutdown();
             conn.await
