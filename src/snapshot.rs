@@ -29,11 +29,7 @@ impl Route {
     /// `host/path`, the route's label in metrics and logs.
     pub fn key(host: &HostPattern, prefix: &str) -> String {
         // Built by hand: a reload makes one per route, and `format!` costs several times more.
-        let (star, name) = match host {
-            HostPattern::Exact(h) => ("", h.as_str()),
-            HostPattern::Wildcard(s) => ("*.", s.as_str()),
-            HostPattern::Any => ("*", ""),
-        };
+        let (star, name) = host.parts();
         let mut key = String::with_capacity(star.len() + name.len() + prefix.len());
         key.push_str(star);
         key.push_str(name);

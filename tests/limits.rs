@@ -414,10 +414,27 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
+/// Messages echoed through a tunnel, each followed by a quiet spell longer than the
+/// gateway's header_read_timeout and idle_timeout.
+async fn echo_across_quiet_spells<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+        assert_eq!(back, Message::text(format!("m{i}")));
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    ws.send(Message::text("last")).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+    assert_eq!(back, Message::text("last"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
     let b = Backend::start("app").await;
     let gw = idle_gateway(&b).await;
     let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
@@ -435,16 +452,7 @@ async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
         None,
     )
     .await;
-    for i in 0..3 {
-        ws.send(Message::text(format!("m{i}"))).await.unwrap();
-        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
-        assert_eq!(back, Message::text(format!("m{i}")));
-        // Quiet for longer than idle_timeout between messages.
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-    }
-    ws.send(Message::text("last")).await.unwrap();
-    let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
-    assert_eq!(back, Message::text("last"));
+    echo_across_quiet_spells(&mut ws).await;
 }
 
 /// In-flight counts (what p2c and drains rely on) come back down when a client gives up.
@@ -480,22 +488,11 @@ async fn a_client_that_goes_away_is_no_longer_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_websocket_tunnel_outlives_the_idle_timeouts() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let b = Backend::start("app").await;
     let gw = idle_gateway(&b).await;
     let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
-    for i in 0..3 {
-        ws.send(Message::text(format!("m{i}"))).await.unwrap();
-        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
-        assert_eq!(back, Message::text(format!("m{i}")));
-        // Quiet for longer than header_read_timeout and idle_timeout.
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-    }
-    ws.send(Message::text("last")).await.unwrap();
-    let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
-    assert_eq!(back, Message::text("last"));
+    echo_across_quiet_spells(&mut ws).await;
 }
 
 /// A download that takes longer than the idle timeouts is not idleness.

@@ -141,13 +141,23 @@ pub enum HostPattern {
     Any,
 }
 
+impl HostPattern {
+    /// The pattern as written, in two pieces (`*.` and `example.org` for a wildcard), so
+    /// that it can be joined to other text without the formatting machinery.
+    pub fn parts(&self) -> (&'static str, &str) {
+        match self {
+            HostPattern::Exact(h) => ("", h),
+            HostPattern::Wildcard(s) => ("*.", s),
+            HostPattern::Any => ("*", ""),
+        }
+    }
+}
+
 impl std::fmt::Display for HostPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostPattern::Exact(h) => f.write_str(h),
-            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
-            HostPattern::Any => f.write_str("*"),
-        }
+        let (star, name) = self.parts();
+        f.write_str(star)?;
+        f.write_str(name)
     }
 }
 

@@ -7,7 +7,8 @@ use hyper::header::{self, HeaderName, HeaderValue};
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` still sent by old clients).
-static ALWAYS: [HeaderName; 7] = [
+const ALWAYS_LEN: usize = 7;
+static ALWAYS: [HeaderName; ALWAYS_LEN] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -22,7 +23,7 @@ static ALWAYS: [HeaderName; 7] = [
 pub fn strip(headers: &mut HeaderMap) -> bool {
     // One pass over the names first: a removal costs a hash lookup, and most messages
     // carry none of these fields or only `Connection`. Standard names compare as enums.
-    let mut present = [false; 7];
+    let mut present = [false; ALWAYS_LEN];
     for name in headers.keys() {
         if let Some(i) = ALWAYS.iter().position(|h| h == name) {
             present[i] = true;

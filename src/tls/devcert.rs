@@ -21,7 +21,6 @@ pub fn uncovered<'a>(hosts: impl Iterator<Item = &'a HostPattern>, statics: &Cer
         .map(ToString::to_string)
         .collect();
     out.sort();
-    out.dedup();
     out
 }
 
