@@ -28,8 +28,9 @@ pub struct PeerValues {
     pub node: String,
     /// The values the last request of the connection got, reused while its authority
     /// stays the same (nearly always): a `Forwarded` element and a port are otherwise
-    /// built and allocated for every request.
-    last: Mutex<Option<Reused>>,
+    /// built and allocated for every request. Boxed, and let go while the connection is
+    /// parked ([`PeerValues::forget`]): an idle connection keeps none of it.
+    last: Mutex<Option<Box<Reused>>>,
 }
 
 #[derive(Debug)]
@@ -60,16 +61,24 @@ impl PeerValues {
         if let Some(r) = last.as_ref().filter(|r| r.port == f.port && r.proto == f.proto && r.host == f.host) {
             return (r.element.clone(), r.port_value.clone());
         }
-        let reused = Reused {
-            host: f.host.clone(),
+        let reused = Box::new(Reused {
+            // A copy, not a clone: a request's header values are slices of the buffer its
+            // head was read into, and a clone kept here would pin that whole buffer (8 KiB)
+            // for as long as the connection lives, parked or not.
+            host: HeaderValue::from_bytes(f.host.as_bytes()).unwrap_or_else(|_| f.host.clone()),
             port: f.port,
             proto: f.proto,
             element: forwarded_element(f),
             port_value: port_value(f.port),
-        };
+        });
         let out = (reused.element.clone(), reused.port_value.clone());
         *last = Some(reused);
         out
+    }
+
+    /// Lets go of the last request's values (the connection is idle).
+    pub fn forget(&self) {
+        self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 }
 
@@ -215,6 +224,7 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)] // a test: a failed expectation is a failed test
 mod tests {
     use super::*;
 
@@ -245,6 +255,24 @@ mod tests {
         apply(&mut h, &facts(&peer, false, &a, None));
         assert_eq!(h[FORWARDED], "for=192.0.2.7;host=a.example;proto=https");
         assert_eq!(h[&X_FORWARDED_PORT], "443");
+    }
+
+    #[test]
+    fn the_reused_host_is_a_copy_not_a_slice_of_the_request_buffer() {
+        // hyper's header values are slices of the buffer the head was read into: one kept
+        // by the connection would keep that whole buffer alive while the connection idles.
+        let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
+        let buffer = bytes::Bytes::copy_from_slice(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        let host = HeaderValue::from_maybe_shared(buffer.slice(22..31)).expect("a valid value");
+        assert_eq!(host, "a.example");
+        apply(&mut HeaderMap::new(), &facts(&peer, false, &host, None));
+        let last = peer.last.lock().expect("not poisoned");
+        let kept = last.as_ref().expect("values kept for the next request").host.as_bytes();
+        assert_eq!(kept, b"a.example");
+        assert!(!buffer.as_ptr_range().contains(&kept.as_ptr()), "the kept host points into the request's buffer");
+        drop(last);
+        peer.forget();
+        assert!(peer.last.lock().expect("not poisoned").is_none());
     }
 
     #[test]
