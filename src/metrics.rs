@@ -78,23 +78,6 @@ pub struct Metrics {
     pub upgrades: AtomicU64,
 }
 
-/// A connection counted in `open_connections` until dropped.
-pub struct OpenConnection<'a>(&'a Metrics);
-
-impl<'a> OpenConnection<'a> {
-    pub fn new(m: &'a Metrics) -> Self {
-        m.open_connections.fetch_add(1, Ordering::Relaxed);
-        m.connections_total.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(m)
-    }
-}
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Escapes a label value (Prometheus text format: backslash, quote, newline).
 pub fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

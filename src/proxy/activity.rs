@@ -29,6 +29,9 @@ use tokio::time::Instant;
 
 /// Shared by a connection's IO wrapper, its service and its watchdog.
 pub(super) struct Activity {
+    /// `header_read_timeout` (HTTP/1.1 only) and `idle_timeout`.
+    header: Option<Duration>,
+    idle: Duration,
     open: AtomicUsize,
     born: Instant,
     /// Milliseconds after `born` of the last time a request closed.
@@ -54,8 +57,10 @@ pub(super) enum Expired {
 }
 
 impl Activity {
-    pub(super) fn new() -> Arc<Self> {
+    pub(super) fn new(header: Option<Duration>, idle: Duration) -> Arc<Self> {
         Arc::new(Activity {
+            header,
+            idle,
             open: AtomicUsize::new(0),
             born: Instant::now(),
             last_change_ms: AtomicU64::new(0),
@@ -97,9 +102,13 @@ impl Activity {
 
     /// Completes when the connection should be closed (see the module docs) or, given
     /// `park`, parked: idle that long with no request open, no head begun and no request
-    /// having asked to close. `header` is `None` for HTTP/2 (no head timing there). One
-    /// timer for all three, as it is polled at every wake-up of the connection's task.
-    pub(super) async fn expired(&self, header: Option<Duration>, idle: Duration, park: Option<Duration>) -> Expired {
+    /// having asked to close. One timer for all three, as it is polled at every wake-up
+    /// of the connection's task.
+    ///
+    /// A block rather than an `async fn`, which would keep a second copy of its arguments
+    /// for its whole life: every connection holds one of these.
+    pub(super) fn expired(&self, park: Option<Duration>) -> impl Future<Output = Expired> + Send + '_ {
+        let (header, idle) = (self.header, self.idle);
         // Nothing wakes the watchdog when the state changes, so it never sleeps past
         // `now + step`: a change at `c > now` can only set a deadline of `c + header`,
         // `c + idle` or `c + park`, all later than that. (Sleeping until the deadline of
@@ -108,27 +117,35 @@ impl Activity {
         // wait runs.)
         let step = header.map_or(idle, |h| h.min(idle));
         let step = park.map_or(step, |p| p.min(step));
-        loop {
-            let now = Instant::now();
-            if self.open.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep_until(now + step).await;
-                continue;
+        async move {
+            loop {
+                let now = Instant::now();
+                let wake = if self.open.load(Ordering::Relaxed) > 0 {
+                    now + step
+                } else {
+                    let (deadline, why) = self.deadline(park);
+                    if now >= deadline {
+                        return why;
+                    }
+                    deadline.min(now + step)
+                };
+                tokio::time::sleep_until(wake).await;
             }
-            let head = self.head_started_ms.load(Ordering::Relaxed);
-            let last = self.at(self.last_change_ms.load(Ordering::Relaxed));
-            let (mut deadline, mut why) = match header {
-                Some(h) if head != 0 => (self.at(head - 1) + h, Expired::SlowHead),
-                _ => (last + idle, Expired::Idle),
-            };
-            if let Some(p) = park.filter(|_| head == 0 && !self.closing.load(Ordering::Relaxed)) {
-                if last + p < deadline {
-                    (deadline, why) = (last + p, Expired::Park);
-                }
-            }
-            if now >= deadline {
-                return why;
-            }
-            tokio::time::sleep_until(deadline.min(now + step)).await;
+        }
+    }
+
+    /// The earliest deadline of a connection with no request open, and what it means.
+    fn deadline(&self, park: Option<Duration>) -> (Instant, Expired) {
+        let (header, idle) = (self.header, self.idle);
+        let head = self.head_started_ms.load(Ordering::Relaxed);
+        let last = self.at(self.last_change_ms.load(Ordering::Relaxed));
+        let (deadline, why) = match header {
+            Some(h) if head != 0 => (self.at(head - 1) + h, Expired::SlowHead),
+            _ => (last + idle, Expired::Idle),
+        };
+        match park.filter(|_| head == 0 && !self.closing.load(Ordering::Relaxed)) {
+            Some(p) if last + p < deadline => (last + p, Expired::Park),
+            _ => (deadline, why),
         }
     }
 }
@@ -278,35 +295,35 @@ mod tests {
     async fn idle_and_slow_heads_expire_but_open_requests_do_not() {
         let (header, idle) = (Some(Duration::from_secs(10)), Duration::from_secs(60));
         // The first head is timed from the connection's start.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, None).await, Expired::SlowHead);
+        assert_eq!(a.expired(None).await, Expired::SlowHead);
         assert_eq!(t0.elapsed(), Duration::from_secs(10));
 
         // After a request, an idle connection lasts idle_timeout...
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, None).await, Expired::Idle);
+        assert_eq!(a.expired(None).await, Expired::Idle);
         assert_eq!(t0.elapsed(), Duration::from_secs(60));
 
         // ...unless a head starts arriving: then it has header_read_timeout from its first byte.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         tokio::time::sleep(Duration::from_secs(30)).await;
         a.on_read();
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, None).await, Expired::SlowHead);
+        assert_eq!(a.expired(None).await, Expired::SlowHead);
         assert_eq!(t0.elapsed(), Duration::from_secs(10));
 
         // An open request (a long response) is never idle.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         let guard = RequestGuard::open(&a);
-        let watch = tokio::time::timeout(Duration::from_secs(600), a.expired(header, idle, None)).await;
+        let watch = tokio::time::timeout(Duration::from_secs(600), a.expired(None)).await;
         assert!(watch.is_err(), "a connection with an open request expired");
         drop(guard);
         let t0 = Instant::now();
-        assert_eq!(a.expired(None, idle, None).await, Expired::Idle);
+        assert_eq!(a.expired(None).await, Expired::Idle);
         assert_eq!(t0.elapsed(), Duration::from_secs(60));
     }
 
@@ -315,34 +332,34 @@ mod tests {
         let (header, idle, park) =
             (Some(Duration::from_secs(10)), Duration::from_secs(60), Some(Duration::from_secs(1)));
         // Parked a second after its request ended...
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, park).await, Expired::Park);
+        assert_eq!(a.expired(park).await, Expired::Park);
         assert_eq!(t0.elapsed(), Duration::from_secs(1));
 
         // ...not while a request is open: a second after it ends.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         let guard = RequestGuard::open(&a);
-        let watch = tokio::time::timeout(Duration::from_secs(30), a.expired(header, idle, park)).await;
+        let watch = tokio::time::timeout(Duration::from_secs(30), a.expired(park)).await;
         assert!(watch.is_err(), "parked with a request open");
         drop(guard);
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, park).await, Expired::Park);
+        assert_eq!(a.expired(park).await, Expired::Park);
         assert_eq!(t0.elapsed(), Duration::from_secs(1));
 
         // A head that has begun is timed, not parked.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         a.on_read();
-        assert_eq!(a.expired(header, idle, park).await, Expired::SlowHead);
+        assert_eq!(a.expired(park).await, Expired::SlowHead);
 
         // A connection asked to close is never parked: it just idles out.
-        let a = Activity::new();
+        let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         a.set_closing();
         let t0 = Instant::now();
-        assert_eq!(a.expired(header, idle, park).await, Expired::Idle);
+        assert_eq!(a.expired(park).await, Expired::Idle);
         assert_eq!(t0.elapsed(), Duration::from_secs(60));
     }
 }

@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,7 +27,6 @@ use super::Conn;
 use super::activity::{Activity, Expired, RequestGuard, Tracked, Watched};
 use crate::config::Limits;
 use crate::gateway::Gateway;
-use crate::metrics::OpenConnection;
 use crate::tls::ACME_TLS_ALPN;
 
 /// Plain HTTP, or TLS with a configuration that reloads may replace.
@@ -79,28 +79,50 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
         // not sized for the TLS state it never has.
         let task_shared = Arc::clone(&shared);
         match &kind {
-            Kind::Plain => shared.tracker.spawn(async move {
-                let _permit = permit;
-                plain_connection(stream, peer, local, task_shared).await;
-            }),
+            Kind::Plain => shared.tracker.spawn(plain_connection(stream, peer, local, Held::new(task_shared, permit))),
             Kind::Tls(config) => {
                 let config = config.load_full();
-                shared.tracker.spawn(async move {
-                    let _permit = permit;
-                    tls_connection(stream, peer, local, config, task_shared).await;
-                })
+                shared.tracker.spawn(tls_connection(stream, peer, local, config, Held::new(task_shared, permit)))
             }
         };
     }
     tracing::debug!(listener = ?local, "listener closed");
 }
 
-async fn plain_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: Arc<Shared>) {
+/// A connection's hold on its listener, given back when the connection ends: its
+/// `max_connections` permit and its count in `open_connections`.
+struct Held {
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Held {
+    fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+        let metrics = &shared.gw.metrics;
+        metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+        metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        Held { shared, _permit: permit }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A plain connection's task: set up before the task starts, so the task holds only
+/// what serving needs (it lives as long as the connection).
+fn plain_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    held: Held,
+) -> impl Future<Output = ()> + Send + 'static {
     let _ = stream.set_nodelay(true);
-    let _open = OpenConnection::new(&shared.gw.metrics);
-    let limits = shared.gw.snapshot_guard().proxy.limits.clone();
+    let limits = held.shared.gw.snapshot_guard().proxy.limits.clone();
     let conn = Arc::new(Conn::new(peer, local, false, None));
-    serve_h1(stream, conn, &limits, &shared).await;
+    serve_h1(stream, conn, limits, held)
 }
 
 async fn tls_connection(
@@ -108,13 +130,13 @@ async fn tls_connection(
     peer: SocketAddr,
     local: SocketAddr,
     config: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
+    held: Held,
 ) {
     let _ = stream.set_nodelay(true);
-    let metrics = &shared.gw.metrics;
-    let _open = OpenConnection::new(metrics);
-    let limits = shared.gw.snapshot_guard().proxy.limits.clone();
-    let gw = &shared.gw;
+    let gw = Arc::clone(&held.shared.gw);
+    let metrics = &gw.metrics;
+    let limits = gw.snapshot_guard().proxy.limits.clone();
+    let gw = &gw;
     let handshake = async move {
         let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
         let hello = start.client_hello();
@@ -149,9 +171,9 @@ async fn tls_connection(
     };
     let conn = Arc::new(Conn::new(peer, local, true, session.server_name()));
     if h2 {
-        Box::pin(serve_h2(tls, conn, &limits, &shared)).await;
+        Box::pin(serve_h2(tls, conn, &limits, &held.shared)).await;
     } else {
-        serve_h1(tls, conn, &limits, &shared).await;
+        serve_h1(tls, conn, limits, held).await;
     }
 }
 
@@ -187,9 +209,86 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// `activity`), or shutdown asks it to finish (then the response in progress carries
 /// `Connection: close`). Idle, it is parked (see [`PARK_AFTER`]) and served again by a
 /// new session when the next request's first byte arrives.
-async fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
+///
+/// (A block rather than an `async fn`, which would keep a second copy of its arguments
+/// for the connection's whole life.)
+fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: Limits, held: Held) -> impl Future<Output = ()> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new(Some(limits.header_read_timeout), limits.idle_timeout);
+    let mut io = Some(Watched::new(io, Arc::clone(&activity)));
+    let max_head = limits.max_header_bytes;
+    async move {
+        let watch = |park| activity.expired(park);
+        let watchdog = watch(Some(PARK_AFTER));
+        tokio::pin!(watchdog);
+        loop {
+            let Some(session_io) = io.take() else { return };
+            // Boxed, and over before the connection parks: a parked connection's task
+            // keeps no room for a session, and nothing of the session stays allocated.
+            let session = h1_session(session_io, &conn, max_head, &held.shared, &activity, watchdog.as_mut(), &watch);
+            io = Box::pin(session).await;
+            let Some(parked) = io.as_mut() else { return };
+            if !wait_for_request(parked, &conn, &held.shared, watchdog.as_mut()).await {
+                return;
+            }
+            // A request has begun: its session may be parked again once it idles.
+            watchdog.set(watch(Some(PARK_AFTER)));
+        }
+    }
+}
+
+/// A parked connection: no session, no buffer, until the next request's first byte.
+/// `false`: the connection is done (closed by the client, its timeout, or shutdown).
+/// (A block, not an `async fn`: see [`serve_h1`].)
+fn wait_for_request<'a, I, W>(
+    io: &'a mut Watched<I>,
+    conn: &Conn,
+    shared: &'a Shared,
+    watchdog: Pin<&'a mut W>,
+) -> impl Future<Output = bool> + 'a
+where
+    I: AsyncRead + Unpin,
+    W: Future<Output = Expired>,
+{
+    shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+    conn.peer_values.forget();
+    async move {
+        if io.has_unread() {
+            return true;
+        }
+        tokio::select! {
+            res = io.first_byte() => match res {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::debug!(error = %e, "parked client connection failed");
+                    false
+                }
+            },
+            () = shared.shutdown.cancelled() => false,
+            why = watchdog => {
+                tracing::debug!(?why, "parked HTTP/1.1 connection closed by its timeout");
+                false
+            }
+        }
+    }
+}
+
+/// One hyper session on `io`, until the connection is done (`None`) or idle long enough
+/// to park: then the socket comes back, with any bytes read past the last request.
+async fn h1_session<I, W>(
+    io: Watched<I>,
+    conn: &Arc<Conn>,
+    max_head: usize,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    mut watchdog: Pin<&mut W>,
+    watch: &impl Fn(Option<Duration>) -> W,
+) -> Option<Watched<I>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    W: Future<Output = Expired>,
 {
     let mut builder = http1::Builder::new();
     builder
@@ -197,89 +296,60 @@ where
         // Head and idle timing is ours (`activity`): hyper's one timer cannot tell a slow
         // head from an idle keep-alive connection.
         .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(max_head.max(8192))
+        .max_header_size(max_head)
         .keep_alive(true);
-    let activity = Activity::new();
-    let watch = |park| activity.expired(Some(limits.header_read_timeout), limits.idle_timeout, park);
-    let watchdog = watch(Some(PARK_AFTER));
-    tokio::pin!(watchdog);
-    let mut io = Watched::new(io, Arc::clone(&activity));
-    loop {
-        let service = tracked_service(shared, Arc::clone(&conn), &activity);
-        // Boxed: a parked connection keeps no room for a session in its task.
-        let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-        // Requests seen when parking began; `None` while the session serves.
-        let mut parking: Option<u64> = None;
-        let (requests, result) = loop {
-            tokio::select! {
-                res = &mut *session => match parking {
-                    Some(requests) => break (requests, res),
-                    None => {
-                        if let Err(e) = res {
-                            tracing::debug!(error = %e, "client connection ended with an error");
-                        }
-                        return;
-                    }
-                },
-                () = shared.shutdown.cancelled() => {
-                    activity.set_parking(false);
-                    Pin::new(&mut *session).graceful_shutdown();
-                    if let Err(e) = (&mut *session).await {
+    let service = tracked_service(shared, Arc::clone(conn), activity);
+    let mut session = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    // Requests seen when parking began; `None` while the session serves.
+    let mut parking: Option<u64> = None;
+    let (requests, result) = loop {
+        tokio::select! {
+            res = &mut session => match parking {
+                Some(requests) => break (requests, res),
+                None => {
+                    if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
-                    return;
+                    return None;
                 }
-                why = watchdog.as_mut() => {
-                    if why != Expired::Park {
-                        tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                        return; // nothing is in flight: dropping the connection closes it
-                    }
-                    // Idle: hyper ends the session once its last response is flushed (at
-                    // once, mostly), and the shutdown it then sends is swallowed. The other
-                    // branches still run meanwhile: a client that stopped reading is
-                    // closed by the idle timeout, and shutdown is heard.
-                    activity.set_parking(true);
-                    parking = Some(activity.requests());
-                    Pin::new(&mut *session).graceful_shutdown();
-                    watchdog.set(watch(None));
+            },
+            () = shared.shutdown.cancelled() => {
+                activity.set_parking(false);
+                Pin::new(&mut session).graceful_shutdown();
+                if let Err(e) = (&mut session).await {
+                    tracing::debug!(error = %e, "client connection ended with an error");
                 }
+                return None;
             }
-        };
-        activity.set_parking(false);
-        // A request that slipped in while parking was answered with `Connection: close`;
-        // an upgraded session has no socket to give back.
-        io = match (result, session.into_parts()) {
-            (Ok(()), Some(parts)) if activity.requests() == requests => {
-                let mut io = parts.io.into_inner();
-                if !parts.read_buf.is_empty() {
-                    io.unread(&parts.read_buf);
+            why = watchdog.as_mut() => {
+                if why != Expired::Park {
+                    tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                    return None; // nothing is in flight: dropping the connection closes it
                 }
-                io // the rest of the session (its read buffer included) is freed here
-            }
-            _ => return,
-        };
-        shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
-        if !io.has_unread() {
-            tokio::select! {
-                res = io.first_byte() => match res {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "parked client connection failed");
-                        return;
-                    }
-                },
-                () = shared.shutdown.cancelled() => return,
-                why = watchdog.as_mut() => {
-                    tracing::debug!(?why, "parked HTTP/1.1 connection closed by its timeout");
-                    return;
-                }
+                // Idle: hyper ends the session once its last response is flushed (at
+                // once, mostly), and the shutdown it then sends is swallowed. The other
+                // branches still run meanwhile: a client that stopped reading is
+                // closed by the idle timeout, and shutdown is heard.
+                activity.set_parking(true);
+                parking = Some(activity.requests());
+                Pin::new(&mut session).graceful_shutdown();
+                watchdog.set(watch(None));
             }
         }
-        // A request has begun: its session may be parked again once it idles.
-        watchdog.set(watch(Some(PARK_AFTER)));
+    };
+    activity.set_parking(false);
+    // A request that slipped in while parking was answered with `Connection: close`;
+    // an upgraded session has no socket to give back.
+    if result.is_err() || activity.requests() != requests {
+        return None;
     }
+    let parts = session.into_parts()?;
+    let mut io = parts.io.into_inner();
+    if !parts.read_buf.is_empty() {
+        io.unread(&parts.read_buf);
+    }
+    Some(io) // the rest of the session (its read buffer included) is freed here
 }
 
 /// The proxy service, counting each request in `activity` until its response body ends.
@@ -321,7 +391,7 @@ where
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
-    let activity = Activity::new();
+    let activity = Activity::new(None, limits.idle_timeout);
     let service = tracked_service(shared, conn, &activity);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -331,7 +401,7 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        _ = activity.expired(None, limits.idle_timeout, None) => {
+        _ = activity.expired(None) => {
             tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
             conn.as_mut().graceful_shutdown();
             conn.await
