@@ -36,7 +36,7 @@ use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{InFlight, Server, ServerSet, balance};
 use body::{Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
-use client::{SendError, SendRequestHandle};
+use client::{Pooled, SendError};
 use error::ProxyError;
 use forwarded::PeerValues;
 
@@ -393,14 +393,14 @@ fn respond(
     let (mut parts, incoming) = sent.response.into_parts();
     hop::strip(&mut parts.headers);
     let status = parts.status;
-    let done = Done { sender: Some(sent.sender), guard, route, status, start, log, head: method == Method::HEAD };
+    let done = Done { conn: Some(sent.conn), guard, route, status, start, log, head: method == Method::HEAD };
     Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(incoming, Box::new(done))))
 }
 
 /// Runs when a proxied response body ends: connection back to the pool, the server's
 /// in-flight count released, metrics and the access log written.
 struct Done {
-    sender: Option<SendRequestHandle>,
+    conn: Option<Pooled>,
     guard: InFlight,
     route: Arc<Route>,
     status: StatusCode,
@@ -413,8 +413,8 @@ impl Finish for Done {
     fn finish(mut self: Box<Self>, complete: bool, bytes: u64) {
         let server = self.guard.server();
         if complete || self.head {
-            if let Some(sender) = self.sender.take() {
-                server.pool.put(sender);
+            if let Some(conn) = self.conn.take() {
+                server.pool.put(conn);
             }
         }
         let took = self.start.elapsed();

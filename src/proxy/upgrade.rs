@@ -62,7 +62,7 @@ pub async fn proxy(
         let Some(server) = server else {
             return Err(ProxyError::NoServer(upstream.set.name.clone()));
         };
-        match client::open(server.addr, cfg.connect_timeout, &server.kill, true).await {
+        match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
             Ok(sender) => break (server, sender),
             Err(e) if (tried.len() as u32) < cfg.retries => {
                 tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");

@@ -8,12 +8,15 @@
 //! SO_REUSEPORT), so a second process cannot silently share a port.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::client;
 use super::listener::{self, Kind, Shared};
+use crate::gateway::Gateway;
 
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
@@ -37,6 +40,22 @@ pub fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
+/// Parks this worker's idle upstream connections (see `client`), twice per
+/// [`client::PARK_AFTER`], for as long as the worker runs.
+async fn park_idle_upstreams(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(client::PARK_AFTER / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = gw.snapshot_guard();
+        for upstream in snap.upstreams.values() {
+            for server in upstream.set.all().iter() {
+                server.pool.park_idle();
+            }
+        }
+    }
+}
+
 pub struct Workers {
     stop: CancellationToken,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -55,6 +74,7 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("swarmgate-worker-{i}")).spawn(move || {
                 INDEX.with(|c| c.set(i));
                 rt.block_on(async move {
+                    tokio::spawn(park_idle_upstreams(Arc::clone(&shared.gw)));
                     for (l, kind) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {

@@ -736,6 +736,8 @@ impl Recorded {
 #[derive(Default)]
 struct BackendState {
     requests: Mutex<Vec<Recorded>>,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
     hits: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -776,6 +778,7 @@ impl Backend {
                     r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
                 };
                 stream.set_nodelay(true).ok();
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let (st, name, stop) = (Arc::clone(&st), name2.clone(), stop2.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -802,6 +805,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
