@@ -284,8 +284,10 @@ async fn a_parked_upstream_connection_the_server_closed_is_not_used() {
         Gateway::builder(CONFIG).var("B", addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await;
     let mut c = H1::connect(gw.http).await;
     assert_eq!(c.get("app.test", "/").await.text(), "ok");
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    // Parked, then closed by the server: the next request gets a new connection.
+    wait_for_pool(&gw, (1, 1), "parked after idling").await;
+    // Closed by the server while parked: let go of without waiting for a request...
+    wait_for_pool(&gw, (0, 0), "a parked socket the server closed").await;
+    // ...and the next request gets a new connection.
     let r = c.get("app.test", "/").await;
     assert_eq!((r.status, r.text().as_str()), (200, "ok"));
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);

@@ -118,13 +118,15 @@ impl Pool {
     }
 
     /// Parks this worker's connections idle for [`PARK_AFTER`] or longer (their sessions
-    /// end and give their sockets back, see [`open`]). Run on every worker, periodically.
+    /// end and give their sockets back, see [`session`]), and closes parked sockets the
+    /// server has closed or that are too old to reuse. Run on every worker, periodically.
     pub fn park_idle(&self) {
         let mut shard = self.lock();
         let keep = shard.idle.iter().position(|i| i.since.elapsed() < PARK_AFTER).unwrap_or(shard.idle.len());
         for idle in shard.idle.drain(..keep) {
             idle.conn.park.store(true, Ordering::Relaxed);
         }
+        shard.parked.retain(|(socket, since)| since.elapsed() < MAX_IDLE_AGE && still_open(socket));
     }
 
     /// Keeps the socket of a parked session, unless the pool was cleared since the
