@@ -63,6 +63,18 @@ struct Shard {
     parked: Vec<(TcpStream, Instant)>,
 }
 
+impl Shard {
+    /// Whether one more idle connection may be kept.
+    fn has_room(&self) -> bool {
+        self.idle.len() + self.parked.len() < MAX_IDLE
+    }
+}
+
+/// Whether a parked socket, parked at `since`, may still carry a request.
+fn reusable(socket: &TcpStream, since: Instant) -> bool {
+    since.elapsed() < MAX_IDLE_AGE && still_open(socket)
+}
+
 #[derive(Debug)]
 struct Idle {
     conn: Pooled,
@@ -99,7 +111,7 @@ impl Pool {
             }
         }
         while let Some((socket, since)) = shard.parked.pop() {
-            if since.elapsed() < MAX_IDLE_AGE && still_open(&socket) {
+            if reusable(&socket, since) {
                 return Some(Taken::Parked(socket));
             }
         }
@@ -112,7 +124,7 @@ impl Pool {
             return;
         }
         let mut shard = self.lock();
-        if shard.idle.len() + shard.parked.len() < MAX_IDLE {
+        if shard.has_room() {
             shard.idle.push(Idle { conn, since: Instant::now() });
         }
     }
@@ -126,7 +138,7 @@ impl Pool {
         for idle in shard.idle.drain(..keep) {
             idle.conn.park.store(true, Ordering::Relaxed);
         }
-        shard.parked.retain(|(socket, since)| since.elapsed() < MAX_IDLE_AGE && still_open(socket));
+        shard.parked.retain(|(socket, since)| reusable(socket, *since));
     }
 
     /// Keeps the socket of a parked session, unless the pool was cleared since the
@@ -136,7 +148,7 @@ impl Pool {
             return;
         }
         let mut shard = self.lock();
-        if shard.idle.len() + shard.parked.len() < MAX_IDLE {
+        if shard.has_room() {
             shard.parked.push((socket, Instant::now()));
         }
     }

@@ -133,10 +133,10 @@ async fn tls_connection(
     held: Held,
 ) {
     let _ = stream.set_nodelay(true);
-    let gw = Arc::clone(&held.shared.gw);
-    let metrics = &gw.metrics;
+    // A handle of its own: `held` moves on to the session once the handshake is done.
+    let shared = Arc::clone(&held.shared);
+    let (gw, metrics) = (&shared.gw, &shared.gw.metrics);
     let limits = gw.snapshot_guard().proxy.limits.clone();
-    let gw = &gw;
     let handshake = async move {
         let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
         let hello = start.client_hello();
@@ -171,7 +171,7 @@ async fn tls_connection(
     };
     let conn = Arc::new(Conn::new(peer, local, true, session.server_name()));
     if h2 {
-        Box::pin(serve_h2(tls, conn, &limits, &held.shared)).await;
+        Box::pin(serve_h2(tls, conn, &limits, &shared)).await;
     } else {
         serve_h1(tls, conn, limits, held).await;
     }
@@ -201,8 +201,9 @@ async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::Server
 
 /// How long an HTTP/1.1 connection idles before it is parked: hyper's session (about
 /// 17 KiB of buffers and state) is ended without a byte on the wire and the socket waits
-/// for the next request with nothing but this task (about 1 KiB). A busy keep-alive
-/// connection never pays for the new session; an idle one stops costing memory.
+/// for the next request with nothing but this task (640 bytes) and the connection's
+/// shared state. A busy keep-alive connection never pays for the new session; an idle
+/// one stops costing memory.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Serves HTTP/1.1 (with upgrades) until the connection ends, its timeouts expire (see
