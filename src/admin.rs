@@ -179,15 +179,13 @@ fn upstreams_json(gw: &Gateway) -> String {
                 .all()
                 .iter()
                 .map(|s| {
-                    let (live, parked) = s.pool.idle_count();
                     serde_json::json!({
                         "address": s.addr.to_string(),
                         "state": s.state().as_str(),
                         "ejected": s.is_ejected(now),
                         "in_flight": s.in_flight(),
                         "requests": s.requests.load(Ordering::Relaxed),
-                        "idle_connections": live + parked,
-                        "parked_connections": parked,
+                        "idle_connections": s.pool.idle_count(),
                     })
                 })
                 .collect();

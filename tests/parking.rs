@@ -1,7 +1,8 @@
 //! Parked HTTP/1.1 connections: after a second of idleness the gateway ends hyper's
 //! session on a kept-alive connection (freeing its buffers) without a byte on the wire,
-//! and serves the next request with a new session. To the client nothing changes. The
-//! same holds for idle upstream connections in the pool: to the server nothing changes.
+//! and serves the next request with a new session. To the client nothing changes. Idle
+//! upstream connections are bare sockets from the start: kept, reused after idling, and
+//! let go of when their server closes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -214,49 +215,47 @@ async fn an_idle_https_connection_is_parked_and_keeps_its_tls_session() {
     assert_eq!(b.requests().len(), 3);
 }
 
-/// `(idle, parked)` upstream connections of the only server, from the admin API.
-async fn upstream_idle(gw: &Gateway) -> (u64, u64) {
+/// Idle upstream connections of the only server, from the admin API.
+async fn upstream_idle(gw: &Gateway) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&gw.admin_get("/upstreams").await.body).unwrap();
-    let server = &v["upstreams"][0]["servers"][0];
-    (server["idle_connections"].as_u64().unwrap(), server["parked_connections"].as_u64().unwrap())
+    v["upstreams"][0]["servers"][0]["idle_connections"].as_u64().unwrap()
 }
 
-/// Waits (up to 5 s) until the server's pool holds `(idle, parked)` connections.
-async fn wait_for_pool(gw: &Gateway, want: (u64, u64), what: &str) {
+/// Waits (up to 5 s) until the server's pool holds `want` idle connections.
+async fn wait_for_pool(gw: &Gateway, want: u64, what: &str) {
     let start = Instant::now();
     loop {
         let seen = upstream_idle(gw).await;
         if seen == want {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "{what}: (idle, parked) = {seen:?}, not {want:?}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: {seen} idle, not {want}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_upstream_connection_is_parked_and_reused_by_the_next_request() {
+async fn an_idle_upstream_connection_is_reused_by_the_next_request() {
     let (gw, b) = setup().await;
     // One client connection: its requests are served by one worker, whose pool shard
     // holds the upstream connection.
     let mut c = H1::connect(gw.http).await;
     assert_eq!(c.get("app.test", "/").await.status, 200);
-    wait_for_pool(&gw, (1, 0), "pooled after the response").await;
-    wait_for_pool(&gw, (1, 1), "parked after idling").await;
-    // The parked socket carries the next requests: the server sees no new connection.
+    wait_for_pool(&gw, 1, "pooled after the response").await;
+    tokio::time::sleep(IDLE).await;
+    // The idle socket carries the next requests: the server sees no new connection.
     for _ in 0..3 {
         let r = c.get("app.test", "/").await;
         assert_eq!((r.status, r.text().as_str()), (200, "app"));
     }
     assert_eq!(b.hits(), 4);
-    assert_eq!(b.connections(), 1, "the parked connection was not reused");
-    wait_for_pool(&gw, (1, 0), "a session again once reused").await;
+    assert_eq!(b.connections(), 1, "the idle connection was not reused");
+    wait_for_pool(&gw, 1, "back in the pool").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_upstream_connection_the_server_closed_is_not_used() {
-    // A server that closes each connection 2.5 s after answering on it (after the
-    // gateway has parked it).
+async fn an_idle_upstream_connection_the_server_closed_is_not_used() {
+    // A server that closes each connection 2.5 s after answering on it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -284,9 +283,9 @@ async fn a_parked_upstream_connection_the_server_closed_is_not_used() {
         Gateway::builder(CONFIG).var("B", addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await;
     let mut c = H1::connect(gw.http).await;
     assert_eq!(c.get("app.test", "/").await.text(), "ok");
-    wait_for_pool(&gw, (1, 1), "parked after idling").await;
-    // Closed by the server while parked: let go of without waiting for a request...
-    wait_for_pool(&gw, (0, 0), "a parked socket the server closed").await;
+    wait_for_pool(&gw, 1, "pooled after the response").await;
+    // Closed by the server while idle: let go of without waiting for a request...
+    wait_for_pool(&gw, 0, "an idle socket the server closed").await;
     // ...and the next request gets a new connection.
     let r = c.get("app.test", "/").await;
     assert_eq!((r.status, r.text().as_str()), (200, "ok"));

@@ -179,12 +179,12 @@ pub(super) struct Tracked {
 
 impl hyper::body::Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<std::io::Result<hyper::body::Frame<Bytes>>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

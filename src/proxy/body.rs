@@ -3,8 +3,8 @@
 //! Request bodies stream unless small enough to hold for a retry; response bodies stream
 //! through a wrapper that keeps the server's in-flight guard, hands the upstream
 //! connection back to its pool at the end, and writes the access log and metrics once.
-//! Nothing buffers a whole large body: memory per request is bounded by hyper's buffers
-//! plus `retry_body_bytes`.
+//! Nothing buffers a whole large body: memory per request is bounded by the read
+//! buffers plus `retry_body_bytes`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -13,6 +13,9 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use super::h1::ResponseBody;
 
 /// The body sent to a server.
 #[derive(Debug)]
@@ -158,8 +161,9 @@ fn stream(held: Vec<Bytes>, rest: Incoming) -> ReqBody {
 
 /// Called once when a response body ends (fully sent, failed or dropped).
 pub trait Finish: Send + 'static {
-    /// `complete`: the upstream body reached its end; `bytes`: data bytes passed.
-    fn finish(self: Box<Self>, complete: bool, bytes: u64);
+    /// `complete`: the upstream body reached its end; `bytes`: data bytes passed;
+    /// `reusable`: the connection, when it may carry another request.
+    fn finish(self: Box<Self>, complete: bool, bytes: u64, reusable: Option<TcpStream>);
 }
 
 /// The body sent to a client.
@@ -186,13 +190,13 @@ impl RespBody {
 
 /// A server's response body; calls its [`Finish`] exactly once.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: ResponseBody,
     bytes: u64,
     finish: Option<Box<dyn Finish>>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, finish: Box<dyn Finish>) -> Self {
+    pub fn new(inner: ResponseBody, finish: Box<dyn Finish>) -> Self {
         let mut body = UpstreamBody { inner, bytes: 0, finish: Some(finish) };
         if body.inner.is_end_stream() {
             // Nothing to stream (e.g. 204, 304, Content-Length: 0): hyper will not poll it.
@@ -203,7 +207,8 @@ impl UpstreamBody {
 
     fn done(&mut self, complete: bool) {
         if let Some(f) = self.finish.take() {
-            f.finish(complete, self.bytes);
+            let reusable = if complete { self.inner.reusable() } else { None };
+            f.finish(complete, self.bytes, reusable);
         }
     }
 }
@@ -216,13 +221,13 @@ impl Drop for UpstreamBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
         match self.get_mut() {
             RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream(u) => {
-                let frame = ready!(Pin::new(&mut u.inner).poll_frame(cx));
+                let frame = ready!(u.inner.poll_frame(cx));
                 match &frame {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {

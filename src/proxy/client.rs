@@ -3,88 +3,59 @@
 //!
 //! The pool belongs to one server, so choosing a server and choosing a connection are
 //! separate steps and nothing pins a client to a server. A connection goes back to its
-//! pool only when its response body has ended. Sending uses hyper's `try_send_request`,
-//! which hands the request back when none of it was written: that is what makes "nothing
-//! of it reached the server" a fact rather than a guess.
+//! pool only when its response body has ended cleanly. Requests are written and
+//! responses read by [`super::h1`] on the request's own task: an idle connection is a
+//! bare socket, with no session, buffer or task of its own.
 //!
-//! A connection idle in the pool for [`PARK_AFTER`] is parked: its hyper session (task,
-//! buffers, request channel: about 30 KiB) ends without closing the socket, and the bare
-//! socket waits in the pool. Taking it starts a new session on it. A burst of traffic
-//! thus leaves open sockets behind, not buffers.
+//! "Nothing of the request reached the server" is a fact, not a guess: it holds when
+//! the first write of the request's head failed. Only then may a request of any method
+//! go to another server.
 
+use std::future::poll_fn;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use bytes::BytesMut;
+use http::Method;
+use http::request::Parts;
+use http_body::Body as _;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ReqBody;
+use super::h1::{self, Broke, Framing, Head, ResponseBody, Upload};
 
 /// Idle connections kept per server.
 const MAX_IDLE: usize = 512;
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
-/// How long a connection idles in the pool before it is parked (see the module docs);
-/// also how often [`Pool::park_idle`] should run.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
+/// How often [`Pool::sweep`] should run.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A held request body up to this size goes out in the same write as its head.
+const INLINE_BODY: usize = 16 * 1024;
 
-/// A pooled connection's sending half.
-#[derive(Debug)]
-pub struct Pooled {
-    sender: SendRequest<ReqBody>,
-    /// Set when the pool parks the connection: its session then gives the socket back.
-    park: Arc<AtomicBool>,
-}
-
-/// Idle connections of one server, sharded per worker thread: a connection is driven by
-/// the worker that opened it, and reusing it from there needs no cross-thread wake-up.
+/// Idle connections of one server, sharded per worker thread: a socket is registered
+/// with the worker that opened it, and reusing it from there needs no cross-thread
+/// wake-up.
 #[derive(Debug, Clone)]
 pub struct Pool(Arc<PoolInner>);
+
+/// Idle sockets and since when, most recently used last.
+type Shard = Vec<(TcpStream, Instant)>;
 
 #[derive(Debug)]
 struct PoolInner {
     shards: Box<[Mutex<Shard>]>,
-    /// Raised by [`Pool::clear`]: sockets of sessions started before it are closed, not
-    /// parked (the server is going away).
+    /// Raised by [`Pool::clear`]: connections taken before it are closed when their
+    /// response ends, not kept (the server is going away).
     epoch: AtomicU64,
-}
-
-#[derive(Debug, Default)]
-struct Shard {
-    /// Connections with a live session, most recently used last.
-    idle: Vec<Idle>,
-    /// Bare sockets of parked connections, most recently used last.
-    parked: Vec<(TcpStream, Instant)>,
-}
-
-impl Shard {
-    /// Whether one more idle connection may be kept.
-    fn has_room(&self) -> bool {
-        self.idle.len() + self.parked.len() < MAX_IDLE
-    }
-}
-
-/// Whether a parked socket, parked at `since`, may still carry a request.
-fn reusable(socket: &TcpStream, since: Instant) -> bool {
-    since.elapsed() < MAX_IDLE_AGE && still_open(socket)
-}
-
-#[derive(Debug)]
-struct Idle {
-    conn: Pooled,
-    since: Instant,
-}
-
-/// A connection taken from the pool.
-enum Taken {
-    Live(Pooled),
-    Parked(TcpStream),
 }
 
 impl Default for Pool {
@@ -94,6 +65,17 @@ impl Default for Pool {
     }
 }
 
+/// Whether an idle socket, idle since `since`, may still carry a request.
+fn reusable(socket: &TcpStream, since: Instant) -> bool {
+    since.elapsed() < MAX_IDLE_AGE && still_open(socket)
+}
+
+/// Whether the server has neither closed an idle socket nor sent anything on it. No
+/// system call unless the socket's readiness says something arrived.
+fn still_open(socket: &TcpStream) -> bool {
+    matches!(socket.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 impl Pool {
     /// This worker's shard.
     fn lock(&self) -> MutexGuard<'_, Shard> {
@@ -101,99 +83,69 @@ impl Pool {
         shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// An idle connection, live ones first and the most recently used first (warm, least
-    /// likely closed by the server).
-    fn take(&self) -> Option<Taken> {
+    /// An idle connection, the most recently used first (warm, least likely closed by
+    /// the server), with the pool's epoch.
+    fn take(&self) -> (Option<TcpStream>, u64) {
+        let epoch = self.0.epoch.load(Ordering::Relaxed);
         let mut shard = self.lock();
-        while let Some(idle) = shard.idle.pop() {
-            if !idle.conn.sender.is_closed() && idle.since.elapsed() < MAX_IDLE_AGE {
-                return Some(Taken::Live(idle.conn));
-            }
-        }
-        while let Some((socket, since)) = shard.parked.pop() {
+        while let Some((socket, since)) = shard.pop() {
             if reusable(&socket, since) {
-                return Some(Taken::Parked(socket));
+                return (Some(socket), epoch);
             }
         }
-        None
+        (None, epoch)
     }
 
-    /// Returns a connection whose last response has ended.
-    pub fn put(&self, conn: Pooled) {
-        if conn.sender.is_closed() {
+    /// Keeps a connection whose last response has ended, taken at `epoch`, unless the
+    /// pool was cleared since or is full.
+    pub fn put(&self, socket: TcpStream, epoch: u64) {
+        if self.0.epoch.load(Ordering::Relaxed) != epoch {
             return;
         }
         let mut shard = self.lock();
-        if shard.has_room() {
-            shard.idle.push(Idle { conn, since: Instant::now() });
+        if shard.len() < MAX_IDLE {
+            shard.push((socket, Instant::now()));
         }
     }
 
-    /// Parks this worker's connections idle for [`PARK_AFTER`] or longer (their sessions
-    /// end and give their sockets back, see [`session`]), and closes parked sockets the
-    /// server has closed or that are too old to reuse. Run on every worker, periodically.
-    pub fn park_idle(&self) {
-        let mut shard = self.lock();
-        let keep = shard.idle.iter().position(|i| i.since.elapsed() < PARK_AFTER).unwrap_or(shard.idle.len());
-        for idle in shard.idle.drain(..keep) {
-            idle.conn.park.store(true, Ordering::Relaxed);
-        }
-        shard.parked.retain(|(socket, since)| reusable(socket, *since));
+    /// Closes this worker's idle sockets that the server has closed or that are too old
+    /// to reuse. Run on every worker, every [`SWEEP_EVERY`].
+    pub fn sweep(&self) {
+        self.lock().retain(|(socket, since)| reusable(socket, *since));
     }
 
-    /// Keeps the socket of a parked session, unless the pool was cleared since the
-    /// session began, the pool is full, or the server has closed it.
-    fn keep_parked(&self, socket: TcpStream, epoch: u64) {
-        if self.0.epoch.load(Ordering::Relaxed) != epoch || !still_open(&socket) {
-            return;
-        }
-        let mut shard = self.lock();
-        if shard.has_room() {
-            shard.parked.push((socket, Instant::now()));
-        }
-    }
-
-    /// Closes every idle connection, parked ones included (dropping a sender ends its
-    /// session, which then closes its socket).
+    /// Closes every idle connection; those in use are closed when their response ends.
     pub fn clear(&self) {
         self.0.epoch.fetch_add(1, Ordering::Relaxed);
         for shard in &self.0.shards {
-            let mut shard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            shard.idle.clear();
-            shard.parked.clear();
+            shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         }
     }
 
-    /// Idle connections: (with a live session, parked).
-    pub fn idle_count(&self) -> (usize, usize) {
-        self.0.shards.iter().fold((0, 0), |(live, parked), s| {
-            let s = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            (live + s.idle.len(), parked + s.parked.len())
-        })
+    /// Idle connections.
+    pub fn idle_count(&self) -> usize {
+        self.0.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()).sum()
     }
-}
-
-/// Whether the server has neither closed a parked socket nor sent anything on it. No
-/// system call unless the socket's readiness says something arrived.
-fn still_open(socket: &TcpStream) -> bool {
-    matches!(socket.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Why an attempt failed, with what a retry decision needs to know.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("connect to {addr} failed: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    /// The connection closed before any of the request was written.
-    #[error("{addr} closed the connection before the request was sent")]
-    Closed { addr: SocketAddr, source: hyper::Error },
+    /// The connection failed before any of the request was written.
+    #[error("{addr} closed the connection before the request was sent: {source}")]
+    Closed { addr: SocketAddr, source: io::Error },
     /// Some of the request may have reached the server; no response head came back.
     #[error("{addr} failed before responding: {source}")]
-    Failed { addr: SocketAddr, source: hyper::Error },
+    Failed { addr: SocketAddr, source: io::Error },
     #[error("{addr} did not respond within {after:?}")]
     ResponseTimeout { addr: SocketAddr, after: Duration },
+    /// The client's request body failed (bad chunking, cut short) while it streamed on.
+    #[error("the client's request body failed: {0}")]
+    ClientBody(hyper::Error),
 }
 
 impl SendError {
@@ -202,22 +154,14 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
-    /// Whether sending failed because the client's request body did (its stream gave a
-    /// `hyper::Error`: bad chunking, the client gone), not because of the server.
+    /// Whether sending failed because the client's request body did, not the server.
     pub fn client_body_failed(&self) -> bool {
-        match self {
-            SendError::Failed { source, .. } => {
-                source.is_user()
-                    && std::error::Error::source(source)
-                        .is_some_and(|cause| cause.downcast_ref::<hyper::Error>().is_some())
-            }
-            _ => false,
-        }
+        matches!(self, SendError::ClientBody(_))
     }
 
     /// Whether the server looks broken (counts toward passive ejection).
     pub fn is_server_failure(&self) -> bool {
-        !matches!(self, SendError::ResponseTimeout { .. })
+        !matches!(self, SendError::ResponseTimeout { .. } | SendError::ClientBody(_))
     }
 }
 
@@ -229,10 +173,11 @@ pub struct Failure {
     pub unsent: Option<Request<ReqBody>>,
 }
 
-/// A response and the connection it came on (to return to the pool when its body ends).
+/// A server's response, its body still on the connection, and the pool epoch the
+/// connection was taken at (to return it when the body ends).
 pub struct Sent {
-    pub response: Response<Incoming>,
-    pub conn: Pooled,
+    pub response: Response<ResponseBody>,
+    pub epoch: u64,
 }
 
 /// Opens a TCP connection with `timeout`, TCP_NODELAY on.
@@ -259,7 +204,7 @@ pub async fn open(
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|source| SendError::Failed { addr, source })?;
+        .map_err(|e| SendError::Failed { addr, source: io::Error::other(e) })?;
     let served = tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(server = %addr, error = %e, "upstream connection ended");
@@ -267,36 +212,6 @@ pub async fn open(
     });
     abort_on_kill(served, kill);
     Ok(sender)
-}
-
-/// Starts a session on `stream` (new, or parked) for the pool: when the pool parks the
-/// connection, the session ends and its socket goes back to the pool. Its task ends when
-/// `kill` fires.
-async fn session(
-    stream: TcpStream,
-    addr: SocketAddr,
-    pool: &Pool,
-    kill: &CancellationToken,
-) -> Result<Pooled, SendError> {
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| SendError::Failed { addr, source })?;
-    let park = Arc::new(AtomicBool::new(false));
-    let (parked, pool, epoch) = (Arc::clone(&park), pool.clone(), pool.0.epoch.load(Ordering::Relaxed));
-    let served = tokio::spawn(async move {
-        // Ends once the sender is gone and no request is in flight; only a connection the
-        // pool parked (idle, its last response complete) gives its socket back.
-        match conn.without_shutdown().await {
-            Ok(parts) if parked.load(Ordering::Relaxed) && parts.read_buf.is_empty() => {
-                pool.keep_parked(parts.io.into_inner(), epoch);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(server = %addr, error = %e, "upstream connection ended"),
-        }
-    });
-    abort_on_kill(served, kill);
-    Ok(Pooled { sender, park })
 }
 
 /// `kill` aborts the connection from a task of its own, woken twice in the connection's
@@ -319,51 +234,136 @@ pub async fn send(
     addr: SocketAddr,
     pool: &Pool,
     kill: &CancellationToken,
-    mut req: Request<ReqBody>,
+    req: Request<ReqBody>,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<Sent, Failure> {
     let deadline = tokio::time::Instant::now() + response_timeout;
-    let timed_out = || SendError::ResponseTimeout { addr, after: response_timeout };
-    // A pooled connection may have been closed by the server a moment ago; hyper then
-    // hands the request back and the next idle (or a new) connection is used.
+    let (parts, mut body) = req.into_parts();
+    let framing = request_framing(&parts, &body);
+    let mut head = Vec::with_capacity(1024);
+    h1::encode_head(&parts, framing, &mut head);
+    // A small held body leaves in the head's write.
+    if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
+        if data.len() <= INLINE_BODY {
+            head.extend_from_slice(data);
+            body = ReqBody::Empty;
+        }
+    }
     loop {
-        let (mut conn, pooled) = match pool.take() {
-            Some(Taken::Live(conn)) => (conn, true),
-            // Boxed: connecting and starting sessions is the rare path and would otherwise
-            // size every request future (kept per client connection by hyper) for it.
-            Some(Taken::Parked(socket)) => match Box::pin(session(socket, addr, pool, kill)).await {
-                Ok(conn) => (conn, true),
-                Err(_) => continue,
+        let (pooled, epoch) = pool.take();
+        let reused = pooled.is_some();
+        let mut io = match pooled {
+            Some(io) => io,
+            // Boxed: connecting is the rare path and would otherwise size every request
+            // future (kept per client connection by hyper) for it.
+            None => match Box::pin(connect(addr, connect_timeout)).await {
+                Ok(io) => io,
+                Err(error) => return Err(give_back(error, parts, restore(body, &head, framing))),
             },
-            None => {
-                match Box::pin(async { session(connect(addr, connect_timeout).await?, addr, pool, kill).await }).await {
-                    Ok(conn) => (conn, false),
-                    Err(error) => return Err(Failure { error, unsent: Some(req) }),
-                }
+        };
+        let mut wrote = false;
+        let exchange = exchange(&mut io, &head, &mut body, framing, &parts.method, &mut wrote);
+        let result = tokio::select! {
+            biased;
+            r = tokio::time::timeout_at(deadline, exchange) => r,
+            () = kill.cancelled() => Ok(Err(Broke::Server(io::Error::other("server removed after its drain timeout")))),
+        };
+        let (head_in, buf, upload) = match result {
+            Ok(Ok(done)) => done,
+            // A pooled connection the server closed a moment ago: nothing left, try the
+            // next idle (or a new) one.
+            Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
+            Ok(Err(Broke::Server(source))) if !wrote => {
+                return Err(give_back(SendError::Closed { addr, source }, parts, restore(body, &head, framing)));
+            }
+            Ok(Err(Broke::Server(source))) => {
+                return Err(Failure { error: SendError::Failed { addr, source }, unsent: None });
+            }
+            Ok(Err(Broke::Client(e))) => return Err(Failure { error: SendError::ClientBody(e), unsent: None }),
+            Err(_) if !wrote => {
+                let error = SendError::ResponseTimeout { addr, after: response_timeout };
+                return Err(give_back(error, parts, restore(body, &head, framing)));
+            }
+            Err(_) => {
+                return Err(Failure {
+                    error: SendError::ResponseTimeout { addr, after: response_timeout },
+                    unsent: None,
+                });
             }
         };
-        match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
-            Err(_) => return Err(Failure { error: timed_out(), unsent: Some(req) }),
-            Ok(Err(_)) if pooled => continue,
-            Ok(Err(source)) => return Err(Failure { error: SendError::Closed { addr, source }, unsent: Some(req) }),
-            Ok(Ok(())) => {}
+        let body = ResponseBody::new(io, buf, &head_in, kill.clone(), upload);
+        let mut response = Response::new(body);
+        *response.status_mut() = head_in.status;
+        *response.version_mut() = head_in.version;
+        *response.headers_mut() = head_in.headers;
+        return Ok(Sent { response, epoch });
+    }
+}
+
+/// A failure that sent nothing: the request goes back to the caller.
+fn give_back(error: SendError, parts: Parts, body: ReqBody) -> Failure {
+    Failure { error, unsent: Some(Request::from_parts(parts, body)) }
+}
+
+/// The body of a request that was not sent, as it was before a held one was inlined.
+fn restore(body: ReqBody, head: &[u8], framing: Framing) -> ReqBody {
+    match (body, framing) {
+        (ReqBody::Empty, Framing::Length(n)) if n > 0 => {
+            let data = bytes::Bytes::copy_from_slice(&head[head.len() - n as usize..]);
+            ReqBody::Held { data: Some(data), trailers: None }
         }
-        match tokio::time::timeout_at(deadline, conn.sender.try_send_request(req)).await {
-            Err(_) => return Err(Failure { error: timed_out(), unsent: None }),
-            Ok(Ok(response)) => return Ok(Sent { response, conn }),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) if pooled => req = unsent,
-                Some(unsent) => {
-                    return Err(Failure {
-                        error: SendError::Closed { addr, source: e.into_error() },
-                        unsent: Some(unsent),
-                    });
-                }
-                None => {
-                    return Err(Failure { error: SendError::Failed { addr, source: e.into_error() }, unsent: None });
-                }
-            },
+        (body, _) => body,
+    }
+}
+
+/// How the request's body is delimited towards the server: from the body as the
+/// client's side decoded it, never from the client's own framing fields (a request may
+/// carry both `Content-Length` and `Transfer-Encoding`; hyper decodes by the latter).
+fn request_framing(parts: &Parts, body: &ReqBody) -> Framing {
+    match body {
+        // RFC 9110 section 8.6: a length for methods whose content means something.
+        ReqBody::Empty if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => Framing::Length(0),
+        ReqBody::Empty => Framing::Empty,
+        ReqBody::Held { trailers: Some(_), .. } => Framing::Chunked,
+        _ => body.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
+    }
+}
+
+/// Writes the request (`head`, then `body` framed as `framing`) and reads the final
+/// response head. `wrote` turns true once any byte may have reached the server.
+async fn exchange(
+    io: &mut TcpStream,
+    head: &[u8],
+    body: &mut ReqBody,
+    framing: Framing,
+    method: &Method,
+    wrote: &mut bool,
+) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
+    let first = io.write(head).await?;
+    *wrote = true;
+    if first == 0 {
+        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+    }
+    io.write_all(&head[first..]).await?;
+    let mut buf = BytesMut::new();
+    if !matches!(body, ReqBody::Empty) {
+        let mut upload = Upload::new(std::mem::replace(body, ReqBody::Empty), framing);
+        let answered = poll_fn(|cx| upload.poll_until_answered(io, &mut buf, method, cx)).await?;
+        if let Some(head) = answered {
+            // The server answered before the whole body was sent: the rest goes on
+            // while the response streams (full duplex), and the connection is not kept.
+            return Ok((Head { keep_alive: false, ..head }, buf, Some(Box::new(upload))));
+        }
+    }
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = h1::final_head(&mut buf, method)? {
+                return Ok((head, buf, None));
+            }
+        }
+        if poll_fn(|cx| h1::poll_fill(io, &mut buf, cx)).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a response").into());
         }
     }
 }

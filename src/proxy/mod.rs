@@ -14,6 +14,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod forwarded;
+pub mod h1;
 pub mod hop;
 pub mod listener;
 pub mod upgrade;
@@ -36,7 +37,7 @@ use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{InFlight, Server, ServerSet, balance};
 use body::{Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
-use client::{Pooled, SendError};
+use client::SendError;
 use error::ProxyError;
 use forwarded::PeerValues;
 
@@ -193,10 +194,9 @@ async fn forward(
             return Err((ProxyError::BadRequest("malformed body"), stats()));
         }
     };
-    let method = parts.method.clone();
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
     let sent = attempts(gw, &route, Request::from_parts(parts, body)).await.map_err(|e| (e, stats()))?;
-    Ok(respond(sent, route, method, start, log))
+    Ok(respond(sent, route, start, log))
 }
 
 /// The host the request is for: the URI authority (HTTP/2, or HTTP/1.1 absolute-form,
@@ -386,36 +386,33 @@ fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
 fn respond(
     (sent, guard): (client::Sent, InFlight),
     route: Arc<Route>,
-    method: Method,
     start: Instant,
     log: Option<Box<AccessLog>>,
 ) -> Response<RespBody> {
-    let (mut parts, incoming) = sent.response.into_parts();
+    let (mut parts, body) = sent.response.into_parts();
     hop::strip(&mut parts.headers);
     let status = parts.status;
-    let done = Done { conn: Some(sent.conn), guard, route, status, start, log, head: method == Method::HEAD };
-    Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(incoming, Box::new(done))))
+    let done = Done { epoch: sent.epoch, guard, route, status, start, log };
+    Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, Box::new(done))))
 }
 
 /// Runs when a proxied response body ends: connection back to the pool, the server's
 /// in-flight count released, metrics and the access log written.
 struct Done {
-    conn: Option<Pooled>,
+    /// The pool epoch the connection was taken at.
+    epoch: u64,
     guard: InFlight,
     route: Arc<Route>,
     status: StatusCode,
     start: Instant,
     log: Option<Box<AccessLog>>,
-    head: bool,
 }
 
 impl Finish for Done {
-    fn finish(mut self: Box<Self>, complete: bool, bytes: u64) {
+    fn finish(mut self: Box<Self>, complete: bool, bytes: u64, reusable: Option<tokio::net::TcpStream>) {
         let server = self.guard.server();
-        if complete || self.head {
-            if let Some(conn) = self.conn.take() {
-                server.pool.put(conn);
-            }
+        if let Some(socket) = reusable {
+            server.pool.put(socket, self.epoch);
         }
         let took = self.start.elapsed();
         self.route.stats.record(self.status.as_u16(), took);
@@ -575,17 +572,8 @@ mod tests {
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 5);
     }
 
-    /// A real hyper error: a handshake on a connection closed by its peer.
-    async fn closed_error() -> hyper::Error {
-        let (a, b) = tokio::io::duplex(64);
-        drop(b);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, ReqBody>(hyper_util::rt::TokioIo::new(a))
-            .await
-            .unwrap_or_else(|_| unreachable!());
-        tokio::spawn(conn);
-        match sender.send_request(Request::new(ReqBody::Empty)).await {
-            Err(e) => e,
-            Ok(_) => unreachable!("a closed connection cannot answer"),
-        }
+    /// An error like a closed connection gives.
+    async fn closed_error() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::ConnectionReset)
     }
 }

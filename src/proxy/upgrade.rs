@@ -78,6 +78,7 @@ pub async fn proxy(
             return Err(client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout }.into());
         }
         Ok(Err(source)) => {
+            let source = std::io::Error::other(source);
             return Err(client::SendError::Failed { addr: server.addr, source }.into());
         }
         Ok(Ok(r)) => r,

@@ -40,17 +40,17 @@ pub fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
-/// Parks this worker's idle upstream connections (see `client`), twice per
-/// [`client::PARK_AFTER`], for as long as the worker runs.
-async fn park_idle_upstreams(gw: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(client::PARK_AFTER / 2);
+/// Closes this worker's idle upstream connections that their servers closed (see
+/// `client`), every [`client::SWEEP_EVERY`], for as long as the worker runs.
+async fn sweep_upstream_pools(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(client::SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let snap = gw.snapshot_guard();
         for upstream in snap.upstreams.values() {
             for server in upstream.set.all().iter() {
-                server.pool.park_idle();
+                server.pool.sweep();
             }
         }
     }
@@ -74,7 +74,7 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("swarmgate-worker-{i}")).spawn(move || {
                 INDEX.with(|c| c.set(i));
                 rt.block_on(async move {
-                    tokio::spawn(park_idle_upstreams(Arc::clone(&shared.gw)));
+                    tokio::spawn(sweep_upstream_pools(Arc::clone(&shared.gw)));
                     for (l, kind) in mine {
                         match TcpListener::from_std(l) {
                             Ok(l) => {

@@ -1,0 +1,704 @@
+//! HTTP/1.1 towards servers, without a session of its own: the request head is written
+//! straight from the rewritten request, the response head is parsed from the connection's
+//! read buffer, and the response body is decoded from that buffer as the client's side
+//! pulls it. No task, channel or per-request handshake sits between the client's request
+//! and the server's socket; an idle connection is a bare socket.
+//!
+//! The grammar is RFC 9112's: a response head of at most [`MAX_HEAD`] bytes and
+//! [`MAX_HEADERS`] fields, its body delimited by the request method and status, else
+//! `Transfer-Encoding` (chunked last, else read until close), else `Content-Length`, else
+//! until close. A response whose framing is ambiguous is refused or, where the RFC says
+//! so, read until close and never reused.
+
+use std::fmt::Write as _;
+use std::future::Future as _;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::body::ReqBody;
+
+/// The largest response head (status line and fields) accepted from a server.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most fields a response head or a chunked body's trailer section may carry.
+pub const MAX_HEADERS: usize = 100;
+/// The longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Room made in the read buffer before each read.
+pub const READ_SIZE: usize = 16 * 1024;
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all (and no length field for a request).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// A response body that ends when the server closes the connection.
+    Close,
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Appends the request head: request line, the fields of `parts` except the framing
+/// ones, then the framing field `framing` calls for.
+pub fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            let mut line = String::with_capacity(24);
+            let _ = write!(line, "content-length: {n}\r\n");
+            out.extend_from_slice(line.as_bytes());
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::Close => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk of a chunked body (nothing for empty data: that would end it).
+pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
+    if !data.is_empty() {
+        let mut line = String::with_capacity(18);
+        let _ = write!(line, "{:x}\r\n", data.len());
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends the end of a chunked body: the last chunk and the trailer section.
+pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// Whether the connection may carry another request once this body has ended.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head from the start of `buf`, removing it from `buf`. `None` when
+/// `buf` does not hold a whole head yet. The fields share one allocation with the head.
+pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head>> {
+    // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(invalid("response head too large")),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(invalid("too many response header fields")),
+        Err(_) => return Err(invalid("malformed response head")),
+    };
+    let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
+    let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // One copy of the head; the field values are slices of it.
+    let raw = Bytes::copy_from_slice(&buf[..len]);
+    let base = buf.as_ptr() as usize;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for field in resp.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
+        let start = field.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(raw.slice(start..start + field.value.len()))
+            .map_err(|_| invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    buf.advance(len);
+    let (framing, clean) = response_framing(method, status, &headers)?;
+    let persistent = match version {
+        Version::HTTP_10 => super::hop::connection_has(&headers, "keep-alive"),
+        _ => !super::hop::connection_has(&headers, "close"),
+    };
+    let keep_alive = clean && persistent && framing != Framing::Close;
+    Ok(Some(Head { status, version, headers, framing, keep_alive }))
+}
+
+/// The response body's framing (RFC 9112 section 6.3), and whether it is unambiguous
+/// enough to reuse the connection after it.
+fn response_framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> io::Result<(Framing, bool)> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Chunked must be the final coding, else the body runs until close. With both
+        // fields the length is ignored and the connection is not reused.
+        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
+        let chunked = last.and_then(|v| v.rsplit(',').next()).is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        let clean = !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked { (Framing::Chunked, clean) } else { (Framing::Close, false) });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // Repeated (or listed) values must agree (RFC 9110 section 8.6).
+        for part in value.to_str().map_err(|_| invalid("bad content-length"))?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid("bad content-length"));
+            }
+            let n: u64 = part.parse().map_err(|_| invalid("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// What the chunked decoder found in the buffer.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+}
+
+/// A chunked body's decoder (RFC 9112 section 7.1), fed from a read buffer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    #[default]
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    /// Decodes the next piece from `buf`, consuming it; `None` when more input is needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Option<Decoded>> {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err(invalid("chunk size line too long"))
+                        } else {
+                            Ok(None)
+                        };
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 1);
+                    *self = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    *self = if left == 0 { Chunked::DataEnd } else { Chunked::Data(left) };
+                    return Ok(Some(Decoded::Data(data)));
+                }
+                Chunked::DataEnd => match buf.first() {
+                    None => return Ok(None),
+                    Some(b'\r') if buf.len() < 2 => return Ok(None),
+                    Some(b'\r') if buf[1] == b'\n' => {
+                        buf.advance(2);
+                        *self = Chunked::Size;
+                    }
+                    Some(b'\n') => {
+                        buf.advance(1);
+                        *self = Chunked::Size;
+                    }
+                    Some(_) => return Err(invalid("chunk data not followed by CRLF")),
+                },
+                Chunked::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            let mut map = HeaderMap::with_capacity(fields.len());
+                            for f in fields.iter() {
+                                let name = HeaderName::from_bytes(f.name.as_bytes());
+                                let value = HeaderValue::from_bytes(f.value);
+                                if let (Ok(name), Ok(value)) = (name, value) {
+                                    map.append(name, value);
+                                }
+                            }
+                            (len, map)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                            return Err(invalid("trailer section too large"));
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(None),
+                        Err(_) => return Err(invalid("malformed trailer section")),
+                    };
+                    buf.advance(len);
+                    *self = Chunked::Done;
+                    if !trailers.is_empty() {
+                        return Ok(Some(Decoded::Trailers(trailers)));
+                    }
+                }
+                Chunked::Done => return Ok(Some(Decoded::End)),
+            }
+        }
+    }
+}
+
+/// The size on a chunk-size line (`\n` excluded): hex digits, then optional extensions.
+fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty() || matches!(rest.iter().find(|b| !matches!(b, b' ' | b'\t')), None | Some(b';'));
+    if digits == 0 || digits > 16 || !rest_ok {
+        return Err(invalid("bad chunk size"));
+    }
+    line[..digits].iter().try_fold(0u64, |n, &b| {
+        let d = (b as char).to_digit(16).map_or(0, u64::from);
+        n.checked_mul(16).map(|n| n + d).ok_or_else(|| invalid("chunk size overflows"))
+    })
+}
+
+/// Reads more from `io` into `buf` (making room first); `Ok(0)` at end of stream.
+pub fn poll_fill(io: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    buf.reserve(READ_SIZE);
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// The final response head in `buf`, skipping interim (1xx) responses.
+pub fn final_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head>> {
+    while let Some(head) = parse_head(buf, method)? {
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "101 to a request that did not upgrade"));
+        }
+        if !head.status.is_informational() {
+            return Ok(Some(head));
+        }
+    }
+    Ok(None)
+}
+
+/// How sending a request broke: on the server's side, or the client's body.
+#[derive(Debug)]
+pub enum Broke {
+    Server(io::Error),
+    Client(hyper::Error),
+}
+
+impl From<io::Error> for Broke {
+    fn from(e: io::Error) -> Self {
+        Broke::Server(e)
+    }
+}
+
+/// A request body on its way to the server, framed; the server may answer meanwhile.
+#[derive(Debug)]
+pub struct Upload {
+    body: ReqBody,
+    framing: Framing,
+    /// Framed bytes not yet written.
+    out: Vec<u8>,
+    /// Bytes of `out` already written.
+    sent: usize,
+    ended: bool,
+}
+
+impl Upload {
+    pub fn new(body: ReqBody, framing: Framing) -> Self {
+        Upload { body, framing, out: Vec::new(), sent: 0, ended: false }
+    }
+
+    /// Sends the body; `Some(head)` if the server answered before it was all sent.
+    pub fn poll_until_answered(
+        &mut self,
+        io: &mut TcpStream,
+        buf: &mut BytesMut,
+        method: &Method,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Head>, Broke>> {
+        loop {
+            let wrote = self.poll_send(io, cx)?;
+            if wrote.is_ready() {
+                return Poll::Ready(Ok(None));
+            }
+            match poll_fill(io, buf, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-request").into()));
+                }
+                Poll::Ready(Ok(_)) => {
+                    if let Some(head) = final_head(buf, method)? {
+                        return Poll::Ready(Ok(Some(head)));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    /// Writes what is framed and frames more; ready once the whole body is written.
+    pub fn poll_send(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Result<Poll<()>, Broke> {
+        loop {
+            if self.sent < self.out.len() {
+                match Pin::new(&mut *io).poll_write(cx, &self.out[self.sent..]) {
+                    Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                    Poll::Ready(Ok(n)) => self.sent += n,
+                    Poll::Ready(Err(e)) => return Err(e.into()),
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                continue;
+            }
+            if self.ended {
+                return Ok(Poll::Ready(()));
+            }
+            self.out.clear();
+            self.sent = 0;
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(Some(Err(e))) => return Err(Broke::Client(e)),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    if self.framing == Framing::Chunked {
+                        encode_last_chunk(None, &mut self.out);
+                    }
+                    continue;
+                }
+            };
+            match frame.into_data() {
+                Ok(data) if self.framing == Framing::Chunked => encode_chunk(&data, &mut self.out),
+                Ok(data) => self.out.extend_from_slice(&data),
+                Err(frame) => {
+                    self.ended = true;
+                    if self.framing == Framing::Chunked {
+                        encode_last_chunk(frame.trailers_ref(), &mut self.out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a response body stands.
+#[derive(Debug)]
+enum State {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// A server's response body, read from its connection as it is polled. When it ends
+/// cleanly on a connection that may be kept, [`ResponseBody::reusable`] gives the socket
+/// back for the pool.
+#[derive(Debug)]
+pub struct ResponseBody {
+    io: Option<TcpStream>,
+    buf: BytesMut,
+    state: State,
+    keep_alive: bool,
+    /// Fires when the server is removed after its drain timeout: the body then fails.
+    kill: CancellationToken,
+    /// Waits on `kill`, set up only once a read has had to wait.
+    killed: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The rest of a request body the server answered before it had all of it: sent
+    /// on as the response is read.
+    upload: Option<Box<Upload>>,
+}
+
+impl ResponseBody {
+    /// The body that follows `head` on `io`, whose read buffer already holds `buf`.
+    pub fn new(
+        io: TcpStream,
+        buf: BytesMut,
+        head: &Head,
+        kill: CancellationToken,
+        upload: Option<Box<Upload>>,
+    ) -> Self {
+        let state = match head.framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunked::Size),
+            Framing::Close => State::Close,
+        };
+        ResponseBody { io: Some(io), buf, state, keep_alive: head.keep_alive, kill, killed: None, upload }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Length(0))
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Chunked(_) | State::Close => SizeHint::new(),
+        }
+    }
+
+    /// The connection, when the body has ended cleanly and nothing else came after it.
+    pub fn reusable(&mut self) -> Option<TcpStream> {
+        let clean =
+            matches!(self.state, State::Done) && self.keep_alive && self.buf.is_empty() && self.upload.is_none();
+        if clean { self.io.take() } else { None }
+    }
+
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            match &mut self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) if !self.buf.is_empty() => {
+                    let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buf.len());
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.state = State::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split_to(take).freeze()))));
+                }
+                State::Chunked(decoder) => match decoder.decode(&mut self.buf) {
+                    Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Some(Decoded::Trailers(t))) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Ok(Some(Decoded::End)) => {
+                        self.state = State::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+                },
+                State::Close if !self.buf.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split().freeze()))));
+                }
+                State::Length(_) | State::Close => {}
+            }
+            // The buffer holds nothing more to hand out: read.
+            let n = match ready!(self.poll_read(cx)) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+            };
+            if n == 0 {
+                if matches!(self.state, State::Close) {
+                    self.state = State::Done;
+                    self.io = None;
+                    return Poll::Ready(None);
+                }
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection mid-body");
+                return Poll::Ready(Some(Err(self.fail(e))));
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected)));
+        };
+        if let Some(upload) = self.upload.as_mut() {
+            match upload.poll_send(io, cx) {
+                Ok(Poll::Pending) => {}
+                // Sent whole; the connection still is not kept (see `exchange`).
+                Ok(Poll::Ready(())) => self.upload = None,
+                // The server stopped reading: its response may still complete.
+                Err(Broke::Server(e)) => {
+                    tracing::debug!(error = %e, "request body not sent whole; the server answered before it");
+                    self.upload = None;
+                    self.keep_alive = false;
+                }
+                Err(Broke::Client(e)) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+        }
+        match poll_fill(io, &mut self.buf, cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => {
+                let kill = &self.kill;
+                let killed = self.killed.get_or_insert_with(|| Box::pin(kill.clone().cancelled_owned()));
+                ready!(killed.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::other("server removed after its drain timeout")))
+            }
+        }
+    }
+
+    /// Ends the body on an error: the connection is closed.
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        self.state = State::Done;
+        self.io = None;
+        e
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str, method: Method) -> io::Result<Option<Head>> {
+        parse_head(&mut BytesMut::from(raw), &method)
+    }
+
+    fn head(raw: &str) -> Head {
+        parse(raw, Method::GET).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn request_head_carries_fields_and_its_own_framing() {
+        let req = http::Request::post("/a/b?q=1")
+            .header("host", "fhir.example")
+            .header("content-length", "99")
+            .header("transfer-encoding", "chunked")
+            .header("x-two", "1")
+            .header("x-two", "2")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_head(&parts, Framing::Length(5), &mut out);
+        let text = String::from_utf8(out).expect("ascii");
+        assert_eq!(
+            text,
+            "POST /a/b?q=1 HTTP/1.1\r\nhost: fhir.example\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_head(&parts, Framing::Chunked, &mut out);
+        assert!(String::from_utf8_lossy(&out).ends_with("x-two: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunks_encode_and_an_empty_one_is_skipped() {
+        let mut out = Vec::new();
+        encode_chunk(b"hello world, sixteen+", &mut out);
+        encode_chunk(b"", &mut out);
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", HeaderValue::from_static("7"));
+        encode_last_chunk(Some(&t), &mut out);
+        assert_eq!(out, b"15\r\nhello world, sixteen+\r\n0\r\nx-sum: 7\r\n\r\n");
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 12\r\nX-A: b\r\n\r\nbody");
+        assert_eq!((h.framing, h.keep_alive, h.status.as_u16()), (Framing::Length(12), true, 200));
+        assert_eq!(h.headers.get("x-a").map(HeaderValue::as_bytes), Some(&b"b"[..]));
+        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing, Framing::Chunked);
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false), "both fields: chunked, then close");
+        let h = head("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        assert_eq!(head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);
+        assert_eq!(head("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);
+        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD).expect("ok").expect("whole");
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\nContent-Length: 4\r\n\r\n").framing,
+            Framing::Length(4)
+        );
+        for bad in
+            ["Content-Length: 4\r\nContent-Length: 5", "Content-Length: -1", "Content-Length: 0x10", "Content-Length:"]
+        {
+            let raw = format!("HTTP/1.1 200 OK\r\n{bad}\r\n\r\n");
+            assert!(parse(&raw, Method::GET).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn keep_alive_depends_on_version_and_connection() {
+        assert!(!head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").keep_alive);
+        assert!(!head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(h.keep_alive);
+        assert_eq!(h.version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_a_bad_or_huge_one_fails() {
+        let full = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for cut in 0..full.len() {
+            assert!(parse(&full[..cut], Method::GET).expect("no error on a prefix").is_none(), "cut at {cut}");
+        }
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP"[..]);
+        assert!(parse_head(&mut buf, &Method::GET).expect("ok").is_some());
+        assert_eq!(&buf[..], b"hiHTTP", "only the head is consumed");
+        assert!(parse("HTTP/1.1 2OO OK\r\n\r\n", Method::GET).is_err());
+        assert!(parse("garbage\r\n\r\n", Method::GET).is_err());
+        let huge = format!("HTTP/1.1 200 OK\r\nX-Big: {}", "a".repeat(MAX_HEAD));
+        assert!(parse(&huge, Method::GET).is_err());
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert!(parse(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), Method::GET).is_err());
+    }
+
+    /// Feeds `raw` to a chunked decoder `step` bytes at a time; returns data and trailers.
+    fn dechunk(raw: &[u8], step: usize) -> io::Result<(Vec<u8>, Option<HeaderMap>)> {
+        let (mut decoder, mut buf, mut data, mut trailers) = (Chunked::Size, BytesMut::new(), Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buf)? {
+                Some(Decoded::Data(d)) => data.extend_from_slice(&d),
+                Some(Decoded::Trailers(t)) => trailers = Some(t),
+                Some(Decoded::End) => return Ok((data, trailers)),
+                None if fed == raw.len() => return Err(io::ErrorKind::UnexpectedEof.into()),
+                None => {
+                    let next = (fed + step).min(raw.len());
+                    buf.extend_from_slice(&raw[fed..next]);
+                    fed = next;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let raw = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Sum: 31\r\n\r\n";
+        for step in 1..=raw.len() {
+            let (data, trailers) = dechunk(raw, step).expect("valid");
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers.get("x-sum").map(HeaderValue::as_bytes), Some(&b"31"[..]));
+        }
+        let (data, trailers) = dechunk(b"3\r\nabc\r\n0\r\n\r\n", 64).expect("valid");
+        assert_eq!((data.as_slice(), trailers.is_none()), (&b"abc"[..], true));
+    }
+
+    #[test]
+    fn bad_chunked_bodies_fail() {
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"11111111111111111\r\n", b"3 x\r\nabc\r\n", b"\r\n"] {
+            assert!(dechunk(bad, 64).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(dechunk(&long, long.len()).is_err());
+    }
+}

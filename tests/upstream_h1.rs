@@ -1,0 +1,198 @@
+//! The gateway's own HTTP/1.1 towards servers, against servers that answer with exact
+//! bytes: interim responses, bodies delimited by close, early answers to uploads, and
+//! responses too broken or ambiguous to pass on (502, never a guess).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CONFIG: &str = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[limits]
+retry_body_bytes = 1024
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+retries = 0
+"#;
+
+/// A server that answers every request head it reads with `reply`, then closes the
+/// connection if `close`, else waits for the next request on it.
+struct Scripted {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    async fn start(reply: &'static [u8], close: bool) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = Arc::clone(&r);
+                tokio::spawn(async move {
+                    while read_head(&mut s).await {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(reply).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted { addr, connections, requests }
+    }
+}
+
+/// Reads one request head (no body is expected); false at end of stream.
+async fn read_head(s: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+async fn gateway(server: std::net::SocketAddr) -> Gateway {
+    Gateway::builder(CONFIG).var("B", server).start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_responses_are_skipped_and_the_final_one_forwarded() {
+    let s = Scripted::start(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone",
+        false,
+    )
+    .await;
+    let gw = gateway(s.addr).await;
+    let mut c = H1::connect(gw.http).await;
+    for _ in 0..3 {
+        let r = c.get("app.test", "/").await;
+        assert_eq!((r.status, r.text().as_str(), r.header("x-final")), (201, "done", Some("yes")));
+    }
+    assert_eq!(s.connections.load(Ordering::SeqCst), 1, "one kept-alive connection carried all three");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_delimited_by_close_arrives_whole_and_its_connection_is_not_reused() {
+    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the server closes", true).await;
+    let gw = gateway(s.addr).await;
+    let mut c = H1::connect(gw.http).await;
+    for _ in 0..2 {
+        let r = c.get("app.test", "/").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "until the server closes"));
+    }
+    assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_split_anywhere_arrives_whole() {
+    let s = Scripted::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    let gw = gateway(s.addr).await;
+    let mut c = H1::connect(gw.http).await;
+    for _ in 0..3 {
+        let r = c.get("app.test", "/").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "abc0123456789abcdef"));
+    }
+    assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_or_ambiguous_responses_are_502() {
+    for reply in [
+        &b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"not http at all\r\n\r\n",
+    ] {
+        let s = Scripted::start(reply, true).await;
+        let gw = gateway(s.addr).await;
+        let r = get(gw.http, "app.test", "/").await;
+        assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(reply));
+        assert_eq!(s.requests.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_too_large_is_502() {
+    let reply = format!("HTTP/1.1 200 OK\r\nX-Huge: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(70 * 1024));
+    let s = Scripted::start(reply.leak().as_bytes(), true).await;
+    let gw = gateway(s.addr).await;
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_by_the_server_is_not_completed() {
+    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", true).await;
+    let gw = gateway(s.addr).await;
+    let mut c = TcpStream::connect(gw.http).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let (bytes, closed) = read_until_close(&mut c, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&bytes);
+    // Whatever of it was passed on, the client never sees a whole response.
+    assert!(closed, "the client's connection must be closed: its response cannot be completed: {text}");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    assert!(body.len() < 100, "{text}");
+    assert_eq!(s.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_client() {
+    // The server refuses the upload from its head alone, and does not read the body.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_head(&mut s).await {
+                    let _ = s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n").await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            });
+        }
+    });
+    let gw = gateway(addr).await;
+    let mut c = TcpStream::connect(gw.http).await.unwrap();
+    // More than retry_body_bytes: streamed, and the client holds back the rest.
+    c.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1048576\r\n\r\n").await.unwrap();
+    c.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"too big\n") {
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("no early answer: {other:?}, got {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    assert_eq!(raw_status(&got), Some(413), "{}", String::from_utf8_lossy(&got));
+}
