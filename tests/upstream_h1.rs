@@ -81,6 +81,19 @@ async fn gateway(server: std::net::SocketAddr) -> Gateway {
     Gateway::builder(CONFIG).var("B", server).start().await
 }
 
+/// Sends `n` requests over one client connection through a gateway in front of `s`; each
+/// must be answered with `status`, `body` and the server's `X-Final: yes`. Returns the
+/// connections the server saw.
+async fn get_n(s: &Scripted, n: usize, status: u16, body: &str) -> usize {
+    let gw = gateway(s.addr).await;
+    let mut c = H1::connect(gw.http).await;
+    for _ in 0..n {
+        let r = c.get("app.test", "/").await;
+        assert_eq!((r.status, r.text().as_str(), r.header("x-final")), (status, body, Some("yes")));
+    }
+    s.connections.load(Ordering::SeqCst)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interim_responses_are_skipped_and_the_final_one_forwarded() {
     let s = Scripted::start(
@@ -89,41 +102,24 @@ HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone",
         false,
     )
     .await;
-    let gw = gateway(s.addr).await;
-    let mut c = H1::connect(gw.http).await;
-    for _ in 0..3 {
-        let r = c.get("app.test", "/").await;
-        assert_eq!((r.status, r.text().as_str(), r.header("x-final")), (201, "done", Some("yes")));
-    }
-    assert_eq!(s.connections.load(Ordering::SeqCst), 1, "one kept-alive connection carried all three");
+    assert_eq!(get_n(&s, 3, 201, "done").await, 1, "one kept-alive connection carried all three");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_delimited_by_close_arrives_whole_and_its_connection_is_not_reused() {
-    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the server closes", true).await;
-    let gw = gateway(s.addr).await;
-    let mut c = H1::connect(gw.http).await;
-    for _ in 0..2 {
-        let r = c.get("app.test", "/").await;
-        assert_eq!((r.status, r.text().as_str()), (200, "until the server closes"));
-    }
-    assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nX-Final: yes\r\n\r\nuntil the server closes", true).await;
+    assert_eq!(get_n(&s, 2, 200, "until the server closes").await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunked_body_split_anywhere_arrives_whole() {
+async fn a_chunked_body_with_extensions_arrives_whole_and_its_connection_is_kept() {
     let s = Scripted::start(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Final: yes\r\n\r\n\
+3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
         false,
     )
     .await;
-    let gw = gateway(s.addr).await;
-    let mut c = H1::connect(gw.http).await;
-    for _ in 0..3 {
-        let r = c.get("app.test", "/").await;
-        assert_eq!((r.status, r.text().as_str()), (200, "abc0123456789abcdef"));
-    }
-    assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(get_n(&s, 3, 200, "abc0123456789abcdef").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
