@@ -112,14 +112,26 @@ async fn a_body_delimited_by_close_arrives_whole_and_its_connection_is_not_reuse
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunked_body_with_extensions_arrives_whole_and_its_connection_is_kept() {
+async fn a_chunked_body_with_extensions_and_trailers_arrives_whole_and_its_connection_is_kept() {
     let s = Scripted::start(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Final: yes\r\n\r\n\
-3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
+3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-Sum: 19\r\n\r\n",
         false,
     )
     .await;
     assert_eq!(get_n(&s, 3, 200, "abc0123456789abcdef").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_beside_transfer_encoding_is_not_passed_on() {
+    // Framed by chunked: the stale length would cut the client's body to 3 bytes.
+    let s = Scripted::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nX-Final: yes\r\n\r\n\
+a\r\n0123456789\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    assert_eq!(get_n(&s, 2, 200, "0123456789").await, 2, "ambiguous framing: the connection is not reused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,9 +174,10 @@ async fn a_body_cut_short_by_the_server_is_not_completed() {
     assert_eq!(s.requests.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_early_answer_to_an_upload_reaches_the_client() {
-    // The server refuses the upload from its head alone, and does not read the body.
+/// A server that refuses every upload from its head alone and does not read the body;
+/// after answering it holds the connection open for `hold`, or closes it at once (a
+/// close with unread data is a reset).
+async fn refusing_server(hold: Option<Duration>) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -172,23 +185,57 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
             tokio::spawn(async move {
                 if read_head(&mut s).await {
                     let _ = s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n").await;
-                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    if let Some(hold) = hold {
+                        tokio::time::sleep(hold).await;
+                    }
                 }
             });
         }
     });
-    let gw = gateway(addr).await;
-    let mut c = TcpStream::connect(gw.http).await.unwrap();
-    // More than retry_body_bytes: streamed, and the client holds back the rest.
-    c.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1048576\r\n\r\n").await.unwrap();
-    c.write_all(&[b'x'; 64 * 1024]).await.unwrap();
+    addr
+}
+
+/// Starts a 1 MiB upload through the gateway (the client keeps sending in the background)
+/// and returns what the client reads until the early answer's body.
+async fn upload_and_read_answer(gw: &Gateway) -> Vec<u8> {
+    let c = TcpStream::connect(gw.http).await.unwrap();
+    let (mut rd, mut wr) = c.into_split();
+    tokio::spawn(async move {
+        // More than retry_body_bytes: streamed. Errors are expected once the gateway
+        // has answered and closed.
+        let _ = wr.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1048576\r\n\r\n").await;
+        for _ in 0..16 {
+            if wr.write_all(&[b'x'; 64 * 1024]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.ends_with(b"too big\n") {
-        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+        match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
             other => panic!("no early answer: {other:?}, got {}", String::from_utf8_lossy(&got)),
         }
     }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_client() {
+    let gw = gateway(refusing_server(Some(Duration::from_secs(10))).await).await;
+    let got = upload_and_read_answer(&gw).await;
     assert_eq!(raw_status(&got), Some(413), "{}", String::from_utf8_lossy(&got));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_then_a_reset_still_reaches_the_client_and_ejects_nothing() {
+    let gw = gateway(refusing_server(None).await).await;
+    for _ in 0..4 {
+        let got = upload_and_read_answer(&gw).await;
+        assert_eq!(raw_status(&got), Some(413), "{}", String::from_utf8_lossy(&got));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&gw.admin_get("/upstreams").await.body).unwrap();
+    assert_eq!(v["upstreams"][0]["servers"][0]["ejected"], false, "{v}");
 }

@@ -255,6 +255,12 @@ pub async fn send(
         let reused = pooled.is_some();
         let mut io = match pooled {
             Some(io) => io,
+            // A server removed after its drain timeout gets nothing more: the request
+            // goes back unsent (its pool was emptied when the drain began).
+            None if kill.is_cancelled() => {
+                let source = io::Error::other("server removed after its drain timeout");
+                return Err(give_back(SendError::Closed { addr, source }, parts, restore(body, &head, framing)));
+            }
             // Boxed: connecting is the rare path and would otherwise size every request
             // future (kept per client connection by hyper) for it.
             None => match Box::pin(connect(addr, connect_timeout)).await {
@@ -353,7 +359,8 @@ async fn exchange(
         if let Some(head) = answered {
             // The server answered before the whole body was sent: the rest goes on
             // while the response streams (full duplex), and the connection is not kept.
-            return Ok((Head { keep_alive: false, ..head }, buf, Some(Box::new(upload))));
+            let upload = (!upload.abandoned).then(|| Box::new(upload));
+            return Ok((Head { keep_alive: false, ..head }, buf, upload));
         }
     }
     loop {

@@ -140,7 +140,16 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         headers.append(name, value);
     }
     buf.advance(len);
-    let (framing, clean) = response_framing(method, status, &headers)?;
+    if len > MAX_HEAD {
+        return Err(invalid("response head too large"));
+    }
+    let (framing, mut clean) = response_framing(method, status, &headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Framed by Transfer-Encoding: a length beside it is stale and must not reach
+        // the client, and HTTP/1.0 has no Transfer-Encoding (RFC 9112 section 6.1).
+        headers.remove(header::CONTENT_LENGTH);
+        clean &= version != Version::HTTP_10;
+    }
     let persistent = match version {
         Version::HTTP_10 => super::hop::connection_has(&headers, "keep-alive"),
         _ => !super::hop::connection_has(&headers, "close"),
@@ -221,6 +230,9 @@ impl Chunked {
                             Ok(None)
                         };
                     };
+                    if end > MAX_CHUNK_LINE {
+                        return Err(invalid("chunk size line too long"));
+                    }
                     let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 1);
                     *self = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
@@ -337,11 +349,13 @@ pub struct Upload {
     /// Bytes of `out` already written.
     sent: usize,
     ended: bool,
+    /// Writing failed: the server stopped reading; nothing more is sent.
+    pub abandoned: bool,
 }
 
 impl Upload {
     pub fn new(body: ReqBody, framing: Framing) -> Self {
-        Upload { body, framing, out: Vec::new(), sent: 0, ended: false }
+        Upload { body, framing, out: Vec::new(), sent: 0, ended: false, abandoned: false }
     }
 
     /// Sends the body; `Some(head)` if the server answered before it was all sent.
@@ -353,9 +367,18 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Head>, Broke>> {
         loop {
-            let wrote = self.poll_send(io, cx)?;
-            if wrote.is_ready() {
-                return Poll::Ready(Ok(None));
+            if !self.abandoned {
+                match self.poll_send(io, cx) {
+                    Ok(Poll::Ready(())) => return Poll::Ready(Ok(None)),
+                    Ok(Poll::Pending) => {}
+                    // The server stopped reading (an early answer, then a close or reset):
+                    // its answer may already be here; read on for it.
+                    Err(Broke::Server(e)) => {
+                        tracing::debug!(error = %e, "request body not sent whole; reading the server's answer");
+                        self.abandoned = true;
+                    }
+                    Err(client) => return Poll::Ready(Err(client)),
+                }
             }
             match poll_fill(io, buf, cx) {
                 Poll::Pending => return Poll::Pending,
@@ -493,7 +516,11 @@ impl ResponseBody {
                 }
                 State::Chunked(decoder) => match decoder.decode(&mut self.buf) {
                     Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Some(Decoded::Trailers(t))) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    // The trailer section ends the body (hyper polls no further).
+                    Ok(Some(Decoded::Trailers(t))) => {
+                        self.state = State::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
                     Ok(Some(Decoded::End)) => {
                         self.state = State::Done;
                         return Poll::Ready(None);
@@ -617,6 +644,9 @@ mod tests {
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false), "both fields: chunked, then close");
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "the stale length must not reach the client");
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!((h.framing, h.headers.contains_key(header::CONTENT_LENGTH)), (Framing::Close, false));
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         assert_eq!(head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);
@@ -642,6 +672,8 @@ mod tests {
         let h = head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
         assert!(h.keep_alive);
         assert_eq!(h.version, Version::HTTP_10);
+        let h = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(!h.keep_alive, "HTTP/1.0 with Transfer-Encoding is faulty framing: never reused");
     }
 
     #[test]
@@ -700,5 +732,7 @@ mod tests {
         }
         let long = vec![b'1'; MAX_CHUNK_LINE + 1];
         assert!(dechunk(&long, long.len()).is_err());
+        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_LINE));
+        assert!(dechunk(long_ext.as_bytes(), long_ext.len()).is_err(), "a whole line over the limit");
     }
 }
