@@ -243,11 +243,12 @@ pub async fn send(
     let framing = request_framing(&parts, &body);
     let mut head = Vec::with_capacity(1024);
     h1::encode_head(&parts, framing, &mut head);
-    // A small held body leaves in the head's write.
+    // A small held body leaves in the head's write (and stays in `body` for handing back).
+    let mut inlined = false;
     if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
         if data.len() <= INLINE_BODY {
             head.extend_from_slice(data);
-            body = ReqBody::Empty;
+            inlined = true;
         }
     }
     loop {
@@ -258,68 +259,44 @@ pub async fn send(
             // A server removed after its drain timeout gets nothing more: the request
             // goes back unsent (its pool was emptied when the drain began).
             None if kill.is_cancelled() => {
-                let source = io::Error::other("server removed after its drain timeout");
-                return Err(give_back(SendError::Closed { addr, source }, parts, restore(body, &head, framing)));
+                let error = SendError::Closed { addr, source: h1::removed() };
+                return Err(Failure { error, unsent: Some(Request::from_parts(parts, body)) });
             }
             // Boxed: connecting is the rare path and would otherwise size every request
             // future (kept per client connection by hyper) for it.
             None => match Box::pin(connect(addr, connect_timeout)).await {
                 Ok(io) => io,
-                Err(error) => return Err(give_back(error, parts, restore(body, &head, framing))),
+                Err(error) => return Err(Failure { error, unsent: Some(Request::from_parts(parts, body)) }),
             },
         };
         let mut wrote = false;
-        let exchange = exchange(&mut io, &head, &mut body, framing, &parts.method, &mut wrote);
+        let upload = if inlined { None } else { Some(&mut body) };
+        let exchange = exchange(&mut io, &head, upload, framing, &parts.method, &mut wrote);
         let result = tokio::select! {
             biased;
             r = tokio::time::timeout_at(deadline, exchange) => r,
-            () = kill.cancelled() => Ok(Err(Broke::Server(io::Error::other("server removed after its drain timeout")))),
+            () = kill.cancelled() => Ok(Err(Broke::Server(h1::removed()))),
         };
-        let (head_in, buf, upload) = match result {
-            Ok(Ok(done)) => done,
+        let error = match result {
+            Ok(Ok((head_in, buf, upload))) => {
+                let body = ResponseBody::new(io, buf, &head_in, kill.clone(), upload);
+                let mut response = Response::new(body);
+                *response.status_mut() = head_in.status;
+                *response.version_mut() = head_in.version;
+                *response.headers_mut() = head_in.headers;
+                return Ok(Sent { response, epoch });
+            }
             // A pooled connection the server closed a moment ago: nothing left, try the
             // next idle (or a new) one.
             Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
-            Ok(Err(Broke::Server(source))) if !wrote => {
-                return Err(give_back(SendError::Closed { addr, source }, parts, restore(body, &head, framing)));
-            }
-            Ok(Err(Broke::Server(source))) => {
-                return Err(Failure { error: SendError::Failed { addr, source }, unsent: None });
-            }
-            Ok(Err(Broke::Client(e))) => return Err(Failure { error: SendError::ClientBody(e), unsent: None }),
-            Err(_) if !wrote => {
-                let error = SendError::ResponseTimeout { addr, after: response_timeout };
-                return Err(give_back(error, parts, restore(body, &head, framing)));
-            }
-            Err(_) => {
-                return Err(Failure {
-                    error: SendError::ResponseTimeout { addr, after: response_timeout },
-                    unsent: None,
-                });
-            }
+            Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
+            Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
+            Ok(Err(Broke::Client(e))) => SendError::ClientBody(e),
+            Err(_) => SendError::ResponseTimeout { addr, after: response_timeout },
         };
-        let body = ResponseBody::new(io, buf, &head_in, kill.clone(), upload);
-        let mut response = Response::new(body);
-        *response.status_mut() = head_in.status;
-        *response.version_mut() = head_in.version;
-        *response.headers_mut() = head_in.headers;
-        return Ok(Sent { response, epoch });
-    }
-}
-
-/// A failure that sent nothing: the request goes back to the caller.
-fn give_back(error: SendError, parts: Parts, body: ReqBody) -> Failure {
-    Failure { error, unsent: Some(Request::from_parts(parts, body)) }
-}
-
-/// The body of a request that was not sent, as it was before a held one was inlined.
-fn restore(body: ReqBody, head: &[u8], framing: Framing) -> ReqBody {
-    match (body, framing) {
-        (ReqBody::Empty, Framing::Length(n)) if n > 0 => {
-            let data = bytes::Bytes::copy_from_slice(&head[head.len() - n as usize..]);
-            ReqBody::Held { data: Some(data), trailers: None }
-        }
-        (body, _) => body,
+        // Only a request none of which was written goes back.
+        let unsent = (!wrote).then(|| Request::from_parts(parts, body));
+        return Err(Failure { error, unsent });
     }
 }
 
@@ -336,12 +313,13 @@ fn request_framing(parts: &Parts, body: &ReqBody) -> Framing {
     }
 }
 
-/// Writes the request (`head`, then `body` framed as `framing`) and reads the final
-/// response head. `wrote` turns true once any byte may have reached the server.
+/// Writes the request (`head`, then `body` framed as `framing`, unless it went with the
+/// head) and reads the final response head. `wrote` turns true once any byte may have
+/// reached the server.
 async fn exchange(
     io: &mut TcpStream,
     head: &[u8],
-    body: &mut ReqBody,
+    body: Option<&mut ReqBody>,
     framing: Framing,
     method: &Method,
     wrote: &mut bool,
@@ -353,7 +331,7 @@ async fn exchange(
     }
     io.write_all(&head[first..]).await?;
     let mut buf = BytesMut::new();
-    if !matches!(body, ReqBody::Empty) {
+    if let Some(body) = body.filter(|b| !matches!(b, ReqBody::Empty)) {
         let mut upload = Upload::new(std::mem::replace(body, ReqBody::Empty), framing);
         let answered = poll_fn(|cx| upload.poll_until_answered(io, &mut buf, method, cx)).await?;
         if let Some(head) = answered {

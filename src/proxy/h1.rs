@@ -51,6 +51,19 @@ fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// The error of an exchange cut off because its server was removed (drain timeout).
+pub fn removed() -> io::Error {
+    io::Error::other("server removed after its drain timeout")
+}
+
+/// Appends one `name: value` field line.
+fn push_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends the request head: request line, the fields of `parts` except the framing
 /// ones, then the framing field `framing` calls for.
 pub fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec<u8>) {
@@ -59,13 +72,9 @@ pub fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            push_field(name, value, out);
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
@@ -94,10 +103,7 @@ pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
 pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(name, value, out);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -574,7 +580,7 @@ impl ResponseBody {
                 let kill = &self.kill;
                 let killed = self.killed.get_or_insert_with(|| Box::pin(kill.clone().cancelled_owned()));
                 ready!(killed.as_mut().poll(cx));
-                Poll::Ready(Err(io::Error::other("server removed after its drain timeout")))
+                Poll::Ready(Err(removed()))
             }
         }
     }
