@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -94,7 +94,8 @@ impl Activity {
         self.born + Duration::from_millis(ms)
     }
 
-    fn on_read(&self) {
+    /// Bytes of a request head have arrived (counted only between requests).
+    fn head_begun(&self) {
         if self.open.load(Ordering::Relaxed) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
             self.head_started_ms.store(self.now_ms() + 1, Ordering::Relaxed);
         }
@@ -213,29 +214,18 @@ impl<I> Watched<I> {
         Watched { io, activity, unread: Bytes::new() }
     }
 
-    /// Puts back bytes a session read past its last request (a pipelined head). They are
-    /// copied: the slice may hold on to the session's whole read buffer.
+    /// Puts back bytes read but not consumed (a pipelined head), before any still
+    /// unread. They are copied: the slice may hold on to a whole read buffer.
     pub(super) fn unread(&mut self, bytes: &[u8]) {
-        self.unread = Bytes::copy_from_slice(bytes);
-        if !bytes.is_empty() {
-            // A head has begun: timed from now, and no reason to park.
-            self.activity.on_read();
+        if bytes.is_empty() {
+            return;
         }
-    }
-
-    pub(super) fn has_unread(&self) -> bool {
-        !self.unread.is_empty()
-    }
-}
-
-impl<I: AsyncRead + Unpin> Watched<I> {
-    /// Waits for the first byte of the next request (kept as unread) while no session,
-    /// and so no buffer, exists. `false`: the client closed the connection.
-    pub(super) async fn first_byte(&mut self) -> std::io::Result<bool> {
-        let mut byte = [0u8; 1];
-        let n = tokio::io::AsyncReadExt::read(self, &mut byte).await?;
-        self.unread(&byte[..n]);
-        Ok(n == 1)
+        let mut all = BytesMut::with_capacity(bytes.len() + self.unread.len());
+        all.extend_from_slice(bytes);
+        all.extend_from_slice(&self.unread);
+        self.unread = all.freeze();
+        // A head has begun: timed from now, and no reason to park.
+        self.activity.head_begun();
     }
 }
 
@@ -251,7 +241,7 @@ impl<I: AsyncRead> AsyncRead for Watched<I> {
         let before = buf.filled().len();
         let r = this.io.poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.on_read();
+            this.activity.head_begun();
         }
         r
     }
@@ -311,7 +301,7 @@ mod tests {
         let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
         tokio::time::sleep(Duration::from_secs(30)).await;
-        a.on_read();
+        a.head_begun();
         let t0 = Instant::now();
         assert_eq!(a.expired(None).await, Expired::SlowHead);
         assert_eq!(t0.elapsed(), Duration::from_secs(10));
@@ -351,7 +341,7 @@ mod tests {
         // A head that has begun is timed, not parked.
         let a = Activity::new(header, idle);
         drop(RequestGuard::open(&a));
-        a.on_read();
+        a.head_begun();
         assert_eq!(a.expired(park).await, Expired::SlowHead);
 
         // A connection asked to close is never parked: it just idles out.

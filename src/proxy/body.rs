@@ -17,6 +17,15 @@ use tokio::net::TcpStream;
 
 use super::h1::ResponseBody;
 
+/// A request body as the client side hands it over.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// No body: the requests the gateway's own HTTP/1.1 reader serves (see `front`).
+    Empty,
+    /// hyper's: HTTP/2, and HTTP/1.1 requests that carry a body.
+    Hyper(Incoming),
+}
+
 /// The body sent to a server.
 #[derive(Debug)]
 pub enum ReqBody {
@@ -103,7 +112,11 @@ pub enum Prefetched {
 /// waiting for more than the first frame: a body that ends within it is held (it can be
 /// replayed), a longer one streams on. Waiting for the first frame also catches a
 /// malformed body before any server sees the request.
-pub async fn prefetch(mut body: Incoming, limit: usize) -> Prefetched {
+pub async fn prefetch(body: ClientBody, limit: usize) -> Prefetched {
+    let mut body = match body {
+        ClientBody::Hyper(body) => body,
+        ClientBody::Empty => return Prefetched::Body(ReqBody::Empty),
+    };
     if body.is_end_stream() {
         return Prefetched::Body(ReqBody::Empty);
     }

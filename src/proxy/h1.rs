@@ -57,7 +57,7 @@ pub fn removed() -> io::Error {
 }
 
 /// Appends one `name: value` field line.
-fn push_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+pub fn push_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
@@ -77,23 +77,31 @@ pub fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec
         }
     }
     match framing {
-        Framing::Length(n) => {
-            let mut line = String::with_capacity(24);
-            let _ = write!(line, "content-length: {n}\r\n");
-            out.extend_from_slice(line.as_bytes());
-        }
+        Framing::Length(n) => push_length(n, out),
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Empty | Framing::Close => {}
     }
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the `Content-Length` field line.
+pub fn push_length(n: u64, out: &mut Vec<u8>) {
+    let mut line = String::with_capacity(40);
+    let _ = write!(line, "content-length: {n}\r\n");
+    out.extend_from_slice(line.as_bytes());
+}
+
+/// Appends the size line of a chunk of `len` bytes.
+pub fn encode_chunk_line(len: usize, out: &mut Vec<u8>) {
+    let mut line = String::with_capacity(18);
+    let _ = write!(line, "{len:x}\r\n");
+    out.extend_from_slice(line.as_bytes());
+}
+
 /// Appends one chunk of a chunked body (nothing for empty data: that would end it).
 pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
     if !data.is_empty() {
-        let mut line = String::with_capacity(18);
-        let _ = write!(line, "{:x}\r\n", data.len());
-        out.extend_from_slice(line.as_bytes());
+        encode_chunk_line(data.len(), out);
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     }

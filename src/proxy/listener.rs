@@ -23,8 +23,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Conn;
 use super::activity::{Activity, Expired, RequestGuard, Tracked, Watched};
+use super::body::ClientBody;
+use super::{Conn, front};
 use crate::config::Limits;
 use crate::gateway::Gateway;
 use crate::tls::ACME_TLS_ALPN;
@@ -199,17 +200,17 @@ async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::Server
     crate::tls::challenge_config(Arc::new(ck)).ok()
 }
 
-/// How long an HTTP/1.1 connection idles before it is parked: hyper's session (about
-/// 17 KiB of buffers and state) is ended without a byte on the wire and the socket waits
-/// for the next request with nothing but this task (640 bytes) and the connection's
-/// shared state. A busy keep-alive connection never pays for the new session; an idle
-/// one stops costing memory.
-const PARK_AFTER: Duration = Duration::from_secs(1);
+/// How long an HTTP/1.1 connection idles before it is parked: its read buffer (or
+/// hyper's session, about 17 KiB of buffers and state) and cached peer values are let go
+/// of, and the socket waits for the next request with nothing but this task (640 bytes)
+/// and the connection's shared state. A busy keep-alive connection never pays for it.
+pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Serves HTTP/1.1 (with upgrades) until the connection ends, its timeouts expire (see
-/// `activity`), or shutdown asks it to finish (then the response in progress carries
-/// `Connection: close`). Idle, it is parked (see [`PARK_AFTER`]) and served again by a
-/// new session when the next request's first byte arrives.
+/// Serves HTTP/1.1 until the connection ends, its timeouts expire (see `activity`), or
+/// shutdown asks it to finish (then the response in progress carries `Connection:
+/// close`). Requests without a body are served by the gateway's own reader (`front`);
+/// one it leaves to hyper starts a hyper session, which serves the connection until it
+/// idles for [`PARK_AFTER`] and hands it back.
 ///
 /// (A block rather than an `async fn`, which would keep a second copy of its arguments
 /// for the connection's whole life.)
@@ -218,60 +219,27 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new(Some(limits.header_read_timeout), limits.idle_timeout);
-    let mut io = Some(Watched::new(io, Arc::clone(&activity)));
+    let mut io = Watched::new(io, Arc::clone(&activity));
     let max_head = limits.max_header_bytes;
     async move {
         let watch = |park| activity.expired(park);
         let watchdog = watch(Some(PARK_AFTER));
         tokio::pin!(watchdog);
+        let shared = &held.shared;
         loop {
-            let Some(session_io) = io.take() else { return };
-            // Boxed, and over before the connection parks: a parked connection's task
-            // keeps no room for a session, and nothing of the session stays allocated.
-            let session = h1_session(session_io, &conn, max_head, &held.shared, &activity, watchdog.as_mut(), &watch);
-            io = Box::pin(session).await;
-            let Some(parked) = io.as_mut() else { return };
-            if !wait_for_request(parked, &conn, &held.shared, watchdog.as_mut()).await {
+            let outcome = front::serve(&mut io, &conn, shared, &activity, max_head, watchdog.as_mut(), &watch).await;
+            if outcome == front::Outcome::Closed {
                 return;
             }
-            // A request has begun: its session may be parked again once it idles.
+            // Boxed, and over once the connection idles: an idle connection's task keeps
+            // no room for a session, and nothing of the session stays allocated.
             watchdog.set(watch(Some(PARK_AFTER)));
-        }
-    }
-}
-
-/// A parked connection: no session, no buffer, until the next request's first byte.
-/// `false`: the connection is done (closed by the client, its timeout, or shutdown).
-/// (A block, not an `async fn`: see [`serve_h1`].)
-fn wait_for_request<'a, I, W>(
-    io: &'a mut Watched<I>,
-    conn: &Conn,
-    shared: &'a Shared,
-    watchdog: Pin<&'a mut W>,
-) -> impl Future<Output = bool> + 'a
-where
-    I: AsyncRead + Unpin,
-    W: Future<Output = Expired>,
-{
-    shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
-    conn.peer_values.forget();
-    async move {
-        if io.has_unread() {
-            return true;
-        }
-        tokio::select! {
-            res = io.first_byte() => match res {
-                Ok(more) => more,
-                Err(e) => {
-                    tracing::debug!(error = %e, "parked client connection failed");
-                    false
-                }
-            },
-            () = shared.shutdown.cancelled() => false,
-            why = watchdog => {
-                tracing::debug!(?why, "parked HTTP/1.1 connection closed by its timeout");
-                false
-            }
+            let session = h1_session(io, &conn, max_head, shared, &activity, watchdog.as_mut(), &watch);
+            let Some(back) = Box::pin(session).await else { return };
+            io = back;
+            shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+            conn.peer_values.forget();
+            watchdog.set(watch(None));
         }
     }
 }
@@ -373,7 +341,7 @@ fn tracked_service(
         }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
         async move {
-            let resp = super::handle(gw, conn, req).await;
+            let resp = super::handle(gw, conn, req.map(ClientBody::Hyper)).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
         }
     })

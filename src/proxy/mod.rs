@@ -14,6 +14,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod forwarded;
+mod front;
 pub mod h1;
 pub mod hop;
 pub mod listener;
@@ -25,7 +26,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use rand::SeedableRng;
@@ -36,7 +36,7 @@ use crate::metrics::RouteStats;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{InFlight, Server, ServerSet, balance};
-use body::{Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
+use body::{ClientBody, Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
 use error::ProxyError;
 use forwarded::PeerValues;
@@ -79,7 +79,7 @@ impl Conn {
 }
 
 /// Serves one request; never fails (errors become the gateway's own responses).
-pub async fn handle(gw: Arc<Gateway>, conn: Arc<Conn>, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(gw: Arc<Gateway>, conn: Arc<Conn>, req: Request<ClientBody>) -> Response<RespBody> {
     let start = Instant::now();
     // A guard, not a clone: no shared reference count written per request (arc-swap falls
     // back to a full reference by itself when a thread holds many at once).
@@ -118,7 +118,7 @@ async fn route_request(
     gw: &Arc<Gateway>,
     snap: &Arc<Snapshot>,
     conn: &Arc<Conn>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     start: Instant,
 ) -> Result<Response<RespBody>, Failure> {
     let limits = &snap.proxy.limits;
@@ -178,7 +178,7 @@ async fn forward(
     snap: &Snapshot,
     conn: &Conn,
     route: Arc<Route>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     authority: HeaderValue,
     start: Instant,
 ) -> Result<Response<RespBody>, Failure> {
@@ -201,7 +201,7 @@ async fn forward(
 
 /// The host the request is for: the URI authority (HTTP/2, or HTTP/1.1 absolute-form,
 /// RFC 9112 section 3.2.2), else the one `Host` header an HTTP/1.1 request must carry.
-fn request_authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -228,7 +228,7 @@ fn rewrite_request(
     snap: &Snapshot,
     conn: &Conn,
     route: &Route,
-    req: &mut Request<Incoming>,
+    req: &mut Request<ClientBody>,
     authority: &HeaderValue,
 ) -> HeaderValue {
     let authority_str = authority.to_str().unwrap_or("");
@@ -484,7 +484,7 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
 /// named a port (development), else the scheme's default (the usual :80 -> :443).
 fn redirect(
     gw: &Gateway,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     authority: &str,
     https_port: u16,
     start: Instant,
@@ -512,7 +512,7 @@ fn redirect(
 
 /// Answers an HTTP-01 validation request from the published key authorizations: this
 /// replica's, else (clustered) those another replica published in the shared store.
-async fn acme_answer(gw: &Gateway, req: &Request<Incoming>, start: Instant) -> Response<RespBody> {
+async fn acme_answer(gw: &Gateway, req: &Request<ClientBody>, start: Instant) -> Response<RespBody> {
     let token = &req.uri().path()[crate::acme::HTTP01_PREFIX.len()..];
     let resp = match gw.challenges.answer_anywhere(token).await {
         Some((key_auth, source)) => {

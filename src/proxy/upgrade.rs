@@ -8,13 +8,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 
-use super::body::{ReqBody, RespBody};
+use super::body::{ClientBody, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::{Conn, client, forwarded, hop, with_rng};
 use crate::gateway::Gateway;
@@ -23,7 +22,7 @@ use crate::snapshot::{Route, Snapshot};
 use crate::upstream::balance;
 
 /// An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8).
-pub fn is_h1_upgrade(req: &Request<Incoming>) -> bool {
+pub fn is_h1_upgrade(req: &Request<ClientBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && hop::connection_has(req.headers(), "upgrade")
@@ -34,7 +33,7 @@ pub async fn proxy(
     snap: &Snapshot,
     conn: &Conn,
     route: &Arc<Route>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     authority: &HeaderValue,
     start: Instant,
 ) -> Result<Response<RespBody>, ProxyError> {
@@ -132,7 +131,7 @@ fn build_request(
     snap: &Snapshot,
     conn: &Conn,
     route: &Route,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     authority: &HeaderValue,
     protocol: HeaderValue,
     extended_connect: bool,

@@ -1,0 +1,605 @@
+//! HTTP/1.1 from clients, on the connection's own task, for the requests that are nearly
+//! all of the traffic: no body (no `Content-Length` but 0, no `Transfer-Encoding`), no
+//! upgrade, no `Expect`, not `CONNECT`. Such a request is parsed from the connection's
+//! read buffer, handled, and its response written straight to the socket: no session,
+//! channel or buffer lives between requests, and an idle connection holds no buffer.
+//!
+//! Any other request (a body to stream, an upgrade, 100-continue), and any head this
+//! reader does not accept (malformed, over `max_header_bytes`, over 100 fields), goes
+//! with the bytes read so far to a hyper session, which answers it (a 400 or 431 for a
+//! bad head) and serves the connection until it idles (see `listener::serve_h1`). The
+//! grammar both accept is RFC 9112's; responses are written as hyper writes them: the
+//! framing from the response's `Content-Length` or its body's exact size, else chunked
+//! (HTTP/1.1) or until close (HTTP/1.0), `Date` added, trailers sent on a chunked body
+//! for the fields its `Trailer` field names.
+
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::Conn;
+use super::activity::{Activity, Expired, RequestGuard, Watched};
+use super::body::{ClientBody, RespBody};
+use super::h1::{self, Framing};
+use super::listener::{PARK_AFTER, Shared};
+
+/// Room made in the read buffer before a read (a head may grow it to `max_header_bytes`).
+const READ_SIZE: usize = 4096;
+/// Body data up to this size is copied behind the head or chunk line, for one write;
+/// larger data goes out from its own buffer in the same (vectored) write.
+const COPY_MAX: usize = 4096;
+/// Written data gathered before a write while the body still has more ready.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Why [`serve`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The connection is done: closed by the client, timed out, shut down, or failed.
+    Closed,
+    /// A request for hyper has begun: its bytes are back in the IO, unread.
+    Hyper,
+}
+
+/// Serves requests on `io` until the connection is done or a request needs hyper.
+/// `watchdog` times heads and idleness (see `activity`); parking (an idle connection)
+/// lets go of the read buffer and the cached peer values.
+pub(super) async fn serve<I, W>(
+    io: &mut Watched<I>,
+    conn: &Arc<Conn>,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    max_head: usize,
+    mut watchdog: Pin<&mut W>,
+    watch: &impl Fn(Option<Duration>) -> W,
+) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    W: Future<Output = Expired>,
+{
+    let mut buf = BytesMut::new();
+    loop {
+        let (req, keep_alive) = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, max_head) {
+                    Parsed::Ours(req, keep_alive) => break (req, keep_alive),
+                    Parsed::Partial => {}
+                    Parsed::NotOurs => {
+                        io.unread(&buf);
+                        return Outcome::Hyper;
+                    }
+                }
+            }
+            buf.reserve(READ_SIZE);
+            tokio::select! {
+                read = io.read_buf(&mut buf) => match read {
+                    Ok(0) => return Outcome::Closed,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client connection failed");
+                        return Outcome::Closed;
+                    }
+                },
+                () = shared.shutdown.cancelled() => return Outcome::Closed,
+                why = watchdog.as_mut() => {
+                    if why != Expired::Park {
+                        tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                        return Outcome::Closed;
+                    }
+                    // Idle: nothing of it is needed until the next request.
+                    shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+                    conn.peer_values.forget();
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
+                    watchdog.set(watch(None));
+                }
+            }
+        };
+        // Boxed: the handler's future is large, and an idle connection's task should not
+        // keep room for it.
+        let keep = Box::pin(exchange(io, &mut buf, conn, shared, activity, max_head, req, keep_alive)).await;
+        if !keep {
+            return Outcome::Closed;
+        }
+        watchdog.set(watch(Some(PARK_AFTER)));
+    }
+}
+
+/// What the start of the read buffer holds.
+#[allow(clippy::large_enum_variant)] // made once per request and moved on at once
+enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// A request this reader serves, and whether the client keeps the connection open.
+    Ours(Request<ClientBody>, bool),
+    /// A request (or bytes) for hyper.
+    NotOurs,
+}
+
+/// Parses a request head from the start of `buf`, removing it from `buf` when it is ours.
+/// The field values are slices of one copy of the head.
+fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+    // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
+        _ => return Parsed::NotOurs,
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Parsed::NotOurs;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Parsed::NotOurs };
+    if method == Method::CONNECT {
+        return Parsed::NotOurs;
+    }
+    let raw = Bytes::copy_from_slice(&buf[..len]);
+    let base = buf.as_ptr() as usize;
+    let slice = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        raw.slice(start..start + s.len())
+    };
+    let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for field in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
+        match name {
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return Parsed::NotOurs,
+            header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
+                return Parsed::NotOurs;
+            }
+            _ => {}
+        }
+        let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
+        headers.append(name, value);
+    }
+    let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    let keep_alive = match version {
+        Version::HTTP_10 => super::hop::connection_has(&headers, "keep-alive"),
+        _ => !super::hop::connection_has(&headers, "close"),
+    };
+    buf.advance(len);
+    let mut request = Request::new(ClientBody::Empty);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Parsed::Ours(request, keep_alive)
+}
+
+/// One request and its response. `true`: the connection may carry the next request.
+#[allow(clippy::too_many_arguments)]
+async fn exchange<I>(
+    io: &mut Watched<I>,
+    buf: &mut BytesMut,
+    conn: &Arc<Conn>,
+    shared: &Shared,
+    activity: &Arc<Activity>,
+    max_head: usize,
+    req: Request<ClientBody>,
+    keep_alive: bool,
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let _guard = RequestGuard::open(activity);
+    if !keep_alive {
+        activity.set_closing();
+    }
+    let (method, version) = (req.method().clone(), req.version());
+    let handler = super::handle(Arc::clone(&shared.gw), Arc::clone(conn), req);
+    tokio::pin!(handler);
+    // While the request is handled, the client's side is read too: a client that goes
+    // away cancels its request (and so the server's), and a pipelined head is kept.
+    let resp = loop {
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_SIZE);
+        }
+        tokio::select! {
+            biased;
+            resp = handler.as_mut() => break resp,
+            read = io.read_buf(buf), if buf.len() < max_head => match read {
+                Ok(0) => {
+                    tracing::debug!("client closed the connection before its response");
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "client connection failed before its response");
+                    return false;
+                }
+            },
+        }
+    };
+    let keep_alive = keep_alive && !shared.shutdown.is_cancelled();
+    match write_response(io, resp, &method, version, keep_alive).await {
+        Ok(true) => true,
+        Ok(false) => {
+            let _ = io.shutdown().await;
+            false
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "writing a response to the client failed");
+            false
+        }
+    }
+}
+
+/// Writes the response; `Ok(true)` when the connection stays open for the next request.
+async fn write_response<I>(
+    io: &mut Watched<I>,
+    resp: http::Response<RespBody>,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+) -> std::io::Result<bool>
+where
+    I: AsyncWrite + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let mut out = Vec::with_capacity(512);
+    let framing = encode_head(&parts, &body, method, version, keep_alive, &mut out);
+    let trailers_allowed = trailer_names(&parts.headers, framing);
+    let mut sent: u64 = 0;
+    let mut ended = false;
+    while framing != Framing::Empty && !ended {
+        // Frames already here are gathered (the first one behind the head); the write
+        // happens when the body has to wait, or enough is gathered.
+        let frame = if out.is_empty() {
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        } else {
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    io.write_all(&out).await?;
+                    io.flush().await?;
+                    out.clear();
+                    continue;
+                }
+            }
+        };
+        let frame = match frame {
+            None => break,
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                // The server's body broke: the client must not take what it got as whole.
+                let _ = io.write_all(&out).await;
+                return Err(e);
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                sent += data.len() as u64;
+                if let Framing::Length(n) = framing {
+                    if sent > n {
+                        return Err(std::io::Error::other("response body longer than its Content-Length"));
+                    }
+                }
+                let chunked = framing == Framing::Chunked;
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    h1::encode_chunk_line(data.len(), &mut out);
+                }
+                if data.len() <= COPY_MAX {
+                    out.extend_from_slice(&data);
+                    if chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                } else {
+                    let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
+                    let mut all = bytes::Buf::chain(bytes::Buf::chain(&out[..], data), tail);
+                    io.write_all_buf(&mut all).await?;
+                    out.clear();
+                }
+                if out.len() >= WRITE_BATCH {
+                    io.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            Err(frame) => {
+                if framing == Framing::Chunked {
+                    let trailers = frame.into_trailers().ok().map(|t| allowed_trailers(t, &trailers_allowed));
+                    h1::encode_last_chunk(trailers.as_ref(), &mut out);
+                    ended = true;
+                }
+                break;
+            }
+        }
+    }
+    if framing == Framing::Chunked && !ended {
+        h1::encode_last_chunk(None, &mut out);
+    }
+    if !out.is_empty() {
+        io.write_all(&out).await?;
+    }
+    io.flush().await?;
+    if let Framing::Length(n) = framing {
+        if sent != n {
+            return Err(std::io::Error::other("response body shorter than its Content-Length"));
+        }
+    }
+    Ok(keep_alive && framing != Framing::Close)
+}
+
+/// Appends the status line and fields; returns how the body is delimited. `Connection`
+/// says `close` when the connection ends after this response (`keep-alive` to an
+/// HTTP/1.0 client when it does not).
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &RespBody,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Framing {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION => continue,
+            header::DATE => has_date = true,
+            _ => {}
+        }
+        h1::push_field(name, value, out);
+    }
+    // RFC 9110 sections 6.4.1, 8.6: no body for these, and no length for 1xx and 204.
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let may_have_length = !(status.is_informational() || status == StatusCode::NO_CONTENT);
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let length = declared.or_else(|| body.size_hint().exact());
+    let framing = match length {
+        _ if no_body => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None if version == Version::HTTP_11 => Framing::Chunked,
+        None => Framing::Close,
+    };
+    match length {
+        // A length the server declared stands (for HEAD and 304 too); an implicit empty
+        // body of a HEAD or 304 answer says nothing of the resource's size.
+        Some(n) if may_have_length && (declared.is_some() || n > 0 || !no_body) => {
+            h1::push_length(n, out);
+        }
+        _ => {}
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep_alive || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !has_date {
+        push_date(out);
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// The trailer fields a chunked response may carry: those its `Trailer` field names.
+fn trailer_names(headers: &HeaderMap, framing: Framing) -> Vec<HeaderName> {
+    if framing != Framing::Chunked {
+        return Vec::new();
+    }
+    headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The trailers that were announced and may be trailers at all (RFC 9110 section 6.5.1).
+fn allowed_trailers(trailers: HeaderMap, announced: &[HeaderName]) -> HeaderMap {
+    let mut allowed = HeaderMap::new();
+    let mut last = None;
+    for (name, value) in trailers {
+        let name = match name {
+            Some(n) => {
+                last = Some(n.clone());
+                n
+            }
+            None => match &last {
+                Some(n) => n.clone(),
+                None => continue,
+            },
+        };
+        if announced.contains(&name) && !forbidden_trailer(&name) {
+            allowed.append(name, value);
+        }
+    }
+    allowed
+}
+
+fn forbidden_trailer(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
+}
+
+/// Appends the `Date` field, formatted at most once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cached.1.copy_from_slice(text.as_bytes());
+                cached.0 = secs;
+            }
+        }
+        if cached.0 == secs {
+            out.extend_from_slice(b"date: ");
+            out.extend_from_slice(&cached.1);
+            out.extend_from_slice(b"\r\n");
+        }
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse_all(raw: &str) -> (Vec<Parsed>, BytesMut) {
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let mut out = Vec::new();
+        loop {
+            let p = parse(&mut buf, 8192);
+            let more = matches!(p, Parsed::Ours(..));
+            out.push(p);
+            if !more || buf.is_empty() {
+                return (out, buf);
+            }
+        }
+    }
+
+    fn ours(p: &Parsed) -> (&Request<ClientBody>, bool) {
+        match p {
+            Parsed::Ours(r, k) => (r, *k),
+            Parsed::Partial => panic!("partial"),
+            Parsed::NotOurs => panic!("not ours"),
+        }
+    }
+
+    #[test]
+    fn bodiless_requests_are_parsed_pipelined_and_keep_alive_follows_the_version() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x.test\r\nX-A: 1\r\nX-A: 2\r\n\r\n\
+                   HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+                   DELETE /d HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n\
+                   GET / HTTP/1.0\r\n\r\nGET /par";
+        let (parsed, rest) = parse_all(raw);
+        assert_eq!(parsed.len(), 5);
+        let (r, keep) = ours(&parsed[0]);
+        assert_eq!((r.method(), r.uri().path(), r.uri().query(), keep), (&Method::GET, "/a", Some("b=1"), true));
+        assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(r.headers()["host"], "x.test");
+        let (r, keep) = ours(&parsed[1]);
+        assert_eq!((r.method(), r.version(), keep), (&Method::HEAD, Version::HTTP_10, true));
+        let (r, keep) = ours(&parsed[2]);
+        assert_eq!((r.method(), keep), (&Method::DELETE, false));
+        let (r, keep) = ours(&parsed[3]);
+        assert_eq!((r.version(), keep), (Version::HTTP_10, false));
+        assert!(matches!(parsed[4], Parsed::Partial));
+        assert_eq!(&rest[..], b"GET /par");
+    }
+
+    #[test]
+    fn bodies_upgrades_and_bad_heads_go_to_hyper_untouched() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
+            "GET /\x01 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw.as_bytes());
+            assert!(matches!(parse(&mut buf, 8192), Parsed::NotOurs), "{raw:?} was taken");
+            assert_eq!(&buf[..], raw.as_bytes(), "{raw:?} was consumed");
+        }
+        // Over the head limit, whole or not yet whole.
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300));
+        assert!(matches!(parse(&mut BytesMut::from(big.as_bytes()), 256), Parsed::NotOurs));
+        assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..280]), 256), Parsed::NotOurs));
+        assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..200]), 256), Parsed::Partial));
+    }
+
+    fn head(resp: http::Response<RespBody>, method: Method, version: Version, keep_alive: bool) -> (String, Framing) {
+        let (parts, body) = resp.into_parts();
+        let mut out = Vec::new();
+        let framing = encode_head(&parts, &body, &method, version, keep_alive, &mut out);
+        (String::from_utf8(out).unwrap(), framing)
+    }
+
+    #[test]
+    fn response_heads_carry_their_framing_connection_and_date() {
+        let text = || super::super::text(StatusCode::NOT_FOUND, "no\n");
+        let (h, f) = head(text(), Method::GET, Version::HTTP_11, true);
+        assert!(h.starts_with("HTTP/1.1 404 Not Found\r\n"), "{h}");
+        assert!(h.contains("content-length: 3\r\n") && h.contains("\r\ndate: ") && h.ends_with("\r\n\r\n"), "{h}");
+        assert!(!h.contains("connection"), "{h}");
+        assert_eq!(f, Framing::Length(3));
+        // HEAD: the length is told, no body follows.
+        let (h, f) = head(text(), Method::HEAD, Version::HTTP_11, true);
+        assert!(h.contains("content-length: 3\r\n"), "{h}");
+        assert_eq!(f, Framing::Empty);
+        // HTTP/1.0 keep-alive is said; the end of the connection is said.
+        let (h, _) = head(text(), Method::GET, Version::HTTP_10, true);
+        assert!(h.contains("connection: keep-alive\r\n"), "{h}");
+        let (h, _) = head(text(), Method::GET, Version::HTTP_11, false);
+        assert!(h.contains("connection: close\r\n"), "{h}");
+        // 204 and 304: no body, no implicit length.
+        for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+            let mut r = http::Response::new(RespBody::empty());
+            *r.status_mut() = status;
+            let (h, f) = head(r, Method::GET, Version::HTTP_11, true);
+            assert!(!h.contains("content-length"), "{h}");
+            assert_eq!(f, Framing::Empty);
+        }
+        // A declared length stands; a date of the response's own is kept, not doubled.
+        let mut r = http::Response::new(RespBody::empty());
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
+        r.headers_mut().insert(header::DATE, HeaderValue::from_static("Thu, 26 Nov 2026 16:00:00 GMT"));
+        let (h, f) = head(r, Method::HEAD, Version::HTTP_11, true);
+        assert!(h.contains("content-length: 42\r\n") && h.matches("date: ").count() == 1, "{h}");
+        assert_eq!(f, Framing::Empty);
+    }
+
+    #[test]
+    fn only_announced_and_permitted_trailers_are_sent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TRAILER, HeaderValue::from_static("x-sum, content-type"));
+        let names = trailer_names(&headers, Framing::Chunked);
+        assert!(trailer_names(&headers, Framing::Length(1)).is_empty());
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", HeaderValue::from_static("1"));
+        t.insert("x-other", HeaderValue::from_static("2"));
+        t.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let allowed = allowed_trailers(t, &names);
+        assert_eq!(allowed.len(), 1);
+        assert_eq!(allowed["x-sum"], "1");
+    }
+}
