@@ -824,6 +824,11 @@ impl Backend {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Requests the backend is working on now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn set_delay(&self, d: Duration) {
         *self.state.delay.lock().unwrap() = d;
     }
