@@ -67,6 +67,12 @@ where
     W: Future<Output = Expired>,
 {
     let mut buf = BytesMut::new();
+    // Made once: each new wait on the token would take its lock twice.
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    // Whether the watchdog must be made anew for the connection to park again: after it
+    // parked, and at first (the one handed in may be past parking).
+    let mut rearm = true;
     loop {
         let (req, keep_alive) = loop {
             if !buf.is_empty() {
@@ -81,6 +87,7 @@ where
             }
             buf.reserve(READ_SIZE);
             tokio::select! {
+                biased;
                 read = io.read_buf(&mut buf) => match read {
                     Ok(0) => return Outcome::Closed,
                     Ok(_) => {}
@@ -89,7 +96,7 @@ where
                         return Outcome::Closed;
                     }
                 },
-                () = shared.shutdown.cancelled() => return Outcome::Closed,
+                () = shutdown.as_mut() => return Outcome::Closed,
                 why = watchdog.as_mut() => {
                     if why != Expired::Park {
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
@@ -102,6 +109,7 @@ where
                         buf = BytesMut::new();
                     }
                     watchdog.set(watch(None));
+                    rearm = true;
                 }
             }
         };
@@ -111,7 +119,11 @@ where
         if !keep {
             return Outcome::Closed;
         }
-        watchdog.set(watch(Some(PARK_AFTER)));
+        if rearm {
+            // Otherwise the watchdog goes on from the state it reads, with no new timer.
+            watchdog.set(watch(Some(PARK_AFTER)));
+            rearm = false;
+        }
     }
 }
 
@@ -151,7 +163,8 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         raw.slice(start..start + s.len())
     };
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // With room for the forwarding fields the proxy adds: no growth and rehash later.
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
     for field in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
         match name {
