@@ -10,7 +10,6 @@
 //! until close. A response whose framing is ambiguous is refused or, where the RFC says
 //! so, read until close and never reused.
 
-use std::fmt::Write as _;
 use std::future::Future as _;
 use std::io;
 use std::mem::MaybeUninit;
@@ -86,16 +85,30 @@ pub fn encode_head(parts: &http::request::Parts, framing: Framing, out: &mut Vec
 
 /// Appends the `Content-Length` field line.
 pub fn push_length(n: u64, out: &mut Vec<u8>) {
-    let mut line = String::with_capacity(40);
-    let _ = write!(line, "content-length: {n}\r\n");
-    out.extend_from_slice(line.as_bytes());
+    out.extend_from_slice(b"content-length: ");
+    push_digits(n, 10, out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends the size line of a chunk of `len` bytes.
 pub fn encode_chunk_line(len: usize, out: &mut Vec<u8>) {
-    let mut line = String::with_capacity(18);
-    let _ = write!(line, "{len:x}\r\n");
-    out.extend_from_slice(line.as_bytes());
+    push_digits(len as u64, 16, out);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in base 10 or 16 (lower case), without the formatting machinery.
+fn push_digits(mut n: u64, base: u64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(n % base) as usize];
+        n /= base;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Appends one chunk of a chunked body (nothing for empty data: that would end it).
@@ -635,6 +648,20 @@ mod tests {
         let mut out = Vec::new();
         encode_head(&parts, Framing::Chunked, &mut out);
         assert!(String::from_utf8_lossy(&out).ends_with("x-two: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn lengths_and_chunk_sizes_are_written_in_their_bases() {
+        for (n, text) in [(0u64, "0"), (9, "9"), (10, "10"), (1_048_576, "1048576"), (u64::MAX, "18446744073709551615")] {
+            let mut out = Vec::new();
+            push_length(n, &mut out);
+            assert_eq!(out, format!("content-length: {text}\r\n").as_bytes());
+        }
+        for (n, text) in [(1usize, "1"), (15, "f"), (16, "10"), (16 * 1024, "4000")] {
+            let mut out = Vec::new();
+            encode_chunk_line(n, &mut out);
+            assert_eq!(out, format!("{text}\r\n").as_bytes());
+        }
     }
 
     #[test]
