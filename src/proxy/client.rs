@@ -22,8 +22,8 @@ use bytes::BytesMut;
 use http::Method;
 use http::request::Parts;
 use http_body::Body as _;
+use hyper::Response;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -165,12 +165,12 @@ impl SendError {
     }
 }
 
-/// A failed attempt, with the request handed back when none of it was written: only
-/// such a request may be sent to another server whatever its method.
+/// A failed attempt, with the request's body handed back when none of the request was
+/// written: only such a request may be sent to another server whatever its method.
 #[derive(Debug)]
 pub struct Failure {
     pub error: SendError,
-    pub unsent: Option<Request<ReqBody>>,
+    pub unsent: Option<ReqBody>,
 }
 
 /// A server's response, its body still on the connection, and the pool epoch the
@@ -228,21 +228,22 @@ fn abort_on_kill(served: tokio::task::JoinHandle<()>, kill: &CancellationToken) 
     });
 }
 
-/// Sends `req` to the server at `addr` over a pooled or new connection. On failure the
-/// request comes back in [`Failure::unsent`] exactly when no byte of it was written.
+/// Sends the request (`parts` and `body`) to the server at `addr` over a pooled or new
+/// connection. The head is borrowed, so another attempt needs no copy of it; on failure
+/// the body comes back in [`Failure::unsent`] exactly when no byte was written.
 pub async fn send(
     addr: SocketAddr,
     pool: &Pool,
     kill: &CancellationToken,
-    req: Request<ReqBody>,
+    parts: &Parts,
+    mut body: ReqBody,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<Sent, Failure> {
     let deadline = tokio::time::Instant::now() + response_timeout;
-    let (parts, mut body) = req.into_parts();
-    let framing = request_framing(&parts, &body);
+    let framing = request_framing(parts, &body);
     let mut head = Vec::with_capacity(1024);
-    h1::encode_head(&parts, framing, &mut head);
+    h1::encode_head(parts, framing, &mut head);
     // A small held body leaves in the head's write (and stays in `body` for handing back).
     let mut inlined = false;
     if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
@@ -260,13 +261,13 @@ pub async fn send(
             // goes back unsent (its pool was emptied when the drain began).
             None if kill.is_cancelled() => {
                 let error = SendError::Closed { addr, source: h1::removed() };
-                return Err(Failure { error, unsent: Some(Request::from_parts(parts, body)) });
+                return Err(Failure { error, unsent: Some(body) });
             }
             // Boxed: connecting is the rare path and would otherwise size every request
             // future (kept per client connection by hyper) for it.
             None => match Box::pin(connect(addr, connect_timeout)).await {
                 Ok(io) => io,
-                Err(error) => return Err(Failure { error, unsent: Some(Request::from_parts(parts, body)) }),
+                Err(error) => return Err(Failure { error, unsent: Some(body) }),
             },
         };
         let mut wrote = false;
@@ -295,7 +296,7 @@ pub async fn send(
             Err(_) => SendError::ResponseTimeout { addr, after: response_timeout },
         };
         // Only a request none of which was written goes back.
-        let unsent = (!wrote).then(|| Request::from_parts(parts, body));
+        let unsent = (!wrote).then_some(body);
         return Err(Failure { error, unsent });
     }
 }

@@ -652,7 +652,8 @@ mod tests {
 
     #[test]
     fn lengths_and_chunk_sizes_are_written_in_their_bases() {
-        for (n, text) in [(0u64, "0"), (9, "9"), (10, "10"), (1_048_576, "1048576"), (u64::MAX, "18446744073709551615")] {
+        for (n, text) in [(0u64, "0"), (9, "9"), (10, "10"), (1_048_576, "1048576"), (u64::MAX, "18446744073709551615")]
+        {
             let mut out = Vec::new();
             push_length(n, &mut out);
             assert_eq!(out, format!("content-length: {text}\r\n").as_bytes());

@@ -195,7 +195,7 @@ async fn forward(
         }
     };
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
-    let sent = attempts(gw, &route, Request::from_parts(parts, body)).await.map_err(|e| (e, stats()))?;
+    let sent = attempts(gw, &route, &parts, body).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, start, log))
 }
 
@@ -271,11 +271,12 @@ fn rewrite_request(
 async fn attempts(
     gw: &Gateway,
     route: &Route,
-    mut req: Request<ReqBody>,
+    parts: &http::request::Parts,
+    mut body: ReqBody,
 ) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
-    let idempotent = is_idempotent(req.method());
+    let idempotent = is_idempotent(&parts.method);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
     loop {
@@ -293,10 +294,17 @@ async fn attempts(
             }
         };
         let guard = server.begin();
-        let replay = if idempotent && (tried.len() as u32) < cfg.retries { copy_request(&req) } else { None };
-        match client::send(server.addr, &server.pool, &server.kill, req, cfg.connect_timeout, cfg.response_timeout)
-            .await
-        {
+        let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
+        let sent = client::send(
+            server.addr,
+            &server.pool,
+            &server.kill,
+            parts,
+            body,
+            cfg.connect_timeout,
+            cfg.response_timeout,
+        );
+        match sent.await {
             Ok(sent) => {
                 record_success(&server);
                 return Ok((sent, guard));
@@ -324,7 +332,7 @@ async fn attempts(
                     Some(r) if may_retry => {
                         gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         last_error = error.to_string();
-                        req = r;
+                        body = r;
                     }
                     _ => return Err(ProxyError::Upstream(error)),
                 }
@@ -336,17 +344,6 @@ async fn attempts(
 /// RFC 9110 section 9.2.2.
 fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
-}
-
-/// A copy of a request whose body can be replayed.
-fn copy_request(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
-    let body = req.body().replay()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
 }
 
 fn record_success(server: &Arc<Server>) {
