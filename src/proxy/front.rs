@@ -52,7 +52,9 @@ pub(super) enum Outcome {
 
 /// Serves requests on `io` until the connection is done or a request needs hyper.
 /// `watchdog` times heads and idleness (see `activity`); parking (an idle connection)
-/// lets go of the read buffer and the cached peer values.
+/// lets go of the read buffer and the cached peer values. `parked`: the connection is
+/// idle already (a hyper session ended), so it waits for its next request unbuffered.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve<I, W>(
     io: &mut Watched<I>,
     conn: &Arc<Conn>,
@@ -61,12 +63,14 @@ pub(super) async fn serve<I, W>(
     max_head: usize,
     mut watchdog: Pin<&mut W>,
     watch: &impl Fn(Option<Duration>) -> W,
+    parked: bool,
 ) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin,
     W: Future<Output = Expired>,
 {
-    let mut buf = BytesMut::new();
+    // No capacity: the connection is parked (see `read_more`).
+    let mut buf = if parked { BytesMut::new() } else { BytesMut::with_capacity(READ_SIZE) };
     // Made once: each new wait on the token would take its lock twice.
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -85,10 +89,9 @@ where
                     }
                 }
             }
-            buf.reserve(READ_SIZE);
             tokio::select! {
                 biased;
-                read = io.read_buf(&mut buf) => match read {
+                read = read_more(io, &mut buf) => match read {
                     Ok(0) => return Outcome::Closed,
                     Ok(_) => {}
                     Err(e) => {
@@ -106,7 +109,7 @@ where
                     shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
                     conn.peer_values.forget();
                     if buf.is_empty() {
-                        buf = BytesMut::new();
+                        buf = BytesMut::new(); // no capacity: parked
                     }
                     watchdog.set(watch(None));
                     rearm = true;
@@ -125,6 +128,21 @@ where
             rearm = false;
         }
     }
+}
+
+/// Reads more of a request head into `buf`. A parked connection (a buffer without
+/// capacity) waits for the first byte of its next request in the stack, so that an idle
+/// connection holds no buffer.
+async fn read_more<I: AsyncRead + Unpin>(io: &mut Watched<I>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() == 0 {
+        let mut byte = [0u8; 1];
+        let n = io.read(&mut byte).await?;
+        buf.reserve(READ_SIZE);
+        buf.extend_from_slice(&byte[..n]);
+        return Ok(n);
+    }
+    buf.reserve(READ_SIZE);
+    io.read_buf(buf).await
 }
 
 /// What the start of the read buffer holds.

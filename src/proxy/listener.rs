@@ -226,8 +226,10 @@ where
         let watchdog = watch(Some(PARK_AFTER));
         tokio::pin!(watchdog);
         let shared = &held.shared;
+        let mut parked = false;
         loop {
-            let outcome = front::serve(&mut io, &conn, shared, &activity, max_head, watchdog.as_mut(), &watch).await;
+            let outcome =
+                front::serve(&mut io, &conn, shared, &activity, max_head, watchdog.as_mut(), &watch, parked).await;
             if outcome == front::Outcome::Closed {
                 return;
             }
@@ -240,6 +242,7 @@ where
             shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
             conn.peer_values.forget();
             watchdog.set(watch(None));
+            parked = true;
         }
     }
 }
