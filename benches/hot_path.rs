@@ -1,6 +1,8 @@
 //! Criterion benches of the per-request pieces: route lookup (10 and 10,000 routes),
-//! balancer pick (3 and 1,000 servers) and the header rewrite. The flat-cost claim is
-//! that the large cases cost about what the small ones do.
+//! balancer pick (3 and 1,000 servers), the header rewrite, and the HTTP/1.1 codec on
+//! both sides (a browser's request head read, a response head written, the server's
+//! request head written and its response head read). The flat-cost claim is that the
+//! large cases cost about what the small ones do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -12,7 +14,8 @@ use hyper::header::HeaderValue;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use swarmgate::config::{Balance, HostPattern};
-use swarmgate::proxy::{forwarded, hop};
+use swarmgate::proxy::body::RespBody;
+use swarmgate::proxy::{forwarded, front, h1, hop};
 use swarmgate::route::Router;
 use swarmgate::upstream::{Server, ServerState, balance};
 
@@ -101,7 +104,7 @@ fn header_rewrite(c: &mut Criterion) {
                     port: 443,
                     prefix: None,
                 };
-                black_box(forwarded::apply(h, &facts))
+                black_box(forwarded::forwarding(h, &facts))
             },
             criterion::BatchSize::SmallInput,
         )
@@ -122,7 +125,7 @@ fn header_rewrite(c: &mut Criterion) {
                     port: 443,
                     prefix: Some(&prefix),
                 };
-                black_box(forwarded::apply(h, &facts))
+                black_box(forwarded::forwarding(h, &facts))
             },
             criterion::BatchSize::SmallInput,
         )
@@ -130,5 +133,71 @@ fn header_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_lookup, balancer_pick, header_rewrite);
+/// The head a browser sends: what `browser_headers` holds, on the wire.
+const BROWSER_HEAD: &[u8] = b"GET /fhir/Patient?_count=20 HTTP/1.1\r\n\
+    Host: fhir.sandbox.example.org\r\n\
+    User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Safari/537.36\r\n\
+    Accept: application/fhir+json, application/json;q=0.9, */*;q=0.8\r\n\
+    Accept-Encoding: gzip, deflate, br\r\n\
+    Accept-Language: en-US,en;q=0.9\r\n\
+    Connection: keep-alive\r\n\
+    Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJl\r\n\r\n";
+
+/// A FHIR server's answer head.
+const SERVER_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\
+    Content-Type: application/fhir+json;charset=utf-8\r\n\
+    Content-Length: 1834\r\n\
+    Date: Thu, 26 Nov 2026 16:00:00 GMT\r\n\
+    ETag: W/\"3\"\r\n\
+    Last-Modified: Thu, 26 Nov 2026 15:59:00 GMT\r\n\
+    Cache-Control: no-cache\r\n\
+    X-Request-Id: 0123456789abcdef0123456789abcdef\r\n\r\n";
+
+fn http1_codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("http1_codec");
+    g.bench_function("client_request_head_read", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(BROWSER_HEAD);
+            black_box(front::parse(&mut buf, 8192))
+        })
+    });
+    g.bench_function("client_response_head_written", |b| {
+        let mut head = h1::parse_head(&mut bytes::BytesMut::from(SERVER_HEAD), &hyper::Method::GET).unwrap().unwrap();
+        hop::strip(&mut head.headers);
+        let mut resp = hyper::Response::new(RespBody::empty());
+        *resp.headers_mut() = head.headers;
+        let (parts, body) = resp.into_parts();
+        let mut out = Vec::with_capacity(512);
+        b.iter(|| {
+            out.clear();
+            black_box(front::encode_head(&parts, &body, &hyper::Method::GET, hyper::Version::HTTP_11, true, &mut out))
+        })
+    });
+    g.bench_function("server_request_head_written", |b| {
+        let mut buf = bytes::BytesMut::from(BROWSER_HEAD);
+        let front::Parsed::Ours(req, _) = front::parse(&mut buf, 8192) else { panic!("not parsed") };
+        let (mut parts, _) = req.into_parts();
+        hop::strip(&mut parts.headers);
+        let peer = forwarded::PeerValues::new("192.0.2.10".parse().unwrap());
+        let host = HeaderValue::from_static("fhir.sandbox.example.org");
+        let facts =
+            forwarded::Facts { peer: &peer, trusted: false, proto: "https", host: &host, port: 443, prefix: None };
+        let added = forwarded::forwarding(&mut parts.headers, &facts).fields;
+        let mut out = Vec::with_capacity(1024);
+        b.iter(|| {
+            out.clear();
+            h1::encode_head(&parts, &added, h1::Framing::Empty, &mut out);
+            black_box(out.len())
+        })
+    });
+    g.bench_function("server_response_head_read", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(SERVER_HEAD);
+            black_box(h1::parse_head(&mut buf, &hyper::Method::GET).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, balancer_pick, header_rewrite, http1_codec);
 criterion_main!(benches);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::Method;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http_body::Body as _;
 use hyper::Response;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::ReqBody;
 use super::h1::{self, Broke, Framing, Head, ResponseBody, Upload};
+use crate::upstream::Server;
 
 /// Idle connections kept per server.
 const MAX_IDLE: usize = 512;
@@ -228,22 +230,23 @@ fn abort_on_kill(served: tokio::task::JoinHandle<()>, kill: &CancellationToken) 
     });
 }
 
-/// Sends the request (`parts` and `body`) to the server at `addr` over a pooled or new
-/// connection. The head is borrowed, so another attempt needs no copy of it; on failure
-/// the body comes back in [`Failure::unsent`] exactly when no byte was written.
+/// Sends the request (`parts`, with the fields `added` after its own, and `body`) to
+/// `server` over a pooled or new connection. The head is borrowed, so another attempt
+/// needs no copy of it; on failure the body comes back in [`Failure::unsent`] exactly
+/// when no byte was written.
 pub async fn send(
-    addr: SocketAddr,
-    pool: &Pool,
-    kill: &CancellationToken,
+    server: &Server,
     parts: &Parts,
+    added: &[(&'static HeaderName, HeaderValue)],
     mut body: ReqBody,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<Sent, Failure> {
+    let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
     let deadline = tokio::time::Instant::now() + response_timeout;
     let framing = request_framing(parts, &body);
     let mut head = Vec::with_capacity(1024);
-    h1::encode_head(parts, framing, &mut head);
+    h1::encode_head(parts, added, framing, &mut head);
     // A small held body leaves in the head's write (and stays in `body` for handing back).
     let mut inlined = false;
     if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {

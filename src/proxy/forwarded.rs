@@ -95,79 +95,125 @@ pub struct Facts<'a> {
     pub prefix: Option<&'a HeaderValue>,
 }
 
-/// Rewrites the forwarding headers in place; returns the request id in use.
-pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
-    // Up to seven fields are added: grow the map once, not field by field.
-    headers.reserve(7);
+/// The forwarding fields a request gets on top of what is left of its own: the client's
+/// values replaced (or, from a trusted peer, kept or extended), and the request id.
+#[derive(Debug)]
+pub struct Forwarding {
+    /// Written after the request's own fields (`h1::encode_head`); the request no
+    /// longer carries any field of these names.
+    pub fields: Vec<(&'static HeaderName, HeaderValue)>,
+    pub request_id: HeaderValue,
+}
+
+impl Forwarding {
+    /// Puts the fields into `headers` (a request that is not encoded by `h1`).
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.fields {
+            headers.append(*name, value.clone());
+        }
+    }
+}
+
+/// The names this module writes, in the order they are written.
+static NAMES: [&HeaderName; 7] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PORT,
+    &X_FORWARDED_PREFIX,
+    &FORWARDED,
+    &X_REQUEST_ID,
+];
+
+/// Works out the forwarding fields of a request, and removes from `headers` the fields
+/// they replace. Nothing is inserted into the map: the fields are written with the head.
+pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
+    // One pass over the names: most requests carry none of these, and then the map is
+    // left alone.
+    let mut present = [false; NAMES.len()];
+    for name in headers.keys() {
+        if let Some(i) = NAMES.iter().position(|n| *n == name) {
+            present[i] = true;
+        }
+    }
+    let [xff, proto, host, port_present, prefix, fwd, id_present] = present;
     let (element, port) = f.peer.element_and_port(f);
+    let mut fields: Vec<(&'static HeaderName, HeaderValue)> = Vec::with_capacity(NAMES.len());
     if f.trusted {
-        extend(headers, &X_FORWARDED_FOR, &f.peer.ip);
-        keep_or(headers, &X_FORWARDED_PROTO, || Some(HeaderValue::from_static(f.proto)));
-        keep_or(headers, &X_FORWARDED_HOST, || (!f.host.is_empty()).then(|| f.host.clone()));
-        keep_or(headers, &X_FORWARDED_PORT, || Some(port));
+        let chain = |headers: &mut HeaderMap, name: &'static HeaderName, value: HeaderValue| {
+            let mut all: Vec<String> =
+                headers.get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect();
+            headers.remove(name);
+            if all.is_empty() {
+                return value;
+            }
+            all.push(value.to_str().unwrap_or("").to_owned());
+            HeaderValue::from_str(&all.join(", ")).unwrap_or(value)
+        };
+        let value = if xff { chain(headers, &X_FORWARDED_FOR, f.peer.ip.clone()) } else { f.peer.ip.clone() };
+        fields.push((&X_FORWARDED_FOR, value));
+        if !proto {
+            fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto)));
+        }
+        if !host && !f.host.is_empty() {
+            fields.push((&X_FORWARDED_HOST, f.host.clone()));
+        }
+        if !port_present {
+            fields.push((&X_FORWARDED_PORT, port));
+        }
         if let Some(p) = f.prefix {
-            let joined = headers
-                .get(&X_FORWARDED_PREFIX)
+            let outer = if prefix { headers.remove(&X_FORWARDED_PREFIX) } else { None };
+            let value = outer
+                .as_ref()
                 .and_then(|v| v.to_str().ok())
                 .map(|outer| format!("{}{}", outer.trim_end_matches('/'), p.to_str().unwrap_or("")))
                 .and_then(|s| HeaderValue::from_str(&s).ok());
-            headers.insert(&X_FORWARDED_PREFIX, joined.unwrap_or_else(|| p.clone()));
+            fields.push((&X_FORWARDED_PREFIX, value.unwrap_or_else(|| p.clone())));
         }
         if let Some(element) = element {
-            extend(headers, &FORWARDED, &element);
+            let value = if fwd { chain(headers, &FORWARDED, element) } else { element };
+            fields.push((&FORWARDED, value));
         }
     } else {
-        headers.insert(&X_FORWARDED_FOR, f.peer.ip.clone());
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
-        if f.host.is_empty() {
-            headers.remove(&X_FORWARDED_HOST);
-        } else {
-            headers.insert(&X_FORWARDED_HOST, f.host.clone());
+        for (name, _) in NAMES.iter().zip(present).filter(|(_, p)| *p) {
+            headers.remove(*name);
         }
-        headers.insert(&X_FORWARDED_PORT, port);
-        match f.prefix {
-            Some(p) => headers.insert(&X_FORWARDED_PREFIX, p.clone()),
-            None => headers.remove(&X_FORWARDED_PREFIX),
-        };
-        match element {
-            Some(e) => headers.insert(FORWARDED, e),
-            None => headers.remove(FORWARDED),
-        };
-    }
-    let keep_id = f.trusted && headers.get(&X_REQUEST_ID).is_some_and(|v| !v.is_empty() && v.len() <= 200);
-    if keep_id {
-        if let Some(id) = headers.get(&X_REQUEST_ID) {
-            return id.clone();
+        fields.push((&X_FORWARDED_FOR, f.peer.ip.clone()));
+        fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto)));
+        if !f.host.is_empty() {
+            fields.push((&X_FORWARDED_HOST, f.host.clone()));
+        }
+        fields.push((&X_FORWARDED_PORT, port));
+        if let Some(p) = f.prefix {
+            fields.push((&X_FORWARDED_PREFIX, p.clone()));
+        }
+        if let Some(element) = element {
+            fields.push((&FORWARDED, element));
         }
     }
-    let id = new_request_id();
-    headers.insert(&X_REQUEST_ID, id.clone());
-    id
-}
-
-/// Keeps an existing value, or inserts the one `make` gives.
-fn keep_or(headers: &mut HeaderMap, name: &HeaderName, make: impl FnOnce() -> Option<HeaderValue>) {
-    if !headers.contains_key(name) {
-        if let Some(v) = make() {
-            headers.insert(name, v);
+    // A trusted peer's request id stands (it is still in `headers`); any other is replaced.
+    let kept = (f.trusted && id_present)
+        .then(|| headers.get(&X_REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 200).cloned())
+        .flatten();
+    let request_id = match kept {
+        Some(id) => id,
+        None => {
+            if id_present {
+                headers.remove(&X_REQUEST_ID);
+            }
+            let id = new_request_id();
+            fields.push((&X_REQUEST_ID, id.clone()));
+            id
         }
-    }
-}
-
-/// Appends `value` to a comma-separated chain, folding repeated fields into one.
-fn extend(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
-    let mut all = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).peekable();
-    if all.peek().is_none() {
-        headers.insert(name, value.clone());
-        return;
-    }
-    let mut joined = all.collect::<Vec<_>>().join(", ");
-    joined.push_str(", ");
-    joined.push_str(value.to_str().unwrap_or(""));
-    match HeaderValue::from_str(&joined) {
-        Ok(v) => headers.insert(name, v),
-        Err(_) => headers.insert(name, value.clone()),
     };
+    Forwarding { fields, request_id }
+}
+
+/// Rewrites the forwarding fields in `headers` itself; returns the request id in use.
+pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
+    let forwarding = forwarding(headers, f);
+    forwarding.insert_into(headers);
+    forwarding.request_id
 }
 
 /// `for=...;host=...;proto=...` (RFC 7239 section 4), values quoted where the grammar
@@ -289,6 +335,28 @@ mod tests {
         let host = HeaderValue::from_static("a\\b\"c:1");
         let e = forwarded_element(&facts(&peer, false, &host, None));
         assert_eq!(e.as_ref().map(HeaderValue::as_bytes), Some(&br#"for=192.0.2.7;host="a\\b\"c:1";proto=https"#[..]));
+    }
+
+    #[test]
+    fn forwarding_removes_what_it_replaces_and_leaves_the_rest() {
+        let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
+        let host = HeaderValue::from_static("fhir.example.org");
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        let fw = forwarding(&mut h, &facts(&peer, false, &host, None));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+        let names: Vec<&str> = fw.fields.iter().map(|(n, _)| n.as_str()).collect();
+        let want = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "forwarded"];
+        assert_eq!(names, [&want[..], &["x-request-id"]].concat());
+        assert_eq!(fw.fields.last().map(|(_, v)| v), Some(&fw.request_id));
+        // A request with none of them: the map is not touched.
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let fw = forwarding(&mut h, &facts(&peer, false, &host, None));
+        assert_eq!((h.len(), fw.fields.len()), (1, 6));
     }
 
     #[test]

@@ -147,7 +147,7 @@ async fn read_more<I: AsyncRead + Unpin>(io: &mut Watched<I>, buf: &mut BytesMut
 
 /// What the start of the read buffer holds.
 #[allow(clippy::large_enum_variant)] // made once per request and moved on at once
-enum Parsed {
+pub enum Parsed {
     /// Not a whole head yet.
     Partial,
     /// A request this reader serves, and whether the client keeps the connection open.
@@ -158,7 +158,7 @@ enum Parsed {
 
 /// Parses a request head from the start of `buf`, removing it from `buf` when it is ours.
 /// The field values are slices of one copy of the head.
-fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -368,7 +368,7 @@ where
 /// Appends the status line and fields; returns how the body is delimited. `Connection`
 /// says `close` when the connection ends after this response (`keep-alive` to an
 /// HTTP/1.0 client when it does not).
-fn encode_head(
+pub fn encode_head(
     parts: &http::response::Parts,
     body: &RespBody,
     method: &Method,

@@ -14,7 +14,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod forwarded;
-mod front;
+pub mod front;
 pub mod h1;
 pub mod hop;
 pub mod listener;
@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -185,7 +185,7 @@ async fn forward(
     let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
     let limits = &snap.proxy.limits;
     let authority_str = authority.to_str().unwrap_or("");
-    let request_id = rewrite_request(snap, conn, &route, &mut req, &authority);
+    let forwarding = rewrite_request(snap, conn, &route, &mut req, &authority);
     let (parts, body) = req.into_parts();
     let body = match body::prefetch(body, limits.retry_body_bytes).await {
         Prefetched::Body(b) => b,
@@ -194,8 +194,8 @@ async fn forward(
             return Err((ProxyError::BadRequest("malformed body"), stats()));
         }
     };
-    let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, request_id));
-    let sent = attempts(gw, &route, &parts, body).await.map_err(|e| (e, stats()))?;
+    let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
+    let sent = attempts(gw, &route, &parts, &forwarding.fields, body).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, start, log))
 }
 
@@ -223,14 +223,15 @@ fn valid_authority(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
-/// Edits the request into what the server gets; returns the request id.
+/// Edits the request into what the server gets; returns the forwarding fields it gets on
+/// top of its own (written with the head, see `forwarded`).
 fn rewrite_request(
     snap: &Snapshot,
     conn: &Conn,
     route: &Route,
     req: &mut Request<ClientBody>,
     authority: &HeaderValue,
-) -> HeaderValue {
+) -> forwarded::Forwarding {
     let authority_str = authority.to_str().unwrap_or("");
     let headers = req.headers_mut();
     let wants_trailers = hop::strip(headers);
@@ -244,7 +245,7 @@ fn rewrite_request(
         port,
         prefix: route.prefix_header.as_ref(),
     };
-    let id = forwarded::apply(headers, &facts);
+    let forwarding = forwarded::forwarding(headers, &facts);
     if wants_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -264,7 +265,7 @@ fn rewrite_request(
             *req.uri_mut() = uri;
         }
     }
-    id
+    forwarding
 }
 
 /// Picks a server and sends, retrying on another server only when that is safe.
@@ -272,6 +273,7 @@ async fn attempts(
     gw: &Gateway,
     route: &Route,
     parts: &http::request::Parts,
+    added: &[(&'static HeaderName, HeaderValue)],
     mut body: ReqBody,
 ) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
@@ -295,16 +297,7 @@ async fn attempts(
         };
         let guard = server.begin();
         let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
-        let sent = client::send(
-            server.addr,
-            &server.pool,
-            &server.kill,
-            parts,
-            body,
-            cfg.connect_timeout,
-            cfg.response_timeout,
-        );
-        match sent.await {
+        match client::send(&server, parts, added, body, cfg.connect_timeout, cfg.response_timeout).await {
             Ok(sent) => {
                 record_success(&server);
                 return Ok((sent, guard));
