@@ -55,11 +55,13 @@ struct Reader {
     s: TcpStream,
     buf: Vec<u8>,
     closed: bool,
+    /// The protocol version of the last status line read.
+    version: String,
 }
 
 impl Reader {
     fn new(s: TcpStream) -> Self {
-        Reader { s, buf: Vec::new(), closed: false }
+        Reader { s, buf: Vec::new(), closed: false, version: String::new() }
     }
 
     async fn fill(&mut self) -> bool {
@@ -87,7 +89,9 @@ impl Reader {
         };
         let text = String::from_utf8(self.buf.drain(..end).collect()).unwrap();
         let mut lines = text.split("\r\n");
-        let status = lines.next().unwrap()["HTTP/1.1 ".len()..][..3].parse().unwrap();
+        let (version, rest) = lines.next().unwrap().split_once(' ').unwrap();
+        self.version = version.to_string();
+        let status = rest[..3].parse().unwrap();
         let headers: Vec<(String, String)> = lines
             .filter(|l| !l.is_empty())
             .map(|l| {
@@ -175,6 +179,23 @@ async fn pipelined_requests_with_and_without_bodies_are_answered_in_order() {
     assert!(resp.header("date").is_some(), "{resp:?}");
 }
 
+/// A client that half-closes behind pipelined requests: those read before its end of
+/// stream was seen are answered; the one in flight when it is seen is dropped, its server
+/// request cancelled (hyper's and nginx's default too: an end of stream mid-request reads
+/// as a client gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_close_behind_pipelined_requests_still_gets_the_first_answered() {
+    let (gw, b) = setup().await;
+    let mut r = connect(&gw).await;
+    let two = b"GET /sleep?ms=200 HTTP/1.1\r\nHost: app.test\r\n\r\nGET /b HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    r.s.write_all(two).await.unwrap();
+    r.s.shutdown().await.unwrap();
+    let first = r.next(false).await;
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"app"[..]), "{first:?}");
+    assert!(r.closes().await, "the connection stayed open after the client's end of stream");
+    assert_eq!(b.requests().first().map(|q| q.uri.as_str()), Some("/sleep?ms=200"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_get_close_delimited_bodies_and_keep_alive_when_asked() {
     let (gw, _b) = setup().await;
@@ -189,6 +210,7 @@ async fn http10_clients_get_close_delimited_bodies_and_keep_alive_when_asked() {
     let mut r = connect(&gw).await;
     r.s.write_all(b"GET /trailers HTTP/1.0\r\nHost: app.test\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
     let resp = r.next(false).await;
+    assert_eq!(r.version, "HTTP/1.0", "an HTTP/1.0 client is answered in its version");
     assert_eq!(resp.header("transfer-encoding"), None, "{resp:?}");
     assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
     assert_eq!(resp.body, b"hello world");

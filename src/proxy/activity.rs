@@ -95,7 +95,7 @@ impl Activity {
     }
 
     /// Bytes of a request head have arrived (counted only between requests).
-    fn head_begun(&self) {
+    pub(super) fn head_begun(&self) {
         if self.open.load(Ordering::Relaxed) == 0 && self.head_started_ms.load(Ordering::Relaxed) == 0 {
             self.head_started_ms.store(self.now_ms() + 1, Ordering::Relaxed);
         }

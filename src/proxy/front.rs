@@ -8,10 +8,11 @@
 //! reader does not accept (malformed, over `max_header_bytes`, over 100 fields), goes
 //! with the bytes read so far to a hyper session, which answers it (a 400 or 431 for a
 //! bad head) and serves the connection until it idles (see `listener::serve_h1`). The
-//! grammar both accept is RFC 9112's; responses are written as hyper writes them: the
-//! framing from the response's `Content-Length` or its body's exact size, else chunked
-//! (HTTP/1.1) or until close (HTTP/1.0), `Date` added, trailers sent on a chunked body
-//! for the fields its `Trailer` field names.
+//! grammar both accept is RFC 9112's, and responses are written as hyper wrote them: in
+//! the client's version (HTTP/1.0 or 1.1), framed by the response's `Content-Length` or
+//! its body's exact size, else chunked (HTTP/1.1) or until close (HTTP/1.0); `Date`
+//! added; trailers, to a client that sent `TE: trailers`, for the fields the response's
+//! `Trailer` field names.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -50,17 +51,25 @@ pub(super) enum Outcome {
     Hyper,
 }
 
+/// What serving a connection's requests needs besides its IO.
+pub(super) struct Ctx<'a> {
+    pub conn: &'a Arc<Conn>,
+    pub shared: &'a Shared,
+    pub activity: &'a Arc<Activity>,
+    /// `max_header_bytes`.
+    pub max_head: usize,
+}
+
 /// Serves requests on `io` until the connection is done or a request needs hyper.
-/// `watchdog` times heads and idleness (see `activity`); parking (an idle connection)
-/// lets go of the read buffer and the cached peer values. `parked`: the connection is
-/// idle already (a hyper session ended), so it waits for its next request unbuffered.
-#[allow(clippy::too_many_arguments)]
+///
+/// The watchdog (see `activity`) times heads and idleness and, made with a park delay,
+/// tells when an idle connection is parked: its read buffer and cached peer values are let
+/// go of, and the watchdog is made anew without one (it would fire at once again) until
+/// the next request has been served. `parked`: the connection is idle already (a hyper
+/// session just ended), so it waits for its next request unbuffered.
 pub(super) async fn serve<I, W>(
     io: &mut Watched<I>,
-    conn: &Arc<Conn>,
-    shared: &Shared,
-    activity: &Arc<Activity>,
-    max_head: usize,
+    ctx: &Ctx<'_>,
     mut watchdog: Pin<&mut W>,
     watch: &impl Fn(Option<Duration>) -> W,
     parked: bool,
@@ -71,6 +80,7 @@ where
 {
     // No capacity: the connection is parked (see `read_more`).
     let mut buf = if parked { BytesMut::new() } else { BytesMut::with_capacity(READ_SIZE) };
+    let Ctx { conn, shared, activity, max_head } = *ctx;
     // Made once: each new wait on the token would take its lock twice.
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -78,10 +88,10 @@ where
     // parked, and at first (the one handed in may be past parking).
     let mut rearm = true;
     loop {
-        let (req, keep_alive) = loop {
+        let (req, asks) = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, max_head) {
-                    Parsed::Ours(req, keep_alive) => break (req, keep_alive),
+                    Parsed::Ours(req, asks) => break (req, asks),
                     Parsed::Partial => {}
                     Parsed::NotOurs => {
                         io.unread(&buf);
@@ -118,9 +128,13 @@ where
         };
         // Boxed: the handler's future is large, and an idle connection's task should not
         // keep room for it.
-        let keep = Box::pin(exchange(io, &mut buf, conn, shared, activity, max_head, req, keep_alive)).await;
+        let keep = Box::pin(exchange(io, &mut buf, ctx, req, asks)).await;
         if !keep {
             return Outcome::Closed;
+        }
+        if !buf.is_empty() {
+            // Part of the next head came while this request was open: it is timed from now.
+            activity.head_begun();
         }
         if rearm {
             // Otherwise the watchdog goes on from the state it reads, with no new timer.
@@ -145,19 +159,30 @@ async fn read_more<I: AsyncRead + Unpin>(io: &mut Watched<I>, buf: &mut BytesMut
     io.read_buf(buf).await
 }
 
+/// What a client's head asks of its connection and response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asks {
+    /// The connection stays open after the response.
+    pub keep_alive: bool,
+    /// `TE: trailers`: a chunked response may end with trailer fields.
+    pub trailers: bool,
+}
+
 /// What the start of the read buffer holds.
+#[doc(hidden)] // public for the benches
 #[allow(clippy::large_enum_variant)] // made once per request and moved on at once
 pub enum Parsed {
     /// Not a whole head yet.
     Partial,
-    /// A request this reader serves, and whether the client keeps the connection open.
-    Ours(Request<ClientBody>, bool),
+    /// A request this reader serves.
+    Ours(Request<ClientBody>, Asks),
     /// A request (or bytes) for hyper.
     NotOurs,
 }
 
 /// Parses a request head from the start of `buf`, removing it from `buf` when it is ours.
 /// The field values are slices of one copy of the head.
+#[doc(hidden)] // public for the benches
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
@@ -183,6 +208,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
     // With room for the forwarding fields the proxy adds: no growth and rehash later.
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
+    let mut trailers = false;
     for field in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
         match name {
@@ -190,15 +216,18 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
                 return Parsed::NotOurs;
             }
+            header::TE => trailers |= has_token(field.value, "trailers"),
             _ => {}
         }
         let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
         headers.append(name, value);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    // RFC 9112 section 9.3: `close` wins over `keep-alive`.
+    let close = super::hop::connection_has(&headers, "close");
     let keep_alive = match version {
-        Version::HTTP_10 => super::hop::connection_has(&headers, "keep-alive"),
-        _ => !super::hop::connection_has(&headers, "close"),
+        Version::HTTP_10 => !close && super::hop::connection_has(&headers, "keep-alive"),
+        _ => !close,
     };
     buf.advance(len);
     let mut request = Request::new(ClientBody::Empty);
@@ -206,33 +235,37 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    Parsed::Ours(request, keep_alive)
+    Parsed::Ours(request, Asks { keep_alive, trailers })
+}
+
+/// Whether a comma-separated field value holds `token` (any case).
+fn has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value).is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// One request and its response. `true`: the connection may carry the next request.
-#[allow(clippy::too_many_arguments)]
 async fn exchange<I>(
     io: &mut Watched<I>,
     buf: &mut BytesMut,
-    conn: &Arc<Conn>,
-    shared: &Shared,
-    activity: &Arc<Activity>,
-    max_head: usize,
+    ctx: &Ctx<'_>,
     req: Request<ClientBody>,
-    keep_alive: bool,
+    asks: Asks,
 ) -> bool
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let Ctx { conn, shared, activity, .. } = *ctx;
     let _guard = RequestGuard::open(activity);
-    if !keep_alive {
+    if !asks.keep_alive {
         activity.set_closing();
     }
     let (method, version) = (req.method().clone(), req.version());
     let handler = super::handle(Arc::clone(&shared.gw), Arc::clone(conn), req);
     tokio::pin!(handler);
     // While the request is handled, the client's side is read too: a client that goes
-    // away cancels its request (and so the server's), and a pipelined head is kept.
+    // away cancels its request (and so the server's). Once a pipelined request has begun
+    // to arrive, reading stops (its client may have half-closed after sending it: the
+    // responses are still owed).
     let resp = loop {
         if buf.capacity() == buf.len() {
             buf.reserve(READ_SIZE);
@@ -240,7 +273,7 @@ where
         tokio::select! {
             biased;
             resp = handler.as_mut() => break resp,
-            read = io.read_buf(buf), if buf.len() < max_head => match read {
+            read = io.read_buf(buf), if buf.is_empty() => match read {
                 Ok(0) => {
                     tracing::debug!("client closed the connection before its response");
                     return false;
@@ -253,8 +286,8 @@ where
             },
         }
     };
-    let keep_alive = keep_alive && !shared.shutdown.is_cancelled();
-    match write_response(io, resp, &method, version, keep_alive).await {
+    let asks = Asks { keep_alive: asks.keep_alive && !shared.shutdown.is_cancelled(), ..asks };
+    match write_response(io, resp, &method, version, asks).await {
         Ok(true) => true,
         Ok(false) => {
             let _ = io.shutdown().await;
@@ -273,15 +306,16 @@ async fn write_response<I>(
     resp: http::Response<RespBody>,
     method: &Method,
     version: Version,
-    keep_alive: bool,
+    asks: Asks,
 ) -> std::io::Result<bool>
 where
     I: AsyncWrite + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
     let mut out = Vec::with_capacity(512);
-    let framing = encode_head(&parts, &body, method, version, keep_alive, &mut out);
-    let trailers_allowed = trailer_names(&parts.headers, framing);
+    let framing = encode_head(&parts, &body, method, version, asks.keep_alive, &mut out);
+    // Trailers go to a client that asked for them (`TE: trailers`), as hyper sends them.
+    let trailers_allowed = if asks.trailers { trailer_names(&parts.headers, framing) } else { Vec::new() };
     let mut sent: u64 = 0;
     let mut ended = false;
     while framing != Framing::Empty && !ended {
@@ -362,12 +396,13 @@ where
             return Err(std::io::Error::other("response body shorter than its Content-Length"));
         }
     }
-    Ok(keep_alive && framing != Framing::Close)
+    Ok(asks.keep_alive && framing != Framing::Close)
 }
 
 /// Appends the status line and fields; returns how the body is delimited. `Connection`
 /// says `close` when the connection ends after this response (`keep-alive` to an
 /// HTTP/1.0 client when it does not).
+#[doc(hidden)] // public for the benches
 pub fn encode_head(
     parts: &http::response::Parts,
     body: &RespBody,
@@ -377,10 +412,12 @@ pub fn encode_head(
     out: &mut Vec<u8>,
 ) -> Framing {
     let status = parts.status;
-    out.extend_from_slice(b"HTTP/1.1 ");
+    // An HTTP/1.0 client is answered in its version, as hyper answers it.
+    out.extend_from_slice(if version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    // Some parsers want a reason phrase: hyper's stand-in for an unknown code.
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
     for (name, value) in &parts.headers {
@@ -526,7 +563,7 @@ mod tests {
 
     fn ours(p: &Parsed) -> (&Request<ClientBody>, bool) {
         match p {
-            Parsed::Ours(r, k) => (r, *k),
+            Parsed::Ours(r, asks) => (r, asks.keep_alive),
             Parsed::Partial => panic!("partial"),
             Parsed::NotOurs => panic!("not ours"),
         }
@@ -537,9 +574,10 @@ mod tests {
         let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x.test\r\nX-A: 1\r\nX-A: 2\r\n\r\n\
                    HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
                    DELETE /d HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n\
-                   GET / HTTP/1.0\r\n\r\nGET /par";
+                   GET / HTTP/1.0\r\n\r\n\
+                   GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\nGET /par";
         let (parsed, rest) = parse_all(raw);
-        assert_eq!(parsed.len(), 5);
+        assert_eq!(parsed.len(), 6);
         let (r, keep) = ours(&parsed[0]);
         assert_eq!((r.method(), r.uri().path(), r.uri().query(), keep), (&Method::GET, "/a", Some("b=1"), true));
         assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
@@ -550,8 +588,21 @@ mod tests {
         assert_eq!((r.method(), keep), (&Method::DELETE, false));
         let (r, keep) = ours(&parsed[3]);
         assert_eq!((r.version(), keep), (Version::HTTP_10, false));
-        assert!(matches!(parsed[4], Parsed::Partial));
+        // `close` wins over `keep-alive` (RFC 9112 section 9.3).
+        assert!(!ours(&parsed[4]).1);
+        assert!(matches!(parsed[5], Parsed::Partial));
         assert_eq!(&rest[..], b"GET /par");
+    }
+
+    #[test]
+    fn te_trailers_is_noted() {
+        for (te, want) in [("", false), ("TE: gzip\r\n", false), ("TE: gzip, Trailers\r\n", true)] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: x\r\n{te}Connection: TE\r\n\r\n");
+            match parse(&mut BytesMut::from(raw.as_bytes()), 8192) {
+                Parsed::Ours(_, asks) => assert_eq!(asks, Asks { keep_alive: true, trailers: want }, "{te:?}"),
+                _ => panic!("{raw:?} not parsed"),
+            }
+        }
     }
 
     #[test]
@@ -597,11 +648,16 @@ mod tests {
         let (h, f) = head(text(), Method::HEAD, Version::HTTP_11, true);
         assert!(h.contains("content-length: 3\r\n"), "{h}");
         assert_eq!(f, Framing::Empty);
-        // HTTP/1.0 keep-alive is said; the end of the connection is said.
+        // HTTP/1.0 is answered in its version, and keep-alive is said; so is the end of a
+        // connection.
         let (h, _) = head(text(), Method::GET, Version::HTTP_10, true);
-        assert!(h.contains("connection: keep-alive\r\n"), "{h}");
+        assert!(h.starts_with("HTTP/1.0 404 Not Found\r\n") && h.contains("connection: keep-alive\r\n"), "{h}");
         let (h, _) = head(text(), Method::GET, Version::HTTP_11, false);
         assert!(h.contains("connection: close\r\n"), "{h}");
+        // A code without a reason phrase gets hyper's stand-in.
+        let mut r = http::Response::new(RespBody::empty());
+        *r.status_mut() = StatusCode::from_u16(599).unwrap();
+        assert!(head(r, Method::GET, Version::HTTP_11, true).0.starts_with("HTTP/1.1 599 <none>\r\n"));
         // 204 and 304: no body, no implicit length.
         for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
             let mut r = http::Response::new(RespBody::empty());

@@ -186,9 +186,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         headers.remove(header::CONTENT_LENGTH);
         clean &= version != Version::HTTP_10;
     }
+    // RFC 9112 section 9.3: `close` wins over `keep-alive`.
+    let close = super::hop::connection_has(&headers, "close");
     let persistent = match version {
-        Version::HTTP_10 => super::hop::connection_has(&headers, "keep-alive"),
-        _ => !super::hop::connection_has(&headers, "close"),
+        Version::HTTP_10 => !close && super::hop::connection_has(&headers, "keep-alive"),
+        _ => !close,
     };
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
@@ -729,6 +731,8 @@ mod tests {
         assert_eq!(h.version, Version::HTTP_10);
         let h = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(!h.keep_alive, "HTTP/1.0 with Transfer-Encoding is faulty framing: never reused");
+        let h = head("HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!h.keep_alive, "close wins over keep-alive");
     }
 
     #[test]

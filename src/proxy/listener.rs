@@ -228,8 +228,8 @@ where
         let shared = &held.shared;
         let mut parked = false;
         loop {
-            let outcome =
-                front::serve(&mut io, &conn, shared, &activity, max_head, watchdog.as_mut(), &watch, parked).await;
+            let ctx = front::Ctx { conn: &conn, shared, activity: &activity, max_head };
+            let outcome = front::serve(&mut io, &ctx, watchdog.as_mut(), &watch, parked).await;
             if outcome == front::Outcome::Closed {
                 return;
             }
