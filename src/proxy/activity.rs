@@ -8,13 +8,15 @@
 //!   slow server, is not idleness).
 //! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`.
 //!
-//! A request counts from the service call until its response body is done or dropped
-//! ([`Tracked`]), so a streaming response keeps its connection busy.
+//! A request counts from its head until its response body is done or dropped (the own
+//! reader's exchange, or [`Tracked`] for hyper's), so a streaming response keeps its
+//! connection busy.
 //!
 //! It also tells when an HTTP/1.1 connection may be parked ([`Expired::Park`]): idle
-//! long enough that hyper's per-connection buffers are better freed than kept (see
-//! `listener::serve_h1`). While parking, [`Watched`] swallows the shutdown hyper sends
-//! when its session ends, so the socket stays open for the next request.
+//! long enough that its read buffer, or hyper's session, is better freed than kept (see
+//! `listener::serve_h1` and `front::serve`). While a hyper session is ended to park,
+//! [`Watched`] swallows the shutdown hyper sends, so the socket stays open for the next
+//! request.
 
 use std::pin::Pin;
 use std::sync::Arc;

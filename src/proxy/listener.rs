@@ -202,7 +202,7 @@ async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::Server
 
 /// How long an HTTP/1.1 connection idles before it is parked: its read buffer (or
 /// hyper's session, about 17 KiB of buffers and state) and cached peer values are let go
-/// of, and the socket waits for the next request with nothing but this task (640 bytes)
+/// of, and the socket waits for the next request with nothing but this task (768 bytes)
 /// and the connection's shared state. A busy keep-alive connection never pays for it.
 pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
 
