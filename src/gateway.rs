@@ -1,6 +1,6 @@
 //! The gateway's shared state and how a configuration becomes (or replaces) it.
 //!
-//! [`Gateway::apply`] is the whole of start-up and reload: load certificates, keep or
+//! [`Gateway::new`] and [`Gateway::reload`] are the whole of start-up and reload: load certificates, keep or
 //! create each upstream's server set by name, reconcile static server lists, build the
 //! router, then swap the snapshot and the certificate store. Anything that can fail
 //! happens before the first swap, so an invalid config changes nothing.
