@@ -1,9 +1,10 @@
 //! The gateway's shared state and how a configuration becomes (or replaces) it.
 //!
-//! [`Gateway::new`] and [`Gateway::reload`] are the whole of start-up and reload: load certificates, keep or
-//! create each upstream's server set by name, reconcile static server lists, build the
-//! router, then swap the snapshot and the certificate store. Anything that can fail
-//! happens before the first swap, so an invalid config changes nothing.
+//! [`Gateway::new`] and [`Gateway::reload`] are the whole of start-up and reload: load
+//! certificates, keep or create each upstream's server set by name, reconcile static
+//! server lists, build the router, then swap the snapshot and the certificate store.
+//! Anything that can fail happens before the first swap, so an invalid config changes
+//! nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +54,7 @@ pub enum ApplyError {
 }
 
 impl Gateway {
-    /// Builds the gateway for `config` (the start-up form of `apply`).
+    /// Builds the gateway for `config` (the start-up form of [`Gateway::reload`]).
     pub fn new(config: Config) -> Result<Arc<Gateway>, ApplyError> {
         let certs = Arc::new(CertResolver::default());
         let prepared = prepare_certs(&config)?;
