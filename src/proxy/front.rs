@@ -32,6 +32,7 @@ use super::Conn;
 use super::activity::{Activity, Expired, RequestGuard, Watched};
 use super::body::{ClientBody, RespBody};
 use super::h1::{self, Framing};
+use super::hop;
 use super::listener::{PARK_AFTER, Shared};
 
 /// Room made in the read buffer before a read (a head may grow it to `max_header_bytes`).
@@ -207,7 +208,8 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
     // With room for the forwarding fields the proxy adds: no growth and rehash later.
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
-    let mut trailers = false;
+    // What the client asks of the connection, read as the fields go by (no lookups after).
+    let (mut trailers, mut close, mut keep_alive) = (false, false, false);
     for field in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
         match name {
@@ -215,19 +217,18 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
                 return Parsed::NotOurs;
             }
-            header::TE => trailers |= has_token(field.value, "trailers"),
+            header::TE => trailers |= hop::has_token(field.value, "trailers"),
+            header::CONNECTION => {
+                close |= hop::has_token(field.value, "close");
+                keep_alive |= hop::has_token(field.value, "keep-alive");
+            }
             _ => {}
         }
         let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
         headers.append(name, value);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    // RFC 9112 section 9.3: `close` wins over `keep-alive`.
-    let close = super::hop::connection_has(&headers, "close");
-    let keep_alive = match version {
-        Version::HTTP_10 => !close && super::hop::connection_has(&headers, "keep-alive"),
-        _ => !close,
-    };
+    let keep_alive = hop::persistent(version, close, keep_alive);
     buf.advance(len);
     let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
@@ -235,11 +236,6 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     *request.version_mut() = version;
     *request.headers_mut() = headers;
     Parsed::Ours(request, Asks { keep_alive, trailers })
-}
-
-/// Whether a comma-separated field value holds `token` (any case).
-fn has_token(value: &[u8], token: &str) -> bool {
-    std::str::from_utf8(value).is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// One request and its response. `true`: the connection may carry the next request.
@@ -259,7 +255,7 @@ where
         activity.set_closing();
     }
     let (method, version) = (req.method().clone(), req.version());
-    let handler = super::handle(Arc::clone(&shared.gw), Arc::clone(conn), req);
+    let handler = super::handle(&shared.gw, conn, req);
     tokio::pin!(handler);
     // While the request is handled, the client's side is read too: a client that goes
     // away cancels its request (and so the server's). Once a pipelined request has begun
@@ -351,18 +347,16 @@ where
                     }
                 }
                 let chunked = framing == Framing::Chunked;
-                if data.is_empty() {
-                    continue;
-                }
-                if chunked {
-                    h1::encode_chunk_line(data.len(), &mut out);
-                }
                 if data.len() <= COPY_MAX {
-                    out.extend_from_slice(&data);
                     if chunked {
-                        out.extend_from_slice(b"\r\n");
+                        h1::encode_chunk(&data, &mut out);
+                    } else {
+                        out.extend_from_slice(&data);
                     }
                 } else {
+                    if chunked {
+                        h1::encode_chunk_line(data.len(), &mut out);
+                    }
                     let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
                     let mut all = bytes::Buf::chain(bytes::Buf::chain(&out[..], data), tail);
                     io.write_all_buf(&mut all).await?;

@@ -186,12 +186,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         headers.remove(header::CONTENT_LENGTH);
         clean &= version != Version::HTTP_10;
     }
-    // RFC 9112 section 9.3: `close` wins over `keep-alive`.
-    let close = super::hop::connection_has(&headers, "close");
-    let persistent = match version {
-        Version::HTTP_10 => !close && super::hop::connection_has(&headers, "keep-alive"),
-        _ => !close,
-    };
+    let has = |token| super::hop::connection_has(&headers, token);
+    let persistent = super::hop::persistent(version, has("close"), has("keep-alive"));
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
 }

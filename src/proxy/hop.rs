@@ -2,8 +2,8 @@
 //! removed before a message is forwarded, together with every field the `Connection`
 //! header names.
 
-use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{HeaderMap, Version};
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` still sent by old clients).
@@ -32,11 +32,7 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     let [connection, te, ..] = present;
     // Read before anything is removed: a client sending TE must also name it in
     // Connection (RFC 9110 section 10.1.4), which removes it below.
-    let wants_trailers = te
-        && headers
-            .get_all(header::TE)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    let wants_trailers = te && headers.get_all(header::TE).iter().any(|v| has_token(v.as_bytes(), "trailers"));
     if connection {
         // Every Connection line counts: a message may carry the field more than once.
         // `close`, `keep-alive` and `upgrade` (the usual tokens) go anyway: only other
@@ -63,9 +59,21 @@ pub fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
+/// Whether a comma-separated field value holds `token` (case-insensitive).
+pub fn has_token(value: &[u8], token: &str) -> bool {
+    std::str::from_utf8(value).is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
 /// Whether `Connection` contains `token` (case-insensitive).
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case(token)))
+    headers.get_all(header::CONNECTION).iter().any(|v| has_token(v.as_bytes(), token))
+}
+
+/// Whether a message of `version` leaves its connection open, given whether its
+/// `Connection` field says `close` and `keep-alive` (RFC 9112 section 9.3: HTTP/1.1
+/// persists unless closed, HTTP/1.0 only when asked; `close` wins).
+pub fn persistent(version: Version, close: bool, keep_alive: bool) -> bool {
+    !close && (version != Version::HTTP_10 || keep_alive)
 }
 
 #[cfg(test)]

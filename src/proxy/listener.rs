@@ -344,7 +344,7 @@ fn tracked_service(
         }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
         async move {
-            let resp = super::handle(gw, conn, req.map(ClientBody::Hyper)).await;
+            let resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper)).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
         }
     })

@@ -79,15 +79,17 @@ impl Conn {
 }
 
 /// Serves one request; never fails (errors become the gateway's own responses).
-pub async fn handle(gw: Arc<Gateway>, conn: Arc<Conn>, req: Request<ClientBody>) -> Response<RespBody> {
+/// Borrowed handles: the connection's own reader calls this per request without
+/// touching the shared reference counts.
+pub async fn handle(gw: &Arc<Gateway>, conn: &Arc<Conn>, req: Request<ClientBody>) -> Response<RespBody> {
     let start = Instant::now();
     // A guard, not a clone: no shared reference count written per request (arc-swap falls
     // back to a full reference by itself when a thread holds many at once).
     let snap = gw.snapshot_guard();
-    match route_request(&gw, &snap, &conn, req, start).await {
+    match route_request(gw, &snap, conn, req, start).await {
         Ok(resp) => resp,
         Err((err, stats)) => {
-            let stats = stats.unwrap_or_else(|| unrouted(&gw));
+            let stats = stats.unwrap_or_else(|| unrouted(gw));
             local_error(&err, &stats, start)
         }
     }
