@@ -228,7 +228,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         headers.append(name, value);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    let keep_alive = hop::persistent(version, close, keep_alive);
+    let keep_alive = hop::persistent(version, close, || keep_alive);
     buf.advance(len);
     let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;

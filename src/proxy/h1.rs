@@ -187,7 +187,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         clean &= version != Version::HTTP_10;
     }
     let has = |token| super::hop::connection_has(&headers, token);
-    let persistent = super::hop::persistent(version, has("close"), has("keep-alive"));
+    let persistent = super::hop::persistent(version, has("close"), || has("keep-alive"));
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
 }

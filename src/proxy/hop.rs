@@ -70,10 +70,10 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Whether a message of `version` leaves its connection open, given whether its
-/// `Connection` field says `close` and `keep-alive` (RFC 9112 section 9.3: HTTP/1.1
-/// persists unless closed, HTTP/1.0 only when asked; `close` wins).
-pub fn persistent(version: Version, close: bool, keep_alive: bool) -> bool {
-    !close && (version != Version::HTTP_10 || keep_alive)
+/// `Connection` field says `close` and (asked only for HTTP/1.0) `keep-alive` (RFC 9112
+/// section 9.3: HTTP/1.1 persists unless closed, HTTP/1.0 only when asked; `close` wins).
+pub fn persistent(version: Version, close: bool, keep_alive: impl FnOnce() -> bool) -> bool {
+    !close && (version != Version::HTTP_10 || keep_alive())
 }
 
 #[cfg(test)]
