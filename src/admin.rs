@@ -244,7 +244,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
 
     family(&mut out, "swarmgate_requests_total", "counter", "Requests answered, by route, upstream and status class.");
     for r in &snap.routes {
-        let (route, up) = (label(&crate::snapshot::Route::key(&r.host, &r.prefix)), label(&r.upstream.set.name));
+        let (route, up) = (label(r.label()), label(&r.upstream.set.name));
         for (class, n) in CLASSES.iter().zip(r.stats.class_counts()) {
             let _ =
                 writeln!(out, "swarmgate_requests_total{{route=\"{route}\",upstream=\"{up}\",class=\"{class}\"}} {n}");
@@ -260,11 +260,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
         "Time from request head to the end of the response body.",
     );
     for r in &snap.routes {
-        let labels = format!(
-            "route=\"{}\",upstream=\"{}\"",
-            label(&crate::snapshot::Route::key(&r.host, &r.prefix)),
-            label(&r.upstream.set.name)
-        );
+        let labels = format!("route=\"{}\",upstream=\"{}\"", label(r.label()), label(&r.upstream.set.name));
         r.stats.duration.render(&mut out, "swarmgate_request_duration_seconds", &labels);
     }
     m.unrouted.duration.render(&mut out, "swarmgate_request_duration_seconds", "route=\"\",upstream=\"\"");

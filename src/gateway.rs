@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use hyper::header::HeaderValue;
 
 use crate::acme::Challenges;
 use crate::config::{self, Config};
@@ -25,7 +24,7 @@ use crate::upstream::{ServerSet, SetSettings, Upstream};
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     sets: Mutex<HashMap<String, Arc<ServerSet>>>,
-    route_stats: Mutex<crate::FastMap<String, Arc<RouteStats>>>,
+    route_stats: Mutex<crate::FastMap<Arc<str>, Arc<RouteStats>>>,
     /// Serialises `apply` (SIGHUP and admin never race each other).
     applying: tokio::sync::Mutex<()>,
     pub certs: Arc<CertResolver>,
@@ -63,7 +62,7 @@ impl Gateway {
         let gw = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 router: Router::default(),
-                upstreams: HashMap::new(),
+                upstreams: crate::FastMap::default(),
                 routes: Vec::new(),
                 proxy: proxy_settings(&config),
                 config: Arc::new(config.clone()),
@@ -147,11 +146,7 @@ impl Gateway {
     /// Swaps in a validated config. Cannot fail.
     fn install(self: &Arc<Self>, config: Config, certs: PreparedCerts, generation: u64) {
         let upstreams = self.upstreams_for(&config);
-        let routes = self.routes_for(&config, &upstreams);
-        let mut router = Router::default();
-        for r in &routes {
-            router.insert(&r.host, &r.prefix, Arc::clone(r));
-        }
+        let (routes, router) = self.routes_for(&config, &upstreams);
         let config = Arc::new(config);
         let snapshot = Snapshot {
             router,
@@ -174,9 +169,9 @@ impl Gateway {
     }
 
     /// One `Upstream` per configured name, reusing server sets by name.
-    fn upstreams_for(&self, config: &Config) -> HashMap<String, Arc<Upstream>> {
+    fn upstreams_for(&self, config: &Config) -> crate::FastMap<String, Arc<Upstream>> {
         let mut sets = self.sets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out = HashMap::new();
+        let mut out = crate::FastMap::default();
         for (name, up) in &config.upstreams {
             let settings =
                 SetSettings { health_checked: up.health.is_some(), drain_timeout: config.proxy.drain_timeout };
@@ -215,32 +210,33 @@ impl Gateway {
         });
     }
 
-    fn routes_for(&self, config: &Config, upstreams: &HashMap<String, Arc<Upstream>>) -> Vec<Arc<Route>> {
+    /// One `Route` per configured route, and the router over them; a route whose label the
+    /// last config had keeps its counters and its label.
+    fn routes_for(
+        &self,
+        config: &Config,
+        upstreams: &crate::FastMap<String, Arc<Upstream>>,
+    ) -> (Vec<Arc<Route>>, Router<Arc<Route>>) {
         let mut stats = self.route_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut keep = crate::FastMap::default();
         keep.reserve(config.routes.len());
-        let routes = config
-            .routes
-            .iter()
-            .filter_map(|rc| {
-                let upstream = Arc::clone(upstreams.get(&rc.upstream)?);
-                let key = Route::key(&rc.host, &rc.path);
-                let s = stats.get(&key).cloned().unwrap_or_default();
-                keep.insert(key, Arc::clone(&s));
-                let prefix_header =
-                    (rc.strip_path && rc.path != "/").then(|| HeaderValue::from_str(&rc.path).ok()).flatten();
-                Some(Arc::new(Route {
-                    host: rc.host.clone(),
-                    prefix: rc.path.clone(),
-                    strip_path: rc.strip_path,
-                    upstream,
-                    stats: s,
-                    prefix_header,
-                }))
-            })
-            .collect();
+        let mut label = String::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        let mut router = Router::default();
+        for rc in &config.routes {
+            let Some(upstream) = upstreams.get(&rc.upstream) else { continue };
+            Route::write_label(&mut label, &rc.host, &rc.path);
+            let (label, s) = match stats.get_key_value(label.as_str()) {
+                Some((label, s)) => (Arc::clone(label), Arc::clone(s)),
+                None => (Arc::from(label.as_str()), Arc::default()),
+            };
+            keep.insert(Arc::clone(&label), Arc::clone(&s));
+            let route = Arc::new(Route::new(label, &rc.path, rc.strip_path, Arc::clone(upstream), s));
+            router.insert(&rc.host, &rc.path, Arc::clone(&route));
+            routes.push(route);
+        }
         *stats = keep;
-        routes
+        (routes, router)
     }
 }
 

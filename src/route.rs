@@ -81,9 +81,16 @@ impl<R> Default for Router<R> {
 impl<R> Router<R> {
     /// Adds a route; a later duplicate replaces an earlier one (the config refuses them).
     pub fn insert(&mut self, host: &HostPattern, prefix: &str, route: R) {
+        // A host's first route makes its entry (one key copy per host, not per route).
+        fn host_routes<'m, R>(map: &'m mut HashMap<Box<str>, HostRoutes<R>>, name: &str) -> &'m mut HostRoutes<R> {
+            if !map.contains_key(name) {
+                map.insert(name.into(), HostRoutes::default());
+            }
+            map.get_mut(name).unwrap_or_else(|| unreachable!("inserted above"))
+        }
         let routes = match host {
-            HostPattern::Exact(h) => self.exact.entry(h.as_str().into()).or_default(),
-            HostPattern::Wildcard(s) => self.wildcard.entry(s.as_str().into()).or_default(),
+            HostPattern::Exact(h) => host_routes(&mut self.exact, h),
+            HostPattern::Wildcard(s) => host_routes(&mut self.wildcard, s),
             HostPattern::Any => &mut self.any,
         };
         routes.insert(prefix, route);

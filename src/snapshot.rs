@@ -3,7 +3,6 @@
 //! A request loads `Arc<Snapshot>` once and keeps it to its end, so it can never see half
 //! an old and half a new configuration.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::header::HeaderValue;
@@ -16,8 +15,11 @@ use crate::upstream::Upstream;
 
 #[derive(Debug)]
 pub struct Route {
-    pub host: HostPattern,
-    pub prefix: String,
+    /// `host/path` as written (`*.example.org/fhir`): the route's label in metrics. Kept
+    /// across reloads with the route's counters, so an unchanged route costs no copy.
+    label: Arc<str>,
+    /// Where the path prefix starts in `label`.
+    prefix_at: usize,
     pub strip_path: bool,
     pub upstream: Arc<Upstream>,
     pub stats: Arc<RouteStats>,
@@ -26,15 +28,36 @@ pub struct Route {
 }
 
 impl Route {
-    /// `host/path`, the route's label in metrics and logs.
-    pub fn key(host: &HostPattern, prefix: &str) -> String {
-        // Built by hand: a reload makes one per route, and `format!` costs several times more.
+    /// `label` must be what [`Route::write_label`] wrote for the route's host and `prefix`.
+    pub fn new(
+        label: Arc<str>,
+        prefix: &str,
+        strip_path: bool,
+        upstream: Arc<Upstream>,
+        stats: Arc<RouteStats>,
+    ) -> Route {
+        let prefix_header = (strip_path && prefix != "/").then(|| HeaderValue::from_str(prefix).ok()).flatten();
+        let prefix_at = label.len() - prefix.len();
+        Route { label, prefix_at, strip_path, upstream, stats, prefix_header }
+    }
+
+    /// Writes `host/path` into `out` (cleared first): built by hand into a reused buffer,
+    /// since a reload makes one per route.
+    pub fn write_label(out: &mut String, host: &HostPattern, prefix: &str) {
         let (star, name) = host.parts();
-        let mut key = String::with_capacity(star.len() + name.len() + prefix.len());
-        key.push_str(star);
-        key.push_str(name);
-        key.push_str(prefix);
-        key
+        out.clear();
+        out.push_str(star);
+        out.push_str(name);
+        out.push_str(prefix);
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The path prefix the route matches (normalised: `/` or no trailing `/`).
+    pub fn prefix(&self) -> &str {
+        &self.label[self.prefix_at..]
     }
 }
 
@@ -62,7 +85,7 @@ impl ProxySettings {
 #[derive(Debug)]
 pub struct Snapshot {
     pub router: Router<Arc<Route>>,
-    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub upstreams: crate::FastMap<String, Arc<Upstream>>,
     pub routes: Vec<Arc<Route>>,
     pub proxy: ProxySettings,
     pub config: Arc<Config>,

@@ -159,6 +159,8 @@ async fn a_valid_config_takes_effect() {
     assert_eq!(metric_value(&m, r#"swarmgate_reloads_total{result="ok"}"#), Some(1.0));
     assert_eq!(metric_value(&m, r#"swarmgate_reloads_total{result="failed"}"#), Some(0.0));
     assert!(m.contains(r#"swarmgate_requests_total{route="c.test/",upstream="three",class="2xx"} 2"#), "{m}");
+    // A route both configs have keeps its counters: 2 requests before the reload, 40 after.
+    assert!(m.contains(r#"swarmgate_requests_total{route="a.test/",upstream="one",class="2xx"} 42"#), "{m}");
     assert!(!m.contains(r#"route="b.test/""#), "removed route still in metrics:\n{m}");
 
     // And back: the first config again.

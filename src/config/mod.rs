@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use toml::de::DeTable;
 
 pub use reader::Problem;
-use reader::{Origin, Source, Table, TableName, as_string};
+use reader::{Origin, Source, Table, TableName, as_str};
 
 /// `SWARMGATE_*` variables that are not config keys.
 const NON_KEY_VARS: &[&str] = &[
@@ -284,7 +284,7 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
     let addr = |key: &'static str, default: &str| -> Option<SocketAddr> {
-        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(&as_string(raw)?))
+        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(as_str(raw)?))
     };
     let listen = Listen {
         http: addr("http", "0.0.0.0:80"),
@@ -368,7 +368,7 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
 
 fn read_tls(t: &Table<'_, '_, '_>, config_path: &Path) -> Tls {
     let (dir, _) = t.string("certs_dir", "certs");
-    let min_version = t.get("min_version", TlsVersion::V1_2, |raw| match as_string(raw)?.as_str() {
+    let min_version = t.get("min_version", TlsVersion::V1_2, |raw| match as_str(raw)? {
         "1.2" => Ok(TlsVersion::V1_2),
         "1.3" => Ok(TlsVersion::V1_3),
         other => Err(format!("{other:?} is not a TLS version swarmgate offers (\"1.2\" or \"1.3\")")),
@@ -395,14 +395,14 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     }
     let contact = t.get("contact", Vec::new(), |raw| match raw {
         reader::Raw::Toml(toml::de::DeValue::Array(_)) => reader::as_list(raw),
-        other => Ok(vec![as_string(other)?]),
+        other => Ok(vec![as_str(other)?.to_string()]),
     });
     for c in &contact {
         if !c.starts_with("mailto:") {
             t.source().problem(&Origin::Default(t.span()), format!("[acme].contact: {c:?} must start with mailto:"));
         }
     }
-    let challenge = t.get("challenge", Challenge::Http01, |raw| match as_string(raw)?.as_str() {
+    let challenge = t.get("challenge", Challenge::Http01, |raw| match as_str(raw)? {
         "http-01" => Ok(Challenge::Http01),
         "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
         other => Err(format!("{other:?} is not a challenge swarmgate answers (\"http-01\" or \"tls-alpn-01\")")),
@@ -546,7 +546,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     if resolve_every < Duration::from_millis(100) {
         t.source().problem(&Origin::Default(t.span()), format!("{}.resolve_every must be at least 100ms", t.name));
     }
-    let balance = t.get("balance", Balance::Random, |raw| match as_string(raw)?.as_str() {
+    let balance = t.get("balance", Balance::Random, |raw| match as_str(raw)? {
         "random" => Ok(Balance::Random),
         "p2c" => Ok(Balance::P2c),
         other => Err(format!("{other:?} is not a balancer (\"random\" or \"p2c\")")),
@@ -603,21 +603,20 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
 }
 
 fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<(RouteConfig, Origin)> {
-    // (host, path) -> index in `out`: duplicates found in one pass, not by a scan per route.
-    let mut seen: crate::FastMap<(HostPattern, String), usize> = crate::FastMap::default();
-    let mut out: Vec<(RouteConfig, Origin)> = Vec::new();
-    for (i, (table, span)) in root.array_of_tables("route").into_iter().enumerate() {
+    let tables = root.array_of_tables("route");
+    let mut out: Vec<(RouteConfig, Origin)> = Vec::with_capacity(tables.len());
+    for (i, (table, span)) in tables.into_iter().enumerate() {
         let t = Table::new(root.source(), Some(table), span.clone(), None, TableName::Item("route", i + 1));
-        let (host, host_origin) = t.string("host", "");
-        let host = match parse_host_pattern(&host) {
+        let (host, host_origin) = t.str("host", "");
+        let host = match parse_host_pattern(host) {
             Ok(h) => Some(h),
             Err(e) => {
                 t.source().problem(&host_origin, format!("{}.host: {e}", t.name));
                 None
             }
         };
-        let (path, path_origin) = t.string("path", "/");
-        let path = match normalize_path(&path) {
+        let (path, path_origin) = t.str("path", "/");
+        let path = match normalize_path(path) {
             Ok(p) => p,
             Err(e) => {
                 t.source().problem(&path_origin, format!("{}.path: {e}", t.name));
@@ -625,10 +624,10 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
             }
         };
         let strip_path = t.bool("strip_path", false);
-        let (upstream, up_origin) = t.string("upstream", "");
+        let (upstream, up_origin) = t.str("upstream", "");
         if upstream.is_empty() {
             t.source().problem(&up_origin, format!("{}: needs upstream = \"NAME\"", t.name));
-        } else if !upstreams.contains_key(&upstream) {
+        } else if !upstreams.contains_key(upstream) {
             let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
             t.source().problem(
                 &up_origin,
@@ -641,31 +640,48 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         }
         t.finish();
         let Some(host) = host else { continue };
-        match seen.entry((host, path)) {
-            std::collections::hash_map::Entry::Occupied(first) => {
-                let first_at = match &out[*first.get()].1 {
-                    Origin::File(s) | Origin::Default(s) => t.source().position(s.start),
-                    Origin::Env(v) => v.clone(),
-                };
-                let (host, path) = first.key();
-                t.source().problem(
-                    &Origin::File(span.clone()),
-                    format!("duplicate route for host {:?} path {path:?} (first at {first_at})", host.to_string()),
-                );
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                let (host, path) = slot.key().clone();
-                slot.insert(out.len());
-                out.push((RouteConfig { host, path, strip_path, upstream }, Origin::File(span)));
-            }
-        }
+        out.push((RouteConfig { host, path, strip_path, upstream: upstream.to_string() }, Origin::File(span)));
     }
+    report_duplicate_routes(root.source(), &out);
     out
+}
+
+/// One problem per route whose (host, path) an earlier route has: found in one pass over
+/// a map that borrows the routes, not by a scan per route.
+fn report_duplicate_routes(src: &Source<'_>, routes: &[(RouteConfig, Origin)]) {
+    let mut first: crate::FastMap<(&HostPattern, &str), &Origin> = crate::FastMap::default();
+    first.reserve(routes.len());
+    for (route, origin) in routes {
+        let first_origin = match first.entry((&route.host, &route.path)) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(origin);
+                continue;
+            }
+        };
+        let first_at = match first_origin {
+            Origin::File(s) | Origin::Default(s) => src.position(s.start),
+            Origin::Env(v) => v.clone(),
+        };
+        src.problem(
+            origin,
+            format!(
+                "duplicate route for host {:?} path {:?} (first at {first_at})",
+                route.host.to_string(),
+                route.path
+            ),
+        );
+    }
 }
 
 /// `example.org`, `*.example.org` or `*`; lower-cased, no port.
 pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
-    let host = text.trim().to_ascii_lowercase();
+    let text_trimmed = text.trim();
+    let host: std::borrow::Cow<'_, str> = if text_trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        text_trimmed.to_ascii_lowercase().into()
+    } else {
+        text_trimmed.into()
+    };
     if host.is_empty() {
         return Err("needs a host name (\"fhir.example.org\", \"*.example.org\" or \"*\")".into());
     }
@@ -675,27 +691,46 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     // IP literals in canonical form, an IPv6 one with or without brackets: the router
     // compares them with the Host a client sends (normalised the same way).
     let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
+    if let Some(ip) = parse_ip_literal(bare) {
         return Ok(HostPattern::Exact(ip.to_string()));
     }
     let (wild, name) = match host.strip_prefix("*.") {
         Some(rest) => (true, rest),
-        None => (false, host.as_str()),
+        None => (false, &*host),
     };
-    let valid_label = |l: &str| {
-        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    };
-    if name.parse::<IpAddr>().is_err() && !name.split('.').all(valid_label) {
+    if parse_ip_literal(name).is_none() && !is_dns_name(name) {
         return Err(format!("{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"));
     }
     Ok(if wild { HostPattern::Wildcard(name.to_string()) } else { HostPattern::Exact(name.to_string()) })
+}
+
+/// Dot-separated labels of 1 to 63 letters, digits, `-` or `_`.
+fn is_dns_name(name: &str) -> bool {
+    let mut label = 0;
+    for b in name.bytes() {
+        match b {
+            b'.' if label == 0 => return false,
+            b'.' => label = 0,
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' if label < 63 => label += 1,
+            _ => return false,
+        }
+    }
+    label > 0
+}
+
+/// An IP address, tried only on text that can be one (digits and dots, or a colon): a
+/// reload reads thousands of host names, and the address parser is the slow way to learn
+/// that `fhir.example.org` is not one.
+fn parse_ip_literal(text: &str) -> Option<IpAddr> {
+    let maybe = text.contains(':') || text.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if maybe { text.parse().ok() } else { None }
 }
 
 fn normalize_path(text: &str) -> Result<String, String> {
     if !text.starts_with('/') {
         return Err(format!("{text:?} must start with /"));
     }
-    if text.contains(['?', '#', ' ']) {
+    if text.bytes().any(|b| matches!(b, b'?' | b'#' | b' ')) {
         return Err(format!("{text:?} is a path prefix: no query, fragment or spaces"));
     }
     let trimmed = text.trim_end_matches('/');
@@ -766,5 +801,30 @@ impl Config {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_are_normalised_and_checked() {
+        let exact = |s: &str| Ok(HostPattern::Exact(s.to_string()));
+        assert_eq!(parse_host_pattern("FHIR.Example.org"), exact("fhir.example.org"));
+        assert_eq!(parse_host_pattern(" a_b-c.test "), exact("a_b-c.test"));
+        assert_eq!(parse_host_pattern("*.Example.org"), Ok(HostPattern::Wildcard("example.org".into())));
+        assert_eq!(parse_host_pattern("*"), Ok(HostPattern::Any));
+        assert_eq!(parse_host_pattern("10.0.0.1"), exact("10.0.0.1"));
+        assert_eq!(parse_host_pattern("[2001:DB8:0::1]"), exact("2001:db8::1"));
+        assert_eq!(parse_host_pattern("2001:db8::1"), exact("2001:db8::1"));
+        assert_eq!(parse_host_pattern("1.2.3"), exact("1.2.3"), "digits and dots that are no address are labels");
+        let label63 = "a".repeat(63);
+        assert_eq!(parse_host_pattern(&format!("{label63}.test")), exact(&format!("{label63}.test")));
+        for bad in
+            ["", "a..b", ".a", "a.", "a b", "a:80", "http://a", "ä.test", &format!("{label63}a.test"), "*.", "1::2::3"]
+        {
+            assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

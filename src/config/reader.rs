@@ -110,8 +110,33 @@ pub(super) struct Table<'s, 't, 'i> {
     env_prefix: Option<String>,
     /// The name shown in messages, e.g. `[listen]`.
     pub name: TableName,
-    /// Keys asked for so far (a table has a handful: a list beats a set).
-    seen: RefCell<Vec<&'static str>>,
+    /// Keys asked for so far.
+    seen: RefCell<Asked>,
+}
+
+/// The keys a table was asked for. A table has a handful, so they are kept inline: a
+/// 10,000-route config would otherwise allocate a list per route on every reload.
+#[derive(Default)]
+struct Asked {
+    inline: [&'static str; 16],
+    len: usize,
+    more: Vec<&'static str>,
+}
+
+impl Asked {
+    fn push(&mut self, key: &'static str) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = key;
+                self.len += 1;
+            }
+            None => self.more.push(key),
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.inline[..self.len].contains(&key) || self.more.contains(&key)
+    }
 }
 
 /// A table's name in messages, made only when a message needs it: a config with
@@ -151,7 +176,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         env_prefix: Option<String>,
         name: impl Into<TableName>,
     ) -> Self {
-        Table { src, table, span, env_prefix, name: name.into(), seen: RefCell::new(Vec::new()) }
+        Table { src, table, span, env_prefix, name: name.into(), seen: RefCell::default() }
     }
 
     pub(super) fn source(&self) -> &'s Source<'s> {
@@ -172,7 +197,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 
     /// The raw value of `key`: the environment first, then the file.
-    pub(super) fn raw(&self, key: &'static str) -> Option<(Raw<'_, 'i>, Origin)>
+    pub(super) fn raw(&self, key: &'static str) -> Option<(Raw<'t, 'i>, Origin)>
     where
         's: 't,
     {
@@ -209,7 +234,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
             self.src.problem(&Origin::File(value.span()), format!("{key} must be an array of tables ([[{key}]])"));
             return Vec::new();
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(items.len());
         for item in items.iter() {
             match item.get_ref() {
                 DeValue::Table(t) => out.push((t, item.span())),
@@ -254,11 +279,29 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         }
     }
 
-    pub(super) fn string(&self, key: &'static str, default: &str) -> (String, Origin)
+    /// A string value, borrowed from the document or the environment.
+    pub(super) fn str(&self, key: &'static str, default: &'t str) -> (&'t str, Origin)
     where
         's: 't,
     {
-        self.get_with_origin(key, default.to_string(), as_string)
+        match self.raw(key) {
+            None => (default, Origin::Default(self.span.clone())),
+            Some((raw, origin)) => match as_str(raw) {
+                Ok(s) => (s, origin),
+                Err(msg) => {
+                    self.src.problem(&origin, format!("{}.{key}: {msg}", self.name));
+                    (default, origin)
+                }
+            },
+        }
+    }
+
+    pub(super) fn string(&self, key: &'static str, default: &'t str) -> (String, Origin)
+    where
+        's: 't,
+    {
+        let (s, origin) = self.str(key, default);
+        (s.to_string(), origin)
     }
 
     pub(super) fn bool(&self, key: &'static str, default: bool) -> bool
@@ -279,7 +322,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     where
         's: 't,
     {
-        self.get(key, default, |raw| as_string(raw).and_then(|s| super::duration::parse(&s)))
+        self.get(key, default, |raw| as_str(raw).and_then(super::duration::parse))
     }
 
     pub(super) fn list(&self, key: &'static str) -> (Vec<String>, Origin)
@@ -294,7 +337,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         let Some(table) = self.table else { return };
         let seen = self.seen.borrow();
         for (key, _) in table.iter() {
-            if !seen.contains(&key.get_ref().as_ref()) {
+            if !seen.contains(key.get_ref()) {
                 self.src
                     .problem(&Origin::File(key.span()), format!("unknown key {:?} in {}", key.get_ref(), self.name));
             }
@@ -302,10 +345,10 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     }
 }
 
-pub(super) fn as_string(raw: Raw<'_, '_>) -> Result<String, String> {
+pub(super) fn as_str<'r>(raw: Raw<'r, '_>) -> Result<&'r str, String> {
     match raw {
-        Raw::Env(s) => Ok(s.to_string()),
-        Raw::Toml(DeValue::String(s)) => Ok(s.to_string()),
+        Raw::Env(s) => Ok(s),
+        Raw::Toml(DeValue::String(s)) => Ok(s),
         Raw::Toml(other) => Err(format!("expected a string, found {}", kind(other))),
     }
 }

@@ -258,7 +258,7 @@ fn rewrite_request(
     let needs_new_uri = route.strip_path || req.uri().scheme().is_some() || req.uri().authority().is_some();
     if needs_new_uri {
         let path = req.uri().path();
-        let path = if route.strip_path { route::strip_prefix(path, &route.prefix) } else { path.into() };
+        let path = if route.strip_path { route::strip_prefix(path, route.prefix()) } else { path.into() };
         let target = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
             None => path.into_owned(),

@@ -155,7 +155,7 @@ fn build_request(
         headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
     }
     let path = req.uri().path();
-    let path = if route.strip_path { route::strip_prefix(path, &route.prefix) } else { path.into() };
+    let path = if route.strip_path { route::strip_prefix(path, route.prefix()) } else { path.into() };
     let target = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.into_owned(),
