@@ -264,22 +264,11 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let acme = read_acme(&section(root, "acme"), path);
     let discovery = read_discovery(&section(root, "discovery"));
     let upstreams = read_upstreams(root);
-    let routes = read_routes(root, &upstreams);
+    let (routes, origins) = read_routes(root, &upstreams);
     if let Some(acme) = &acme {
-        check_acme_hosts(root.source(), acme, &routes);
+        check_acme_hosts(root.source(), acme, &routes, &origins);
     }
-    Config {
-        path: path.to_path_buf(),
-        listen,
-        runtime,
-        proxy,
-        limits,
-        tls,
-        acme,
-        discovery,
-        routes: routes.into_iter().map(|(r, _)| r).collect(),
-        upstreams,
-    }
+    Config { path: path.to_path_buf(), listen, runtime, proxy, limits, tls, acme, discovery, routes, upstreams }
 }
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
@@ -459,8 +448,8 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     Some(Acme { directory, contact, challenge, ca_file, renew_before, storage, replica_id, storage_key })
 }
 
-fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[(RouteConfig, Origin)]) {
-    for (route, origin) in routes {
+fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[RouteConfig], origins: &[Origin]) {
+    for (route, origin) in routes.iter().zip(origins) {
         if matches!(route.host, HostPattern::Wildcard(_) | HostPattern::Any) {
             src.problem(
                 origin,
@@ -602,9 +591,14 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
     Ok(DnsTarget { name: name.to_ascii_lowercase(), port })
 }
 
-fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<(RouteConfig, Origin)> {
+/// The routes, and where each is in the file (for messages about them).
+fn read_routes(
+    root: &Table<'_, '_, '_>,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+) -> (Vec<RouteConfig>, Vec<Origin>) {
     let tables = root.array_of_tables("route");
-    let mut out: Vec<(RouteConfig, Origin)> = Vec::with_capacity(tables.len());
+    let mut routes = Vec::with_capacity(tables.len());
+    let mut origins = Vec::with_capacity(tables.len());
     for (i, (table, span)) in tables.into_iter().enumerate() {
         let t = Table::new(root.source(), Some(table), span.clone(), None, TableName::Item("route", i + 1));
         let (host, host_origin) = t.str("host", "");
@@ -640,18 +634,19 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         }
         t.finish();
         let Some(host) = host else { continue };
-        out.push((RouteConfig { host, path, strip_path, upstream: upstream.to_string() }, Origin::File(span)));
+        routes.push(RouteConfig { host, path, strip_path, upstream: upstream.to_string() });
+        origins.push(Origin::File(span));
     }
-    report_duplicate_routes(root.source(), &out);
-    out
+    report_duplicate_routes(root.source(), &routes, &origins);
+    (routes, origins)
 }
 
 /// One problem per route whose (host, path) an earlier route has: found in one pass over
 /// a map that borrows the routes, not by a scan per route.
-fn report_duplicate_routes(src: &Source<'_>, routes: &[(RouteConfig, Origin)]) {
+fn report_duplicate_routes(src: &Source<'_>, routes: &[RouteConfig], origins: &[Origin]) {
     let mut first: crate::FastMap<(&HostPattern, &str), &Origin> = crate::FastMap::default();
     first.reserve(routes.len());
-    for (route, origin) in routes {
+    for (route, origin) in routes.iter().zip(origins) {
         let first_origin = match first.entry((&route.host, &route.path)) {
             std::collections::hash_map::Entry::Occupied(e) => *e.get(),
             std::collections::hash_map::Entry::Vacant(e) => {
