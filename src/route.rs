@@ -81,7 +81,9 @@ impl<R> Default for Router<R> {
 impl<R> Router<R> {
     /// Adds a route; a later duplicate replaces an earlier one (the config refuses them).
     pub fn insert(&mut self, host: &HostPattern, prefix: &str, route: R) {
-        // A host's first route makes its entry (one key copy per host, not per route).
+        // A host's first route makes its entry (one key copy per host, not per route):
+        // `entry` would need an owned key for every route, and returning `get_mut`'s borrow
+        // early is refused by the borrow checker, hence the second lookup.
         fn host_routes<'m, R>(map: &'m mut HashMap<Box<str>, HostRoutes<R>>, name: &str) -> &'m mut HostRoutes<R> {
             if !map.contains_key(name) {
                 map.insert(name.into(), HostRoutes::default());

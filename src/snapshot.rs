@@ -37,6 +37,7 @@ impl Route {
         stats: Arc<RouteStats>,
     ) -> Route {
         let prefix_header = (strip_path && prefix != "/").then(|| HeaderValue::from_str(prefix).ok()).flatten();
+        assert!(label.ends_with(prefix), "route label {label:?} does not end with its prefix {prefix:?}");
         let prefix_at = label.len() - prefix.len();
         Route { label, prefix_at, strip_path, upstream, stats, prefix_header }
     }

@@ -591,7 +591,8 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
     Ok(DnsTarget { name: name.to_ascii_lowercase(), port })
 }
 
-/// The routes, and where each is in the file (for messages about them).
+/// The routes, and where each is in the file (for messages about them): two vectors of
+/// the same length, side by side, so that `Config` takes the first as it is.
 fn read_routes(
     root: &Table<'_, '_, '_>,
     upstreams: &BTreeMap<String, UpstreamConfig>,
@@ -637,16 +638,22 @@ fn read_routes(
         routes.push(RouteConfig { host, path, strip_path, upstream: upstream.to_string() });
         origins.push(Origin::File(span));
     }
-    report_duplicate_routes(root.source(), &routes, &origins);
+    // A duplicate is reported once, as a duplicate; it is not checked any further.
+    for i in report_duplicate_routes(root.source(), &routes, &origins).into_iter().rev() {
+        routes.remove(i);
+        origins.remove(i);
+    }
     (routes, origins)
 }
 
 /// One problem per route whose (host, path) an earlier route has: found in one pass over
-/// a map that borrows the routes, not by a scan per route.
-fn report_duplicate_routes(src: &Source<'_>, routes: &[RouteConfig], origins: &[Origin]) {
+/// a map that borrows the routes, not by a scan per route. Returns the duplicates' indices,
+/// in order.
+fn report_duplicate_routes(src: &Source<'_>, routes: &[RouteConfig], origins: &[Origin]) -> Vec<usize> {
+    let mut duplicates = Vec::new();
     let mut first: crate::FastMap<(&HostPattern, &str), &Origin> = crate::FastMap::default();
     first.reserve(routes.len());
-    for (route, origin) in routes.iter().zip(origins) {
+    for (i, (route, origin)) in routes.iter().zip(origins).enumerate() {
         let first_origin = match first.entry((&route.host, &route.path)) {
             std::collections::hash_map::Entry::Occupied(e) => *e.get(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -666,7 +673,9 @@ fn report_duplicate_routes(src: &Source<'_>, routes: &[RouteConfig], origins: &[
                 route.path
             ),
         );
+        duplicates.push(i);
     }
+    duplicates
 }
 
 /// `example.org`, `*.example.org` or `*`; lower-cased, no port.
@@ -821,5 +830,26 @@ mod tests {
         {
             assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_duplicate_route_is_reported_once() {
+        let text = "[acme]\ncontact = []\n\
+                    [[route]]\nhost = \"*.example.org\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"*.Example.org\"\nupstream = \"u\"\n\
+                    [upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+        let problems = match parse(Path::new("t.toml"), text, &BTreeMap::new()) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+        };
+        let wildcard = problems.iter().filter(|p| p.contains("cannot issue wildcard certificates")).count();
+        let duplicate = problems.iter().filter(|p| p.contains("duplicate route")).count();
+        assert_eq!((wildcard, duplicate), (1, 1), "{problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.starts_with(
+                "t.toml:6:1: duplicate route for host \"*.example.org\" path \"/\" (first at t.toml:3:1)"
+            )),
+            "{problems:#?}"
+        );
     }
 }

@@ -398,3 +398,20 @@ fn kind(value: &DeValue<'_>) -> &'static str {
         DeValue::Table(_) => "a table",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asked_keys_past_the_inline_room_are_kept() {
+        const KEYS: [&str; 20] =
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t"];
+        let mut asked = Asked::default();
+        for key in KEYS {
+            asked.push(key);
+        }
+        assert!(KEYS.iter().all(|k| asked.contains(k)));
+        assert!(!asked.contains("u") && !asked.contains(""));
+    }
+}
