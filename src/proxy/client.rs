@@ -42,6 +42,9 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A held request body up to this size goes out in the same write as its head.
 const INLINE_BODY: usize = 16 * 1024;
+/// An exchange still waiting for its response after this long starts to watch its
+/// server's `kill` (see [`exchange_until`]).
+const WATCH_KILL_AFTER: Duration = Duration::from_secs(1);
 
 /// Idle connections of one server, sharded per worker thread: a socket is registered
 /// with the worker that opened it, and reusing it from there needs no cross-thread
@@ -276,11 +279,7 @@ pub async fn send(
         let mut wrote = false;
         let upload = if inlined { None } else { Some(&mut body) };
         let exchange = exchange(&mut io, &head, upload, framing, &parts.method, &mut wrote);
-        let result = tokio::select! {
-            biased;
-            r = tokio::time::timeout_at(deadline, exchange) => r,
-            () = kill.cancelled() => Ok(Err(Broke::Server(h1::removed()))),
-        };
+        let result = exchange_until(exchange, deadline, response_timeout, kill).await;
         let error = match result {
             Ok(Ok((head_in, buf, upload))) => {
                 let body = ResponseBody::new(io, buf, &head_in, kill.clone(), upload);
@@ -301,6 +300,33 @@ pub async fn send(
         // Only a request none of which was written goes back.
         let unsent = (!wrote).then_some(body);
         return Err(Failure { error, unsent });
+    }
+}
+
+/// Runs `exchange` until `deadline` (`response_timeout` after it began), or until the
+/// server's `kill` fires (its drain timeout ran out). Waiting on the token puts a waiter
+/// under its lock, which every worker shares, and takes it out again: about 300
+/// instructions and two trips through a contended lock per request. Nearly every
+/// exchange ends well within [`WATCH_KILL_AFTER`], so the wait on `kill` begins only for
+/// one still running then; one begun just before its server's drain ran out is cut that
+/// much later at most.
+async fn exchange_until<T>(
+    exchange: impl Future<Output = Result<T, Broke>>,
+    deadline: tokio::time::Instant,
+    response_timeout: Duration,
+    kill: &CancellationToken,
+) -> Result<Result<T, Broke>, tokio::time::error::Elapsed> {
+    tokio::pin!(exchange);
+    if response_timeout > WATCH_KILL_AFTER {
+        let watch_from = deadline - (response_timeout - WATCH_KILL_AFTER);
+        if let Ok(done) = tokio::time::timeout_at(watch_from, exchange.as_mut()).await {
+            return Ok(done);
+        }
+    }
+    tokio::select! {
+        biased;
+        r = tokio::time::timeout_at(deadline, exchange) => r,
+        () = kill.cancelled() => Ok(Err(Broke::Server(h1::removed()))),
     }
 }
 
