@@ -168,33 +168,95 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     let raw = Bytes::copy_from_slice(&buf[..len]);
     let base = buf.as_ptr() as usize;
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // What framing and persistence depend on, noted as the fields go by rather than
+    // looked up in the map afterwards.
+    let mut noted = Noted::default();
     for field in resp.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
         let start = field.value.as_ptr() as usize - base;
         let value = HeaderValue::from_maybe_shared(raw.slice(start..start + field.value.len()))
             .map_err(|_| invalid("bad header value"))?;
+        noted.note(&name, &value);
         headers.append(name, value);
     }
     buf.advance(len);
     if len > MAX_HEAD {
         return Err(invalid("response head too large"));
     }
-    let (framing, mut clean) = response_framing(method, status, &headers)?;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let (framing, mut clean) = response_framing(method, status, &noted)?;
+    if noted.transfer_encoding {
         // Framed by Transfer-Encoding: a length beside it is stale and must not reach
         // the client, and HTTP/1.0 has no Transfer-Encoding (RFC 9112 section 6.1).
-        headers.remove(header::CONTENT_LENGTH);
+        if noted.content_length {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         clean &= version != Version::HTTP_10;
     }
-    let has = |token| super::hop::connection_has(&headers, token);
-    let persistent = super::hop::persistent(version, has("close"), || has("keep-alive"));
+    let keep_alive = || super::hop::connection_has(&headers, "keep-alive");
+    let persistent = super::hop::persistent(version, noted.close, keep_alive);
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
 }
 
+/// The fields a response's framing and persistence depend on.
+struct Noted {
+    transfer_encoding: bool,
+    /// The last `Transfer-Encoding` field ends with `chunked`.
+    chunked_last: bool,
+    content_length: bool,
+    /// The `Content-Length` values so far, which must agree, or the first fault in them.
+    length: Result<Option<u64>, &'static str>,
+    /// `Connection` names `close`.
+    close: bool,
+}
+
+impl Default for Noted {
+    fn default() -> Self {
+        Noted { transfer_encoding: false, chunked_last: false, content_length: false, length: Ok(None), close: false }
+    }
+}
+
+impl Noted {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        match *name {
+            header::CONNECTION => self.close |= super::hop::has_token(value.as_bytes(), "close"),
+            header::TRANSFER_ENCODING => {
+                // Chunked must be the final coding of the last field.
+                let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
+                self.transfer_encoding = true;
+                self.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            }
+            header::CONTENT_LENGTH => {
+                self.content_length = true;
+                if let Ok(length) = self.length {
+                    self.length = content_length(value, length);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `length` and a `Content-Length` value (possibly a list) together: repeated or listed
+/// values must agree (RFC 9110 section 8.6).
+fn content_length(value: &HeaderValue, mut length: Option<u64>) -> Result<Option<u64>, &'static str> {
+    for part in value.to_str().map_err(|_| "bad content-length")?.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("bad content-length");
+        }
+        let n: u64 = part.parse().map_err(|_| "bad content-length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting content-length");
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}
+
 /// The response body's framing (RFC 9112 section 6.3), and whether it is unambiguous
 /// enough to reuse the connection after it.
-fn response_framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> io::Result<(Framing, bool)> {
+fn response_framing(method: &Method, status: StatusCode, noted: &Noted) -> io::Result<(Framing, bool)> {
     if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -202,30 +264,13 @@ fn response_framing(method: &Method, status: StatusCode, headers: &HeaderMap) ->
     {
         return Ok((Framing::Empty, true));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if noted.transfer_encoding {
         // Chunked must be the final coding, else the body runs until close. With both
         // fields the length is ignored and the connection is not reused.
-        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
-        let chunked = last.and_then(|v| v.rsplit(',').next()).is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        let clean = !headers.contains_key(header::CONTENT_LENGTH);
-        return Ok(if chunked { (Framing::Chunked, clean) } else { (Framing::Close, false) });
+        let clean = !noted.content_length;
+        return Ok(if noted.chunked_last { (Framing::Chunked, clean) } else { (Framing::Close, false) });
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        // Repeated (or listed) values must agree (RFC 9110 section 8.6).
-        for part in value.to_str().map_err(|_| invalid("bad content-length"))?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid("bad content-length"));
-            }
-            let n: u64 = part.parse().map_err(|_| invalid("bad content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
+    Ok(match noted.length.map_err(invalid)? {
         Some(n) => (Framing::Length(n), true),
         None => (Framing::Close, false),
     })
