@@ -250,7 +250,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         &self,
         key: &'static str,
         default: T,
-        parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>,
+        parse: impl FnOnce(Raw<'t, 'i>) -> Result<T, String>,
     ) -> T
     where
         's: 't,
@@ -262,7 +262,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         &self,
         key: &'static str,
         default: T,
-        parse: impl FnOnce(Raw<'_, 'i>) -> Result<T, String>,
+        parse: impl FnOnce(Raw<'t, 'i>) -> Result<T, String>,
     ) -> (T, Origin)
     where
         's: 't,
@@ -284,16 +284,7 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     where
         's: 't,
     {
-        match self.raw(key) {
-            None => (default, Origin::Default(self.span.clone())),
-            Some((raw, origin)) => match as_str(raw) {
-                Ok(s) => (s, origin),
-                Err(msg) => {
-                    self.src.problem(&origin, format!("{}.{key}: {msg}", self.name));
-                    (default, origin)
-                }
-            },
-        }
+        self.get_with_origin(key, default, as_str)
     }
 
     pub(super) fn string(&self, key: &'static str, default: &'t str) -> (String, Origin)
