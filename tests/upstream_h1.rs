@@ -239,3 +239,51 @@ async fn an_early_answer_then_a_reset_still_reaches_the_client_and_ejects_nothin
     let v: serde_json::Value = serde_json::from_slice(&gw.admin_get("/upstreams").await.body).unwrap();
     assert_eq!(v["upstreams"][0]["servers"][0]["ejected"], false, "{v}");
 }
+
+/// A response's first read gets the room the connection's last response needed (a small
+/// buffer after a small one): a large body after small ones, and small ones after it, all
+/// arrive whole over one kept server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_any_size_arrive_whole_whatever_the_last_one_needed() {
+    const BIG: usize = 100 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(s.read(&mut byte).await, Ok(1)) {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let body = if head.starts_with(b"GET /big") { vec![b'x'; BIG] } else { b"small".to_vec() };
+                    let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                    reply.extend_from_slice(&body);
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = gateway(addr).await;
+    let mut c = H1::connect(gw.http).await;
+    for path in ["/small", "/small", "/big", "/big", "/small", "/big", "/small"] {
+        let r = c.get("app.test", path).await;
+        assert_eq!(r.status, 200, "{path}");
+        if path == "/big" {
+            assert_eq!(r.body.len(), BIG, "{path}");
+            assert!(r.body.iter().all(|&b| b == b'x'), "{path}");
+        } else {
+            assert_eq!(r.text(), "small", "{path}");
+        }
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "the server connection was not kept");
+}

@@ -52,8 +52,9 @@ const WATCH_KILL_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct Pool(Arc<PoolInner>);
 
-/// Idle sockets and since when, most recently used last.
-type Shard = Vec<(TcpStream, Instant)>;
+/// Idle sockets, since when, and the room their next response's first read gets (see
+/// [`h1::first_read_room`]), most recently used last.
+type Shard = Vec<(TcpStream, Instant, usize)>;
 
 #[derive(Debug)]
 struct PoolInner {
@@ -90,33 +91,33 @@ impl Pool {
 
     /// An idle connection, the most recently used first (warm, least likely closed by
     /// the server), with the pool's epoch.
-    fn take(&self) -> (Option<TcpStream>, u64) {
+    fn take(&self) -> (Option<(TcpStream, usize)>, u64) {
         let epoch = self.0.epoch.load(Ordering::Relaxed);
         let mut shard = self.lock();
-        while let Some((socket, since)) = shard.pop() {
+        while let Some((socket, since, room)) = shard.pop() {
             if reusable(&socket, since) {
-                return (Some(socket), epoch);
+                return (Some((socket, room)), epoch);
             }
         }
         (None, epoch)
     }
 
-    /// Keeps a connection whose last response has ended, taken at `epoch`, unless the
-    /// pool was cleared since or is full.
-    pub fn put(&self, socket: TcpStream, epoch: u64) {
+    /// Keeps a connection whose last response (of `body` bytes) has ended, taken at
+    /// `epoch`, unless the pool was cleared since or is full.
+    pub fn put(&self, socket: TcpStream, epoch: u64, body: u64) {
         if self.0.epoch.load(Ordering::Relaxed) != epoch {
             return;
         }
         let mut shard = self.lock();
         if shard.len() < MAX_IDLE {
-            shard.push((socket, Instant::now()));
+            shard.push((socket, Instant::now(), h1::first_read_room(body)));
         }
     }
 
     /// Closes this worker's idle sockets that the server has closed or that are too old
     /// to reuse. Run on every worker, every [`SWEEP_EVERY`].
     pub fn sweep(&self) {
-        self.lock().retain(|(socket, since)| reusable(socket, *since));
+        self.lock().retain(|(socket, since, _)| reusable(socket, *since));
     }
 
     /// Closes every idle connection; those in use are closed when their response ends.
@@ -261,8 +262,13 @@ pub async fn send(
     loop {
         let (pooled, epoch) = pool.take();
         let reused = pooled.is_some();
+        // A new connection's first response may be large: full room.
+        let mut room = h1::READ_SIZE;
         let mut io = match pooled {
-            Some(io) => io,
+            Some((io, last_room)) => {
+                room = last_room;
+                io
+            }
             // A server removed after its drain timeout gets nothing more: the request
             // goes back unsent (its pool was emptied when the drain began).
             None if kill.is_cancelled() => {
@@ -278,7 +284,7 @@ pub async fn send(
         };
         let mut wrote = false;
         let upload = if inlined { None } else { Some(&mut body) };
-        let exchange = exchange(&mut io, &head, upload, framing, &parts.method, &mut wrote);
+        let exchange = exchange(&mut io, &head, upload, framing, &parts.method, room, &mut wrote);
         let result = exchange_until(exchange, deadline, response_timeout, kill).await;
         let error = match result {
             Ok(Ok((head_in, buf, upload))) => {
@@ -352,6 +358,7 @@ async fn exchange(
     body: Option<&mut ReqBody>,
     framing: Framing,
     method: &Method,
+    first_room: usize,
     wrote: &mut bool,
 ) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
     let first = io.write(head).await?;
@@ -371,13 +378,16 @@ async fn exchange(
             return Ok((Head { keep_alive: false, ..head }, buf, upload));
         }
     }
+    let mut room = first_room;
     loop {
         if !buf.is_empty() {
             if let Some(head) = h1::final_head(&mut buf, method)? {
                 return Ok((head, buf, None));
             }
         }
-        if poll_fn(|cx| h1::poll_fill(io, &mut buf, cx)).await? == 0 {
+        let read = poll_fn(|cx| h1::poll_fill_with(io, &mut buf, room, cx)).await?;
+        room = h1::READ_SIZE;
+        if read == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a response").into());
         }
     }

@@ -35,6 +35,17 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Room made in the read buffer before each read: a 16 KiB body arrives with its head in
 /// one read (and leaves in one write to the client), where 16 KiB took two of each.
 pub const READ_SIZE: usize = 32 * 1024;
+/// Room for a response's first read on a connection whose last response was small: a
+/// buffer of the allocator's small size classes, which its per-thread cache keeps however
+/// many exchanges are in flight (an HTTP/2 client's streams, say), where 32 KiB buffers
+/// go back to the shared arena once a few dozen are.
+pub const SMALL_READ: usize = 8 * 1024;
+
+/// The room for the first read of a connection's next response, from what its last one
+/// needed: `body` bytes and a head.
+pub fn first_read_room(body: u64) -> usize {
+    if body + 1024 <= SMALL_READ as u64 { SMALL_READ } else { READ_SIZE }
+}
 
 /// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,7 +399,17 @@ fn chunk_size(line: &[u8]) -> io::Result<u64> {
 
 /// Reads more from `io` into `buf` (making room first); `Ok(0)` at end of stream.
 pub fn poll_fill(io: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-    buf.reserve(READ_SIZE);
+    poll_fill_with(io, buf, READ_SIZE, cx)
+}
+
+/// [`poll_fill`] with `room` made (a response's first read: see [`first_read_room`]).
+pub fn poll_fill_with(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    room: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    buf.reserve(room);
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 

@@ -404,7 +404,7 @@ impl Finish for Done {
     fn finish(mut self: Box<Self>, complete: bool, bytes: u64, reusable: Option<tokio::net::TcpStream>) {
         let server = self.guard.server();
         if let Some(socket) = reusable {
-            server.pool.put(socket, self.epoch);
+            server.pool.put(socket, self.epoch, bytes);
         }
         let took = self.start.elapsed();
         self.route.stats.record(self.status.as_u16(), took);
