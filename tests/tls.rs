@@ -41,6 +41,10 @@ struct Setup {
 }
 
 async fn setup(min: &str, redirect: bool) -> Setup {
+    setup_with(min, redirect, &[]).await
+}
+
+async fn setup_with(min: &str, redirect: bool, env: &[(&str, &str)]) -> Setup {
     let pki = Pki::new();
     let b = Backend::start("app").await;
     let (a_crt, a_key) = pki.leaf(&["a.test"]);
@@ -55,9 +59,8 @@ async fn setup(min: &str, redirect: bool) -> Setup {
         .file("certs/wild.crt", w_crt)
         .file("certs/wild.key", w_key)
         .file("certs/default.crt", d_crt)
-        .file("certs/default.key", d_key)
-        .start()
-        .await;
+        .file("certs/default.key", d_key);
+    let gw = env.iter().fold(gw, |gw, (k, v)| gw.env(k, v)).start().await;
     Setup { gw, b, pki }
 }
 
@@ -303,4 +306,44 @@ async fn a_request_without_host_is_not_redirected_to_nowhere() {
     let r = parse_raw(&raw);
     assert_eq!(r.status, 308);
     assert_eq!(r.header("location"), Some("https://a.test/x"));
+}
+
+/// A client that sends its ClientHello and then nothing holds no worker's turn at the
+/// handshake's signing: other clients' handshakes go on while it stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_after_its_hello_does_not_hold_up_other_handshakes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Stalled handshakes last longer than a client here waits for its own (5 s).
+    let s = setup_with("1.2", false, &[("SWARMGATE_LIMITS_TLS_HANDSHAKE_TIMEOUT", "60s")]).await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut tcp = tokio::net::TcpStream::connect(s.gw.https).await.unwrap();
+        tcp.write_all(&client_hello("a.test")).await.unwrap();
+        // The server's first flight: it has signed and now waits for this client.
+        let mut buf = [0u8; 512];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0 && buf[0] == 0x16, "no handshake record from the server");
+        stalled.push(tcp);
+    }
+    for _ in 0..4 {
+        let (_, info) =
+            tls_connect(s.gw.https, &TlsOpts::sni("a.test")).await.expect("a handshake waited for a stalled client");
+        assert_eq!(info.san, ["a.test"]);
+    }
+    drop(stalled);
+}
+
+/// The bytes of a TLS ClientHello for `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
 }

@@ -147,7 +147,18 @@ async fn tls_connection(
             (true, Some(name)) => remote_challenge(gw, &name).await.unwrap_or(config),
             _ => config,
         };
-        start.into_stream(config).await
+        // The rest of a full handshake is about a millisecond of key exchange and
+        // signing, done at once when the stream is made. One handshake at a time per
+        // worker takes that step, and only after the tasks ready now (requests of
+        // established connections) have run: the others wait their turn outside the run
+        // queue, so a burst of new connections delays a request by about one handshake,
+        // not by every handshake queued ahead of it. The turn ends before the client's
+        // answer is awaited, so a client cannot hold it.
+        let turn = SIGNING.with(Arc::clone).acquire_owned().await;
+        tokio::task::yield_now().await;
+        let accept = start.into_stream(config);
+        drop(turn);
+        accept.await
     };
     let tls = match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
@@ -176,6 +187,11 @@ async fn tls_connection(
     } else {
         serve_h1(tls, conn, limits, held).await;
     }
+}
+
+thread_local! {
+    /// A worker's turn to do a full TLS handshake's signing (see `tls_connection`).
+    static SIGNING: Arc<Semaphore> = Arc::new(Semaphore::new(1));
 }
 
 /// Clustered TLS-ALPN-01: a validation for a name this replica holds no answer for (another
