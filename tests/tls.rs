@@ -313,15 +313,18 @@ async fn a_request_without_host_is_not_redirected_to_nowhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stalled_after_its_hello_does_not_hold_up_other_handshakes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Stalled handshakes last longer than a client here waits for its own (5 s).
-    let s = setup_with("1.2", false, &[("SWARMGATE_LIMITS_TLS_HANDSHAKE_TIMEOUT", "60s")]).await;
+    // Stalled handshakes last longer than a client here waits for its own (5 s), and
+    // two workers, so that the stalled clients are likely on each of them.
+    let env = [("SWARMGATE_LIMITS_TLS_HANDSHAKE_TIMEOUT", "60s"), ("SWARMGATE_RUNTIME_WORKERS", "2")];
+    let s = setup_with("1.2", false, &env).await;
     let mut stalled = Vec::new();
     for _ in 0..4 {
         let mut tcp = tokio::net::TcpStream::connect(s.gw.https).await.unwrap();
         tcp.write_all(&client_hello("a.test")).await.unwrap();
         // The server's first flight: it has signed and now waits for this client.
         let mut buf = [0u8; 512];
-        let n = tcp.read(&mut buf).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+        let n = read.expect("the server's first flight waited for a stalled client").unwrap();
         assert!(n > 0 && buf[0] == 0x16, "no handshake record from the server");
         stalled.push(tcp);
     }

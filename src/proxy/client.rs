@@ -311,11 +311,12 @@ pub async fn send(
 
 /// Runs `exchange` until `deadline` (`response_timeout` after it began), or until the
 /// server's `kill` fires (its drain timeout ran out). Waiting on the token puts a waiter
-/// under its lock, which every worker shares, and takes it out again: about 300
+/// under its lock, which every worker shares, and takes it out again: about 420
 /// instructions and two trips through a contended lock per request. Nearly every
 /// exchange ends well within [`WATCH_KILL_AFTER`], so the wait on `kill` begins only for
-/// one still running then; one begun just before its server's drain ran out is cut that
-/// much later at most.
+/// one still running then. A draining server gets no new requests, so this matters only
+/// for a `drain_timeout` under that: a stuck request is then cut no earlier than that
+/// long after it was sent.
 async fn exchange_until<T>(
     exchange: impl Future<Output = Result<T, Broke>>,
     deadline: tokio::time::Instant,

@@ -769,6 +769,10 @@ mod tests {
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         assert_eq!(head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);
+        // A length that frames nothing is not judged.
+        assert_eq!(head("HTTP/1.1 204 No Content\r\nContent-Length: abc\r\n\r\n").framing, Framing::Empty);
+        let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 4, 5\r\n\r\n", Method::HEAD).expect("ok").expect("whole");
+        assert_eq!(h.framing, Framing::Empty);
         assert_eq!(head("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);
         let h = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD).expect("ok").expect("whole");
         assert_eq!(h.framing, Framing::Empty);

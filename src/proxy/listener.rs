@@ -153,7 +153,8 @@ async fn tls_connection(
         // established connections) have run: the others wait their turn outside the run
         // queue, so a burst of new connections delays a request by about one handshake,
         // not by every handshake queued ahead of it. The turn ends before the client's
-        // answer is awaited, so a client cannot hold it.
+        // answer is awaited, so a client cannot hold it. (After a HelloRetryRequest the
+        // signing happens with the second ClientHello, outside the turn: rare.)
         let turn = SIGNING.with(Arc::clone).acquire_owned().await;
         tokio::task::yield_now().await;
         let accept = start.into_stream(config);
