@@ -158,11 +158,27 @@ pub fn strip_port(authority: &str) -> &str {
     }
 }
 
-/// The port in an authority, if it has one.
+/// The port in an authority, if it has one: the digits after the last `:` that follows
+/// the host (an IPv6 literal's colons are inside its brackets). Read bytewise: every
+/// request asks.
 pub fn authority_port(authority: &str) -> Option<u16> {
-    let rest = if authority.starts_with('[') { &authority[authority.find(']')? + 1..] } else { authority };
-    let (_, port) = rest.rsplit_once(':')?;
-    port.parse().ok()
+    let bytes = authority.as_bytes();
+    if bytes.first() == Some(&b'[') && !bytes.contains(&b']') {
+        return None;
+    }
+    let at = bytes.iter().rposition(|&b| b == b':' || b == b']')?;
+    let digits = &bytes[at + 1..];
+    if bytes[at] != b':' || digits.is_empty() || digits.len() > 5 {
+        return None;
+    }
+    let mut port = 0u32;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        port = port * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(port).ok()
 }
 
 /// Removes a matched route prefix from a path; the result always starts with `/`.
@@ -227,6 +243,11 @@ mod tests {
         assert_eq!(authority_port("[::1]:80"), Some(80));
         assert_eq!(authority_port("example.org"), None);
         assert_eq!(authority_port("example.org:8443"), Some(8443));
+        assert_eq!(authority_port("[::1]"), None);
+        assert_eq!(authority_port("[2001:db8::1]:65535"), Some(65535));
+        for bad in ["[::1", "a:b:c", "host:", "host:65536", "host:+80", "host:8 0", "host:123456"] {
+            assert_eq!(authority_port(bad), None, "{bad}");
+        }
     }
 
     #[test]
