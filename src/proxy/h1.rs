@@ -198,7 +198,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     if noted.transfer_encoding {
         // Framed by Transfer-Encoding: a length beside it is stale and must not reach
         // the client, and HTTP/1.0 has no Transfer-Encoding (RFC 9112 section 6.1).
-        if noted.content_length {
+        if noted.length.is_some() {
             headers.remove(header::CONTENT_LENGTH);
         }
         clean &= version != Version::HTTP_10;
@@ -210,21 +210,16 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
 }
 
 /// The fields a response's framing and persistence depend on.
+#[derive(Default)]
 struct Noted {
     transfer_encoding: bool,
     /// The last `Transfer-Encoding` field ends with `chunked`.
     chunked_last: bool,
-    content_length: bool,
-    /// The `Content-Length` values so far, which must agree, or the first fault in them.
-    length: Result<Option<u64>, &'static str>,
+    /// `Content-Length`, if there is one: its value (repeated or listed values must
+    /// agree), or the first fault in it.
+    length: Option<Result<u64, &'static str>>,
     /// `Connection` names `close`.
     close: bool,
-}
-
-impl Default for Noted {
-    fn default() -> Self {
-        Noted { transfer_encoding: false, chunked_last: false, content_length: false, length: Ok(None), close: false }
-    }
 }
 
 impl Noted {
@@ -237,20 +232,17 @@ impl Noted {
                 self.transfer_encoding = true;
                 self.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
             }
-            header::CONTENT_LENGTH => {
-                self.content_length = true;
-                if let Ok(length) = self.length {
-                    self.length = content_length(value, length);
-                }
+            header::CONTENT_LENGTH if !matches!(self.length, Some(Err(_))) => {
+                self.length = Some(content_length(value, self.length.and_then(Result::ok)));
             }
             _ => {}
         }
     }
 }
 
-/// `length` and a `Content-Length` value (possibly a list) together: repeated or listed
-/// values must agree (RFC 9110 section 8.6).
-fn content_length(value: &HeaderValue, mut length: Option<u64>) -> Result<Option<u64>, &'static str> {
+/// `length` (from earlier fields) and a `Content-Length` value (possibly a list)
+/// together: repeated or listed values must agree (RFC 9110 section 8.6).
+fn content_length(value: &HeaderValue, mut length: Option<u64>) -> Result<u64, &'static str> {
     for part in value.to_str().map_err(|_| "bad content-length")?.split(',') {
         let part = part.trim();
         if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
@@ -262,7 +254,7 @@ fn content_length(value: &HeaderValue, mut length: Option<u64>) -> Result<Option
         }
         length = Some(n);
     }
-    Ok(length)
+    length.ok_or("bad content-length")
 }
 
 /// The response body's framing (RFC 9112 section 6.3), and whether it is unambiguous
@@ -278,11 +270,11 @@ fn response_framing(method: &Method, status: StatusCode, noted: &Noted) -> io::R
     if noted.transfer_encoding {
         // Chunked must be the final coding, else the body runs until close. With both
         // fields the length is ignored and the connection is not reused.
-        let clean = !noted.content_length;
+        let clean = noted.length.is_none();
         return Ok(if noted.chunked_last { (Framing::Chunked, clean) } else { (Framing::Close, false) });
     }
-    Ok(match noted.length.map_err(invalid)? {
-        Some(n) => (Framing::Length(n), true),
+    Ok(match noted.length {
+        Some(length) => (Framing::Length(length.map_err(invalid)?), true),
         None => (Framing::Close, false),
     })
 }
