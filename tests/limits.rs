@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONFIG: &str = r#"
 [listen]
@@ -235,6 +235,40 @@ async fn connections_past_max_connections_wait_their_turn() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(b.last().uri, "/third");
     assert_eq!(c2.get("app.test", "/").await.status, 200);
+}
+
+/// At the limit, a connection that ends makes room for one that is waiting, whichever
+/// listener and worker it came to: the room never goes to an accept loop with no client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_each_freed_place_goes_to_a_waiting_client() {
+    let b = Backend::start("app").await;
+    // Two listeners (and two workers): four accept loops share the one place.
+    let config = CONFIG
+        .replace(r#"https = """#, r#"https = "@HTTPS@""#)
+        .replace("[limits]", "[proxy]\nredirect_https = false\n\n[limits]");
+    let gw = Gateway::builder(&config)
+        .var("SERVERS", format!("\"{}\"", b.addr))
+        .var("HRT", "10s")
+        .var("MAXCONN", 1)
+        .start()
+        .await;
+    let mut held = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    held.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    for i in 0..6 {
+        // A client waits behind the limit; the one served goes; the waiting one is served.
+        let mut next = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        next.write_all(format!("GET /{i} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        let mut head = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(3), next.read_exact(&mut head)).await;
+        assert!(matches!(read, Ok(Ok(_))), "round {i}: the waiting client was not served: {read:?}");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        held = next;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +555,7 @@ async fn slowloris_on_a_kept_alive_connection_is_cut_off() {
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
     assert_eq!(raw_status(&buf[..n]), Some(200));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
@@ -535,7 +569,7 @@ async fn slowloris_on_a_kept_alive_connection_is_cut_off() {
                 break;
             }
             let mut probe = [0u8; 64];
-            match tokio::time::timeout(Duration::from_millis(1), tokio::io::AsyncReadExt::read(&mut s, &mut probe))
+            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe))
                 .await
             {
                 Ok(Ok(0)) | Ok(Err(_)) => {

@@ -1,8 +1,8 @@
 //! Accepting clients: TCP, TLS, HTTP/1.1 or HTTP/2 (by ALPN), and graceful shutdown.
 //!
-//! Each connection is one task. The listener takes a permit from the connection limit
-//! before it accepts, so past `max_connections` new clients wait in the kernel backlog
-//! (never a reset) while the admin listener, which has its own runtime, keeps answering.
+//! Each connection is one task. Past `max_connections` each accept loop holds the one
+//! client it accepted until a connection ends, and the others wait in the kernel backlog
+//! (never a reset), while the admin listener, which has its own runtime, keeps answering.
 //! On shutdown every connection is told to finish: HTTP/1.1 ends after the response in
 //! progress (with `Connection: close`), HTTP/2 gets GOAWAY.
 
@@ -59,10 +59,6 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
     let local = listener.local_addr().ok();
     let shared = Arc::new(shared);
     loop {
-        let permit = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
-            p = Arc::clone(&shared.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -74,6 +70,13 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
                     continue;
                 }
             },
+        };
+        // Taken after the accept, so that a permit given back goes to a connection that
+        // is there: taken before, it could wait with another listener's (or worker's)
+        // accept while this listener's clients wait in the backlog.
+        let permit = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            p = Arc::clone(&shared.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         // Plain and TLS connections are separate tasks, so a plain connection's task is
