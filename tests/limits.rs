@@ -569,9 +569,7 @@ async fn slowloris_on_a_kept_alive_connection_is_cut_off() {
                 break;
             }
             let mut probe = [0u8; 64];
-            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe))
-                .await
-            {
+            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     closed = true;
                     break;

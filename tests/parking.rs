@@ -1,6 +1,7 @@
-//! Parked HTTP/1.1 connections: after a second of idleness the gateway ends hyper's
-//! session on a kept-alive connection (freeing its buffers) without a byte on the wire,
-//! and serves the next request with a new session. To the client nothing changes. Idle
+//! Parked HTTP/1.1 connections: after 250 ms of idleness the gateway lets go of a
+//! kept-alive connection's buffers and serving task (a hyper session is ended without a
+//! byte on the wire), keeps the socket in a small task of its own, and serves the next
+//! request from its first byte. To the client nothing changes. Idle
 //! upstream connections are bare sockets from the start: kept, reused after idling, and
 //! let go of when their server closes them.
 
@@ -41,8 +42,8 @@ upstream = "app"
 servers = ["@B@"]
 "#;
 
-/// Longer than the gateway's park delay (1 s).
-const IDLE: Duration = Duration::from_millis(1600);
+/// Longer than the gateway's park delay (250 ms).
+const IDLE: Duration = Duration::from_millis(800);
 
 async fn setup() -> (Gateway, Backend) {
     let (gw, b, _) = setup_tls().await;
@@ -188,6 +189,54 @@ async fn a_websocket_upgrade_on_a_parked_connection_works() {
     let back = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
     assert_eq!(back.unwrap().unwrap(), Message::text("still there"));
     ws.close(None).await.unwrap();
+}
+
+/// A parked connection keeps its idle timeout, counted from its last response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_closed_at_its_idle_timeout() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(&CONFIG.replace(r#"idle_timeout = "30s""#, r#"idle_timeout = "2s""#))
+        .var("B", b.addr)
+        .start()
+        .await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut s, 1).await), Some(200));
+    let answered = Instant::now();
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0, "an idle connection was not parked");
+    let (bytes, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    let took = answered.elapsed();
+    assert!(bytes.is_empty() && closed, "not closed: {}", String::from_utf8_lossy(&bytes));
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(3500), "closed after {took:?}");
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(0.0));
+}
+
+/// A parked connection still holds its `max_connections` permit, and gives it back when
+/// it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_holds_its_permit_until_it_closes() {
+    let b = Backend::start("app").await;
+    let gw =
+        Gateway::builder(&CONFIG.replace("[limits]", "[limits]\nmax_connections = 1")).var("B", b.addr).start().await;
+    let mut first = TcpStream::connect(gw.http).await.unwrap();
+    first.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut first, 1).await), Some(200));
+    tokio::time::sleep(IDLE).await;
+    assert_eq!(parked(&gw).await, 1.0, "an idle connection was not parked");
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(1.0));
+    // The limit is reached: a second connection waits in the backlog...
+    let mut second = TcpStream::connect(gw.http).await.unwrap();
+    second.write_all(b"GET /second HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(1), second.read(&mut [0u8; 1])).await;
+    assert!(early.is_err(), "served past max_connections: {early:?}");
+    // ...the parked one still answers...
+    first.write_all(GET).await.unwrap();
+    assert_eq!(raw_status(&read_responses(&mut first, 1).await), Some(200));
+    // ...and once it is gone, the waiting one is served.
+    drop(first);
+    assert_eq!(raw_status(&read_responses(&mut second, 1).await), Some(200));
+    assert_eq!(b.last().uri, "/second");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

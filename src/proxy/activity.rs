@@ -128,7 +128,7 @@ impl Activity {
                 let wake = if self.open.load(Ordering::Relaxed) > 0 {
                     now + step
                 } else {
-                    let (deadline, why) = self.deadline(park);
+                    let (deadline, why) = self.deadline_and_why(park);
                     if now >= deadline {
                         return why;
                     }
@@ -139,8 +139,14 @@ impl Activity {
         }
     }
 
+    /// When a connection with no request open times out (its head's deadline once one
+    /// has begun, else its idle deadline).
+    pub(super) fn deadline(&self) -> Instant {
+        self.deadline_and_why(None).0
+    }
+
     /// The earliest deadline of a connection with no request open, and what it means.
-    fn deadline(&self, park: Option<Duration>) -> (Instant, Expired) {
+    fn deadline_and_why(&self, park: Option<Duration>) -> (Instant, Expired) {
         let (header, idle) = (self.header, self.idle);
         let head = self.head_started_ms.load(Ordering::Relaxed);
         let last = self.at(self.last_change_ms.load(Ordering::Relaxed));
@@ -216,6 +222,17 @@ pin_project! {
 impl<I> Watched<I> {
     pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
         Watched { io, activity, unread: Bytes::new() }
+    }
+
+    /// The IO, once everything put back has been read again.
+    pub(super) fn into_inner(self) -> I {
+        debug_assert!(self.unread.is_empty(), "bytes put back would be lost");
+        self.io
+    }
+
+    /// Whether bytes put back by [`Watched::unread`] are still to be read.
+    pub(super) fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
     }
 
     /// Puts back bytes read but not consumed (a pipelined head), before any still

@@ -19,22 +19,23 @@ pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-p
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Per-connection values, made once when the connection is accepted.
+/// Per-connection values: the client's address, and what its requests' forwarding
+/// fields were made of, kept while the connection is busy and let go of while it is
+/// parked ([`PeerValues::forget`]): an idle connection keeps only the address.
 #[derive(Debug)]
 pub struct PeerValues {
-    /// The client IP as `X-Forwarded-For` writes it.
-    pub ip: HeaderValue,
-    /// The client as an RFC 7239 node: `192.0.2.1` or `"[2001:db8::1]"`.
-    pub node: String,
+    /// The client's address (an IPv4-mapped IPv6 address as IPv4).
+    ip: IpAddr,
     /// The values the last request of the connection got, reused while its authority
     /// stays the same (nearly always): a `Forwarded` element and a port are otherwise
-    /// built and allocated for every request. Boxed, and let go while the connection is
-    /// parked ([`PeerValues::forget`]): an idle connection keeps none of it.
+    /// built and allocated for every request.
     last: Mutex<Option<Box<Reused>>>,
 }
 
 #[derive(Debug)]
 struct Reused {
+    /// The client IP as `X-Forwarded-For` writes it.
+    ip: HeaderValue,
     host: HeaderValue,
     port: u16,
     proto: &'static str,
@@ -42,36 +43,41 @@ struct Reused {
     port_value: HeaderValue,
 }
 
+/// What a request's forwarding fields are made of.
+struct Values {
+    ip: HeaderValue,
+    element: Option<HeaderValue>,
+    port: HeaderValue,
+}
+
 impl PeerValues {
     pub fn new(ip: IpAddr) -> Self {
-        let ip = ip.to_canonical();
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            // RFC 7239 section 6: an IPv6 node is bracketed, and '[' ':' need quoting.
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        let ip = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        PeerValues { ip, node, last: Mutex::new(None) }
+        PeerValues { ip: ip.to_canonical(), last: Mutex::new(None) }
     }
 
-    /// `(Forwarded element, X-Forwarded-Port value)` for `f`, from the last request's when
-    /// its authority, port and scheme were the same.
-    fn element_and_port(&self, f: &Facts<'_>) -> (Option<HeaderValue>, HeaderValue) {
+    /// The values for `f`: the last request's when its authority, port and scheme were
+    /// the same, else made anew (the IP's text kept from the last request).
+    fn values(&self, f: &Facts<'_>) -> Values {
         let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(r) = last.as_ref().filter(|r| r.port == f.port && r.proto == f.proto && r.host == f.host) {
-            return (r.element.clone(), r.port_value.clone());
+            return Values { ip: r.ip.clone(), element: r.element.clone(), port: r.port_value.clone() };
         }
+        let ip = match last.take() {
+            Some(r) => r.ip,
+            None => HeaderValue::from_str(&self.ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+        };
         let reused = Box::new(Reused {
+            element: forwarded_element(self.ip, f),
+            ip,
             // A copy, not a clone: a request's header values are slices of the buffer its
             // head was read into, and a clone kept here would pin that whole buffer (8 KiB)
-            // for as long as the connection lives, parked or not.
+            // for as long as the connection is busy.
             host: HeaderValue::from_bytes(f.host.as_bytes()).unwrap_or_else(|_| f.host.clone()),
             port: f.port,
             proto: f.proto,
-            element: forwarded_element(f),
             port_value: port_value(f.port),
         });
-        let out = (reused.element.clone(), reused.port_value.clone());
+        let out = Values { ip: reused.ip.clone(), element: reused.element.clone(), port: reused.port_value.clone() };
         *last = Some(reused);
         out
     }
@@ -137,7 +143,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         }
     }
     let [xff, proto, host, port_present, prefix, fwd, id_present] = present;
-    let (element, port) = f.peer.element_and_port(f);
+    let Values { ip, element, port } = f.peer.values(f);
     let mut fields: Vec<(&'static HeaderName, HeaderValue)> = Vec::with_capacity(NAMES.len());
     if f.trusted {
         let chain = |headers: &mut HeaderMap, name: &'static HeaderName, value: HeaderValue| {
@@ -150,7 +156,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
             all.push(value.to_str().unwrap_or("").to_owned());
             HeaderValue::from_str(&all.join(", ")).unwrap_or(value)
         };
-        let value = if xff { chain(headers, &X_FORWARDED_FOR, f.peer.ip.clone()) } else { f.peer.ip.clone() };
+        let value = if xff { chain(headers, &X_FORWARDED_FOR, ip) } else { ip };
         fields.push((&X_FORWARDED_FOR, value));
         if !proto {
             fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto)));
@@ -178,7 +184,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         for (name, _) in NAMES.iter().zip(present).filter(|(_, p)| *p) {
             headers.remove(*name);
         }
-        fields.push((&X_FORWARDED_FOR, f.peer.ip.clone()));
+        fields.push((&X_FORWARDED_FOR, ip));
         fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto)));
         if !f.host.is_empty() {
             fields.push((&X_FORWARDED_HOST, f.host.clone()));
@@ -218,11 +224,15 @@ pub fn apply(headers: &mut HeaderMap, f: &Facts<'_>) -> HeaderValue {
 
 /// `for=...;host=...;proto=...` (RFC 7239 section 4), values quoted where the grammar
 /// needs it (section 6: an IPv6 node or a host with a port is not a token).
-fn forwarded_element(f: &Facts<'_>) -> Option<HeaderValue> {
+fn forwarded_element(ip: IpAddr, f: &Facts<'_>) -> Option<HeaderValue> {
+    use std::fmt::Write as _;
     let host = f.host.to_str().ok()?;
-    let mut element = String::with_capacity(32 + f.peer.node.len() + host.len());
-    element.push_str("for=");
-    element.push_str(&f.peer.node);
+    let mut element = String::with_capacity(64 + host.len());
+    // RFC 7239 section 6: an IPv6 node is bracketed, and '[' ':' need quoting.
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(element, "for={v4}"),
+        IpAddr::V6(v6) => write!(element, "for=\"[{v6}]\""),
+    };
     if !host.is_empty() {
         element.push_str(";host=");
         if host.bytes().all(is_token_byte) {
@@ -333,7 +343,7 @@ mod tests {
     fn a_quoted_host_escapes_quotes_and_backslashes() {
         let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
         let host = HeaderValue::from_static("a\\b\"c:1");
-        let e = forwarded_element(&facts(&peer, false, &host, None));
+        let e = forwarded_element(peer.ip, &facts(&peer, false, &host, None));
         assert_eq!(e.as_ref().map(HeaderValue::as_bytes), Some(&br#"for=192.0.2.7;host="a\\b\"c:1";proto=https"#[..]));
     }
 

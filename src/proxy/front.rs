@@ -18,7 +18,6 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +49,8 @@ pub(super) enum Outcome {
     Closed,
     /// A request for hyper has begun: its bytes are back in the IO, unread.
     Hyper,
+    /// Idle for [`PARK_AFTER`], with nothing read of a next request: to be parked.
+    Idle,
 }
 
 /// What serving a connection's requests needs besides its IO.
@@ -64,28 +65,26 @@ pub(super) struct Ctx<'a> {
 /// Serves requests on `io` until the connection is done or a request needs hyper.
 ///
 /// The watchdog (see `activity`) times heads and idleness and, made with a park delay,
-/// tells when an idle connection is parked: its read buffer and cached peer values are let
-/// go of, and the watchdog is made anew without one (it would fire at once again) until
-/// the next request has been served. `parked`: the connection is idle already (a hyper
-/// session just ended), so it waits for its next request unbuffered.
+/// tells when the connection has idled long enough to be parked (`Outcome::Idle`).
+/// `first`: the first byte of a request, read by a parked connection.
 pub(super) async fn serve<I, W>(
     io: &mut Watched<I>,
     ctx: &Ctx<'_>,
     mut watchdog: Pin<&mut W>,
     watch: &impl Fn(Option<Duration>) -> W,
-    parked: bool,
+    first: Option<u8>,
 ) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin,
     W: Future<Output = Expired>,
 {
-    // No capacity: the connection is parked (see `read_more`).
-    let mut buf = if parked { BytesMut::new() } else { BytesMut::with_capacity(READ_SIZE) };
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    buf.extend(first);
     // Made once: each new wait on the token would take its lock twice.
     let shutdown = ctx.shared.shutdown.cancelled();
     tokio::pin!(shutdown);
-    // Whether the watchdog must be made anew for the connection to park again: after it
-    // parked, and at first (the one handed in may be past parking).
+    // Whether the watchdog must be made anew for the connection to park: at first, as the
+    // one handed in may be past parking (it would fire again at once).
     let mut rearm = true;
     loop {
         let (req, asks) = loop {
@@ -115,12 +114,12 @@ where
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
                         return Outcome::Closed;
                     }
-                    // Idle: nothing of it is needed until the next request.
-                    ctx.shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
-                    ctx.conn.peer_values.forget();
-                    if buf.is_empty() {
-                        buf = BytesMut::new(); // no capacity: parked
+                    if buf.is_empty() && !io.has_unread() {
+                        return Outcome::Idle;
                     }
+                    // Bytes of a head are here (the watchdog would not say park then):
+                    // timed as a head from now on.
+                    ctx.activity.head_begun();
                     watchdog.set(watch(None));
                     rearm = true;
                 }
@@ -144,17 +143,8 @@ where
     }
 }
 
-/// Reads more of a request head into `buf`. A parked connection (a buffer without
-/// capacity) waits for the first byte of its next request in the stack, so that an idle
-/// connection holds no buffer.
+/// Reads more of a request head into `buf`.
 async fn read_more<I: AsyncRead + Unpin>(io: &mut Watched<I>, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() == 0 {
-        let mut byte = [0u8; 1];
-        let n = io.read(&mut byte).await?;
-        buf.reserve(READ_SIZE);
-        buf.extend_from_slice(&byte[..n]);
-        return Ok(n);
-    }
     buf.reserve(READ_SIZE);
     io.read_buf(buf).await
 }

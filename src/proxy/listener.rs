@@ -1,6 +1,7 @@
 //! Accepting clients: TCP, TLS, HTTP/1.1 or HTTP/2 (by ALPN), and graceful shutdown.
 //!
-//! Each connection is one task. Past `max_connections` each accept loop holds the one
+//! Each connection is one task at a time (an idle HTTP/1.1 connection is handed to a
+//! smaller one, see [`park`]). Past `max_connections` each accept loop holds the one
 //! client it accepted until a connection ends, and the others wait in the kernel backlog
 //! (never a reset), while the admin listener, which has its own runtime, keeps answering.
 //! On shutdown every connection is told to finish: HTTP/1.1 ends after the response in
@@ -17,9 +18,10 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,15 +80,14 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
             () = shared.shutdown.cancelled() => break,
             p = Arc::clone(&shared.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         // Plain and TLS connections are separate tasks, so a plain connection's task is
         // not sized for the TLS state it never has.
         let task_shared = Arc::clone(&shared);
         match &kind {
-            Kind::Plain => shared.tracker.spawn(plain_connection(stream, peer, local, Held::new(task_shared, permit))),
+            Kind::Plain => shared.tracker.spawn(plain_connection(stream, peer, Held::new(task_shared, permit))),
             Kind::Tls(config) => {
                 let config = config.load_full();
-                shared.tracker.spawn(tls_connection(stream, peer, local, config, Held::new(task_shared, permit)))
+                shared.tracker.spawn(tls_connection(stream, peer, config, Held::new(task_shared, permit)))
             }
         };
     }
@@ -94,48 +95,39 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
 }
 
 /// A connection's hold on its listener, given back when the connection ends: its
-/// `max_connections` permit and its count in `open_connections`.
+/// `max_connections` permit and its count in `open_connections`. (The permit is the
+/// semaphore's count itself, given back on drop: a parked connection keeps 8 bytes for
+/// it, not an `OwnedSemaphorePermit`'s 16.)
 struct Held {
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Held {
     fn new(shared: Arc<Shared>, permit: OwnedSemaphorePermit) -> Self {
+        permit.forget();
         let metrics = &shared.gw.metrics;
         metrics.open_connections.fetch_add(1, Ordering::Relaxed);
         metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-        Held { shared, _permit: permit }
+        Held { shared }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        self.shared.permits.add_permits(1);
         self.shared.gw.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A plain connection's task: set up before the task starts, so the task holds only
 /// what serving needs (it lives as long as the connection).
-fn plain_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    held: Held,
-) -> impl Future<Output = ()> + Send + 'static {
+fn plain_connection(stream: TcpStream, peer: SocketAddr, held: Held) -> impl Future<Output = ()> + Send + 'static {
     let _ = stream.set_nodelay(true);
-    let limits = held.shared.gw.snapshot_guard().proxy.limits.clone();
-    let conn = Arc::new(Conn::new(peer, local, false, None));
-    serve_h1(stream, conn, limits, held)
+    let conn = Arc::new(Conn::new(peer, false, None));
+    serving(H1 { io: stream, conn, held }, None)
 }
 
-async fn tls_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    config: Arc<rustls::ServerConfig>,
-    held: Held,
-) {
+async fn tls_connection(stream: TcpStream, peer: SocketAddr, config: Arc<rustls::ServerConfig>, held: Held) {
     let _ = stream.set_nodelay(true);
     // A handle of its own: `held` moves on to the session once the handshake is done.
     let shared = Arc::clone(&held.shared);
@@ -185,11 +177,11 @@ async fn tls_connection(
         Some(b"h2") => true,
         _ => false,
     };
-    let conn = Arc::new(Conn::new(peer, local, true, session.server_name()));
+    let conn = Arc::new(Conn::new(peer, true, session.server_name()));
     if h2 {
         Box::pin(serve_h2(tls, conn, &limits, &shared)).await;
     } else {
-        serve_h1(tls, conn, limits, held).await;
+        serving(H1 { io: tls, conn, held }, None).await;
     }
 }
 
@@ -220,49 +212,122 @@ async fn remote_challenge(gw: &Gateway, name: &str) -> Option<Arc<rustls::Server
     crate::tls::challenge_config(Arc::new(ck)).ok()
 }
 
-/// How long an HTTP/1.1 connection idles before it is parked: its read buffer (or
-/// hyper's session, about 17 KiB of buffers and state) and cached peer values are let go
-/// of, and the socket waits for the next request with nothing but this task (768 bytes)
-/// and the connection's shared state. A busy keep-alive connection never pays for it.
-pub(super) const PARK_AFTER: Duration = Duration::from_secs(1);
+/// How long an HTTP/1.1 connection idles before it is parked (see [`park`]). A busy
+/// keep-alive connection never pays for parking; a connection whose requests come further
+/// apart pays a task and a read buffer per request (about a microsecond), and an idle one
+/// is down to its parked size soon after its last response, even in a burst of new
+/// connections.
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(250);
 
-/// Serves HTTP/1.1 until the connection ends, its timeouts expire (see `activity`), or
+/// An HTTP/1.1 connection between requests, handed from task to task as it is parked
+/// and woken.
+struct H1<I> {
+    io: I,
+    conn: Arc<Conn>,
+    held: Held,
+}
+
+/// Serves HTTP/1.1 until the connection ends, its timeouts expire (see `activity`),
 /// shutdown asks it to finish (then the response in progress carries `Connection:
-/// close`). Requests without a body are served by the gateway's own reader (`front`);
-/// one it leaves to hyper starts a hyper session, which serves the connection until it
-/// idles for [`PARK_AFTER`] and hands it back.
+/// close`), or it idles for [`PARK_AFTER`]: then it is parked and this task ends.
+/// `first`: the first byte of a request, read by the parked connection.
+///
+/// Requests without a body are served by the gateway's own reader (`front`); one it
+/// leaves to hyper starts a hyper session, which serves the connection until it idles
+/// and hands it back. The limits are those of the configuration in force when the
+/// connection was accepted or woken.
 ///
 /// (A block rather than an `async fn`, which would keep a second copy of its arguments
-/// for the connection's whole life.)
-fn serve_h1<I>(io: I, conn: Arc<Conn>, limits: Limits, held: Held) -> impl Future<Output = ()> + Send + 'static
+/// for the task's whole life.)
+fn serving<I>(h: H1<I>, first: Option<u8>) -> impl Future<Output = ()> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new(Some(limits.header_read_timeout), limits.idle_timeout);
+    let H1 { io, conn, held } = h;
+    let (activity, max_head) = {
+        let snapshot = held.shared.gw.snapshot_guard();
+        let limits = &snapshot.proxy.limits;
+        (Activity::new(Some(limits.header_read_timeout), limits.idle_timeout), limits.max_header_bytes)
+    };
     let mut io = Watched::new(io, Arc::clone(&activity));
-    let max_head = limits.max_header_bytes;
     async move {
         let watch = |park| activity.expired(park);
         let watchdog = watch(Some(PARK_AFTER));
         tokio::pin!(watchdog);
-        let shared = &held.shared;
-        let mut parked = false;
+        let mut first = first;
         loop {
-            let ctx = front::Ctx { conn: &conn, shared, activity: &activity, max_head };
-            let outcome = front::serve(&mut io, &ctx, watchdog.as_mut(), &watch, parked).await;
-            if outcome == front::Outcome::Closed {
-                return;
+            let ctx = front::Ctx { conn: &conn, shared: &held.shared, activity: &activity, max_head };
+            match front::serve(&mut io, &ctx, watchdog.as_mut(), &watch, first.take()).await {
+                front::Outcome::Closed => return,
+                front::Outcome::Idle => break,
+                front::Outcome::Hyper => {}
             }
-            // Boxed, and over once the connection idles: an idle connection's task keeps
-            // no room for a session, and nothing of the session stays allocated.
+            // Boxed, and over once the connection idles: a task keeps no room for a
+            // session, and nothing of the session stays allocated.
             watchdog.set(watch(Some(PARK_AFTER)));
-            let session = h1_session(io, &conn, max_head, shared, &activity, watchdog.as_mut(), &watch);
+            let session = h1_session(io, &conn, max_head, &held.shared, &activity, watchdog.as_mut(), &watch);
             let Some(back) = Box::pin(session).await else { return };
             io = back;
-            shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
-            conn.peer_values.forget();
-            watchdog.set(watch(None));
-            parked = true;
+            if !io.has_unread() {
+                break;
+            }
+            // The next request began before the session ended: it is served at once
+            // (its head is timed, so the watchdog does not say park).
+        }
+        let idle_until = activity.deadline();
+        park(H1 { io: io.into_inner(), conn, held }, idle_until);
+    }
+}
+
+/// Parks an idle HTTP/1.1 connection: its read buffer (or hyper's session, about 17 KiB
+/// of buffers and state), its serving task (768 bytes), timing state and cached peer
+/// values are let go of, and a task of its own (384 bytes) waits for the first byte of
+/// the next request in a one-byte stack buffer, then serves it in a new serving task.
+/// The connection is closed at `idle_until` (its idle timeout) or on shutdown.
+fn park<I>(h: H1<I>, idle_until: Instant)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::clone(&h.held.shared);
+    shared.gw.metrics.connections_parked.fetch_add(1, Ordering::Relaxed);
+    h.conn.peer_values.forget();
+    let idle_ms = idle_until.saturating_duration_since(Instant::now()).as_millis();
+    shared.tracker.spawn(parked(h, u32::try_from(idle_ms).unwrap_or(u32::MAX)));
+}
+
+/// A parked connection's task (see [`park`]), closing the connection after `idle_ms`.
+///
+/// Every idle connection has one, so its size is counted: tokio rounds a task up to
+/// 128 bytes, and this future fits 384 with 272 bytes. Hence the milliseconds as a
+/// `u32` (at most 49 days; an `Instant` is 12 bytes more), the byte read through
+/// `poll_read` (tokio's `read` future is 8 bytes more), and a block rather than an
+/// `async fn`, which would keep a second copy of `h`. Any of these took it to 512.
+#[allow(clippy::manual_async_fn)]
+fn parked<I>(mut h: H1<I>, idle_ms: u32) -> impl Future<Output = ()> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async move {
+        let mut byte = [0u8; 1];
+        let read = tokio::select! {
+            biased;
+            read = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut byte);
+                Pin::new(&mut h.io).poll_read(cx, &mut buf).map_ok(|()| buf.filled().len())
+            }) => read,
+            () = h.held.shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(idle_ms.into())) => {
+                tracing::debug!("HTTP/1.1 connection closed by its idle timeout");
+                return;
+            }
+        };
+        match read {
+            Ok(1) => {
+                let tracker = h.held.shared.tracker.clone();
+                tracker.spawn(serving(h, Some(byte[0])));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "client connection failed"),
         }
     }
 }

@@ -54,7 +54,6 @@ pub fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
 #[derive(Debug)]
 pub struct Conn {
     pub peer: SocketAddr,
-    pub local: SocketAddr,
     /// Whether it arrived over TLS.
     pub tls: bool,
     /// The TLS server name the client sent (lower case).
@@ -63,14 +62,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, sni: Option<&str>) -> Self {
-        Conn {
-            peer,
-            local,
-            tls,
-            sni: sni.map(|s| s.to_ascii_lowercase().into()),
-            peer_values: PeerValues::new(peer.ip()),
-        }
+    pub fn new(peer: SocketAddr, tls: bool, sni: Option<&str>) -> Self {
+        Conn { peer, tls, sni: sni.map(|s| s.to_ascii_lowercase().into()), peer_values: PeerValues::new(peer.ip()) }
     }
 
     fn proto(&self) -> &'static str {
