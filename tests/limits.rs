@@ -245,7 +245,7 @@ async fn at_max_connections_each_freed_place_goes_to_a_waiting_client() {
     // Two listeners (and two workers): four accept loops share the one place.
     let config = CONFIG
         .replace(r#"https = """#, r#"https = "@HTTPS@""#)
-        .replace("[limits]", "[proxy]\nredirect_https = false\n\n[limits]");
+        .replace("[limits]", "[runtime]\nworkers = 2\n\n[proxy]\nredirect_https = false\n\n[limits]");
     let gw = Gateway::builder(&config)
         .var("SERVERS", format!("\"{}\"", b.addr))
         .var("HRT", "10s")
@@ -255,7 +255,8 @@ async fn at_max_connections_each_freed_place_goes_to_a_waiting_client() {
     let mut held = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     held.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
     let mut head = [0u8; 12];
-    held.read_exact(&mut head).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(3), held.read_exact(&mut head)).await;
+    assert!(matches!(read, Ok(Ok(_))), "the first client was not served: {read:?}");
     assert_eq!(&head, b"HTTP/1.1 200");
     for i in 0..6 {
         // A client waits behind the limit; the one served goes; the waiting one is served.

@@ -351,6 +351,10 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
     if limits.max_connections == 0 {
         t.source().problem(&at, "[limits].max_connections must be more than 0");
     }
+    // A parked connection keeps the time it has left in milliseconds as a u32.
+    if limits.idle_timeout.as_millis() > u128::from(u32::MAX) {
+        t.source().problem(&at, "[limits].idle_timeout must be at most 49 days");
+    }
     t.finish();
     limits
 }
@@ -830,6 +834,21 @@ mod tests {
         {
             assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn an_idle_timeout_past_49_days_is_refused() {
+        let problems = |idle: &str| match parse(
+            Path::new("t.toml"),
+            &format!("[limits]\nidle_timeout = \"{idle}\"\n"),
+            &BTreeMap::new(),
+        ) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+        };
+        assert_eq!(problems("49d"), Vec::<String>::new());
+        let refused = problems("50d");
+        assert!(refused.iter().any(|p| p.contains("idle_timeout must be at most 49 days")), "{refused:#?}");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //! connection busy.
 //!
 //! It also tells when an HTTP/1.1 connection may be parked ([`Expired::Park`]): idle
-//! long enough that its read buffer, or hyper's session, is better freed than kept (see
-//! `listener::serve_h1` and `front::serve`). While a hyper session is ended to park,
+//! long enough that its read buffer, or hyper's session, and its serving task are better
+//! freed than kept (see `listener::serving` and `listener::park`). While a hyper session is ended to park,
 //! [`Watched`] swallows the shutdown hyper sends, so the socket stays open for the next
 //! request.
 

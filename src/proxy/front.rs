@@ -7,7 +7,7 @@
 //! Any other request (a body to stream, an upgrade, 100-continue), and any head this
 //! reader does not accept (malformed, over `max_header_bytes`, over 100 fields), goes
 //! with the bytes read so far to a hyper session, which answers it (a 400 or 431 for a
-//! bad head) and serves the connection until it idles (see `listener::serve_h1`). The
+//! bad head) and serves the connection until it idles (see `listener::serving`). The
 //! grammar both accept is RFC 9112's, and responses are written as hyper wrote them: in
 //! the client's version (HTTP/1.0 or 1.1), framed by the response's `Content-Length` or
 //! its body's exact size, else chunked (HTTP/1.1) or until close (HTTP/1.0); `Date`

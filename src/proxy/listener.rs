@@ -234,8 +234,8 @@ struct H1<I> {
 ///
 /// Requests without a body are served by the gateway's own reader (`front`); one it
 /// leaves to hyper starts a hyper session, which serves the connection until it idles
-/// and hands it back. The limits are those of the configuration in force when the
-/// connection was accepted or woken.
+/// and hands it back. The limits are those of the configuration in force when this
+/// task starts (after the TLS handshake, or when a parked connection wakes).
 ///
 /// (A block rather than an `async fn`, which would keep a second copy of its arguments
 /// for the task's whole life.)
