@@ -59,9 +59,10 @@ pub fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
-/// Whether a comma-separated field value holds `token` (case-insensitive).
+/// Whether a comma-separated field value holds `token` (case-insensitive; optional
+/// whitespace around each element). Bytewise: asked of `Connection` on every message.
 pub fn has_token(value: &[u8], token: &str) -> bool {
-    std::str::from_utf8(value).is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether `Connection` contains `token` (case-insensitive).
@@ -79,6 +80,18 @@ pub fn persistent(version: Version, close: bool, keep_alive: impl FnOnce() -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_found_in_lists_whatever_their_case_and_whitespace() {
+        assert!(has_token(b"close", "close"));
+        assert!(has_token(b"Keep-Alive, CLOSE", "close"));
+        assert!(has_token(b" upgrade ,\tclose\t", "close"));
+        assert!(has_token(b"a,,close,", "close"));
+        assert!(!has_token(b"closed, xclose, clo se", "close"));
+        assert!(!has_token(b"", "close"));
+        // An element of other bytes does not hide the token next to it.
+        assert!(has_token(b"\xff, close", "close"));
+    }
 
     #[test]
     fn removes_fixed_and_named_fields() {
