@@ -162,11 +162,8 @@ pub fn strip_port(authority: &str) -> &str {
 
 /// The port in an authority, if it has one: what [`strip_port`] leaves after the host.
 pub fn authority_port(authority: &str) -> Option<u16> {
-    let port = authority[strip_port(authority).len()..].strip_prefix(':')?;
-    if !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
+    // `strip_port` takes a colon off only before digits (or nothing: then no port).
+    authority[strip_port(authority).len()..].strip_prefix(':')?.parse().ok()
 }
 
 /// Removes a matched route prefix from a path; the result always starts with `/`.

@@ -262,13 +262,8 @@ pub async fn send(
     loop {
         let (pooled, epoch) = pool.take();
         let reused = pooled.is_some();
-        // A new connection's first response may be large: full room.
-        let mut room = h1::READ_SIZE;
-        let mut io = match pooled {
-            Some((io, last_room)) => {
-                room = last_room;
-                io
-            }
+        let (mut io, room) = match pooled {
+            Some(pooled) => pooled,
             // A server removed after its drain timeout gets nothing more: the request
             // goes back unsent (its pool was emptied when the drain began).
             None if kill.is_cancelled() => {
@@ -277,8 +272,9 @@ pub async fn send(
             }
             // Boxed: connecting is the rare path and would otherwise size every request
             // future (kept per client connection by hyper) for it.
+            // A new connection's first response may be large: full room.
             None => match Box::pin(connect(addr, connect_timeout)).await {
-                Ok(io) => io,
+                Ok(io) => (io, h1::READ_SIZE),
                 Err(error) => return Err(Failure { error, unsent: Some(body) }),
             },
         };

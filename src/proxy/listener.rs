@@ -239,7 +239,7 @@ struct H1<I> {
 ///
 /// (A block rather than an `async fn`, which would keep a second copy of its arguments
 /// for the task's whole life.)
-fn serving<I>(h: H1<I>, first: Option<u8>) -> impl Future<Output = ()> + Send + 'static
+fn serving<I>(h: H1<I>, mut first: Option<u8>) -> impl Future<Output = ()> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -254,7 +254,6 @@ where
         let watch = |park| activity.expired(park);
         let watchdog = watch(Some(PARK_AFTER));
         tokio::pin!(watchdog);
-        let mut first = first;
         loop {
             let ctx = front::Ctx { conn: &conn, shared: &held.shared, activity: &activity, max_head };
             match front::serve(&mut io, &ctx, watchdog.as_mut(), &watch, first.take()).await {
