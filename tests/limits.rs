@@ -272,6 +272,47 @@ async fn at_max_connections_each_freed_place_goes_to_a_waiting_client() {
     }
 }
 
+/// A WebSocket tunnel is still a client connection: it keeps its place under
+/// max_connections and its count in open_connections until it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_keeps_its_connection_place_until_it_closes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b = Backend::start("app").await;
+    let gw = gateway_with(&[&b], "10s", 1).await;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    async fn echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        ws.send(Message::text(text)).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(3), ws.next()).await.expect("echo in time");
+        assert_eq!(back.unwrap().unwrap(), Message::text(text));
+    }
+    echo(&mut ws, "first").await;
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(1.0));
+    // Another client waits while the tunnel is open ...
+    let mut next = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    next.write_all(b"GET /next HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let (bytes, closed) = read_until_close(&mut next, Duration::from_millis(700)).await;
+    assert!(bytes.is_empty() && !closed, "served while the tunnel held the place: {}", String::from_utf8_lossy(&bytes));
+    echo(&mut ws, "second").await;
+    // ... and is served once the tunnel closes.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let (bytes, closed) = read_until_close(&mut next, Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+    assert!(closed);
+    assert_eq!(b.last().uri, "/next");
+    let gone = wait_until_async(Duration::from_secs(3), || async {
+        gw.metric("swarmgate_open_connections").await == Some(0.0)
+    })
+    .await;
+    assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_server_gives_502_or_503_quickly() {
     let b = Backend::start("app").await;

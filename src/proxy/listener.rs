@@ -119,6 +119,21 @@ impl Drop for Held {
     }
 }
 
+/// Where an HTTP/1.1 connection's [`Held`] goes when an upgrade turns it into a tunnel: the
+/// tunnel keeps it, so a WebSocket counts toward `max_connections` and `open_connections`
+/// for as long as it lasts. Made per hyper session and shared by the serving task, the
+/// session's upgrade requests and their tunnels: the serving task leaves the hold here
+/// when the session ends, and it is given back when the last of them lets go (at once,
+/// when no tunnel took it).
+#[derive(Clone, Default)]
+pub(super) struct Handover(Arc<std::sync::Mutex<Option<Held>>>);
+
+impl Handover {
+    fn leave(self, held: Held) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held);
+    }
+}
+
 /// A plain connection's task: set up before the task starts, so the task holds only
 /// what serving needs (it lives as long as the connection).
 fn plain_connection(stream: TcpStream, peer: SocketAddr, held: Held) -> impl Future<Output = ()> + Send + 'static {
@@ -265,8 +280,14 @@ where
             // session, and nothing of the session stays allocated.
             watchdog.set(watch(Some(PARK_AFTER)));
             let session = h1_session(io, &conn, max_head, &held.shared, &activity, watchdog.as_mut(), &watch);
-            let Some(back) = Box::pin(session).await else { return };
-            io = back;
+            io = match Box::pin(session).await {
+                Session::Back(io) => io,
+                Session::Over(handover) => {
+                    // An upgraded connection's tunnel keeps the hold until it ends.
+                    handover.leave(held);
+                    return;
+                }
+            };
             if !io.has_unread() {
                 break;
             }
@@ -331,8 +352,17 @@ where
     }
 }
 
-/// One hyper session on `io`, until the connection is done (`None`) or idle long enough
-/// to park: then the socket comes back, with any bytes read past the last request.
+/// How a hyper session ended.
+enum Session<I> {
+    /// Idle long enough to park: the socket comes back, with any bytes read past the last
+    /// request.
+    Back(Watched<I>),
+    /// The connection is done, or an upgrade made it a tunnel, which takes its hold from
+    /// here.
+    Over(Handover),
+}
+
+/// One hyper session on `io`, until the connection is done or idle long enough to park.
 async fn h1_session<I, W>(
     io: Watched<I>,
     conn: &Arc<Conn>,
@@ -341,7 +371,7 @@ async fn h1_session<I, W>(
     activity: &Arc<Activity>,
     mut watchdog: Pin<&mut W>,
     watch: &impl Fn(Option<Duration>) -> W,
-) -> Option<Watched<I>>
+) -> Session<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     W: Future<Output = Expired>,
@@ -355,7 +385,8 @@ where
         .max_buf_size(max_head.max(8192))
         .max_header_size(max_head)
         .keep_alive(true);
-    let service = tracked_service(shared, Arc::clone(conn), activity);
+    let handover = Handover::default();
+    let service = tracked_service(shared, Arc::clone(conn), activity, Some(handover.clone()));
     let mut session = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     // Requests seen when parking began; `None` while the session serves.
     let mut parking: Option<u64> = None;
@@ -367,7 +398,7 @@ where
                     if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection ended with an error");
                     }
-                    return None;
+                    return Session::Over(handover);
                 }
             },
             () = shared.shutdown.cancelled() => {
@@ -376,12 +407,12 @@ where
                 if let Err(e) = (&mut session).await {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
-                return None;
+                return Session::Over(handover);
             }
             why = watchdog.as_mut() => {
                 if why != Expired::Park {
                     tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                    return None; // nothing is in flight: dropping the connection closes it
+                    return Session::Over(handover); // nothing is in flight: dropping the connection closes it
                 }
                 // Idle: hyper ends the session once its last response is flushed (at
                 // once, mostly), and the shutdown it then sends is swallowed. The other
@@ -398,21 +429,23 @@ where
     // A request that slipped in while parking was answered with `Connection: close`;
     // an upgraded session has no socket to give back.
     if result.is_err() || activity.requests() != requests {
-        return None;
+        return Session::Over(handover);
     }
-    let parts = session.into_parts()?;
+    let Some(parts) = session.into_parts() else { return Session::Over(handover) };
     let mut io = parts.io.into_inner();
     if !parts.read_buf.is_empty() {
         io.unread(&parts.read_buf);
     }
-    Some(io) // the rest of the session (its read buffer included) is freed here
+    Session::Back(io) // the rest of the session (its read buffer included) is freed here
 }
 
 /// The proxy service, counting each request in `activity` until its response body ends.
+/// With a `handover` (HTTP/1.1), a request asking to upgrade carries it to its tunnel.
 fn tracked_service(
     shared: &Shared,
     conn: Arc<Conn>,
     activity: &Arc<Activity>,
+    handover: Option<Handover>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = hyper::Response<Tracked>,
@@ -421,8 +454,13 @@ fn tracked_service(
 > + Send
 + use<> {
     let (gw, activity) = (Arc::clone(&shared.gw), Arc::clone(activity));
-    service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let guard = RequestGuard::open(&activity);
+        if let Some(handover) = &handover {
+            if req.headers().contains_key(hyper::header::UPGRADE) {
+                req.extensions_mut().insert(handover.clone());
+            }
+        }
         if req.version() < hyper::Version::HTTP_11 || super::hop::connection_has(req.headers(), "close") {
             activity.set_closing();
         }
@@ -448,7 +486,7 @@ where
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     let activity = Activity::new(None, limits.idle_timeout);
-    let service = tracked_service(shared, conn, &activity);
+    let service = tracked_service(shared, conn, &activity, None);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {

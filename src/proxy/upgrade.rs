@@ -48,6 +48,8 @@ pub async fn proxy(
         req.headers().get(header::UPGRADE).cloned().ok_or(ProxyError::BadRequest("missing Upgrade"))?
     };
     let client_side = hyper::upgrade::on(&mut req);
+    // HTTP/1.1: the connection becomes the tunnel, which keeps its hold on the listener.
+    let handover = req.extensions_mut().remove::<super::listener::Handover>();
     let upstream_req = build_request(snap, conn, route, &req, authority, protocol.clone(), extended_connect);
 
     let upstream = &route.upstream;
@@ -96,6 +98,7 @@ pub async fn proxy(
     let addr = server.addr;
     gw.tunnels.spawn(async move {
         let _in_flight = guard;
+        let _hold = handover;
         let (client_io, server_io) = match tokio::join!(client_side, server_side) {
             (Ok(c), Ok(s)) => (c, s),
             (c, s) => {
