@@ -154,6 +154,8 @@ pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// The end-to-end fields: hop-by-hop ones (see [`super::hop`]) are dropped as the head
+    /// is read.
     pub headers: HeaderMap,
     pub framing: Framing,
     /// Whether the connection may carry another request once this body has ended.
@@ -183,12 +185,24 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     // looked up in the map afterwards.
     let mut noted = Noted::default();
     for field in resp.headers.iter() {
+        // Hop-by-hop fields are noted and dropped here, before a name or value is made
+        // (httparse has checked their bytes as HeaderName and HeaderValue would).
+        if super::hop::is_always(field.name.as_bytes()) {
+            noted.note_hop(field.name.as_bytes(), field.value);
+            continue;
+        }
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
         let start = field.value.as_ptr() as usize - base;
         let value = HeaderValue::from_maybe_shared(raw.slice(start..start + field.value.len()))
             .map_err(|_| invalid("bad header value"))?;
-        noted.note(&name, &value);
+        if name == header::CONTENT_LENGTH && !matches!(noted.length, Some(Err(_))) {
+            noted.length = Some(content_length(&value, noted.length.and_then(Result::ok)));
+        }
         headers.append(name, value);
+    }
+    // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
+    for name in &noted.named {
+        headers.remove(name);
     }
     buf.advance(len);
     if len > MAX_HEAD {
@@ -203,8 +217,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         }
         clean &= version != Version::HTTP_10;
     }
-    let keep_alive = || super::hop::connection_has(&headers, "keep-alive");
-    let persistent = super::hop::persistent(version, noted.close, keep_alive);
+    let persistent = super::hop::persistent(version, noted.close, || noted.keep_alive);
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
 }
@@ -220,22 +233,30 @@ struct Noted {
     length: Option<Result<u64, &'static str>>,
     /// `Connection` names `close`.
     close: bool,
+    /// `Connection` names `keep-alive`.
+    keep_alive: bool,
+    /// Other fields `Connection` names (besides `close`, `keep-alive` and `upgrade`).
+    named: Vec<HeaderName>,
 }
 
 impl Noted {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
-        match *name {
-            header::CONNECTION => self.close |= super::hop::has_token(value.as_bytes(), "close"),
-            header::TRANSFER_ENCODING => {
-                // Chunked must be the final coding of the last field.
-                let last = value.to_str().ok().and_then(|v| v.rsplit(',').next());
-                self.transfer_encoding = true;
-                self.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+    /// A hop-by-hop field (see [`super::hop::is_always`]), which goes no further.
+    fn note_hop(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                    self.named.extend(HeaderName::from_bytes(token).ok());
+                }
             }
-            header::CONTENT_LENGTH if !matches!(self.length, Some(Err(_))) => {
-                self.length = Some(content_length(value, self.length.and_then(Result::ok)));
-            }
-            _ => {}
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Chunked must be the final coding of the last field.
+            let last = std::str::from_utf8(value).ok().and_then(|v| v.rsplit(',').next());
+            self.transfer_encoding = true;
+            self.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         }
     }
 }
@@ -778,6 +799,26 @@ mod tests {
             let raw = format!("HTTP/1.1 200 OK\r\n{bad}\r\n\r\n");
             assert!(parse(&raw, Method::GET).is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_dropped_as_the_head_is_read() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\nX-Private: 1\r\n\
+             Proxy-Connection: close\r\nUpgrade: h2c\r\nTE: trailers\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\n",
+        );
+        let mut names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(2), true), "Proxy-Connection is not Connection");
+        // What Connection says still counts, whatever its case and however many lines.
+        let h =
+            head("HTTP/1.0 200 OK\r\nCONNECTION: X-A\r\nX-A: 1\r\nconnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["content-length"]);
+        let h = head("HTTP/1.1 200 OK\r\nX-B: 1\r\nConnection: x-b,, CLOSE\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(h.headers.is_empty(), "{:?}", h.headers);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
     }
 
     #[test]

@@ -54,6 +54,21 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     wants_trailers
 }
 
+/// Whether a field name (as read, any case) is one of [`ALWAYS`]: compared bytewise, so
+/// that a head being read can drop these fields before a `HeaderName` is made for them.
+pub fn is_always(name: &[u8]) -> bool {
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        7 => &[b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        18 => &[b"proxy-authenticate"],
+        _ => return false,
+    };
+    candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
 /// The comma-separated tokens of a `Connection` value, trimmed.
 pub fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
@@ -91,6 +106,17 @@ mod tests {
         assert!(!has_token(b"", "close"));
         // An element of other bytes does not hide the token next to it.
         assert!(has_token(b"\xff, close", "close"));
+    }
+
+    #[test]
+    fn raw_names_are_told_hop_by_hop_as_the_list_says() {
+        for name in &ALWAYS {
+            assert!(is_always(name.as_str().as_bytes()), "{name}");
+            assert!(is_always(name.as_str().to_ascii_uppercase().as_bytes()), "{name}");
+        }
+        for name in ["t", "tee", "content-length", "connectionx", "keep-alivf", "x-connection", "trailer", ""] {
+            assert!(!is_always(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

@@ -374,8 +374,8 @@ fn respond(
     start: Instant,
     log: Option<Box<AccessLog>>,
 ) -> Response<RespBody> {
-    let (mut parts, body) = sent.response.into_parts();
-    hop::strip(&mut parts.headers);
+    // The head came without its hop-by-hop fields (`h1::parse_head`).
+    let (parts, body) = sent.response.into_parts();
     let status = parts.status;
     let done = Done { epoch: sent.epoch, guard, route, status, start, log };
     Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, Box::new(done))))
