@@ -253,6 +253,22 @@ async fn hop_by_hop_request_headers_are_removed() {
     }
     assert_eq!(seen.header("x-kept"), Some("yes"));
 
+    // Without `Upgrade` the gateway's own reader takes the request: the same fields go.
+    let r = raw(
+        &gw,
+        "GET /own HTTP/1.1\r\nHost: app.test\r\nConnection: close, X-Secret\r\nConnection: X-Second\r\n\
+         X-Secret: 1\r\nX-Second: 2\r\nKeep-Alive: timeout=5\r\nTE: gzip\r\nProxy-Connection: keep-alive\r\n\
+         X-Kept: yes\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = b.last();
+    assert_eq!(seen.uri, "/own");
+    for gone in ["connection", "x-secret", "x-second", "keep-alive", "te", "proxy-connection"] {
+        assert!(!seen.has(gone), "{gone} reached the server: {:?}", seen.headers);
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+
     // `TE: trailers` is the one TE value passed on (RFC 9110 section 10.1.4).
     raw(&gw, "GET / HTTP/1.1\r\nHost: app.test\r\nTE: trailers, gzip\r\nConnection: close, TE\r\n\r\n").await;
     assert_eq!(b.last().header_all("te"), ["trailers"]);

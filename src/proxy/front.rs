@@ -199,26 +199,41 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // With room for the forwarding fields the proxy adds: no growth and rehash later.
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
     // What the client asks of the connection, read as the fields go by (no lookups after).
-    let (mut trailers, mut close, mut keep_alive) = (false, false, false);
+    // Hop-by-hop fields are noted and left out of the request (`ClientBody::Empty` tells
+    // the proxy its head is clean), before a name or value is made for them.
+    let (mut trailers, mut connection) = (false, hop::ConnectionSays::default());
     for field in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
-        match name {
-            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE => return Parsed::NotOurs,
-            header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
+        let raw_name = field.name.as_bytes();
+        if hop::is_always(raw_name) {
+            if raw_name.eq_ignore_ascii_case(b"connection") {
+                connection.note(field.value);
+            } else if raw_name.eq_ignore_ascii_case(b"te") {
+                trailers |= hop::has_token(field.value, "trailers");
+            } else if raw_name.eq_ignore_ascii_case(b"transfer-encoding") || raw_name.eq_ignore_ascii_case(b"upgrade") {
                 return Parsed::NotOurs;
             }
-            header::TE => trailers |= hop::has_token(field.value, "trailers"),
-            header::CONNECTION => {
-                close |= hop::has_token(field.value, "close");
-                keep_alive |= hop::has_token(field.value, "keep-alive");
+            continue;
+        }
+        let Ok(name) = HeaderName::from_bytes(raw_name) else { return Parsed::NotOurs };
+        match name {
+            header::EXPECT => return Parsed::NotOurs,
+            header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
+                return Parsed::NotOurs;
             }
             _ => {}
         }
         let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
         headers.append(name, value);
     }
+    for name in &connection.named {
+        headers.remove(name);
+    }
+    if trailers {
+        // The one hop-by-hop field passed on (RFC 9110 section 10.1.4).
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    let keep_alive = hop::persistent(version, close, || keep_alive);
+    let keep_alive = hop::persistent(version, connection.close, || connection.keep_alive);
     buf.advance(len);
     let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
@@ -586,6 +601,21 @@ mod tests {
                 _ => panic!("{raw:?} not parsed"),
             }
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_and_te_trailers_put_back() {
+        let raw = "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Private, TE\r\nX-Private: 1\r\n\
+                   Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip, trailers\r\nX-Kept: yes\r\n\
+                   connection: CLOSE\r\n\r\n";
+        let (parsed, _) = parse_all(raw);
+        let Parsed::Ours(r, asks) = &parsed[0] else { panic!("not parsed") };
+        assert_eq!(*asks, Asks { keep_alive: false, trailers: true });
+        let mut fields: Vec<(&str, &[u8])> = r.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, [("host", &b"x"[..]), ("te", b"trailers"), ("x-kept", b"yes")]);
+        let (_, keep) = ours(&parse_all("GET / HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n").0[0]);
+        assert!(keep, "HTTP/1.0 asking for keep-alive in capitals");
     }
 
     #[test]

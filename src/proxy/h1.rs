@@ -201,7 +201,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         headers.append(name, value);
     }
     // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
-    for name in &noted.named {
+    for name in &noted.connection.named {
         headers.remove(name);
     }
     buf.advance(len);
@@ -217,7 +217,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         }
         clean &= version != Version::HTTP_10;
     }
-    let persistent = super::hop::persistent(version, noted.close, || noted.keep_alive);
+    let persistent = super::hop::persistent(version, noted.connection.close, || noted.connection.keep_alive);
     let keep_alive = clean && persistent && framing != Framing::Close;
     Ok(Some(Head { status, version, headers, framing, keep_alive }))
 }
@@ -231,27 +231,15 @@ struct Noted {
     /// `Content-Length`, if there is one: its value (repeated or listed values must
     /// agree), or the first fault in it.
     length: Option<Result<u64, &'static str>>,
-    /// `Connection` names `close`.
-    close: bool,
-    /// `Connection` names `keep-alive`.
-    keep_alive: bool,
-    /// Other fields `Connection` names (besides `close`, `keep-alive` and `upgrade`).
-    named: Vec<HeaderName>,
+    /// What `Connection` says.
+    connection: super::hop::ConnectionSays,
 }
 
 impl Noted {
     /// A hop-by-hop field (see [`super::hop::is_always`]), which goes no further.
     fn note_hop(&mut self, name: &[u8], value: &[u8]) {
         if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
-                } else if !token.eq_ignore_ascii_case(b"upgrade") {
-                    self.named.extend(HeaderName::from_bytes(token).ok());
-                }
-            }
+            self.connection.note(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Chunked must be the final coding of the last field.
             let last = std::str::from_utf8(value).ok().and_then(|v| v.rsplit(',').next());

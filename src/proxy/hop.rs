@@ -2,7 +2,7 @@
 //! removed before a message is forwarded, together with every field the `Connection`
 //! header names.
 
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderName};
 use hyper::{HeaderMap, Version};
 
 /// Fields that are hop-by-hop whatever `Connection` says (RFC 9110 7.6.1, plus the
@@ -35,16 +35,11 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     let wants_trailers = te && headers.get_all(header::TE).iter().any(|v| has_token(v.as_bytes(), "trailers"));
     if connection {
         // Every Connection line counts: a message may carry the field more than once.
-        // `close`, `keep-alive` and `upgrade` (the usual tokens) go anyway: only other
-        // names cost a lookup, and the list is built only when there are any.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(connection_tokens)
-            .filter(|t| !["close", "keep-alive", "upgrade"].iter().any(|c| t.eq_ignore_ascii_case(c)))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
+        let mut says = ConnectionSays::default();
+        for value in headers.get_all(header::CONNECTION) {
+            says.note(value.as_bytes());
+        }
+        for name in says.named {
             headers.remove(name);
         }
     }
@@ -69,9 +64,29 @@ pub fn is_always(name: &[u8]) -> bool {
     candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
 }
 
-/// The comma-separated tokens of a `Connection` value, trimmed.
-pub fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty())
+/// What a message's `Connection` fields say, read line by line.
+#[derive(Debug, Default)]
+pub struct ConnectionSays {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// The other fields it names, hop-by-hop too (`upgrade` aside: it names the field
+    /// already dropped with the rest of [`ALWAYS`]). Rare: usually left empty, unallocated.
+    pub named: Vec<HeaderName>,
+}
+
+impl ConnectionSays {
+    /// Reads one `Connection` value (case-insensitive tokens, optional whitespace).
+    pub fn note(&mut self, value: &[u8]) {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                self.named.extend(HeaderName::from_bytes(token).ok());
+            }
+        }
+    }
 }
 
 /// Whether a comma-separated field value holds `token` (case-insensitive; optional
@@ -95,6 +110,7 @@ pub fn persistent(version: Version, close: bool, keep_alive: impl FnOnce() -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     #[test]
     fn tokens_are_found_in_lists_whatever_their_case_and_whitespace() {

@@ -228,8 +228,13 @@ fn rewrite_request(
     authority: &HeaderValue,
 ) -> forwarded::Forwarding {
     let authority_str = authority.to_str().unwrap_or("");
+    // The gateway's own reader leaves hop-by-hop fields out as it reads (and puts `TE:
+    // trailers` back itself); hyper's heads are stripped here.
+    let wants_trailers = match req.body() {
+        ClientBody::Empty => false,
+        ClientBody::Hyper(_) => hop::strip(req.headers_mut()),
+    };
     let headers = req.headers_mut();
-    let wants_trailers = hop::strip(headers);
     headers.remove(header::EXPECT); // 100-continue was handled with the client
     let port = route::authority_port(authority_str).unwrap_or(if conn.tls { 443 } else { 80 });
     let facts = forwarded::Facts {
