@@ -71,9 +71,9 @@ impl Default for Pool {
     }
 }
 
-/// Whether an idle socket, idle since `since`, may still carry a request.
-fn reusable(socket: &TcpStream, since: Instant) -> bool {
-    since.elapsed() < MAX_IDLE_AGE && still_open(socket)
+/// Whether an idle socket, idle since `since`, may still carry a request at `now`.
+fn reusable(socket: &TcpStream, since: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(since) < MAX_IDLE_AGE && still_open(socket)
 }
 
 /// Whether the server has neither closed an idle socket nor sent anything on it. No
@@ -91,33 +91,34 @@ impl Pool {
 
     /// An idle connection, the most recently used first (warm, least likely closed by
     /// the server), with the pool's epoch.
-    fn take(&self) -> (Option<(TcpStream, usize)>, u64) {
+    fn take(&self, now: Instant) -> (Option<(TcpStream, usize)>, u64) {
         let epoch = self.0.epoch.load(Ordering::Relaxed);
         let mut shard = self.lock();
         while let Some((socket, since, room)) = shard.pop() {
-            if reusable(&socket, since) {
+            if reusable(&socket, since, now) {
                 return (Some((socket, room)), epoch);
             }
         }
         (None, epoch)
     }
 
-    /// Keeps a connection whose last response (of `body` bytes) has ended, taken at
-    /// `epoch`, unless the pool was cleared since or is full.
-    pub fn put(&self, socket: TcpStream, epoch: u64, body: u64) {
+    /// Keeps a connection whose last response (of `body` bytes) has ended `now`, taken
+    /// at `epoch`, unless the pool was cleared since or is full.
+    pub fn put(&self, socket: TcpStream, epoch: u64, body: u64, now: Instant) {
         if self.0.epoch.load(Ordering::Relaxed) != epoch {
             return;
         }
         let mut shard = self.lock();
         if shard.len() < MAX_IDLE {
-            shard.push((socket, Instant::now(), h1::first_read_room(body)));
+            shard.push((socket, now, h1::first_read_room(body)));
         }
     }
 
     /// Closes this worker's idle sockets that the server has closed or that are too old
     /// to reuse. Run on every worker, every [`SWEEP_EVERY`].
     pub fn sweep(&self) {
-        self.lock().retain(|(socket, since, _)| reusable(socket, *since));
+        let now = Instant::now();
+        self.lock().retain(|(socket, since, _)| reusable(socket, *since, now));
     }
 
     /// Closes every idle connection; those in use are closed when their response ends.
@@ -247,7 +248,9 @@ pub async fn send(
     response_timeout: Duration,
 ) -> Result<Sent, Failure> {
     let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
-    let deadline = tokio::time::Instant::now() + response_timeout;
+    // One reading of the clock for the deadline and the pool's idle ages.
+    let now = Instant::now();
+    let deadline = tokio::time::Instant::from_std(now) + response_timeout;
     let framing = request_framing(parts, &body);
     let mut head = Vec::with_capacity(1024);
     h1::encode_head(parts, added, framing, &mut head);
@@ -260,7 +263,7 @@ pub async fn send(
         }
     }
     loop {
-        let (pooled, epoch) = pool.take();
+        let (pooled, epoch) = pool.take(now);
         let reused = pooled.is_some();
         let (mut io, room) = match pooled {
             Some(pooled) => pooled,

@@ -401,10 +401,11 @@ struct Done {
 impl Finish for Done {
     fn finish(mut self: Box<Self>, complete: bool, bytes: u64, reusable: Option<tokio::net::TcpStream>) {
         let server = self.guard.server();
+        let now = Instant::now();
         if let Some(socket) = reusable {
-            server.pool.put(socket, self.epoch, bytes);
+            server.pool.put(socket, self.epoch, bytes, now);
         }
-        let took = self.start.elapsed();
+        let took = now.saturating_duration_since(self.start);
         self.route.stats.record(self.status.as_u16(), took);
         if let Some(log) = self.log.take() {
             log.write(self.status.as_u16(), Some(server.addr), took, bytes, complete);
