@@ -313,6 +313,39 @@ async fn a_websocket_tunnel_keeps_its_connection_place_until_it_closes() {
     assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
 }
 
+/// A refused upgrade ends its connection (hyper closes it after the answer) and gives its
+/// place back: the hold the upgrade request carried for a tunnel is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_gives_its_connection_place_back() {
+    let b = Backend::start("app").await;
+    let gw = gateway_with(&[&b], "10s", 1).await;
+    let mut first = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    first
+        .write_all(
+            b"GET /status?code=403 HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (bytes, closed) = read_until_close(&mut first, Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&bytes), Some(403), "{}", String::from_utf8_lossy(&bytes));
+    assert!(closed);
+    for i in 0..3 {
+        let mut next = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        next.write_all(format!("GET /next{i} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (bytes, closed) = read_until_close(&mut next, Duration::from_secs(3)).await;
+        assert_eq!(raw_status(&bytes), Some(200), "client {i}: {}", String::from_utf8_lossy(&bytes));
+        assert!(closed);
+    }
+    let gone = wait_until_async(Duration::from_secs(3), || async {
+        gw.metric("swarmgate_open_connections").await == Some(0.0)
+    })
+    .await;
+    assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_server_gives_502_or_503_quickly() {
     let b = Backend::start("app").await;

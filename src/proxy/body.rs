@@ -20,7 +20,8 @@ use super::h1::ResponseBody;
 /// A request body as the client side hands it over.
 #[derive(Debug)]
 pub enum ClientBody {
-    /// No body: the requests the gateway's own HTTP/1.1 reader serves (see `front`).
+    /// No body: the requests the gateway's own HTTP/1.1 reader serves (see `front`),
+    /// whose heads come without hop-by-hop fields (so the proxy does not strip them).
     Empty,
     /// hyper's: HTTP/2, and HTTP/1.1 requests that carry a body.
     Hyper(Incoming),

@@ -248,7 +248,8 @@ pub async fn send(
     response_timeout: Duration,
 ) -> Result<Sent, Failure> {
     let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
-    // One reading of the clock for the deadline and the pool's idle ages.
+    // One reading of the clock for the deadline and the pool's idle ages. (tokio's clock
+    // is this one, except under test-util's paused time, which no test sending uses.)
     let now = Instant::now();
     let deadline = tokio::time::Instant::from_std(now) + response_timeout;
     let framing = request_framing(parts, &body);

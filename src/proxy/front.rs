@@ -226,7 +226,10 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         headers.append(name, value);
     }
     for name in &connection.named {
-        headers.remove(name);
+        // `Host` stays: the request is routed by it (and the server gets it anyway).
+        if name != header::HOST {
+            headers.remove(name);
+        }
     }
     if trailers {
         // The one hop-by-hop field passed on (RFC 9110 section 10.1.4).
@@ -605,9 +608,10 @@ mod tests {
 
     #[test]
     fn hop_by_hop_fields_are_left_out_and_te_trailers_put_back() {
-        let raw = "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Private, TE\r\nX-Private: 1\r\n\
-                   Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip, trailers\r\nX-Kept: yes\r\n\
-                   connection: CLOSE\r\n\r\n";
+        // X-Before comes before the Connection line that names it, X-Private after.
+        let raw = "GET / HTTP/1.1\r\nHost: x\r\nX-Before: 0\r\nConnection: keep-alive, X-Private, TE, x-before\r\n\
+                   X-Private: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip, trailers\r\n\
+                   X-Kept: yes\r\nconnection: CLOSE\r\n\r\n";
         let (parsed, _) = parse_all(raw);
         let Parsed::Ours(r, asks) = &parsed[0] else { panic!("not parsed") };
         assert_eq!(*asks, Asks { keep_alive: false, trailers: true });
@@ -616,6 +620,10 @@ mod tests {
         assert_eq!(fields, [("host", &b"x"[..]), ("te", b"trailers"), ("x-kept", b"yes")]);
         let (_, keep) = ours(&parse_all("GET / HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n").0[0]);
         assert!(keep, "HTTP/1.0 asking for keep-alive in capitals");
+        // Host is what the request is routed by: naming it in Connection does not hide it.
+        let (parsed, _) = parse_all("GET / HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n");
+        let (r, _) = ours(&parsed[0]);
+        assert_eq!(r.headers().get(header::HOST).map(HeaderValue::as_bytes), Some(&b"x"[..]));
     }
 
     #[test]

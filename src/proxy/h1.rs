@@ -241,10 +241,12 @@ impl Noted {
         if name.eq_ignore_ascii_case(b"connection") {
             self.connection.note(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Chunked must be the final coding of the last field.
-            let last = std::str::from_utf8(value).ok().and_then(|v| v.rsplit(',').next());
+            // Chunked must be the final coding of the last field, in visible ASCII: a
+            // value with other bytes is not chunked (the body then runs until close).
+            let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+            let last = value.rsplit(|&b| b == b',').next().filter(|_| visible);
             self.transfer_encoding = true;
-            self.chunked_last = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+            self.chunked_last = last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
 }
@@ -765,6 +767,11 @@ mod tests {
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false), "both fields: chunked, then close");
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "the stale length must not reach the client");
+        // Only visible ASCII spells chunked (a no-break space after it does not).
+        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n", Method::GET)
+            .expect("ok")
+            .expect("whole");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
         assert_eq!((h.framing, h.headers.contains_key(header::CONTENT_LENGTH)), (Framing::Close, false));
         let h = head("HTTP/1.1 200 OK\r\n\r\n");

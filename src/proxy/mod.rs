@@ -231,7 +231,14 @@ fn rewrite_request(
     // The gateway's own reader leaves hop-by-hop fields out as it reads (and puts `TE:
     // trailers` back itself); hyper's heads are stripped here.
     let wants_trailers = match req.body() {
-        ClientBody::Empty => false,
+        ClientBody::Empty => {
+            debug_assert!(
+                !req.headers().keys().any(|n| n != header::TE && hop::is_always(n.as_str().as_bytes())),
+                "hop-by-hop fields in a head from the own reader: {:?}",
+                req.headers()
+            );
+            false
+        }
         ClientBody::Hyper(_) => hop::strip(req.headers_mut()),
     };
     let headers = req.headers_mut();
