@@ -272,6 +272,15 @@ async fn at_max_connections_each_freed_place_goes_to_a_waiting_client() {
     }
 }
 
+/// `swarmgate_open_connections` comes down to 0 within 3 s.
+async fn assert_no_open_connections_soon(gw: &Gateway) {
+    let gone = wait_until_async(Duration::from_secs(3), || async {
+        gw.metric("swarmgate_open_connections").await == Some(0.0)
+    })
+    .await;
+    assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
+}
+
 /// A WebSocket tunnel is still a client connection: it keeps its place under
 /// max_connections and its count in open_connections until it closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,11 +315,7 @@ async fn a_websocket_tunnel_keeps_its_connection_place_until_it_closes() {
     assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
     assert!(closed);
     assert_eq!(b.last().uri, "/next");
-    let gone = wait_until_async(Duration::from_secs(3), || async {
-        gw.metric("swarmgate_open_connections").await == Some(0.0)
-    })
-    .await;
-    assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
+    assert_no_open_connections_soon(&gw).await;
 }
 
 /// A refused upgrade ends its connection (hyper closes it after the answer) and gives its
@@ -339,11 +344,7 @@ async fn a_refused_upgrade_gives_its_connection_place_back() {
         assert_eq!(raw_status(&bytes), Some(200), "client {i}: {}", String::from_utf8_lossy(&bytes));
         assert!(closed);
     }
-    let gone = wait_until_async(Duration::from_secs(3), || async {
-        gw.metric("swarmgate_open_connections").await == Some(0.0)
-    })
-    .await;
-    assert!(gone, "open_connections: {:?}", gw.metric("swarmgate_open_connections").await);
+    assert_no_open_connections_soon(&gw).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

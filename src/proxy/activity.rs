@@ -14,9 +14,9 @@
 //!
 //! It also tells when an HTTP/1.1 connection may be parked ([`Expired::Park`]): idle
 //! long enough that its read buffer, or hyper's session, and its serving task are better
-//! freed than kept (see `listener::serving` and `listener::park`). While a hyper session is ended to park,
-//! [`Watched`] swallows the shutdown hyper sends, so the socket stays open for the next
-//! request.
+//! freed than kept (see `listener::serving` and `listener::park`). While a hyper session
+//! is ended to park, [`Watched`] swallows the shutdown hyper sends, so the socket stays
+//! open for the next request.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -31,7 +31,7 @@ use super::Conn;
 use super::activity::{Activity, Expired, RequestGuard, Watched};
 use super::body::{ClientBody, RespBody};
 use super::h1::{self, Framing};
-use super::hop;
+use super::hop::{self, Fixed};
 use super::listener::{PARK_AFTER, Shared};
 
 /// Room made in the read buffer before a read (a head may grow it to `max_header_bytes`).
@@ -205,18 +205,16 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // the proxy its head is clean), before a name or value is made for them.
     let (mut trailers, mut connection) = (false, hop::ConnectionSays::default());
     for field in req.headers.iter() {
-        let raw_name = field.name.as_bytes();
-        if hop::is_always(raw_name) {
-            if raw_name.eq_ignore_ascii_case(b"connection") {
-                connection.note(field.value);
-            } else if raw_name.eq_ignore_ascii_case(b"te") {
-                trailers |= hop::has_token(field.value, "trailers");
-            } else if raw_name.eq_ignore_ascii_case(b"transfer-encoding") || raw_name.eq_ignore_ascii_case(b"upgrade") {
-                return Parsed::NotOurs;
+        if let Some(which) = hop::fixed(field.name.as_bytes()) {
+            match which {
+                Fixed::Connection => connection.note(field.value),
+                Fixed::Te => trailers |= hop::has_token(field.value, "trailers"),
+                Fixed::TransferEncoding | Fixed::Upgrade => return Parsed::NotOurs,
+                Fixed::Other => {}
             }
             continue;
         }
-        let Ok(name) = HeaderName::from_bytes(raw_name) else { return Parsed::NotOurs };
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
         match name {
             header::EXPECT => return Parsed::NotOurs,
             header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {

@@ -187,8 +187,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     for field in resp.headers.iter() {
         // Hop-by-hop fields are noted and dropped here, before a name or value is made
         // (httparse has checked their bytes as HeaderName and HeaderValue would).
-        if super::hop::is_always(field.name.as_bytes()) {
-            noted.note_hop(field.name.as_bytes(), field.value);
+        if let Some(which) = super::hop::fixed(field.name.as_bytes()) {
+            noted.note_hop(which, field.value);
             continue;
         }
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
@@ -236,17 +236,20 @@ struct Noted {
 }
 
 impl Noted {
-    /// A hop-by-hop field (see [`super::hop::is_always`]), which goes no further.
-    fn note_hop(&mut self, name: &[u8], value: &[u8]) {
-        if name.eq_ignore_ascii_case(b"connection") {
-            self.connection.note(value);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Chunked must be the final coding of the last field, in visible ASCII: a
-            // value with other bytes is not chunked (the body then runs until close).
-            let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
-            let last = value.rsplit(|&b| b == b',').next().filter(|_| visible);
-            self.transfer_encoding = true;
-            self.chunked_last = last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    /// A hop-by-hop field (see [`super::hop::fixed`]), which goes no further.
+    fn note_hop(&mut self, which: super::hop::Fixed, value: &[u8]) {
+        use super::hop::Fixed;
+        match which {
+            Fixed::Connection => self.connection.note(value),
+            Fixed::TransferEncoding => {
+                // Chunked must be the final coding of the last field, in visible ASCII: a
+                // value with other bytes is not chunked (the body then runs until close).
+                let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+                let last = value.rsplit(|&b| b == b',').next().filter(|_| visible);
+                self.transfer_encoding = true;
+                self.chunked_last = last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            Fixed::Te | Fixed::Upgrade | Fixed::Other => {}
         }
     }
 }

@@ -49,19 +49,31 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     wants_trailers
 }
 
-/// Whether a field name (as read, any case) is one of [`ALWAYS`]: compared bytewise, so
-/// that a head being read can drop these fields before a `HeaderName` is made for them.
-pub fn is_always(name: &[u8]) -> bool {
-    let candidates: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        7 => &[b"upgrade"],
-        10 => &[b"connection", b"keep-alive"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        18 => &[b"proxy-authenticate"],
-        _ => return false,
+/// Which of [`ALWAYS`] a field is, told from its name as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixed {
+    Connection,
+    Te,
+    TransferEncoding,
+    Upgrade,
+    /// `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`: nothing in them matters here.
+    Other,
+}
+
+/// Whether a field name (as read, any case) is one of [`ALWAYS`], and which: compared
+/// bytewise, so that a head being read can drop these fields before a `HeaderName` is
+/// made for them.
+pub fn fixed(name: &[u8]) -> Option<Fixed> {
+    let candidates: &[(&[u8], Fixed)] = match name.len() {
+        2 => &[(b"te", Fixed::Te)],
+        7 => &[(b"upgrade", Fixed::Upgrade)],
+        10 => &[(b"connection", Fixed::Connection), (b"keep-alive", Fixed::Other)],
+        16 => &[(b"proxy-connection", Fixed::Other)],
+        17 => &[(b"transfer-encoding", Fixed::TransferEncoding)],
+        18 => &[(b"proxy-authenticate", Fixed::Other)],
+        _ => return None,
     };
-    candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
+    candidates.iter().find(|(c, _)| name.eq_ignore_ascii_case(c)).map(|&(_, which)| which)
 }
 
 /// What a message's `Connection` fields say, read line by line.
@@ -127,11 +139,17 @@ mod tests {
     #[test]
     fn raw_names_are_told_hop_by_hop_as_the_list_says() {
         for name in &ALWAYS {
-            assert!(is_always(name.as_str().as_bytes()), "{name}");
-            assert!(is_always(name.as_str().to_ascii_uppercase().as_bytes()), "{name}");
+            let which = fixed(name.as_str().as_bytes());
+            assert!(which.is_some(), "{name}");
+            assert_eq!(fixed(name.as_str().to_ascii_uppercase().as_bytes()), which, "{name}");
         }
+        assert_eq!(fixed(b"Connection"), Some(Fixed::Connection));
+        assert_eq!(fixed(b"TE"), Some(Fixed::Te));
+        assert_eq!(fixed(b"transfer-Encoding"), Some(Fixed::TransferEncoding));
+        assert_eq!(fixed(b"UPGRADE"), Some(Fixed::Upgrade));
+        assert_eq!(fixed(b"Keep-Alive"), Some(Fixed::Other));
         for name in ["t", "tee", "content-length", "connectionx", "keep-alivf", "x-connection", "trailer", ""] {
-            assert!(!is_always(name.as_bytes()), "{name}");
+            assert_eq!(fixed(name.as_bytes()), None, "{name}");
         }
     }
 

@@ -234,7 +234,7 @@ fn rewrite_request(
     let wants_trailers = match req.body() {
         ClientBody::Empty => {
             debug_assert!(
-                !req.headers().keys().any(|n| n != header::TE && hop::is_always(n.as_str().as_bytes())),
+                !req.headers().keys().any(|n| n != header::TE && hop::fixed(n.as_str().as_bytes()).is_some()),
                 "hop-by-hop fields in a head from the own reader: {:?}",
                 req.headers()
             );
