@@ -36,21 +36,23 @@
 #            connections (one request answered on each, then 2.5 s idle), in KiB per
 #            connection
 #   instr    user-space CPU instructions per request, counted by valgrind's callgrind, for
-#            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16; not in the
-#            default list, as it takes about 1.5 minutes for three contenders
+#            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16, and HTTP/2 over
+#            TLS as in h2 (h2load -c16 -m8); not in the default list, as it takes about
+#            2.5 minutes for three contenders
 #
 # instr is the number to watch on a shared machine, where requests/s and CPU time move
 # with the neighbours: the same build on the same config counts the same within about 1%
 # whatever else runs. It runs once per contender and path (not per round), on the h1
 # configs: a fresh proxy, pinned, under valgrind --tool=callgrind --instr-atstart=no (nginx
 # with master_process off, so one process; haproxy with maxconn 1024, as valgrind keeps it
-# from raising its fd limit), 2 s of wrk to warm up, then callgrind_control -i on, 8 s of
-# wrk, -i off, -d to dump, and a stop. instr/req is the sum of the dumps' totals: lines over
-# the requests wrk completed. It counts the proxy process's own user-space instructions, all
+# from raising its fd limit), 2 s of load to warm up, then callgrind_control -i on, 8 s of
+# load, -i off, -d to dump, and a stop. instr/req is the sum of the dumps' totals: lines over
+# the requests the load generator completed. It counts the proxy process's own user-space instructions, all
 # threads and libraries included, and nothing the kernel does for it (syscalls, TCP, copies
 # to and from sockets): for syscalls per request use strace -c -f -p PID. Under valgrind a
 # proxy runs 20 to 30 times slower, so 4,000 to 20,000 requests are counted and the set-up of
-# its 16 connections is in the count. Another callgrind_control run without a pid on the same
+# its 16 connections is in the count (for h2, 16 full TLS handshakes: a few hundred
+# instructions per request). Another callgrind_control run without a pid on the same
 # machine would switch this one's counting too.
 #
 # Reading the table: rps is the median over rounds (min..max beside it); p50/p99 are the
@@ -550,11 +552,11 @@ vg_control() { # vg_control CONTENDER ARGS...: callgrind_control ARGS on the con
         die "callgrind_control $* $pid failed for $c: $out (vgdb needs to ptrace the process: run as root?)"
 }
 
-measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k
+measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k, then h2
     local c=$1 s out pid n bad instr
     local -a dumps
     mkdir -p "$TMP/callgrind"
-    for s in h1 h1-16k; do
+    for s in h1 h1-16k h2; do
         stop "$c"
         out=$TMP/callgrind/cg.$c.$s
         start "$c" "$out"
@@ -569,7 +571,7 @@ measure_instr() { # measure_instr CONTENDER: instructions per request under call
         alive "$pid" || die "$c died under callgrind: $(tail -n 20 "$out.log")"
         stop "$c" 30 # exiting, callgrind writes one more (empty: instrumentation is off) dump
         read -r _ n _ _ bad <<<"$(parse_load "$s" "$TMP/raw/instr.$s.$c.txt")"
-        ((n > 0)) || die "wrk got no answer from $c under callgrind: $(cat "$TMP/raw/instr.$s.$c.txt")"
+        ((n > 0)) || die "the load generator got no answer from $c under callgrind: $(cat "$TMP/raw/instr.$s.$c.txt")"
         # One file per process and dump; an empty one (cut short by a KILL) has no totals line.
         mapfile -t dumps < <(compgen -G "$out.[0-9]*")
         instr=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
@@ -778,7 +780,7 @@ except FileNotFoundError:
 if instr:
     if table or mem:
         print()
-    paths = {"h1": "/", "h1-16k": "/16k"}
+    paths = {"h1": "/", "h1-16k": "/16k", "h2": "h2 /"}
     cols = ["instructions", "path", "requests", "instr/req", "/nginx", "/hapx", "err"]
     out = []
     for c in contenders:

@@ -473,6 +473,22 @@ fn tracked_service(
     })
 }
 
+/// A service whose calls' futures are boxed. hyper runs each HTTP/2 stream as a task of its
+/// own, and tokio moves a task's whole stage a few times over its life (the future out when
+/// it completes, the output in, then out again): with the request's future (several KiB)
+/// boxed, those moves copy a pointer instead.
+struct BoxedCalls<S>(S);
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for BoxedCalls<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<S::Future>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        Box::pin(self.0.call(req))
+    }
+}
+
 /// Serves HTTP/2 until the connection ends or shutdown sends GOAWAY.
 async fn serve_h2<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
@@ -487,7 +503,7 @@ where
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(Duration::from_secs(20));
     let activity = Activity::new(None, limits.idle_timeout);
-    let service = tracked_service(shared, conn, &activity, None);
+    let service = BoxedCalls(tracked_service(shared, conn, &activity, None));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
