@@ -46,14 +46,16 @@
 # configs: a fresh proxy, pinned, under valgrind --tool=callgrind --instr-atstart=no (nginx
 # with master_process off, so one process; haproxy with maxconn 1024, as valgrind keeps it
 # from raising its fd limit), 2 s of load to warm up, then callgrind_control -i on, 8 s of
-# load, -i off, -d to dump, and a stop. instr/req is the sum of the dumps' totals: lines over
-# the requests the load generator completed. It counts the proxy process's own user-space instructions, all
-# threads and libraries included, and nothing the kernel does for it (syscalls, TCP, copies
-# to and from sockets): for syscalls per request use strace -c -f -p PID. Under valgrind a
-# proxy runs 20 to 30 times slower, so 4,000 to 20,000 requests are counted and the set-up of
-# its 16 connections is in the count (for h2, 16 full TLS handshakes: a few hundred
-# instructions per request). Another callgrind_control run without a pid on the same
-# machine would switch this one's counting too.
+# load, -i off, -d to dump, and a stop. instr/req is the sum of the dumps' totals: lines
+# over the requests the load generator completed. It counts the proxy process's own
+# user-space instructions, all threads and libraries included, and nothing the kernel does
+# for it (syscalls, TCP, copies to and from sockets): for syscalls per request use strace -c
+# -f -p PID. Under valgrind a proxy runs 20 to 30 times slower, so 4,000 to 20,000 requests
+# are counted and the set-up of its 16 connections is in the count. For h2 it is not: that
+# is 16 full TLS handshakes (about 10 M instructions each, RSA 2048 signing), so a second
+# counted run, h2load -c16 -n16 (the set-up and 16 requests), is taken off the first, its
+# requests too. Another callgrind_control run without a pid on the same machine would
+# switch this one's counting too.
 #
 # Reading the table: rps is the median over rounds (min..max beside it); p50/p99 are the
 # medians of the load generator's latency percentiles; /nginx and /hapx divide a contender's
@@ -553,7 +555,7 @@ vg_control() { # vg_control CONTENDER ARGS...: callgrind_control ARGS on the con
 }
 
 measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k, then h2
-    local c=$1 s out pid n bad instr
+    local c=$1 s out pid n bad instr setup
     local -a dumps
     mkdir -p "$TMP/callgrind"
     for s in h1 h1-16k h2; do
@@ -568,14 +570,32 @@ measure_instr() { # measure_instr CONTENDER: instructions per request under call
         "${LOAD_CMD[@]}" >"$TMP/raw/instr.$s.$c.txt" 2>&1 || true
         vg_control "$c" -i off
         vg_control "$c" -d
+        if [[ $s == h2 ]]; then
+            # The connections' set-up alone (16 full TLS handshakes, one request each), counted
+            # in a second dump and taken off the first: what is left is per request.
+            vg_control "$c" -i on
+            taskset -c "$CPU_LOAD" h2load -t1 -c16 -n16 --connect-to="127.0.0.1:${HTTPS_PORT[$c]}" \
+                "https://localhost:${HTTPS_PORT[$c]}/" >"$TMP/raw/instr.h2-setup.$c.txt" 2>&1 || true
+            vg_control "$c" -i off
+            vg_control "$c" -d
+            grep -q '^requests: 16 total, 16 started, 16 done, 16 succeeded' "$TMP/raw/instr.h2-setup.$c.txt" ||
+                die "h2load -c16 -n16 against $c under callgrind: $(cat "$TMP/raw/instr.h2-setup.$c.txt")"
+        fi
         alive "$pid" || die "$c died under callgrind: $(tail -n 20 "$out.log")"
         stop "$c" 30 # exiting, callgrind writes one more (empty: instrumentation is off) dump
         read -r _ n _ _ bad <<<"$(parse_load "$s" "$TMP/raw/instr.$s.$c.txt")"
         ((n > 0)) || die "the load generator got no answer from $c under callgrind: $(cat "$TMP/raw/instr.$s.$c.txt")"
-        # One file per process and dump; an empty one (cut short by a KILL) has no totals line.
-        mapfile -t dumps < <(compgen -G "$out.[0-9]*")
+        # One file per process and dump (.1: the counted run, .2: h2's set-up run).
+        mapfile -t dumps < <(compgen -G "$out.*.1")
         instr=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
-        ((instr > 0)) || die "no instructions counted for $c: no totals in ${dumps[*]:-$out.*}"
+        ((instr > 0)) || die "no instructions counted for $c: no totals in ${dumps[*]:-$out.*.1}"
+        if [[ $s == h2 ]]; then
+            mapfile -t dumps < <(compgen -G "$out.*.2")
+            setup=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
+            ((setup > 0 && instr > setup && n > 16)) ||
+                die "$c: h2 counted $instr instructions for $n requests and $setup for the set-up alone"
+            instr=$((instr - setup)) n=$((n - 16))
+        fi
         printf '%s\t%s\t%s\t%s\t%s\n' "$s" "$c" "$n" "$instr" "$bad" >>"$TMP/instr.tsv"
         printf '  instr   %-7s %-9s %9d requests  %14d instructions  %8.0f per request\n' \
             "$s" "$c" "$n" "$instr" "$(awk -v i="$instr" -v n="$n" 'BEGIN { print i / n }')" >&2
@@ -842,7 +862,7 @@ echo
 python3 "$TMP/summary.py" "$TMP/runs.tsv" "$TMP/mem.tsv" "$SCENARIOS" "$ONLY" "$MEM_CONNS" "$TMP/instr.tsv"
 if has instr "${SCEN[@]}"; then
     if [[ $KEEP_TMP == 1 ]]; then
-        echo "callgrind files: $TMP/callgrind/cg.CONTENDER.{h1,h1-16k}.PID.1 (the counted run); read one with"
+        echo "callgrind files: $TMP/callgrind/cg.CONTENDER.{h1,h1-16k,h2}.PID.1 (the counted run; .2 for h2: its set-up); read one with"
         echo "  callgrind_annotate --inclusive=yes FILE | less"
     else
         echo "(--keep-tmp keeps the callgrind files, to read with callgrind_annotate --inclusive=yes FILE)"
