@@ -165,6 +165,12 @@ async fn alpn_h2_is_proxied_to_an_http1_server() {
     assert_eq!(seen.uri, "/plain");
     assert_eq!(seen.header("host"), Some("a.test"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    // The server's fields reach an HTTP/2 client; its hop-by-hop ones do not.
+    let r = h2.get("a.test", "/hop").await;
+    assert_eq!((r.status, r.header("x-kept"), r.header("content-length")), (200, Some("yes"), Some("3")));
+    for gone in ["x-private", "x-other", "keep-alive", "proxy-connection", "upgrade", "connection"] {
+        assert!(r.header(gone).is_none(), "{gone} reached the client: {:?}", r.headers);
+    }
 
     // http/1.1 by ALPN, and no ALPN at all, are HTTP/1.1.
     let (r, info) = https_get(s.gw.https, &TlsOpts::sni("a.test").alpn(&[b"http/1.1"]), "a.test", "/").await.unwrap();

@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use super::h1::ResponseBody;
+use super::h1::{self, ResponseBody};
 
 /// A request body as the client side hands it over.
 #[derive(Debug)]
@@ -184,11 +184,28 @@ pub trait Finish: Send + 'static {
 pub enum RespBody {
     /// A short answer of the gateway's own.
     Local(Option<Bytes>),
-    /// A server's body, streamed.
+    /// A server's body, streamed. The fields of the server's head ride with it (see
+    /// [`h1::Fields`]): a response's fields are those and the ones in its `HeaderMap`.
     Upstream(UpstreamBody),
 }
 
 impl RespBody {
+    /// The server's fields of a proxied response.
+    pub fn fields(&self) -> Option<&h1::Fields> {
+        match self {
+            RespBody::Upstream(b) => Some(b.inner.fields()),
+            RespBody::Local(_) => None,
+        }
+    }
+
+    /// Takes the server's fields out, for a client that needs them in a `HeaderMap`.
+    pub fn take_fields(&mut self) -> Option<h1::Fields> {
+        match self {
+            RespBody::Upstream(b) => Some(b.inner.take_fields()),
+            RespBody::Local(_) => None,
+        }
+    }
+
     pub fn text(text: &'static str) -> Self {
         RespBody::Local(Some(Bytes::from_static(text.as_bytes())))
     }

@@ -288,11 +288,11 @@ pub async fn send(
         let result = exchange_until(exchange, deadline, response_timeout, kill).await;
         let error = match result {
             Ok(Ok((head_in, buf, upload))) => {
-                let body = ResponseBody::new(io, buf, &head_in, kill.clone(), upload);
-                let mut response = Response::new(body);
-                *response.status_mut() = head_in.status;
-                *response.version_mut() = head_in.version;
-                *response.headers_mut() = head_in.headers;
+                let (status, version) = (head_in.status, head_in.version);
+                // The fields stay with the body (`h1::Fields`): the map stays empty.
+                let mut response = Response::new(ResponseBody::new(io, buf, head_in, kill.clone(), upload));
+                *response.status_mut() = status;
+                *response.version_mut() = version;
                 return Ok(Sent { response, epoch });
             }
             // A pooled connection the server closed a moment ago: nothing left, try the

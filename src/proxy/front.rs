@@ -316,9 +316,10 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     let mut out = Vec::with_capacity(512);
-    let framing = encode_head(&parts, &body, method, version, asks.keep_alive, &mut out);
+    let framing = encode_head(&parts, body.fields(), &body, method, version, asks.keep_alive, &mut out);
     // Trailers go to a client that asked for them (`TE: trailers`), as hyper sends them.
-    let trailers_allowed = if asks.trailers { trailer_names(&parts.headers, framing) } else { Vec::new() };
+    let trailers_allowed =
+        if asks.trailers { trailer_names(&parts.headers, body.fields(), framing) } else { Vec::new() };
     let mut sent: u64 = 0;
     let mut ended = false;
     while framing != Framing::Empty && !ended {
@@ -400,12 +401,14 @@ where
     Ok(asks.keep_alive && framing != Framing::Close)
 }
 
-/// Appends the status line and fields; returns how the body is delimited. `Connection`
-/// says `close` when the connection ends after this response (`keep-alive` to an
-/// HTTP/1.0 client when it does not).
+/// Appends the status line and fields (a server's `fields` as it wrote them, then those
+/// of `parts`); returns how the body is delimited. `Connection` says `close` when the
+/// connection ends after this response (`keep-alive` to an HTTP/1.0 client when it does
+/// not).
 #[doc(hidden)] // public for the benches
 pub fn encode_head(
     parts: &http::response::Parts,
+    fields: Option<&h1::Fields>,
     body: &RespBody,
     method: &Method,
     version: Version,
@@ -421,6 +424,15 @@ pub fn encode_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
+    // The length is written below.
+    for (name, line) in fields.iter().flat_map(|f| f.lines()) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        has_date |= name.eq_ignore_ascii_case(b"date");
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION => continue,
@@ -435,7 +447,9 @@ pub fn encode_head(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let may_have_length = !(status.is_informational() || status == StatusCode::NO_CONTENT);
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = fields
+        .and_then(|f| f.length)
+        .or_else(|| parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()));
     let length = declared.or_else(|| body.size_hint().exact());
     let framing = match length {
         _ if no_body => Framing::Empty,
@@ -467,14 +481,14 @@ pub fn encode_head(
 }
 
 /// The trailer fields a chunked response may carry: those its `Trailer` field names.
-fn trailer_names(headers: &HeaderMap, framing: Framing) -> Vec<HeaderName> {
+fn trailer_names(headers: &HeaderMap, fields: Option<&h1::Fields>, framing: Framing) -> Vec<HeaderName> {
     if framing != Framing::Chunked {
         return Vec::new();
     }
-    headers
-        .get_all(header::TRAILER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    let server = fields.into_iter().flat_map(|f| f.values("trailer"));
+    server
+        .chain(headers.get_all(header::TRAILER).iter().map(HeaderValue::as_bytes))
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
@@ -653,7 +667,7 @@ mod tests {
     fn head(resp: http::Response<RespBody>, method: Method, version: Version, keep_alive: bool) -> (String, Framing) {
         let (parts, body) = resp.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, &body, &method, version, keep_alive, &mut out);
+        let framing = encode_head(&parts, None, &body, &method, version, keep_alive, &mut out);
         (String::from_utf8(out).unwrap(), framing)
     }
 
@@ -697,11 +711,49 @@ mod tests {
     }
 
     #[test]
+    fn a_servers_fields_are_written_as_it_wrote_them() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Mixed-Case: a\r\nSet-Cookie: a=1\r\nDate: Thu, 26 Nov 2026 16:00:00 GMT\r\n\
+                   Content-Length:  3 \r\nConnection: X-Private\r\nX-Private: 1\r\nset-cookie:b=2\n\
+                   Trailer: x-sum  \r\n\r\n";
+        let server = h1::parse_head(&mut BytesMut::from(raw), &Method::GET).unwrap().unwrap();
+        let mut added = http::Response::new(RespBody::empty());
+        added.headers_mut().insert("x-added", HeaderValue::from_static("yes"));
+        let (parts, body) = added.into_parts();
+        let mut out = Vec::new();
+        let framing = encode_head(&parts, Some(&server.fields), &body, &Method::GET, Version::HTTP_11, true, &mut out);
+        assert_eq!(framing, Framing::Length(3));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nX-Mixed-Case: a\r\nSet-Cookie: a=1\r\nDate: Thu, 26 Nov 2026 16:00:00 GMT\r\n\
+             set-cookie:b=2\r\nTrailer: x-sum\r\nx-added: yes\r\ncontent-length: 3\r\n\r\n",
+            "in order, case and spacing, each line ended by CRLF, the hop-by-hop ones gone, the length \
+             ours, the server's date alone"
+        );
+        // For HEAD the server's length stands though no body follows.
+        let server = h1::parse_head(&mut BytesMut::from(raw), &Method::HEAD).unwrap().unwrap();
+        let mut out = Vec::new();
+        let framing = encode_head(&parts, Some(&server.fields), &body, &Method::HEAD, Version::HTTP_11, true, &mut out);
+        assert_eq!(framing, Framing::Empty);
+        assert!(String::from_utf8(out).unwrap().contains("\r\ncontent-length: 3\r\n"));
+        assert_eq!(trailer_names(&HeaderMap::new(), Some(&server.fields), Framing::Chunked), ["x-sum"]);
+        // In a map (for hyper's clients), the same fields, values shared with the head.
+        let mut map = HeaderMap::new();
+        server.fields.append_to(&mut map);
+        let cookies: Vec<&str> = map.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(
+            (map.len(), map["x-mixed-case"].as_bytes(), map["content-length"].as_bytes()),
+            (6, &b"a"[..], &b"3"[..])
+        );
+        assert!(!map.contains_key("x-private") && !map.contains_key("connection"));
+    }
+
+    #[test]
     fn only_announced_and_permitted_trailers_are_sent() {
         let mut headers = HeaderMap::new();
         headers.insert(header::TRAILER, HeaderValue::from_static("x-sum, content-type"));
-        let names = trailer_names(&headers, Framing::Chunked);
-        assert!(trailer_names(&headers, Framing::Length(1)).is_empty());
+        let names = trailer_names(&headers, None, Framing::Chunked);
+        assert!(trailer_names(&headers, None, Framing::Length(1)).is_empty());
         let mut t = HeaderMap::new();
         t.insert("x-sum", HeaderValue::from_static("1"));
         t.insert("x-other", HeaderValue::from_static("2"));

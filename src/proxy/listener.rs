@@ -467,7 +467,10 @@ fn tracked_service(
         }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
         async move {
-            let resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper)).await;
+            let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper)).await;
+            if let Some(fields) = resp.body_mut().take_fields() {
+                fields.append_to(resp.headers_mut());
+            }
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
         }
     })
