@@ -208,9 +208,13 @@ impl Fields {
         &self.raw[start as usize..end as usize]
     }
 
+    /// Removes the fields called `name`; [`Fields::length`] goes with `Content-Length`.
     fn remove(&mut self, name: &[u8]) {
         let raw = &self.raw;
         self.at.retain(|f| !raw[f.name.0 as usize..f.name.1 as usize].eq_ignore_ascii_case(name));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.length = None;
+        }
     }
 
     /// Appends the fields to `map`; their values share the head's bytes.
@@ -284,7 +288,6 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         // the client, and HTTP/1.0 has no Transfer-Encoding (RFC 9112 section 6.1).
         if noted.length.is_some() {
             fields.remove(b"content-length");
-            fields.length = None;
         }
         clean &= version != Version::HTTP_10;
     }
@@ -328,12 +331,12 @@ impl Noted {
 /// `length` (from earlier fields) and a `Content-Length` value (possibly a list)
 /// together: repeated or listed values must agree (RFC 9110 section 8.6).
 fn content_length(value: &[u8], mut length: Option<u64>) -> Result<u64, &'static str> {
-    for part in std::str::from_utf8(value).map_err(|_| "bad content-length")?.split(',') {
-        let part = part.trim();
-        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("bad content-length");
-        }
-        let n: u64 = part.parse().map_err(|_| "bad content-length")?;
+    // Bytes, not text: only ASCII digits and spaces count (a no-break space is no space).
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let digits = (!part.is_empty() && part.iter().all(u8::is_ascii_digit)).then_some(part);
+        let n = digits
+            .and_then(|d| d.iter().try_fold(0u64, |n, &b| n.checked_mul(10)?.checked_add(u64::from(b - b'0'))))
+            .ok_or("bad content-length")?;
         if length.is_some_and(|l| l != n) {
             return Err("conflicting content-length");
         }
@@ -859,6 +862,16 @@ mod tests {
             .expect("ok")
             .expect("whole");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        // Nor does it pad a length.
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 3\u{a0}\r\n\r\n", Method::GET).is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", Method::GET).is_err());
+        let h = head("HTTP/1.1 200 OK\r\nContent-Length:\t3 ,3\r\n\r\n");
+        assert_eq!((h.framing, h.fields.length), (Framing::Length(3), Some(3)));
+        // A length the server calls hop-by-hop goes, and says nothing of the body's size.
+        let h = parse("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n", Method::HEAD)
+            .expect("ok")
+            .expect("whole");
+        assert_eq!((h.framing, names(&h).len(), h.fields.length), (Framing::Empty, 0, None));
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
         assert_eq!((h.framing, names(&h).len(), h.fields.length), (Framing::Close, 0, None));
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
