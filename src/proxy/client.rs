@@ -14,6 +14,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -284,8 +285,12 @@ pub async fn send(
         };
         let mut wrote = false;
         let upload = if inlined { None } else { Some(&mut body) };
-        let exchange = exchange(&mut io, &head, upload, framing, &parts.method, room, &mut wrote);
-        let result = exchange_until(exchange, deadline, response_timeout, kill).await;
+        // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
+        // again there: a second copy (400 bytes) of it in this future and a move less.
+        let result = {
+            let exchange = std::pin::pin!(exchange(&mut io, &head, upload, framing, &parts.method, room, &mut wrote));
+            exchange_until(exchange, deadline, response_timeout, kill).await
+        };
         let error = match result {
             Ok(Ok((head_in, buf, upload))) => {
                 let (status, version) = (head_in.status, head_in.version);
@@ -318,12 +323,11 @@ pub async fn send(
 /// for a `drain_timeout` under that: a stuck request is then cut no earlier than that
 /// long after it was sent.
 async fn exchange_until<T>(
-    exchange: impl Future<Output = Result<T, Broke>>,
+    mut exchange: Pin<&mut impl Future<Output = Result<T, Broke>>>,
     deadline: tokio::time::Instant,
     response_timeout: Duration,
     kill: &CancellationToken,
 ) -> Result<Result<T, Broke>, tokio::time::error::Elapsed> {
-    tokio::pin!(exchange);
     if response_timeout > WATCH_KILL_AFTER {
         let watch_from = deadline - (response_timeout - WATCH_KILL_AFTER);
         if let Ok(done) = tokio::time::timeout_at(watch_from, exchange.as_mut()).await {
