@@ -123,6 +123,33 @@ async fn a_chunked_body_with_extensions_and_trailers_arrives_whole_and_its_conne
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_fields_reach_the_client_as_it_wrote_them() {
+    let s = Scripted::start(
+        b"HTTP/1.1 200 OK\r\nX-Mixed-Case: a\r\nSet-Cookie: a=1\r\nConnection: X-Private\r\nX-Private: 1\r\n\
+set-cookie:b=2\r\nContent-Length: 2\r\nX-Final: yes\r\n\r\nok",
+        false,
+    )
+    .await;
+    let gw = gateway(s.addr).await;
+    let request = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+    let (raw, closed) = raw_exchange(gw.http, request, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(closed && text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\nok"), "{text}");
+    // In the server's order and case (Set-Cookie lines apart, as sent), without the fields
+    // its Connection named, the length and connection fields the gateway's own.
+    assert!(text.contains("\r\nX-Mixed-Case: a\r\nSet-Cookie: a=1\r\nset-cookie:b=2\r\nX-Final: yes\r\n"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("x-private"), "{text}");
+    assert!(!text.contains("Content-Length") && text.contains("\r\ncontent-length: 2\r\n"), "{text}");
+    assert!(!text.contains("Connection: X-Private") && text.contains("\r\nconnection: close\r\n"), "{text}");
+    // A client of hyper's reads the same fields.
+    let mut c = H1::connect(gw.http).await;
+    let r = c.get("app.test", "/").await;
+    assert_eq!((r.status, r.text().as_str(), r.header("x-mixed-case")), (200, "ok", Some("a")));
+    assert_eq!(r.header_all("set-cookie"), ["a=1", "b=2"]);
+    assert!(r.header("x-private").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_length_beside_transfer_encoding_is_not_passed_on() {
     // Framed by chunked: the stale length would cut the client's body to 3 bytes.
     let s = Scripted::start(
