@@ -554,6 +554,10 @@ vg_control() { # vg_control CONTENDER ARGS...: callgrind_control ARGS on the con
         die "callgrind_control $* $pid failed for $c: $out (vgdb needs to ptrace the process: run as root?)"
 }
 
+totals() { # totals CALLGRIND_FILE...: the sum of their instruction totals (0 for none)
+    awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "$@"
+}
+
 measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k, then h2
     local c=$1 s out pid n bad instr setup
     local -a dumps
@@ -587,11 +591,11 @@ measure_instr() { # measure_instr CONTENDER: instructions per request under call
         ((n > 0)) || die "the load generator got no answer from $c under callgrind: $(cat "$TMP/raw/instr.$s.$c.txt")"
         # One file per process and dump (.1: the counted run, .2: h2's set-up run).
         mapfile -t dumps < <(compgen -G "$out.*.1")
-        instr=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
+        instr=$(totals "${dumps[@]}")
         ((instr > 0)) || die "no instructions counted for $c: no totals in ${dumps[*]:-$out.*.1}"
         if [[ $s == h2 ]]; then
             mapfile -t dumps < <(compgen -G "$out.*.2")
-            setup=$(awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "${dumps[@]}")
+            setup=$(totals "${dumps[@]}")
             ((setup > 0 && instr > setup && n > 16)) ||
                 die "$c: h2 counted $instr instructions for $n requests and $setup for the set-up alone"
             instr=$((instr - setup)) n=$((n - 16))

@@ -316,7 +316,8 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     let mut out = Vec::with_capacity(512);
-    let framing = encode_head(&parts, body.fields(), &body, method, version, asks.keep_alive, &mut out);
+    let framing =
+        encode_head(&parts, body.fields(), body.size_hint().exact(), method, version, asks.keep_alive, &mut out);
     // Trailers go to a client that asked for them (`TE: trailers`), as hyper sends them.
     let trailers_allowed =
         if asks.trailers { trailer_names(&parts.headers, body.fields(), framing) } else { Vec::new() };
@@ -402,14 +403,14 @@ where
 }
 
 /// Appends the status line and fields (a server's `fields` as it wrote them, then those
-/// of `parts`); returns how the body is delimited. `Connection` says `close` when the
+/// of `parts`) for a body of `body_length` if known; returns how the body is delimited. `Connection` says `close` when the
 /// connection ends after this response (`keep-alive` to an HTTP/1.0 client when it does
 /// not).
 #[doc(hidden)] // public for the benches
 pub fn encode_head(
     parts: &http::response::Parts,
     fields: Option<&h1::Fields>,
-    body: &RespBody,
+    body_length: Option<u64>,
     method: &Method,
     version: Version,
     keep_alive: bool,
@@ -450,7 +451,7 @@ pub fn encode_head(
     let declared = fields
         .and_then(|f| f.length)
         .or_else(|| parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()));
-    let length = declared.or_else(|| body.size_hint().exact());
+    let length = declared.or(body_length);
     let framing = match length {
         _ if no_body => Framing::Empty,
         Some(n) => Framing::Length(n),
@@ -667,7 +668,7 @@ mod tests {
     fn head(resp: http::Response<RespBody>, method: Method, version: Version, keep_alive: bool) -> (String, Framing) {
         let (parts, body) = resp.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, None, &body, &method, version, keep_alive, &mut out);
+        let framing = encode_head(&parts, None, body.size_hint().exact(), &method, version, keep_alive, &mut out);
         (String::from_utf8(out).unwrap(), framing)
     }
 
@@ -720,7 +721,15 @@ mod tests {
         added.headers_mut().insert("x-added", HeaderValue::from_static("yes"));
         let (parts, body) = added.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, Some(&server.fields), &body, &Method::GET, Version::HTTP_11, true, &mut out);
+        let framing = encode_head(
+            &parts,
+            Some(&server.fields),
+            body.size_hint().exact(),
+            &Method::GET,
+            Version::HTTP_11,
+            true,
+            &mut out,
+        );
         assert_eq!(framing, Framing::Length(3));
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -732,7 +741,15 @@ mod tests {
         // For HEAD the server's length stands though no body follows.
         let server = h1::parse_head(&mut BytesMut::from(raw), &Method::HEAD).unwrap().unwrap();
         let mut out = Vec::new();
-        let framing = encode_head(&parts, Some(&server.fields), &body, &Method::HEAD, Version::HTTP_11, true, &mut out);
+        let framing = encode_head(
+            &parts,
+            Some(&server.fields),
+            body.size_hint().exact(),
+            &Method::HEAD,
+            Version::HTTP_11,
+            true,
+            &mut out,
+        );
         assert_eq!(framing, Framing::Empty);
         assert!(String::from_utf8(out).unwrap().contains("\r\ncontent-length: 3\r\n"));
         assert_eq!(trailer_names(&HeaderMap::new(), Some(&server.fields), Framing::Chunked), ["x-sum"]);

@@ -187,6 +187,11 @@ struct FieldAt {
     value: (u32, u32),
 }
 
+/// The bytes of `raw` from `start` to `end`.
+fn spanned(raw: &[u8], (start, end): (u32, u32)) -> &[u8] {
+    &raw[start as usize..end as usize]
+}
+
 impl Fields {
     /// Each field's name and value, in the order the server sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -204,14 +209,14 @@ impl Fields {
         self.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
     }
 
-    fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
-        &self.raw[start as usize..end as usize]
+    fn bytes(&self, span: (u32, u32)) -> &[u8] {
+        spanned(&self.raw, span)
     }
 
     /// Removes the fields called `name`; [`Fields::length`] goes with `Content-Length`.
     fn remove(&mut self, name: &[u8]) {
         let raw = &self.raw;
-        self.at.retain(|f| !raw[f.name.0 as usize..f.name.1 as usize].eq_ignore_ascii_case(name));
+        self.at.retain(|f| !spanned(raw, f.name).eq_ignore_ascii_case(name));
         if name.eq_ignore_ascii_case(b"content-length") {
             self.length = None;
         }
@@ -333,9 +338,12 @@ impl Noted {
 fn content_length(value: &[u8], mut length: Option<u64>) -> Result<u64, &'static str> {
     // Bytes, not text: only ASCII digits and spaces count (a no-break space is no space).
     for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        let digits = (!part.is_empty() && part.iter().all(u8::is_ascii_digit)).then_some(part);
-        let n = digits
-            .and_then(|d| d.iter().try_fold(0u64, |n, &b| n.checked_mul(10)?.checked_add(u64::from(b - b'0'))))
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err("bad content-length");
+        }
+        let n = part
+            .iter()
+            .try_fold(0u64, |n, &b| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
             .ok_or("bad content-length")?;
         if length.is_some_and(|l| l != n) {
             return Err("conflicting content-length");
