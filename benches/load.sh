@@ -36,9 +36,11 @@
 #            connections (one request answered on each, then 2.5 s idle), in KiB per
 #            connection
 #   instr    user-space CPU instructions per request, counted by valgrind's callgrind, for
-#            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16, and HTTP/2 over
-#            TLS as in h2 (h2load -c16 -m8); not in the default list, as it takes about
-#            2.5 minutes for three contenders
+#            HTTP/1.1 keep-alive on / (13 B) and on /16k with wrk -t1 -c16, on / again with
+#            the eight fields an API client sends beside Host (User-Agent, Accept, Authorization,
+#            Cookie...; wrk's own request carries Host alone), and HTTP/2 over TLS as in h2
+#            (h2load -c16 -m8); not in the default list, as it takes about 3.5 minutes for
+#            three contenders
 #
 # instr is the number to watch on a shared machine, where requests/s and CPU time move
 # with the neighbours: the same build on the same config counts the same within about 1%
@@ -82,6 +84,17 @@ WARMUP=1
 MEM_CONNS=5000
 INSTR_WARMUP=2   # instr: seconds of wrk before callgrind counts,
 INSTR_DURATION=8 # and seconds counted
+# instr's / +8 fields: what an API client of the platform sends beside Host.
+CLIENT_FIELDS=(
+    -H 'User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36'
+    -H 'Accept: application/fhir+json, application/json;q=0.9, */*;q=0.8'
+    -H 'Accept-Language: en-US,en;q=0.9'
+    -H 'Accept-Encoding: gzip, deflate, br'
+    -H 'Authorization: Bearer eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJwcmFjdGl0aW9uZXItNDIiLCJzY29wZSI6InVzZXIvKi5yZWFkIG9wZW5pZCBmaGlyVXNlciIsImV4cCI6MTc5NTc0NDAwMH0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbi1pc3N1ZWQtYnktdGhlLWF1dGgtc2VydmVy'
+    -H 'Cookie: sandbox_session=4f9c2a7e1b8d4e6f9a0b3c5d7e9f1a2b; _ga=GA1.2.1234567890.1700000000'
+    -H 'Sec-Fetch-Mode: cors'
+    -H 'Cache-Control: no-cache'
+)
 KEEP_TMP=0
 
 die() { echo "load.sh: $*" >&2; exit 1; }
@@ -458,17 +471,22 @@ now_ns() { date +%s%N; }
 
 load_cmd() { # load_cmd SCENARIO CONTENDER SECONDS OUTFILE [CONNS]: sets LOAD_CMD, the load generator on CPU_LOAD
     local s=$1 c=$2 secs=$3 out=$4 conns=${5:-64} url log=/dev/null
+    local -a extra=()
     case $s in
         h1) url=http://127.0.0.1:${HTTP_PORT[$c]}/ ;;
         h1-16k) url=http://127.0.0.1:${HTTP_PORT[$c]}/16k ;;
         tls) url=https://localhost:${HTTPS_PORT[$c]}/ ;;
     esac
+    if [[ $s == h1-fields ]]; then
+        url=http://127.0.0.1:${HTTP_PORT[$c]}/
+        extra=("${CLIENT_FIELDS[@]}")
+    fi
     if [[ $s == h2 ]]; then
         [[ $out != /dev/null ]] && log=$out.requests # one line per request: latencies for p50/p99
         LOAD_CMD=(taskset -c "$CPU_LOAD" h2load -t1 -c16 -m8 -D "$secs" --connect-to="127.0.0.1:${HTTPS_PORT[$c]}"
             --log-file="$log" "https://localhost:${HTTPS_PORT[$c]}/")
     else
-        LOAD_CMD=(taskset -c "$CPU_LOAD" wrk -t1 -c"$conns" -d"${secs}s" --latency "$url")
+        LOAD_CMD=(taskset -c "$CPU_LOAD" wrk -t1 -c"$conns" -d"${secs}s" --latency "${extra[@]}" "$url")
     fi
 }
 parse_load() { # parse_load SCENARIO OUTFILE -> "rps requests p50ms p99ms errors"
@@ -558,11 +576,11 @@ totals() { # totals CALLGRIND_FILE...: the sum of their instruction totals (0 fo
     awk '/^totals:/ { t += $2 } END { printf "%.0f\n", t }' /dev/null "$@"
 }
 
-measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind, / then /16k, then h2
+measure_instr() { # measure_instr CONTENDER: instructions per request under callgrind: /, /16k, / +8 fields, h2
     local c=$1 s out pid n bad instr setup
     local -a dumps
     mkdir -p "$TMP/callgrind"
-    for s in h1 h1-16k h2; do
+    for s in h1 h1-16k h1-fields h2; do
         stop "$c"
         out=$TMP/callgrind/cg.$c.$s
         start "$c" "$out"
@@ -804,7 +822,7 @@ except FileNotFoundError:
 if instr:
     if table or mem:
         print()
-    paths = {"h1": "/", "h1-16k": "/16k", "h2": "h2 /"}
+    paths = {"h1": "/", "h1-16k": "/16k", "h1-fields": "/ +8 fields", "h2": "h2 /"}
     cols = ["instructions", "path", "requests", "instr/req", "/nginx", "/hapx", "err"]
     out = []
     for c in contenders:
@@ -866,7 +884,7 @@ echo
 python3 "$TMP/summary.py" "$TMP/runs.tsv" "$TMP/mem.tsv" "$SCENARIOS" "$ONLY" "$MEM_CONNS" "$TMP/instr.tsv"
 if has instr "${SCEN[@]}"; then
     if [[ $KEEP_TMP == 1 ]]; then
-        echo "callgrind files: $TMP/callgrind/cg.CONTENDER.{h1,h1-16k,h2}.PID.1 (the counted run; .2 for h2: its set-up); read one with"
+        echo "callgrind files: $TMP/callgrind/cg.CONTENDER.{h1,h1-16k,h1-fields,h2}.PID.1 (the counted run; .2 for h2: its set-up); read one with"
         echo "  callgrind_annotate --inclusive=yes FILE | less"
     else
         echo "(--keep-tmp keeps the callgrind files, to read with callgrind_annotate --inclusive=yes FILE)"
