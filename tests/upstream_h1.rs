@@ -6,8 +6,8 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
@@ -38,6 +38,8 @@ struct Scripted {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// The request heads read, in order.
+    heads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Scripted {
@@ -45,13 +47,15 @@ impl Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (c, r, h) = (Arc::clone(&connections), Arc::clone(&requests), Arc::clone(&heads));
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let r = Arc::clone(&r);
+                let (r, h) = (Arc::clone(&r), Arc::clone(&h));
                 tokio::spawn(async move {
-                    while read_head(&mut s).await {
+                    while let Some(head) = read_head(&mut s).await {
+                        h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
                         r.fetch_add(1, Ordering::SeqCst);
                         if s.write_all(reply).await.is_err() || close {
                             return;
@@ -60,21 +64,21 @@ impl Scripted {
                 });
             }
         });
-        Scripted { addr, connections, requests }
+        Scripted { addr, connections, requests, heads }
     }
 }
 
-/// Reads one request head (no body is expected); false at end of stream.
-async fn read_head(s: &mut TcpStream) -> bool {
+/// Reads one request head (no body is expected); `None` at end of stream.
+async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match s.read(&mut byte).await {
             Ok(1) => head.push(byte[0]),
-            _ => return false,
+            _ => return None,
         }
     }
-    true
+    Some(head)
 }
 
 async fn gateway(server: std::net::SocketAddr) -> Gateway {
@@ -150,6 +154,42 @@ set-cookie:b=2\r\nContent-Length: 2\r\nX-Final: yes\r\n\r\nok",
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_fields_reach_the_server_as_it_wrote_them() {
+    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
+    let gw = gateway(s.addr).await;
+    let fields = "User-Agent: probe/1\r\nHost: app.test\r\naccept:application/fhir+json\r\n\
+                  X-Forwarded-For: 6.6.6.6\r\nConnection: close, X-Private\r\nX-Private: 1\r\nCookie: a=1\r\n\
+                  Authorization:  Bearer t\r\ncookie: b=2\r\n";
+    // Read by the gateway's own reader (no body), then by hyper's (a chunked body, empty:
+    // nothing follows the head to the server, which closes after its answer).
+    for (request, body) in [("GET /fhir/Patient?_count=2", ""), ("POST /fhir/Patient", "0\r\n\r\n")] {
+        let framing = if body.is_empty() { "" } else { "Transfer-Encoding: chunked\r\n" };
+        let raw = format!("{request} HTTP/1.1\r\n{fields}{framing}\r\n{body}");
+        let (answer, _) = raw_exchange(gw.http, raw.as_bytes(), Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with("\r\n\r\nok"), "{answer}");
+    }
+    let heads = s.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        // The spoofed address, Connection and the field it names never reach the server.
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("x-private") && !lower.contains("6.6.6.6") && !lower.contains("connection"), "{head}");
+        assert!(lower.contains("\r\nhost: app.test\r\n") && lower.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"));
+    }
+    // The own reader's: in the client's order, case and spacing.
+    assert!(heads[0].starts_with("GET /fhir/Patient?_count=2 HTTP/1.1\r\n"), "{}", heads[0]);
+    let own = "\r\nUser-Agent: probe/1\r\naccept:application/fhir+json\r\nCookie: a=1\r\n\
+               Authorization:  Bearer t\r\ncookie: b=2\r\n";
+    assert!(heads[0].contains(own), "{}", heads[0]);
+    // hyper's (names lower-cased, lines of one name together): the same fields.
+    let lower = heads[1].to_ascii_lowercase();
+    for line in ["user-agent: probe/1", "accept: application/fhir+json", "authorization: bearer t", "cookie: a=1"] {
+        assert!(lower.contains(&format!("\r\n{line}\r\n")), "{line} in {}", heads[1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_length_beside_transfer_encoding_is_not_passed_on() {
     // Framed by chunked: the stale length would cut the client's body to 3 bytes.
     let s = Scripted::start(
@@ -210,7 +250,7 @@ async fn refusing_server(hold: Option<Duration>) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if read_head(&mut s).await {
+                if read_head(&mut s).await.is_some() {
                     let _ = s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n").await;
                     if let Some(hold) = hold {
                         tokio::time::sleep(hold).await;

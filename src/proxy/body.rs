@@ -15,16 +15,28 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use super::h1::{self, ResponseBody};
+use super::h1::{Fields, ResponseBody};
 
 /// A request body as the client side hands it over.
 #[derive(Debug)]
 pub enum ClientBody {
     /// No body: the requests the gateway's own HTTP/1.1 reader serves (see `front`),
     /// whose heads come without hop-by-hop fields (so the proxy does not strip them).
-    Empty,
+    /// The fields the gateway does not read ride here as the client wrote them; the
+    /// request's map holds the others.
+    Own(Fields),
     /// hyper's: HTTP/2, and HTTP/1.1 requests that carry a body.
     Hyper(Incoming),
+}
+
+impl ClientBody {
+    /// The client's fields as it wrote them (see [`ClientBody::Own`]), taken out.
+    pub fn take_fields(&mut self) -> Fields {
+        match self {
+            ClientBody::Own(fields) => std::mem::take(fields),
+            ClientBody::Hyper(_) => Fields::default(),
+        }
+    }
 }
 
 /// The body sent to a server.
@@ -116,7 +128,7 @@ pub enum Prefetched {
 pub async fn prefetch(body: ClientBody, limit: usize) -> Prefetched {
     let mut body = match body {
         ClientBody::Hyper(body) => body,
-        ClientBody::Empty => return Prefetched::Body(ReqBody::Empty),
+        ClientBody::Own(_) => return Prefetched::Body(ReqBody::Empty),
     };
     if body.is_end_stream() {
         return Prefetched::Body(ReqBody::Empty);
@@ -185,13 +197,13 @@ pub enum RespBody {
     /// A short answer of the gateway's own.
     Local(Option<Bytes>),
     /// A server's body, streamed. The fields of the server's head ride with it (see
-    /// [`h1::Fields`]): a response's fields are those and the ones in its `HeaderMap`.
+    /// [`Fields`]): a response's fields are those and the ones in its `HeaderMap`.
     Upstream(UpstreamBody),
 }
 
 impl RespBody {
     /// The server's fields of a proxied response.
-    pub fn fields(&self) -> Option<&h1::Fields> {
+    pub fn fields(&self) -> Option<&Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.fields()),
             RespBody::Local(_) => None,
@@ -199,7 +211,7 @@ impl RespBody {
     }
 
     /// Takes the server's fields out, for a client that needs them in a `HeaderMap`.
-    pub fn take_fields(&mut self) -> Option<h1::Fields> {
+    pub fn take_fields(&mut self) -> Option<Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.take_fields()),
             RespBody::Local(_) => None,

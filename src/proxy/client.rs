@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::Method;
-use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http_body::Body as _;
 use hyper::Response;
@@ -32,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ReqBody;
-use super::h1::{self, Broke, Framing, Head, ResponseBody, Upload};
+use super::h1::{self, Broke, Framing, Head, RequestHead, ResponseBody, Upload};
 use crate::upstream::Server;
 
 /// Idle connections kept per server.
@@ -242,8 +241,7 @@ fn abort_on_kill(served: tokio::task::JoinHandle<()>, kill: &CancellationToken) 
 /// when no byte was written.
 pub async fn send(
     server: &Server,
-    parts: &Parts,
-    added: &[(&'static HeaderName, HeaderValue)],
+    request: &RequestHead<'_>,
     mut body: ReqBody,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -253,9 +251,9 @@ pub async fn send(
     // is this one, except under test-util's paused time, which no test sending uses.)
     let now = Instant::now();
     let deadline = tokio::time::Instant::from_std(now) + response_timeout;
-    let framing = request_framing(parts, &body);
+    let framing = request_framing(request.parts, &body);
     let mut head = Vec::with_capacity(1024);
-    h1::encode_head(parts, added, framing, &mut head);
+    h1::encode_head(request, framing, &mut head);
     // A small held body leaves in the head's write (and stays in `body` for handing back).
     let mut inlined = false;
     if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
@@ -288,7 +286,8 @@ pub async fn send(
         // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
         // again there: a second copy (400 bytes) of it in this future and a move less.
         let result = {
-            let exchange = std::pin::pin!(exchange(&mut io, &head, upload, framing, &parts.method, room, &mut wrote));
+            let exchange =
+                std::pin::pin!(exchange(&mut io, &head, upload, framing, &request.parts.method, room, &mut wrote));
             exchange_until(exchange, deadline, response_timeout, kill).await
         };
         let error = match result {

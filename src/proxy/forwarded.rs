@@ -131,6 +131,11 @@ static NAMES: [&HeaderName; 7] = [
     &X_REQUEST_ID,
 ];
 
+/// Whether a field called `name` (any case) is one this module reads and writes.
+pub fn is_forwarding(name: &[u8]) -> bool {
+    NAMES.iter().any(|n| n.as_str().len() == name.len() && name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+}
+
 /// Works out the forwarding fields of a request, and removes from `headers` the fields
 /// they replace. Nothing is inserted into the map: the fields are written with the head.
 pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {

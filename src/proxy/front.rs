@@ -30,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use super::Conn;
 use super::activity::{Activity, Expired, RequestGuard, Watched};
 use super::body::{ClientBody, RespBody};
-use super::h1::{self, Framing};
+use super::forwarded;
+use super::h1::{self, FieldAt, Fields, Framing};
 use super::hop::{self, Fixed};
 use super::listener::{PARK_AFTER, Shared};
 
@@ -173,13 +174,20 @@ pub enum Parsed {
 }
 
 /// Parses a request head from the start of `buf`, removing it from `buf` when it is ours.
-/// The field values are slices of one copy of the head.
+///
+/// The fields the gateway reads (`Host` and the forwarding fields) go into the request's
+/// map, their values slices of one copy of the head; the others stay as the client wrote
+/// them, spans of the same copy, in the body ([`ClientBody::Own`]), and go to the server
+/// as they came. Hop-by-hop fields are noted and left out of both.
 #[doc(hidden)] // public for the benches
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut fields) {
+    // Spans of the head are u32 (`h1::Fields`): a larger head (`max_header_bytes` has no
+    // upper bound) is left to hyper.
+    let max_head = max_head.min(u32::MAX as usize);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
         _ => return Parsed::NotOurs,
@@ -198,14 +206,14 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         raw.slice(start..start + s.len())
     };
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
-    // With room for the forwarding fields the proxy adds: no growth and rehash later.
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
+    // Room for Host and what `rewrite_request` may add (`TE`): no growth later.
+    let mut headers = HeaderMap::with_capacity(4);
+    let mut at = Vec::with_capacity(req.headers.len());
     // What the client asks of the connection, read as the fields go by (no lookups after).
-    // Hop-by-hop fields are noted and left out of the request (`ClientBody::Empty` tells
-    // the proxy its head is clean), before a name or value is made for them.
-    let (mut trailers, mut connection) = (false, hop::ConnectionSays::default());
+    let (mut trailers, mut connection, mut length) = (false, hop::ConnectionSays::default(), false);
     for field in req.headers.iter() {
-        if let Some(which) = hop::fixed(field.name.as_bytes()) {
+        let name = field.name.as_bytes();
+        if let Some(which) = hop::fixed(name) {
             match which {
                 Fixed::Connection => connection.note(field.value),
                 Fixed::Te => trailers |= hop::has_token(field.value, "trailers"),
@@ -214,21 +222,34 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             }
             continue;
         }
-        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else { return Parsed::NotOurs };
-        match name {
-            header::EXPECT => return Parsed::NotOurs,
-            header::CONTENT_LENGTH if field.value != b"0" || headers.contains_key(header::CONTENT_LENGTH) => {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // A body (or a second length) is hyper's; `0` is left out like a framing
+            // field (the proxy frames the request itself, see `client::request_framing`).
+            if field.value != b"0" || length {
                 return Parsed::NotOurs;
             }
-            _ => {}
+            length = true;
+            continue;
         }
-        let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
-        headers.append(name, value);
+        if name.eq_ignore_ascii_case(b"expect") {
+            return Parsed::NotOurs;
+        }
+        if name.eq_ignore_ascii_case(b"host") || forwarded::is_forwarding(name) {
+            let Ok(name) = HeaderName::from_bytes(name) else { return Parsed::NotOurs };
+            let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
+            headers.append(name, value);
+        } else {
+            // httparse checked the name (a token) and the value by `HeaderName`'s and
+            // `HeaderValue`'s rules (see `h1::Fields`).
+            at.push(FieldAt::within(base, name, field.value));
+        }
     }
+    let mut fields = Fields::new(raw, at);
     for name in &connection.named {
         // `Host` stays: the request is routed by it (and the server gets it anyway).
         if name != header::HOST {
             headers.remove(name);
+            fields.remove(name.as_str().as_bytes());
         }
     }
     if trailers {
@@ -238,7 +259,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     let keep_alive = hop::persistent(version, connection.close, || connection.keep_alive);
     buf.advance(len);
-    let mut request = Request::new(ClientBody::Empty);
+    let mut request = Request::new(ClientBody::Own(fields));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -409,7 +430,7 @@ where
 #[doc(hidden)] // public for the benches
 pub fn encode_head(
     parts: &http::response::Parts,
-    fields: Option<&h1::Fields>,
+    fields: Option<&Fields>,
     body_length: Option<u64>,
     method: &Method,
     version: Version,
@@ -482,7 +503,7 @@ pub fn encode_head(
 }
 
 /// The trailer fields a chunked response may carry: those its `Trailer` field names.
-fn trailer_names(headers: &HeaderMap, fields: Option<&h1::Fields>, framing: Framing) -> Vec<HeaderName> {
+fn trailer_names(headers: &HeaderMap, fields: Option<&Fields>, framing: Framing) -> Vec<HeaderName> {
     if framing != Framing::Chunked {
         return Vec::new();
     }
@@ -577,6 +598,16 @@ mod tests {
         }
     }
 
+    /// All of a parsed request's fields, map and raw, names lower-cased, sorted.
+    fn all_fields(r: &Request<ClientBody>) -> Vec<(String, Vec<u8>)> {
+        let ClientBody::Own(raw) = r.body() else { panic!("not the own reader's") };
+        let mut all: Vec<(String, Vec<u8>)> =
+            r.headers().iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect();
+        all.extend(raw.iter().map(|(n, v)| (String::from_utf8(n.to_ascii_lowercase()).unwrap(), v.to_vec())));
+        all.sort_unstable();
+        all
+    }
+
     fn ours(p: &Parsed) -> (&Request<ClientBody>, bool) {
         match p {
             Parsed::Ours(r, asks) => (r, asks.keep_alive),
@@ -596,8 +627,11 @@ mod tests {
         assert_eq!(parsed.len(), 6);
         let (r, keep) = ours(&parsed[0]);
         assert_eq!((r.method(), r.uri().path(), r.uri().query(), keep), (&Method::GET, "/a", Some("b=1"), true));
-        assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
-        assert_eq!(r.headers()["host"], "x.test");
+        let fields = all_fields(r);
+        assert_eq!(
+            fields,
+            [("host".into(), b"x.test".to_vec()), ("x-a".into(), b"1".to_vec()), ("x-a".into(), b"2".to_vec())]
+        );
         let (r, keep) = ours(&parsed[1]);
         assert_eq!((r.method(), r.version(), keep), (&Method::HEAD, Version::HTTP_10, true));
         let (r, keep) = ours(&parsed[2]);
@@ -630,9 +664,8 @@ mod tests {
         let (parsed, _) = parse_all(raw);
         let Parsed::Ours(r, asks) = &parsed[0] else { panic!("not parsed") };
         assert_eq!(*asks, Asks { keep_alive: false, trailers: true });
-        let mut fields: Vec<(&str, &[u8])> = r.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
-        fields.sort_unstable();
-        assert_eq!(fields, [("host", &b"x"[..]), ("te", b"trailers"), ("x-kept", b"yes")]);
+        let want = [("host", &b"x"[..]), ("te", b"trailers"), ("x-kept", b"yes")];
+        assert_eq!(all_fields(r), want.map(|(n, v)| (n.to_owned(), v.to_vec())));
         let (_, keep) = ours(&parse_all("GET / HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n").0[0]);
         assert!(keep, "HTTP/1.0 asking for keep-alive in capitals");
         // Host is what the request is routed by: naming it in Connection does not hide it.
@@ -663,6 +696,36 @@ mod tests {
         assert!(matches!(parse(&mut BytesMut::from(big.as_bytes()), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..280]), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..200]), 256), Parsed::Partial));
+    }
+
+    #[test]
+    fn a_clients_fields_reach_the_server_as_it_wrote_them() {
+        let raw = "GET /fhir/Patient?_count=2 HTTP/1.1\r\nUser-Agent: probe/1\r\nHOST: fhir.example\r\n\
+                   accept:application/fhir+json\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 0\r\n\
+                   Connection: keep-alive, X-Private\r\nX-Private: 1\r\nCookie: a=1\r\nAuthorization:  Bearer t \r\n\
+                   cookie: b=2\r\n\r\n";
+        let Parsed::Ours(req, _) = parse(&mut BytesMut::from(raw), 8192) else { panic!("not parsed") };
+        // The map holds what the gateway reads; the rest stays raw.
+        let names: Vec<&str> = req.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "x-forwarded-for"]);
+        let (mut parts, mut body) = req.into_parts();
+        let fields = body.take_fields();
+        let peer = forwarded::PeerValues::new([192, 0, 2, 7].into());
+        let host = HeaderValue::from_static("fhir.example");
+        let facts =
+            forwarded::Facts { peer: &peer, trusted: false, proto: "https", host: &host, port: 443, prefix: None };
+        let forwarding = forwarded::forwarding(&mut parts.headers, &facts);
+        let mut out = Vec::new();
+        let head = h1::RequestHead { parts: &parts, fields: &fields, added: &forwarding.fields[..3] };
+        h1::encode_head(&head, Framing::Empty, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /fhir/Patient?_count=2 HTTP/1.1\r\nhost: fhir.example\r\nUser-Agent: probe/1\r\n\
+             accept:application/fhir+json\r\nCookie: a=1\r\nAuthorization:  Bearer t\r\ncookie: b=2\r\n\
+             x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: https\r\nx-forwarded-host: fhir.example\r\n\r\n",
+            "the client's lines in their order, case and spacing; the spoofed address, the length, Connection \
+             and what it names gone"
+        );
     }
 
     fn head(resp: http::Response<RespBody>, method: Method, version: Version, keep_alive: bool) -> (String, Framing) {

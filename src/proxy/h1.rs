@@ -75,14 +75,22 @@ pub fn push_field(name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A request's head as it goes to a server.
+pub struct RequestHead<'a> {
+    /// The request line, and the fields the gateway read or edited (`Host`...).
+    pub parts: &'a http::request::Parts,
+    /// The client's other fields, as it wrote them (empty for a head hyper read).
+    pub fields: &'a Fields,
+    /// The forwarding fields (see `forwarded`).
+    pub added: &'a [(&'static HeaderName, HeaderValue)],
+}
+
 /// Appends the request head: request line, the fields of `parts` except the framing
-/// ones, the fields `added`, then the framing field `framing` calls for.
-pub fn encode_head(
-    parts: &http::request::Parts,
-    added: &[(&'static HeaderName, HeaderValue)],
-    framing: Framing,
-    out: &mut Vec<u8>,
-) {
+/// ones, the client's own lines, the fields `added`, then the framing field `framing`
+/// calls for. (The order of fields of different names carries no meaning, RFC 9110
+/// section 5.3; those of one name are all in one of the three.)
+pub fn encode_head(head: &RequestHead<'_>, framing: Framing, out: &mut Vec<u8>) {
+    let parts = head.parts;
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
@@ -92,7 +100,11 @@ pub fn encode_head(
             push_field(name, value, out);
         }
     }
-    for (name, value) in added {
+    for (_, line) in head.fields.lines() {
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in head.added {
         push_field(name, value, out);
     }
     match framing {
@@ -162,12 +174,13 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
-/// A server's response fields as it wrote them: one shared copy of its head and where
-/// each end-to-end field lies in it. An HTTP/1.1 client gets them written back as they
-/// came ([`Fields::lines`]); a client hyper answers (HTTP/2) gets them in a `HeaderMap`
-/// ([`Fields::append_to`]). Making a `HeaderName`, a `HeaderValue` and a map entry for
-/// each field, then writing them out of the map again, took about 700 instructions per
-/// field.
+/// Fields as a peer wrote them: one shared copy of its head and where each end-to-end
+/// field lies in it. A server's response fields go to an HTTP/1.1 client written back as
+/// they came ([`Fields::lines`]), to a client hyper answers (HTTP/2) in a `HeaderMap`
+/// ([`Fields::append_to`]); the fields of a client's request that the gateway does not
+/// read go to the server the same way (see `front::parse`). Making a `HeaderName`, a
+/// `HeaderValue` and a map entry for each field, then writing them out of the map again,
+/// took about 700 instructions per field.
 ///
 /// The bytes were checked by httparse, whose rules for a field's name (a token) and
 /// value (visible ASCII, obs-text, spaces and tabs) are those of `HeaderName` and
@@ -182,9 +195,21 @@ pub struct Fields {
 
 /// Where one field's name and value lie in [`Fields::raw`] (start, end).
 #[derive(Debug, Clone, Copy)]
-struct FieldAt {
+pub(super) struct FieldAt {
     name: (u32, u32),
     value: (u32, u32),
+}
+
+impl FieldAt {
+    /// Where `name` and `value`, slices of a buffer that begins at address `base`, lie
+    /// in it. The buffer is a head, at most [`MAX_HEAD`] bytes (u32 spans).
+    pub(super) fn within(base: usize, name: &[u8], value: &[u8]) -> FieldAt {
+        let span = |part: &[u8]| {
+            let start = (part.as_ptr() as usize - base) as u32;
+            (start, start + part.len() as u32)
+        };
+        FieldAt { name: span(name), value: span(value) }
+    }
 }
 
 /// The bytes of `raw` from `start` to `end`.
@@ -193,12 +218,21 @@ fn spanned(raw: &[u8], (start, end): (u32, u32)) -> &[u8] {
 }
 
 impl Fields {
-    /// Each field's name and value, in the order the server sent them.
+    /// The fields at `at` in `raw` (a copy of the head they were read from).
+    pub(super) fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
+        Fields { raw, at, length: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Each field's name and value, in the order the peer sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.at.iter().map(|f| (self.bytes(f.name), self.bytes(f.value)))
     }
 
-    /// Each field's name and its line as the server wrote it, without the line's end
+    /// Each field's name and its line as the peer wrote it, without the line's end
     /// (`name: value`, with whatever spaces it had around the value).
     pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.at.iter().map(|f| (self.bytes(f.name), self.bytes((f.name.0, f.value.1))))
@@ -214,7 +248,7 @@ impl Fields {
     }
 
     /// Removes the fields called `name`; [`Fields::length`] goes with `Content-Length`.
-    fn remove(&mut self, name: &[u8]) {
+    pub(super) fn remove(&mut self, name: &[u8]) {
         let raw = &self.raw;
         self.at.retain(|f| !spanned(raw, f.name).eq_ignore_ascii_case(name));
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -257,11 +291,6 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     // One copy of the head; the fields are where they lie in it.
     let raw = Bytes::copy_from_slice(&buf[..len]);
     let base = buf.as_ptr() as usize;
-    // Within the head: `len` is at most MAX_HEAD, checked below before it is used.
-    let span = |part: &[u8]| {
-        let start = (part.as_ptr() as usize - base) as u32;
-        (start, start + part.len() as u32)
-    };
     let mut at = Vec::with_capacity(resp.headers.len());
     // What framing and persistence depend on, noted as the fields go by rather than
     // looked up afterwards.
@@ -276,13 +305,14 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         if name.eq_ignore_ascii_case(b"content-length") && !matches!(noted.length, Some(Err(_))) {
             noted.length = Some(content_length(field.value, noted.length.and_then(Result::ok)));
         }
-        at.push(FieldAt { name: span(name), value: span(field.value) });
+        at.push(FieldAt::within(base, name, field.value));
     }
     buf.advance(len);
+    // The spans are u32: `len` must be within MAX_HEAD before they are used.
     if len > MAX_HEAD {
         return Err(invalid("response head too large"));
     }
-    let mut fields = Fields { raw, at, length: noted.length.and_then(Result::ok) };
+    let mut fields = Fields { length: noted.length.and_then(Result::ok), ..Fields::new(raw, at) };
     // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
     for name in &noted.connection.named {
         fields.remove(name.as_str().as_bytes());
@@ -811,8 +841,9 @@ mod tests {
             .body(())
             .expect("request");
         let (parts, ()) = req.into_parts();
+        let fields = Fields::default();
         let mut out = Vec::new();
-        encode_head(&parts, &[], Framing::Length(5), &mut out);
+        encode_head(&RequestHead { parts: &parts, fields: &fields, added: &[] }, Framing::Length(5), &mut out);
         let text = String::from_utf8(out).expect("ascii");
         assert_eq!(
             text,
@@ -821,7 +852,8 @@ mod tests {
         // Added fields follow the request's own, before the framing.
         static X_ADDED: HeaderName = HeaderName::from_static("x-added");
         let mut out = Vec::new();
-        encode_head(&parts, &[(&X_ADDED, HeaderValue::from_static("yes"))], Framing::Chunked, &mut out);
+        let added = [(&X_ADDED, HeaderValue::from_static("yes"))];
+        encode_head(&RequestHead { parts: &parts, fields: &fields, added: &added }, Framing::Chunked, &mut out);
         assert!(
             String::from_utf8_lossy(&out).ends_with("x-two: 2\r\nx-added: yes\r\ntransfer-encoding: chunked\r\n\r\n")
         );

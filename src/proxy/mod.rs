@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -183,8 +183,9 @@ async fn forward(
     let authority_str = authority.to_str().unwrap_or("");
     // Split before the rewrite: a `mut` request argument would be a second copy of it
     // (264 bytes) in this future beside the argument itself.
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, &authority);
+    let fields = body.take_fields();
     let body = match body::prefetch(body, limits.retry_body_bytes).await {
         Prefetched::Body(b) => b,
         Prefetched::Malformed(e) => {
@@ -193,7 +194,8 @@ async fn forward(
         }
     };
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
-    let sent = attempts(gw, &route, &parts, &forwarding.fields, body).await.map_err(|e| (e, stats()))?;
+    let head = h1::RequestHead { parts: &parts, fields: &fields, added: &forwarding.fields };
+    let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, start, log))
 }
 
@@ -235,10 +237,11 @@ fn rewrite_request(
     // The gateway's own reader leaves hop-by-hop fields out as it reads (and puts `TE:
     // trailers` back itself); hyper's heads are stripped here.
     let wants_trailers = match body {
-        ClientBody::Empty => {
+        ClientBody::Own(fields) => {
             debug_assert!(
-                !req.headers.keys().any(|n| n != header::TE && hop::fixed(n.as_str().as_bytes()).is_some()),
-                "hop-by-hop fields in a head from the own reader: {:?}",
+                !req.headers.keys().any(|n| n != header::TE && hop::fixed(n.as_str().as_bytes()).is_some())
+                    && !fields.iter().any(|(n, _)| hop::fixed(n).is_some()),
+                "hop-by-hop fields in a head from the own reader: {:?} {fields:?}",
                 req.headers
             );
             false
@@ -283,13 +286,12 @@ fn rewrite_request(
 async fn attempts(
     gw: &Gateway,
     route: &Route,
-    parts: &http::request::Parts,
-    added: &[(&'static HeaderName, HeaderValue)],
+    head: &h1::RequestHead<'_>,
     mut body: ReqBody,
 ) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
-    let idempotent = is_idempotent(&parts.method);
+    let idempotent = is_idempotent(&head.parts.method);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
     loop {
@@ -308,7 +310,7 @@ async fn attempts(
         };
         let guard = server.begin();
         let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
-        match client::send(&server, parts, added, body, cfg.connect_timeout, cfg.response_timeout).await {
+        match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
             Ok(sent) => {
                 record_success(&server);
                 return Ok((sent, guard));
