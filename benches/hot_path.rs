@@ -172,9 +172,8 @@ fn http1_codec(c: &mut Criterion) {
     });
     g.bench_function("server_request_head_written", |b| {
         let mut buf = bytes::BytesMut::from(BROWSER_HEAD);
-        let front::Parsed::Ours(req, _) = front::parse(&mut buf, 8192) else { panic!("not parsed") };
-        let (mut parts, mut body) = req.into_parts();
-        let fields = body.take_fields();
+        let front::Parsed::Ours(req, _, fields) = front::parse(&mut buf, 8192) else { panic!("not parsed") };
+        let (mut parts, _) = req.into_parts();
         let peer = forwarded::PeerValues::new("192.0.2.10".parse().unwrap());
         let host = HeaderValue::from_static("fhir.sandbox.example.org");
         let facts =

@@ -22,21 +22,11 @@ use super::h1::{Fields, ResponseBody};
 pub enum ClientBody {
     /// No body: the requests the gateway's own HTTP/1.1 reader serves (see `front`),
     /// whose heads come without hop-by-hop fields (so the proxy does not strip them).
-    /// The fields the gateway does not read ride here as the client wrote them; the
-    /// request's map holds the others.
-    Own(Fields),
+    /// Their map holds the fields the gateway reads; the others come beside the request
+    /// as the client wrote them (see `proxy::handle`).
+    Empty,
     /// hyper's: HTTP/2, and HTTP/1.1 requests that carry a body.
     Hyper(Incoming),
-}
-
-impl ClientBody {
-    /// The client's fields as it wrote them (see [`ClientBody::Own`]), taken out.
-    pub fn take_fields(&mut self) -> Fields {
-        match self {
-            ClientBody::Own(fields) => std::mem::take(fields),
-            ClientBody::Hyper(_) => Fields::default(),
-        }
-    }
 }
 
 /// The body sent to a server.
@@ -128,7 +118,7 @@ pub enum Prefetched {
 pub async fn prefetch(body: ClientBody, limit: usize) -> Prefetched {
     let mut body = match body {
         ClientBody::Hyper(body) => body,
-        ClientBody::Own(_) => return Prefetched::Body(ReqBody::Empty),
+        ClientBody::Empty => return Prefetched::Body(ReqBody::Empty),
     };
     if body.is_end_stream() {
         return Prefetched::Body(ReqBody::Empty);

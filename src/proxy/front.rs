@@ -88,10 +88,10 @@ where
     // one handed in may be past parking (it would fire again at once).
     let mut rearm = true;
     loop {
-        let (req, asks) = loop {
+        let (req, asks, fields) = loop {
             if !buf.is_empty() {
                 match parse(&mut buf, ctx.max_head) {
-                    Parsed::Ours(req, asks) => break (req, asks),
+                    Parsed::Ours(req, asks, fields) => break (req, asks, fields),
                     Parsed::Partial => {}
                     Parsed::NotOurs => {
                         io.unread(&buf);
@@ -130,7 +130,7 @@ where
         // serving task, which lives while the connection is busy and ends when it parks
         // (see `listener::park`), so an idle connection keeps no room for it; a box was an
         // allocation and a copy of it per request (about 400 instructions).
-        let keep = exchange(io, &mut buf, ctx, req, asks).await;
+        let keep = exchange(io, &mut buf, ctx, req, asks, &fields).await;
         if !keep {
             return Outcome::Closed;
         }
@@ -167,8 +167,8 @@ pub struct Asks {
 pub enum Parsed {
     /// Not a whole head yet.
     Partial,
-    /// A request this reader serves.
-    Ours(Request<ClientBody>, Asks),
+    /// A request this reader serves, and its fields the gateway does not read.
+    Ours(Request<ClientBody>, Asks, Fields),
     /// A request (or bytes) for hyper.
     NotOurs,
 }
@@ -177,8 +177,8 @@ pub enum Parsed {
 ///
 /// The fields the gateway reads (`Host` and the forwarding fields) go into the request's
 /// map, their values slices of one copy of the head; the others stay as the client wrote
-/// them, spans of the same copy, in the body ([`ClientBody::Own`]), and go to the server
-/// as they came. Hop-by-hop fields are noted and left out of both.
+/// them, spans of the same copy ([`Fields`]), and go to the server as they came.
+/// Hop-by-hop fields are noted and left out of both.
 #[doc(hidden)] // public for the benches
 pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
@@ -208,7 +208,8 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
     // Room for Host and what `rewrite_request` may add (`TE`): no growth later.
     let mut headers = HeaderMap::with_capacity(4);
-    let mut at = Vec::with_capacity(req.headers.len());
+    // For all but `Host`: a request with no other field allocates nothing.
+    let mut at = Vec::with_capacity(req.headers.len().saturating_sub(1));
     // What the client asks of the connection, read as the fields go by (no lookups after).
     let (mut trailers, mut connection, mut length) = (false, hop::ConnectionSays::default(), false);
     for field in req.headers.iter() {
@@ -259,12 +260,12 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     let keep_alive = hop::persistent(version, connection.close, || connection.keep_alive);
     buf.advance(len);
-    let mut request = Request::new(ClientBody::Own(fields));
+    let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    Parsed::Ours(request, Asks { keep_alive, trailers })
+    Parsed::Ours(request, Asks { keep_alive, trailers }, fields)
 }
 
 /// One request and its response. `true`: the connection may carry the next request.
@@ -274,6 +275,7 @@ async fn exchange<I>(
     ctx: &Ctx<'_>,
     req: Request<ClientBody>,
     asks: Asks,
+    fields: &Fields,
 ) -> bool
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -284,7 +286,7 @@ where
         activity.set_closing();
     }
     let (method, version) = (req.method().clone(), req.version());
-    let handler = super::handle(&shared.gw, conn, req);
+    let handler = super::handle(&shared.gw, conn, req, fields);
     tokio::pin!(handler);
     // While the request is handled, the client's side is read too: a client that goes
     // away cancels its request (and so the server's). Once a pipelined request has begun
@@ -599,8 +601,8 @@ mod tests {
     }
 
     /// All of a parsed request's fields, map and raw, names lower-cased, sorted.
-    fn all_fields(r: &Request<ClientBody>) -> Vec<(String, Vec<u8>)> {
-        let ClientBody::Own(raw) = r.body() else { panic!("not the own reader's") };
+    fn all_fields(p: &Parsed) -> Vec<(String, Vec<u8>)> {
+        let Parsed::Ours(r, _, raw) = p else { panic!("not parsed") };
         let mut all: Vec<(String, Vec<u8>)> =
             r.headers().iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect();
         all.extend(raw.iter().map(|(n, v)| (String::from_utf8(n.to_ascii_lowercase()).unwrap(), v.to_vec())));
@@ -610,7 +612,7 @@ mod tests {
 
     fn ours(p: &Parsed) -> (&Request<ClientBody>, bool) {
         match p {
-            Parsed::Ours(r, asks) => (r, asks.keep_alive),
+            Parsed::Ours(r, asks, _) => (r, asks.keep_alive),
             Parsed::Partial => panic!("partial"),
             Parsed::NotOurs => panic!("not ours"),
         }
@@ -627,9 +629,8 @@ mod tests {
         assert_eq!(parsed.len(), 6);
         let (r, keep) = ours(&parsed[0]);
         assert_eq!((r.method(), r.uri().path(), r.uri().query(), keep), (&Method::GET, "/a", Some("b=1"), true));
-        let fields = all_fields(r);
         assert_eq!(
-            fields,
+            all_fields(&parsed[0]),
             [("host".into(), b"x.test".to_vec()), ("x-a".into(), b"1".to_vec()), ("x-a".into(), b"2".to_vec())]
         );
         let (r, keep) = ours(&parsed[1]);
@@ -649,7 +650,7 @@ mod tests {
         for (te, want) in [("", false), ("TE: gzip\r\n", false), ("TE: gzip, Trailers\r\n", true)] {
             let raw = format!("GET / HTTP/1.1\r\nHost: x\r\n{te}Connection: TE\r\n\r\n");
             match parse(&mut BytesMut::from(raw.as_bytes()), 8192) {
-                Parsed::Ours(_, asks) => assert_eq!(asks, Asks { keep_alive: true, trailers: want }, "{te:?}"),
+                Parsed::Ours(_, asks, _) => assert_eq!(asks, Asks { keep_alive: true, trailers: want }, "{te:?}"),
                 _ => panic!("{raw:?} not parsed"),
             }
         }
@@ -662,10 +663,10 @@ mod tests {
                    X-Private: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip, trailers\r\n\
                    X-Kept: yes\r\nconnection: CLOSE\r\n\r\n";
         let (parsed, _) = parse_all(raw);
-        let Parsed::Ours(r, asks) = &parsed[0] else { panic!("not parsed") };
+        let Parsed::Ours(_, asks, _) = &parsed[0] else { panic!("not parsed") };
         assert_eq!(*asks, Asks { keep_alive: false, trailers: true });
         let want = [("host", &b"x"[..]), ("te", b"trailers"), ("x-kept", b"yes")];
-        assert_eq!(all_fields(r), want.map(|(n, v)| (n.to_owned(), v.to_vec())));
+        assert_eq!(all_fields(&parsed[0]), want.map(|(n, v)| (n.to_owned(), v.to_vec())));
         let (_, keep) = ours(&parse_all("GET / HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n").0[0]);
         assert!(keep, "HTTP/1.0 asking for keep-alive in capitals");
         // Host is what the request is routed by: naming it in Connection does not hide it.
@@ -704,12 +705,11 @@ mod tests {
                    accept:application/fhir+json\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 0\r\n\
                    Connection: keep-alive, X-Private\r\nX-Private: 1\r\nCookie: a=1\r\nAuthorization:  Bearer t \r\n\
                    cookie: b=2\r\n\r\n";
-        let Parsed::Ours(req, _) = parse(&mut BytesMut::from(raw), 8192) else { panic!("not parsed") };
+        let Parsed::Ours(req, _, fields) = parse(&mut BytesMut::from(raw), 8192) else { panic!("not parsed") };
         // The map holds what the gateway reads; the rest stays raw.
         let names: Vec<&str> = req.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["host", "x-forwarded-for"]);
-        let (mut parts, mut body) = req.into_parts();
-        let fields = body.take_fields();
+        let (mut parts, _) = req.into_parts();
         let peer = forwarded::PeerValues::new([192, 0, 2, 7].into());
         let host = HeaderValue::from_static("fhir.example");
         let facts =

@@ -217,9 +217,12 @@ fn spanned(raw: &[u8], (start, end): (u32, u32)) -> &[u8] {
     &raw[start as usize..end as usize]
 }
 
+/// No fields: those of a request whose head hyper read (all in its map).
+pub static NO_FIELDS: Fields = Fields::new(Bytes::new(), Vec::new());
+
 impl Fields {
     /// The fields at `at` in `raw` (a copy of the head they were read from).
-    pub(super) fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
+    pub(super) const fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
         Fields { raw, at, length: None }
     }
 

@@ -467,7 +467,7 @@ fn tracked_service(
         }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
         async move {
-            let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper)).await;
+            let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if let Some(fields) = resp.body_mut().take_fields() {
                 fields.append_to(resp.headers_mut());
             }

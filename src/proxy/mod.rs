@@ -74,12 +74,22 @@ impl Conn {
 /// Serves one request; never fails (errors become the gateway's own responses).
 /// Borrowed handles: the connection's own reader calls this per request without
 /// touching the shared reference counts.
-pub async fn handle(gw: &Arc<Gateway>, conn: &Arc<Conn>, req: Request<ClientBody>) -> Response<RespBody> {
+///
+/// `fields`: the request's fields that its map does not hold, as the client wrote them
+/// (those the gateway does not read, from its own HTTP/1.1 reader; [`h1::NO_FIELDS`]
+/// for a head hyper read). Borrowed rather than in the request, which each future it
+/// goes through makes a copy of: 32 bytes more per copy.
+pub async fn handle(
+    gw: &Arc<Gateway>,
+    conn: &Arc<Conn>,
+    req: Request<ClientBody>,
+    fields: &h1::Fields,
+) -> Response<RespBody> {
     let start = Instant::now();
     // A guard, not a clone: no shared reference count written per request (arc-swap falls
     // back to a full reference by itself when a thread holds many at once).
     let snap = gw.snapshot_guard();
-    match route_request(gw, &snap, conn, req, start).await {
+    match route_request(gw, &snap, conn, req, fields, start).await {
         Ok(resp) => resp,
         Err((err, stats)) => {
             let stats = stats.unwrap_or_else(|| unrouted(gw));
@@ -114,6 +124,7 @@ async fn route_request(
     snap: &Arc<Snapshot>,
     conn: &Arc<Conn>,
     req: Request<ClientBody>,
+    fields: &h1::Fields,
     start: Instant,
 ) -> Result<Response<RespBody>, Failure> {
     let limits = &snap.proxy.limits;
@@ -159,7 +170,7 @@ async fn route_request(
             .map_err(|e| (e, stats()));
     }
 
-    forward(gw, snap, conn, route, req, authority, start).await
+    forward(gw, snap, conn, route, req, fields, authority, start).await
 }
 
 /// Rewrites the request, reads the start of its body, sends it (with safe retries) and
@@ -169,12 +180,14 @@ async fn route_request(
 /// and a connection that idles for `listener::PARK_AFTER` ends them (its serving task, or
 /// the hyper session whose in-flight slot is sized for it), so idle connections keep no
 /// room for it. A box was an allocation and a copy of it per request.
+#[allow(clippy::too_many_arguments)] // what one request's future holds; a struct of them would be moved in whole
 async fn forward(
     gw: &Arc<Gateway>,
     snap: &Snapshot,
     conn: &Conn,
     route: Arc<Route>,
     req: Request<ClientBody>,
+    fields: &h1::Fields,
     authority: HeaderValue,
     start: Instant,
 ) -> Result<Response<RespBody>, Failure> {
@@ -183,9 +196,8 @@ async fn forward(
     let authority_str = authority.to_str().unwrap_or("");
     // Split before the rewrite: a `mut` request argument would be a second copy of it
     // (264 bytes) in this future beside the argument itself.
-    let (mut parts, mut body) = req.into_parts();
-    let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, &authority);
-    let fields = body.take_fields();
+    let (mut parts, body) = req.into_parts();
+    let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority);
     let body = match body::prefetch(body, limits.retry_body_bytes).await {
         Prefetched::Body(b) => b,
         Prefetched::Malformed(e) => {
@@ -194,7 +206,7 @@ async fn forward(
         }
     };
     let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
-    let head = h1::RequestHead { parts: &parts, fields: &fields, added: &forwarding.fields };
+    let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
     let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
     Ok(respond(sent, route, start, log))
 }
@@ -231,13 +243,14 @@ fn rewrite_request(
     route: &Route,
     req: &mut http::request::Parts,
     body: &ClientBody,
+    fields: &h1::Fields,
     authority: &HeaderValue,
 ) -> forwarded::Forwarding {
     let authority_str = authority.to_str().unwrap_or("");
     // The gateway's own reader leaves hop-by-hop fields out as it reads (and puts `TE:
     // trailers` back itself); hyper's heads are stripped here.
     let wants_trailers = match body {
-        ClientBody::Own(fields) => {
+        ClientBody::Empty => {
             debug_assert!(
                 !req.headers.keys().any(|n| n != header::TE && hop::fixed(n.as_str().as_bytes()).is_some())
                     && !fields.iter().any(|(n, _)| hop::fixed(n).is_some()),
