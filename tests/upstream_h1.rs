@@ -182,9 +182,17 @@ async fn a_clients_fields_reach_the_server_as_it_wrote_them() {
     let own = "\r\nUser-Agent: probe/1\r\naccept:application/fhir+json\r\nCookie: a=1\r\n\
                Authorization:  Bearer t\r\ncookie: b=2\r\n";
     assert!(heads[0].contains(own), "{}", heads[0]);
+    let lower = heads[0].to_ascii_lowercase();
+    assert!(!lower.contains("content-length") && !lower.contains("transfer-encoding"), "{}", heads[0]);
     // hyper's (names lower-cased, lines of one name together): the same fields.
     let lower = heads[1].to_ascii_lowercase();
-    for line in ["user-agent: probe/1", "accept: application/fhir+json", "authorization: bearer t", "cookie: a=1"] {
+    for line in [
+        "user-agent: probe/1",
+        "accept: application/fhir+json",
+        "authorization: bearer t",
+        "cookie: a=1",
+        "cookie: b=2",
+    ] {
         assert!(lower.contains(&format!("\r\n{line}\r\n")), "{line} in {}", heads[1]);
     }
 }

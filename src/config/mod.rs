@@ -328,6 +328,9 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{text:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"))
 }
 
+/// The largest `max_header_bytes` accepted.
+const MAX_HEADER_BYTES: usize = 1 << 20;
+
 fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
     let limits = Limits {
         header_read_timeout: t.duration("header_read_timeout", Duration::from_secs(30)),
@@ -342,8 +345,10 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
     if limits.header_read_timeout.is_zero() {
         t.source().problem(&at, "[limits].header_read_timeout must be more than 0");
     }
-    if limits.max_header_bytes < 8192 {
-        t.source().problem(&at, "[limits].max_header_bytes must be at least 8192");
+    // Bounded above: a head is held whole while it is read, HTTP/2's header list limit is
+    // a u32, and the own HTTP/1.1 reader keeps u32 spans of it.
+    if !(8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
+        t.source().problem(&at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
     }
     if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
         t.source().problem(&at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
@@ -836,19 +841,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_idle_timeout_past_49_days_is_refused() {
-        let problems = |idle: &str| match parse(
-            Path::new("t.toml"),
-            &format!("[limits]\nidle_timeout = \"{idle}\"\n"),
-            &BTreeMap::new(),
-        ) {
+    /// The problems `[limits]` with `line` in it has.
+    fn limits_problems(line: &str) -> Vec<String> {
+        match parse(Path::new("t.toml"), &format!("[limits]\n{line}\n"), &BTreeMap::new()) {
             Ok(_) => Vec::new(),
             Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
-        };
-        assert_eq!(problems("49d"), Vec::<String>::new());
-        let refused = problems("50d");
+        }
+    }
+
+    #[test]
+    fn an_idle_timeout_past_49_days_is_refused() {
+        assert_eq!(limits_problems("idle_timeout = \"49d\""), Vec::<String>::new());
+        let refused = limits_problems("idle_timeout = \"50d\"");
         assert!(refused.iter().any(|p| p.contains("idle_timeout must be at most 49 days")), "{refused:#?}");
+    }
+
+    #[test]
+    fn max_header_bytes_is_bounded_both_ways() {
+        for ok in [8192u64, 65536, 1 << 20] {
+            assert_eq!(limits_problems(&format!("max_header_bytes = {ok}")), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [8191u64, (1 << 20) + 1, 1 << 40] {
+            let refused = limits_problems(&format!("max_header_bytes = {bad}"));
+            assert!(
+                refused.iter().any(|p| p.contains("max_header_bytes must be between 8192 and 1048576")),
+                "{bad}: {refused:#?}"
+            );
+        }
     }
 
     #[test]

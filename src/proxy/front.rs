@@ -184,8 +184,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     // Uninitialised: zeroing 100 fields per parse would cost more than parsing.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; h1::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    // Spans of the head are u32 (`h1::Fields`): a larger head (`max_header_bytes` has no
-    // upper bound) is left to hyper.
+    // Spans of the head are u32 (`h1::Fields`); the config allows 1 MiB at most.
     let max_head = max_head.min(u32::MAX as usize);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
@@ -206,7 +205,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         raw.slice(start..start + s.len())
     };
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
-    // Room for Host and what `rewrite_request` may add (`TE`): no growth later.
+    // Room for Host and `TE`; a trusted proxy's forwarding fields may grow it.
     let mut headers = HeaderMap::with_capacity(4);
     // For all but `Host`: a request with no other field allocates nothing.
     let mut at = Vec::with_capacity(req.headers.len().saturating_sub(1));
@@ -239,10 +238,13 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             let Ok(name) = HeaderName::from_bytes(name) else { return Parsed::NotOurs };
             let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
             headers.append(name, value);
-        } else {
+        } else if name.len() <= h1::MAX_NAME {
             // httparse checked the name (a token) and the value by `HeaderName`'s and
             // `HeaderValue`'s rules (see `h1::Fields`).
             at.push(FieldAt::within(base, name, field.value));
+        } else {
+            // Too long a name for `HeaderName` (or for `Connection` to name): hyper's.
+            return Parsed::NotOurs;
         }
     }
     let mut fields = Fields::new(raw, at);
@@ -697,34 +699,60 @@ mod tests {
         assert!(matches!(parse(&mut BytesMut::from(big.as_bytes()), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..280]), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..200]), 256), Parsed::Partial));
+        // A name longer than `HeaderName` takes, within the head's limit.
+        let long = |n: usize| format!("GET / HTTP/1.1\r\nHost: x\r\n{}: 1\r\n\r\n", "a".repeat(n));
+        assert!(matches!(parse(&mut BytesMut::from(long(h1::MAX_NAME).as_bytes()), 1 << 20), Parsed::Ours(..)));
+        assert!(matches!(parse(&mut BytesMut::from(long(h1::MAX_NAME + 1).as_bytes()), 1 << 20), Parsed::NotOurs));
     }
 
     #[test]
     fn a_clients_fields_reach_the_server_as_it_wrote_them() {
-        let raw = "GET /fhir/Patient?_count=2 HTTP/1.1\r\nUser-Agent: probe/1\r\nHOST: fhir.example\r\n\
-                   accept:application/fhir+json\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 0\r\n\
-                   Connection: keep-alive, X-Private\r\nX-Private: 1\r\nCookie: a=1\r\nAuthorization:  Bearer t \r\n\
-                   cookie: b=2\r\n\r\n";
-        let Parsed::Ours(req, _, fields) = parse(&mut BytesMut::from(raw), 8192) else { panic!("not parsed") };
+        // The head the server gets for `raw`, from an untrusted client, with only the
+        // X-Forwarded-For of the forwarding fields; and the names in the request's map.
+        let server_head = |raw: &[u8]| {
+            let Parsed::Ours(req, _, fields) = parse(&mut BytesMut::from(raw), 8192) else { panic!("not parsed") };
+            let names: Vec<String> = req.headers().keys().map(|n| n.as_str().to_owned()).collect();
+            let (mut parts, _) = req.into_parts();
+            let peer = forwarded::PeerValues::new([192, 0, 2, 7].into());
+            let host = HeaderValue::from_static("fhir.example");
+            let facts =
+                forwarded::Facts { peer: &peer, trusted: false, proto: "https", host: &host, port: 443, prefix: None };
+            let mut added = forwarded::forwarding(&mut parts.headers, &facts).fields;
+            added.retain(|(name, _)| **name == forwarded::X_FORWARDED_FOR);
+            let mut out = Vec::new();
+            h1::encode_head(
+                &h1::RequestHead { parts: &parts, fields: &fields, added: &added },
+                Framing::Empty,
+                &mut out,
+            );
+            (String::from_utf8_lossy(&out).into_owned(), names)
+        };
+        let (out, names) = server_head(
+            b"GET /fhir/Patient?_count=2 HTTP/1.1\r\nUser-Agent: probe/1\r\nHOST: fhir.example\r\n\
+              accept:application/fhir+json\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Length: 0\r\n\
+              Connection: keep-alive, X-Private\r\nX-Private: 1\r\nCookie: a=1\r\nAuthorization:  Bearer t \r\n\
+              cookie: b=2\r\n\r\n",
+        );
         // The map holds what the gateway reads; the rest stays raw.
-        let names: Vec<&str> = req.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["host", "x-forwarded-for"]);
-        let (mut parts, _) = req.into_parts();
-        let peer = forwarded::PeerValues::new([192, 0, 2, 7].into());
-        let host = HeaderValue::from_static("fhir.example");
-        let facts =
-            forwarded::Facts { peer: &peer, trusted: false, proto: "https", host: &host, port: 443, prefix: None };
-        let forwarding = forwarded::forwarding(&mut parts.headers, &facts);
-        let mut out = Vec::new();
-        let head = h1::RequestHead { parts: &parts, fields: &fields, added: &forwarding.fields[..3] };
-        h1::encode_head(&head, Framing::Empty, &mut out);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            out,
             "GET /fhir/Patient?_count=2 HTTP/1.1\r\nhost: fhir.example\r\nUser-Agent: probe/1\r\n\
              accept:application/fhir+json\r\nCookie: a=1\r\nAuthorization:  Bearer t\r\ncookie: b=2\r\n\
-             x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: https\r\nx-forwarded-host: fhir.example\r\n\r\n",
+             x-forwarded-for: 192.0.2.7\r\n\r\n",
             "the client's lines in their order, case and spacing; the spoofed address, the length, Connection \
              and what it names gone"
+        );
+        // Bare LF line ends become CRLF; names the gateway reads are told in any case;
+        // empty values, tabs and obs-text pass as they came.
+        let (out, names) = server_head(
+            b"GET / HTTP/1.1\nhost: x\nx-FORWARDED-for: 6.6.6.6\ncontent-LENGTH: 0\nX-E:\nX-F:   \nX-T:\tv\t\nX-O: caf\xe9\n\n",
+        );
+        assert_eq!(names, ["host", "x-forwarded-for"]);
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nhost: x\r\nX-E:\r\nX-F:   \r\nX-T:\tv\r\nX-O: caf\u{fffd}\r\nx-forwarded-for: 192.0.2.7\r\n\r\n",
+            "an empty value after spaces keeps them (they are the line's OWS); trailing OWS after a value goes"
         );
     }
 

@@ -28,6 +28,8 @@ use super::body::ReqBody;
 
 /// The largest response head (status line and fields) accepted from a server.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// The longest field name `HeaderName` takes.
+pub const MAX_NAME: usize = (1 << 16) - 1;
 /// The most fields a response head or a chunked body's trailer section may carry.
 pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (size and extensions) accepted.
@@ -184,7 +186,8 @@ pub struct Head {
 ///
 /// The bytes were checked by httparse, whose rules for a field's name (a token) and
 /// value (visible ASCII, obs-text, spaces and tabs) are those of `HeaderName` and
-/// `HeaderValue`.
+/// `HeaderValue`, but for length: a name over [`MAX_NAME`] bytes, which `HeaderName`
+/// refuses, does not fit in a response head, and sends a request to hyper.
 #[derive(Debug, Default, Clone)]
 pub struct Fields {
     raw: Bytes,
@@ -202,7 +205,8 @@ pub(super) struct FieldAt {
 
 impl FieldAt {
     /// Where `name` and `value`, slices of a buffer that begins at address `base`, lie
-    /// in it. The buffer is a head, at most [`MAX_HEAD`] bytes (u32 spans).
+    /// in it. The buffer is a head: a response's is at most [`MAX_HEAD`] bytes, a
+    /// request's at most `max_header_bytes` (1 MiB at most): the spans fit a u32.
     pub(super) fn within(base: usize, name: &[u8], value: &[u8]) -> FieldAt {
         let span = |part: &[u8]| {
             let start = (part.as_ptr() as usize - base) as u32;
@@ -224,10 +228,6 @@ impl Fields {
     /// The fields at `at` in `raw` (a copy of the head they were read from).
     pub(super) const fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
         Fields { raw, at, length: None }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
     }
 
     /// Each field's name and value, in the order the peer sent them.
