@@ -227,6 +227,33 @@ async fn broken_or_ambiguous_responses_are_502() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_field_naming_more_fields_than_a_message_has_is_refused() {
+    // 101 names: a client's request is a 400 and never reaches a server, whichever reader
+    // reads it (none, or a body), and a server's response is a 502.
+    let names: Vec<String> = (0..101).map(|i| format!("x-{i}")).collect();
+    let names = names.join(", ");
+    let s = Scripted::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
+    let gw = gateway(s.addr).await;
+    for body in ["", "Content-Length: 2\r\n\r\nhi"] {
+        let head_end = if body.is_empty() { "\r\n" } else { "" };
+        let raw = format!("GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close, {names}\r\n{head_end}{body}");
+        let (answer, _) = raw_exchange(gw.http, raw.as_bytes(), Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    }
+    assert_eq!(s.requests.load(Ordering::SeqCst), 0);
+    // The same Connection with 100 names is served.
+    let fewer: Vec<String> = (0..100).map(|i| format!("x-{i}")).collect();
+    let raw = format!("GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close, {}\r\n\r\n", fewer.join(", "));
+    let (answer, _) = raw_exchange(gw.http, raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200 "));
+    let reply = format!("HTTP/1.1 200 OK\r\nConnection: {names}\r\nContent-Length: 2\r\n\r\nok");
+    let s = Scripted::start(reply.leak().as_bytes(), true).await;
+    let gw = gateway(s.addr).await;
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_head_too_large_is_502() {
     let reply = format!("HTTP/1.1 200 OK\r\nX-Huge: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(70 * 1024));
     let s = Scripted::start(reply.leak().as_bytes(), true).await;

@@ -247,6 +247,9 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             return Parsed::NotOurs;
         }
     }
+    if connection.too_many {
+        return Parsed::NotOurs; // hyper's session reads it, and the proxy refuses it (400)
+    }
     let mut fields = Fields::new(raw, at);
     for name in &connection.named {
         // `Host` stays: the request is routed by it (and the server gets it anyway).
@@ -699,6 +702,13 @@ mod tests {
         assert!(matches!(parse(&mut BytesMut::from(big.as_bytes()), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..280]), 256), Parsed::NotOurs));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..200]), 256), Parsed::Partial));
+        // A Connection naming more fields than a message may have (hyper's session then
+        // reads it, and the proxy refuses it).
+        let names: Vec<String> = (0..=hop::MAX_NAMED).map(|i| format!("x-{i}")).collect();
+        let raw = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: {}\r\n\r\n", names.join(","));
+        assert!(matches!(parse(&mut BytesMut::from(raw.as_bytes()), 8192), Parsed::NotOurs));
+        let raw = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: {}\r\n\r\n", names[1..].join(","));
+        assert!(matches!(parse(&mut BytesMut::from(raw.as_bytes()), 8192), Parsed::Ours(..)));
         // A name longer than `HeaderName` takes, within the head's limit.
         let long = |n: usize| format!("GET / HTTP/1.1\r\nHost: x\r\n{}: 1\r\n\r\n", "a".repeat(n));
         assert!(matches!(parse(&mut BytesMut::from(long(h1::MAX_NAME).as_bytes()), 1 << 20), Parsed::Ours(..)));

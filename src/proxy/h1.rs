@@ -315,6 +315,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     if len > MAX_HEAD {
         return Err(invalid("response head too large"));
     }
+    if noted.connection.too_many {
+        return Err(invalid(super::hop::TOO_MANY_NAMED));
+    }
     let mut fields = Fields { length: noted.length.and_then(Result::ok), ..Fields::new(raw, at) };
     // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
     for name in &noted.connection.named {

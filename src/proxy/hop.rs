@@ -18,9 +18,19 @@ static ALWAYS: [HeaderName; ALWAYS_LEN] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// The most fields a message's `Connection` may name. No message has more fields than
+/// that (`h1::MAX_HEADERS`); each name costs a `HeaderName` and a removal from every
+/// field of the message, so a head of nothing but names (a 64 KiB `Connection: a,a,...`
+/// is 32,000 of them) would cost milliseconds to read. Such a message is malformed.
+pub const MAX_NAMED: usize = 100;
+
+/// Why a message is refused: its `Connection` names more than [`MAX_NAMED`] fields.
+pub const TOO_MANY_NAMED: &str = "Connection names too many fields";
+
 /// Removes hop-by-hop fields. Returns whether the client asked for trailers
-/// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4).
-pub fn strip(headers: &mut HeaderMap) -> bool {
+/// (`TE: trailers`), which the upstream request then carries again (RFC 9110 10.1.4),
+/// or [`TOO_MANY_NAMED`] (the fields are then left as they were).
+pub fn strip(headers: &mut HeaderMap) -> Result<bool, &'static str> {
     // One pass over the names first: a removal costs a hash lookup, and most messages
     // carry none of these fields or only `Connection`. Standard names compare as enums.
     let mut present = [false; ALWAYS_LEN];
@@ -39,6 +49,9 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
         for value in headers.get_all(header::CONNECTION) {
             says.note(value.as_bytes());
         }
+        if says.too_many {
+            return Err(TOO_MANY_NAMED);
+        }
         for name in says.named {
             headers.remove(name);
         }
@@ -46,7 +59,7 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
     for (name, _) in ALWAYS.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    wants_trailers
+    Ok(wants_trailers)
 }
 
 /// Which of [`ALWAYS`] a field is, told from its name as read.
@@ -84,6 +97,9 @@ pub struct ConnectionSays {
     /// The other fields it names, hop-by-hop too (`upgrade` aside: it names the field
     /// already dropped with the rest of [`ALWAYS`]). Rare: usually left empty, unallocated.
     pub named: Vec<HeaderName>,
+    /// It names more than [`MAX_NAMED`] fields (those past it are not kept): the message
+    /// is to be refused.
+    pub too_many: bool,
 }
 
 impl ConnectionSays {
@@ -95,6 +111,10 @@ impl ConnectionSays {
             } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
             } else if !token.eq_ignore_ascii_case(b"upgrade") {
+                if self.named.len() == MAX_NAMED {
+                    self.too_many = true;
+                    return;
+                }
                 self.named.extend(HeaderName::from_bytes(token).ok());
             }
         }
@@ -120,6 +140,7 @@ pub fn persistent(version: Version, close: bool, keep_alive: impl FnOnce() -> bo
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use hyper::header::HeaderValue;
@@ -164,7 +185,7 @@ mod tests {
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
-        assert!(strip(&mut h));
+        assert_eq!(strip(&mut h), Ok(true));
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, vec!["x-kept"]);
     }
@@ -176,7 +197,26 @@ mod tests {
         h.append(header::CONNECTION, HeaderValue::from_static("x-second"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-second", HeaderValue::from_static("2"));
-        assert!(strip(&mut h), "a compliant client names TE in Connection");
+        assert_eq!(strip(&mut h), Ok(true), "a compliant client names TE in Connection");
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn a_connection_naming_more_fields_than_a_message_has_is_refused() {
+        let names = |n: usize| (0..n).map(|i| format!("x-{i}")).collect::<Vec<_>>().join(", ");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_str(&names(MAX_NAMED)).unwrap());
+        h.insert("x-0", HeaderValue::from_static("0"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        assert_eq!(strip(&mut h), Ok(false));
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        // One more, over two lines; the same name over and over counts each time.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_str(&names(MAX_NAMED)).unwrap());
+        h.append(header::CONNECTION, HeaderValue::from_static("close, x-last, keep-alive"));
+        assert_eq!(strip(&mut h), Err(TOO_MANY_NAMED));
+        let mut says = ConnectionSays::default();
+        says.note(vec!["a"; 32_000].join(",").as_bytes());
+        assert!(says.too_many && says.named.len() == MAX_NAMED);
     }
 }

@@ -197,7 +197,8 @@ async fn forward(
     // Split before the rewrite: a `mut` request argument would be a second copy of it
     // (264 bytes) in this future beside the argument itself.
     let (mut parts, body) = req.into_parts();
-    let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority);
+    let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
+        .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
     let body = match body::prefetch(body, limits.retry_body_bytes).await {
         Prefetched::Body(b) => b,
         Prefetched::Malformed(e) => {
@@ -236,7 +237,7 @@ fn valid_authority(s: &str) -> bool {
 }
 
 /// Edits the request into what the server gets; returns the forwarding fields it gets on
-/// top of its own (written with the head, see `forwarded`).
+/// top of its own (written with the head, see `forwarded`), or why the request is bad.
 fn rewrite_request(
     snap: &Snapshot,
     conn: &Conn,
@@ -245,7 +246,7 @@ fn rewrite_request(
     body: &ClientBody,
     fields: &h1::Fields,
     authority: &HeaderValue,
-) -> forwarded::Forwarding {
+) -> Result<forwarded::Forwarding, &'static str> {
     let authority_str = authority.to_str().unwrap_or("");
     // The gateway's own reader leaves hop-by-hop fields out as it reads (and puts `TE:
     // trailers` back itself); hyper's heads are stripped here.
@@ -259,7 +260,7 @@ fn rewrite_request(
             );
             false
         }
-        ClientBody::Hyper(_) => hop::strip(&mut req.headers),
+        ClientBody::Hyper(_) => hop::strip(&mut req.headers)?,
     };
     let headers = &mut req.headers;
     headers.remove(header::EXPECT); // 100-continue was handled with the client
@@ -292,7 +293,7 @@ fn rewrite_request(
             req.uri = uri;
         }
     }
-    forwarding
+    Ok(forwarding)
 }
 
 /// Picks a server and sends, retrying on another server only when that is safe.

@@ -50,7 +50,8 @@ pub async fn proxy(
     let client_side = hyper::upgrade::on(&mut req);
     // HTTP/1.1: the connection becomes the tunnel, which keeps its hold on the listener.
     let handover = req.extensions_mut().remove::<super::listener::Handover>();
-    let upstream_req = build_request(snap, conn, route, &req, authority, protocol.clone(), extended_connect);
+    let upstream_req = build_request(snap, conn, route, &req, authority, protocol.clone(), extended_connect)
+        .map_err(ProxyError::BadRequest)?;
 
     let upstream = &route.upstream;
     let cfg = &upstream.config;
@@ -89,7 +90,7 @@ pub async fn proxy(
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server said no (or answered normally): pass its answer on.
         let (mut parts, body) = resp.into_parts();
-        hop::strip(&mut parts.headers);
+        hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
         let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
         return Ok(Response::from_parts(parts, RespBody::from_bytes(bytes)));
     }
@@ -117,7 +118,7 @@ pub async fn proxy(
     let (mut parts, _) = resp.into_parts();
     // The protocol the server switched to (hop-by-hop, so read before the strip).
     let switched_to = parts.headers.get(header::UPGRADE).cloned().unwrap_or(protocol);
-    hop::strip(&mut parts.headers);
+    hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
     if extended_connect {
         // RFC 8441 section 5: a 2xx answers the CONNECT; the key/accept exchange is h1's.
         parts.status = StatusCode::OK;
@@ -129,7 +130,7 @@ pub async fn proxy(
     Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
-/// The HTTP/1.1 Upgrade request the server gets.
+/// The HTTP/1.1 Upgrade request the server gets, or why the client's is bad.
 fn build_request(
     snap: &Snapshot,
     conn: &Conn,
@@ -138,9 +139,9 @@ fn build_request(
     authority: &HeaderValue,
     protocol: HeaderValue,
     extended_connect: bool,
-) -> Request<ReqBody> {
+) -> Result<Request<ReqBody>, &'static str> {
     let mut headers = req.headers().clone();
-    hop::strip(&mut headers);
+    hop::strip(&mut headers)?;
     let authority_str = authority.to_str().unwrap_or("");
     let facts = forwarded::Facts {
         peer: &conn.peer_values,
@@ -168,7 +169,7 @@ fn build_request(
     *out.uri_mut() = target.parse().unwrap_or_else(|_| hyper::Uri::from_static("/"));
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = headers;
-    out
+    Ok(out)
 }
 
 /// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 section 4.1).
