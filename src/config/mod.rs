@@ -689,7 +689,16 @@ fn report_duplicate_routes(src: &Source<'_>, routes: &[RouteConfig], origins: &[
 
 /// `example.org`, `*.example.org` or `*`; lower-cased, no port.
 pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
-    let text_trimmed = text.trim();
+    // A reload reads one per route: the common case, a DNS name, in one pass.
+    let trimmed = text.trim();
+    let (wild, name) = match trimmed.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, trimmed),
+    };
+    if let Some(name) = dns_name(name) {
+        return Ok(if wild { HostPattern::Wildcard(name) } else { HostPattern::Exact(name) });
+    }
+    let text_trimmed = trimmed;
     let host: std::borrow::Cow<'_, str> = if text_trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
         text_trimmed.to_ascii_lowercase().into()
     } else {
@@ -715,6 +724,25 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
         return Err(format!("{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"));
     }
     Ok(if wild { HostPattern::Wildcard(name.to_string()) } else { HostPattern::Exact(name.to_string()) })
+}
+
+/// `name` lower-cased, if it is a DNS name (see [`is_dns_name`]) that cannot be an IP
+/// address (it is not all digits and dots); read in one pass.
+fn dns_name(name: &str) -> Option<String> {
+    let (mut label, mut numeric) = (0, true);
+    for b in name.bytes() {
+        match b {
+            b'.' if label == 0 => return None,
+            b'.' => label = 0,
+            b'0'..=b'9' if label < 63 => label += 1,
+            b'a'..=b'z' | b'A'..=b'Z' | b'-' | b'_' if label < 63 => {
+                label += 1;
+                numeric = false;
+            }
+            _ => return None,
+        }
+    }
+    (label > 0 && !numeric).then(|| name.to_ascii_lowercase())
 }
 
 /// Dot-separated labels of 1 to 63 letters, digits, `-` or `_`.
@@ -832,11 +860,25 @@ mod tests {
         assert_eq!(parse_host_pattern("[2001:DB8:0::1]"), exact("2001:db8::1"));
         assert_eq!(parse_host_pattern("2001:db8::1"), exact("2001:db8::1"));
         assert_eq!(parse_host_pattern("1.2.3"), exact("1.2.3"), "digits and dots that are no address are labels");
+        assert_eq!(parse_host_pattern("*.10.0.0.1"), Ok(HostPattern::Wildcard("10.0.0.1".into())));
+        assert_eq!(parse_host_pattern("*.9.A-b_c"), Ok(HostPattern::Wildcard("9.a-b_c".into())));
         let label63 = "a".repeat(63);
         assert_eq!(parse_host_pattern(&format!("{label63}.test")), exact(&format!("{label63}.test")));
-        for bad in
-            ["", "a..b", ".a", "a.", "a b", "a:80", "http://a", "ä.test", &format!("{label63}a.test"), "*.", "1::2::3"]
-        {
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "a:80",
+            "http://a",
+            "ä.test",
+            &format!("{label63}a.test"),
+            "*.",
+            "1::2::3",
+            "*.*",
+            "*.a..b",
+        ] {
             assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
         }
     }
