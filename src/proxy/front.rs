@@ -766,6 +766,113 @@ mod tests {
         );
     }
 
+    #[test]
+    fn random_heads_reach_the_server_with_every_end_to_end_field_and_no_other() {
+        use rand::{Rng as _, SeedableRng as _};
+        // Names the reader treats each its own way, and plain ones; any case, any spacing.
+        const NAMES: [&str; 14] = [
+            "x-a",
+            "X-B",
+            "accept",
+            "cookie",
+            "user-agent",
+            "x-forwarded-for",
+            "forwarded",
+            "x-request-id",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "connection",
+            "content-length",
+            "x-named",
+        ];
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut served = 0;
+        for _ in 0..2000 {
+            let eol = if rng.random_bool(0.2) { "\n" } else { "\r\n" };
+            let mut raw = format!("GET /p HTTP/1.1{eol}Host: h.test{eol}");
+            let mut sent: Vec<(String, String)> = Vec::new();
+            for _ in 0..rng.random_range(0..12) {
+                let name = NAMES[rng.random_range(0..NAMES.len())];
+                let name: String =
+                    name.chars().map(|c| if rng.random_bool(0.3) { c.to_ascii_uppercase() } else { c }).collect();
+                let value = match name.to_ascii_lowercase().as_str() {
+                    "connection" => {
+                        ["keep-alive", "x-named", "close, X-Named", "te"][rng.random_range(0..4)].to_string()
+                    }
+                    "content-length" => "0".to_string(),
+                    "te" => "trailers".to_string(),
+                    _ => format!("v{}", rng.random_range(0..100)),
+                };
+                let (before, after) =
+                    ([" ", "", "\t", "  "][rng.random_range(0..4)], ["", " ", "\t"][rng.random_range(0..3)]);
+                raw.push_str(&format!("{name}:{before}{value}{after}{eol}"));
+                sent.push((name, value));
+            }
+            raw.push_str(eol);
+            let Parsed::Ours(req, _, fields) = parse(&mut BytesMut::from(raw.as_str()), 8192) else {
+                // Only a second Content-Length is not the reader's here.
+                let lengths = sent.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-length")).count();
+                assert!(lengths > 1, "{raw:?} was not taken");
+                continue;
+            };
+            served += 1;
+            let (mut parts, _) = req.into_parts();
+            let peer = forwarded::PeerValues::new([192, 0, 2, 7].into());
+            let host = HeaderValue::from_static("h.test");
+            let facts =
+                forwarded::Facts { peer: &peer, trusted: false, proto: "http", host: &host, port: 80, prefix: None };
+            let added = forwarded::forwarding(&mut parts.headers, &facts).fields;
+            let mut out = Vec::new();
+            h1::encode_head(
+                &h1::RequestHead { parts: &parts, fields: &fields, added: &added },
+                Framing::Empty,
+                &mut out,
+            );
+            // What the server reads, by a strict parser.
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut got = httparse::Request::new(&mut slots);
+            assert!(matches!(got.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()), "{raw:?}");
+            assert!(out.windows(2).filter(|w| w[1] == b'\n').all(|w| w[0] == b'\r'), "bare LF in {out:?}");
+            let named = sent
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case("connection") && v.to_ascii_lowercase().contains("x-named"));
+            let ours = ["keep-alive", "proxy-connection", "te", "connection", "content-length", "host"];
+            let want: Vec<(String, String)> = sent
+                .iter()
+                .filter(|(n, _)| {
+                    let n = n.to_ascii_lowercase();
+                    let dropped = named && n == "x-named";
+                    !(ours.contains(&n.as_str()) || forwarded::is_forwarding(n.as_bytes()) || dropped)
+                })
+                .cloned()
+                .collect();
+            // The forwarding fields are the gateway's alone (every value a client sent
+            // here begins with `v`), and the client's address is the peer's.
+            let forwarding: Vec<(String, &[u8])> = got
+                .headers
+                .iter()
+                .filter(|h| forwarded::is_forwarding(h.name.as_bytes()))
+                .map(|h| (h.name.to_ascii_lowercase(), h.value))
+                .collect();
+            assert!(forwarding.iter().all(|(_, v)| !v.starts_with(b"v")), "{raw:?}: {forwarding:?}");
+            assert!(forwarding.contains(&("x-forwarded-for".into(), &b"192.0.2.7"[..])), "{forwarding:?}");
+            let got: Vec<(String, String)> = got
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .filter(|(n, _)| {
+                    let n = n.to_ascii_lowercase();
+                    n != "host" && n != "te" && !forwarded::is_forwarding(n.as_bytes())
+                })
+                .collect();
+            assert_eq!(got, want, "{raw:?}");
+            let server = String::from_utf8_lossy(&out).to_ascii_lowercase();
+            assert_eq!(server.matches("\r\nhost: h.test\r\n").count(), 1, "{server}");
+        }
+        assert!(served > 1500, "{served} of 2000 heads served by the own reader");
+    }
+
     fn head(resp: http::Response<RespBody>, method: Method, version: Version, keep_alive: bool) -> (String, Framing) {
         let (parts, body) = resp.into_parts();
         let mut out = Vec::new();
