@@ -720,15 +720,21 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
         Some(rest) => (true, rest),
         None => (false, &*host),
     };
-    if parse_ip_literal(name).is_none() && !is_dns_name(name) {
+    if parse_ip_literal(name).is_none() && dns_labels(name).is_none() {
         return Err(format!("{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"));
     }
     Ok(if wild { HostPattern::Wildcard(name.to_string()) } else { HostPattern::Exact(name.to_string()) })
 }
 
-/// `name` lower-cased, if it is a DNS name (see [`is_dns_name`]) that cannot be an IP
-/// address (it is not all digits and dots); read in one pass.
+/// `name` lower-cased, if it is a DNS name (see [`dns_labels`]) that cannot be an IP
+/// address (it is not all digits and dots).
 fn dns_name(name: &str) -> Option<String> {
+    (dns_labels(name) == Some(false)).then(|| name.to_ascii_lowercase())
+}
+
+/// Whether `name` is dot-separated labels of 1 to 63 letters, digits, `-` or `_`
+/// (`None` when it is not), and whether it is all digits and dots; in one pass.
+fn dns_labels(name: &str) -> Option<bool> {
     let (mut label, mut numeric) = (0, true);
     for b in name.bytes() {
         match b {
@@ -742,21 +748,7 @@ fn dns_name(name: &str) -> Option<String> {
             _ => return None,
         }
     }
-    (label > 0 && !numeric).then(|| name.to_ascii_lowercase())
-}
-
-/// Dot-separated labels of 1 to 63 letters, digits, `-` or `_`.
-fn is_dns_name(name: &str) -> bool {
-    let mut label = 0;
-    for b in name.bytes() {
-        match b {
-            b'.' if label == 0 => return false,
-            b'.' => label = 0,
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' if label < 63 => label += 1,
-            _ => return false,
-        }
-    }
-    label > 0
+    (label > 0).then_some(numeric)
 }
 
 /// An IP address, tried only on text that can be one (digits and dots, or a colon): a

@@ -431,9 +431,9 @@ where
 }
 
 /// Appends the status line and fields (a server's `fields` as it wrote them, then those
-/// of `parts`) for a body of `body_length` if known; returns how the body is delimited. `Connection` says `close` when the
-/// connection ends after this response (`keep-alive` to an HTTP/1.0 client when it does
-/// not).
+/// of `parts`) for a body of `body_length` if known; returns how the body is delimited.
+/// `Connection` says `close` when the connection ends after this response (`keep-alive`
+/// to an HTTP/1.0 client when it does not).
 #[doc(hidden)] // public for the benches
 pub fn encode_head(
     parts: &http::response::Parts,
