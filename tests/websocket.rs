@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
@@ -121,6 +122,86 @@ async fn refused_upgrade_is_passed_on() {
     assert_eq!(b.hits(), 1);
 }
 
+/// An Upgrade request in raw bytes, for `path` on ws.test.
+fn raw_upgrade(path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_says_the_connection_closes() {
+    let (gw, _b, _) = setup().await;
+    // The connection ends after a refused upgrade; the answer says so (RFC 9112 9.6).
+    let (raw, closed) = raw_exchange(gw.http, &raw_upgrade("/status?code=404"), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert_eq!(raw_status(&raw), Some(404), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\napp"), "{text}");
+    assert!(closed, "the connection stays open: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrades_answer_streams() {
+    // A server that refuses the upgrade with an answer that starts and never ends (a
+    // stream, or a large download): the client gets what has come so far at once, and the
+    // gateway holds no more of it than a normal response's body.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let (head, _) = read_until_close_or(&mut s, b"\r\n\r\n").await;
+        assert!(head.starts_with(b"GET /feed HTTP/1.1\r\n"), "{}", String::from_utf8_lossy(&head));
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n").await.unwrap();
+        let big = vec![b'x'; 1 << 20];
+        // 64 MiB more, then it stalls: buffered whole, the answer would never be sent.
+        for _ in 0..64 {
+            s.write_all(format!("{:x}\r\n", big.len()).as_bytes()).await.unwrap();
+            s.write_all(&big).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+        }
+        std::future::pending::<()>().await;
+    });
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["ws.test"]);
+    let gw = Gateway::builder(CONFIG).var("B", addr).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
+    let rss_before = gw.rss_kib();
+    let mut c = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    c.write_all(&raw_upgrade("/feed")).await.unwrap();
+    let (head, rest) = read_until_close_or(&mut c, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    // The whole 64 MiB and more passes through while the server never ends its answer.
+    let mut got = rest.len() as u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    while got < (64 << 20) {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.expect("body in time").unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n as u64;
+    }
+    let grown = gw.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB while 64 MiB passed");
+    held.abort();
+}
+
+/// Reads until `end` has been seen; returns the bytes up to and including it, and the rest.
+async fn read_until_close_or(s: &mut tokio::net::TcpStream, end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = out.windows(end.len()).position(|w| w == end) {
+            let rest = out.split_off(i + end.len());
+            return (out, rest);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("head in time").unwrap();
+        assert!(n > 0, "closed before the head's end: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rfc8441_extended_connect_over_h2() {
     let (gw, b, pki) = setup().await;
@@ -150,4 +231,15 @@ async fn rfc8441_extended_connect_over_h2() {
     assert_eq!(b.last().header("origin"), Some("https://ws.test"));
     // The connection still serves ordinary streams.
     assert_eq!(h2.get("ws.test", "/after").await.status, 200);
+    // A server that refuses: its answer reaches the client as a response to the CONNECT,
+    // and the connection goes on serving.
+    let mut req =
+        req2("CONNECT", "ws.test", "/status?code=403").header("sec-websocket-version", "13").body(empty()).unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    h2.sender.ready().await.unwrap();
+    let refused = collect(h2.sender.send_request(req).await.expect("refused CONNECT")).await.unwrap();
+    assert_eq!(refused.status, 403);
+    assert_eq!(&refused.body[..], b"app");
+    assert!(refused.header("connection").is_none());
+    assert_eq!(h2.get("ws.test", "/after-refusal").await.status, 200);
 }

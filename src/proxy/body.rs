@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use super::h1::{Fields, ResponseBody};
+use crate::upstream::server::InFlight;
 
 /// A request body as the client side hands it over.
 #[derive(Debug)]
@@ -189,6 +190,9 @@ pub enum RespBody {
     /// A server's body, streamed. The fields of the server's head ride with it (see
     /// [`Fields`]): a response's fields are those and the ones in its `HeaderMap`.
     Upstream(UpstreamBody),
+    /// A server's answer to an upgrade it refused, streamed as hyper reads it from the
+    /// upgrade's own connection; the server counts it in flight until it ends.
+    Refused(Incoming, InFlight),
 }
 
 impl RespBody {
@@ -196,7 +200,7 @@ impl RespBody {
     pub fn fields(&self) -> Option<&Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.fields()),
-            RespBody::Local(_) => None,
+            RespBody::Local(_) | RespBody::Refused(..) => None,
         }
     }
 
@@ -204,7 +208,7 @@ impl RespBody {
     pub fn take_fields(&mut self) -> Option<Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.take_fields()),
-            RespBody::Local(_) => None,
+            RespBody::Local(_) | RespBody::Refused(..) => None,
         }
     }
 
@@ -275,6 +279,7 @@ impl Body for RespBody {
                 }
                 Poll::Ready(frame)
             }
+            RespBody::Refused(body, _) => Pin::new(body).poll_frame(cx).map_err(std::io::Error::other),
         }
     }
 
@@ -282,6 +287,7 @@ impl Body for RespBody {
         match self {
             RespBody::Local(b) => b.is_none(),
             RespBody::Upstream(u) => u.inner.is_end_stream(),
+            RespBody::Refused(body, _) => body.is_end_stream(),
         }
     }
 
@@ -289,6 +295,7 @@ impl Body for RespBody {
         match self {
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RespBody::Upstream(u) => u.inner.size_hint(),
+            RespBody::Refused(body, _) => body.size_hint(),
         }
     }
 }

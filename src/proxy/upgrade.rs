@@ -88,11 +88,16 @@ pub async fn proxy(
     gw.metrics.upgrades.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     route.stats.record(resp.status().as_u16(), start.elapsed());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The server said no (or answered normally): pass its answer on.
+        // The server said no (or answered normally): its answer is passed on as it comes,
+        // however long (a page, a download, a stream).
         let (mut parts, body) = resp.into_parts();
         hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
-        let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
-        return Ok(Response::from_parts(parts, RespBody::from_bytes(bytes)));
+        if !extended_connect {
+            // hyper ends an HTTP/1.1 connection whose upgrade did not happen: the answer
+            // says so (RFC 9112 section 9.6).
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Ok(Response::from_parts(parts, RespBody::Refused(body, guard)));
     }
     let server_side = hyper::upgrade::on(&mut resp);
     let kill = server.kill.clone();
