@@ -98,11 +98,11 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
         (Method::GET | Method::HEAD, "/certificates") => {
             reply(StatusCode::OK, "application/json", certificates_json(gw))
         }
-        (Method::POST, p) if p.starts_with("/upstreams/") && p.ends_with("/drain") => {
+        (Method::POST, p) if drain_target(p).is_some() => {
             if let Some(resp) = authorize(admin, &req) {
                 return resp;
             }
-            let name = &p["/upstreams/".len()..p.len() - "/drain".len()];
+            let name = drain_target(p).unwrap_or_default();
             let server = req
                 .uri()
                 .query()
@@ -116,6 +116,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The upstream's name in `/upstreams/{name}/drain` (not empty, no `/`).
+fn drain_target(path: &str) -> Option<&str> {
+    let name = path.strip_prefix("/upstreams/")?.strip_suffix("/drain")?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
 }
 
 /// `None` when the request carries the admin token, else the refusal to send.

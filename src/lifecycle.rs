@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +51,19 @@ pub fn run(config: Config) -> u8 {
         Err(e) => {
             tracing::error!(error = %e, "cannot start the control runtime");
             return exit::INVALID_CONFIG;
+        }
+    };
+    // Installed first: until then SIGHUP and SIGTERM would take their default action and
+    // end the process, and starting can take seconds (ACME storage, binding). One that
+    // comes before serving is handled once serving begins.
+    let signals_in = {
+        let _rt = control.enter();
+        match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(h), Ok(t), Ok(i)) => Signals { hup: h, term: t, int: i },
+            _ => {
+                tracing::error!("cannot install signal handlers");
+                return exit::INVALID_CONFIG;
+            }
         }
     };
     let threads = config.runtime.threads();
@@ -127,7 +140,7 @@ pub fn run(config: Config) -> u8 {
     }
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = threads, "swarmgate is serving");
 
-    let code = control.block_on(signals(Arc::clone(&gw), tls_config, shared, min_tls));
+    let code = control.block_on(signals(signals_in, Arc::clone(&gw), tls_config, shared, min_tls));
     gw.acme.stop();
     admin_stop.cancel();
     workers.stop();
@@ -135,21 +148,22 @@ pub fn run(config: Config) -> u8 {
     code
 }
 
+/// The signals the gateway acts on.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
 /// Waits for signals: reloads on SIGHUP, drains and returns on SIGTERM/SIGINT.
 async fn signals(
+    signals: Signals,
     gw: Arc<Gateway>,
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
     shared: Shared,
     mut min_tls: TlsVersion,
 ) -> u8 {
-    let (mut hup, mut term, mut int) =
-        match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-            _ => {
-                tracing::error!("cannot install signal handlers");
-                return exit::INVALID_CONFIG;
-            }
-        };
+    let Signals { mut hup, mut term, mut int } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -252,6 +252,11 @@ async fn drain_with_the_token_stops_new_requests() {
     assert_eq!(r.status, 404);
     let r = admin_post(gw.admin, "/upstreams/app/drain", Some("s3cret-token")).await;
     assert_eq!(r.status, 400);
+    // No name, or a path around it: not a drain call (the first once killed the call).
+    for path in ["/upstreams/drain", "/upstreams//drain", "/upstreams/a/b/drain"] {
+        let r = admin_post(gw.admin, path, Some("s3cret-token")).await;
+        assert_eq!(r.status, 404, "{path}");
+    }
     let r = admin_post(gw.admin, "/upstreams/app/drain?server=127.0.0.1:1", Some("s3cret-token")).await;
     assert_eq!(r.status, 404);
 

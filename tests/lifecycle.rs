@@ -135,3 +135,46 @@ async fn sighup_does_not_stop_the_gateway() {
     assert_eq!(gw.admin_get("/readyz").await.status, 200);
     assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_is_applied_once_serving() {
+    // Starting waits for the ACME store: a Redis that accepts connections and never
+    // answers holds it for its timeout (2 s). A SIGHUP sent meanwhile (a deploy script
+    // reloading right after the start) must neither end the process nor be lost.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || silent.incoming().take(8).flatten().collect::<Vec<_>>());
+    let b = Backend::start("app").await;
+    let config = r#"
+[listen]
+http = "@HTTP@"
+https = ""
+admin = "@ADMIN@"
+
+[acme]
+directory = "https://127.0.0.1:9/directory"
+storage = "redis://127.0.0.1:@R@/0"
+
+[[route]]
+host = "app.test"
+upstream = "app"
+
+[upstream.app]
+servers = ["@B@"]
+"#;
+    let mut gw = Gateway::builder(config)
+        .var("B", b.addr)
+        .var("R", port)
+        .signal_after("HUP", Duration::from_millis(300))
+        .start()
+        .await;
+    assert!(
+        gw.logs().contains("configuration reloaded")
+            || wait_until(Duration::from_secs(5), || gw.logs().contains("configuration reloaded")).await,
+        "{}",
+        gw.logs()
+    );
+    assert!(gw.wait_exit(Duration::from_millis(10)).await.is_none());
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
+    drop(held);
+}

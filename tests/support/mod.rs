@@ -305,6 +305,8 @@ pub struct GatewayBuilder {
     files: Vec<(PathBuf, Vec<u8>)>,
     vars: Vec<(String, String)>,
     dir: tempfile::TempDir,
+    /// A signal sent to the process this long after it is spawned (not waiting for ready).
+    early_signal: Option<(&'static str, Duration)>,
 }
 
 /// The result of `swarmgate check`.
@@ -336,6 +338,12 @@ impl GatewayBuilder {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// `start` sends `sig` this long after spawning the process, ready or not.
+    pub fn signal_after(mut self, sig: &'static str, after: Duration) -> Self {
+        self.early_signal = Some((sig, after));
+        self
     }
 
     fn write_files(&self) {
@@ -452,6 +460,13 @@ impl GatewayBuilder {
                 .stderr(log)
                 .spawn()
                 .expect("spawn swarmgate");
+            if let Some((sig, after)) = self.early_signal {
+                let pid = child.id().to_string();
+                std::thread::spawn(move || {
+                    std::thread::sleep(after);
+                    let _ = Command::new("kill").args(["-s", sig, &pid]).status();
+                });
+            }
             let mut gw = Gateway {
                 child: Some(child),
                 http: ports.http,
@@ -538,6 +553,7 @@ impl Gateway {
             files: Vec::new(),
             vars: Vec::new(),
             dir: tempfile::Builder::new().prefix("swarmgate-test-").tempdir().unwrap(),
+            early_signal: None,
         }
     }
 
