@@ -109,20 +109,22 @@ impl Gateway {
         let t0 = std::time::Instant::now();
         let result = match config::load(&path, env) {
             Err(problems) => Err(ApplyError::Invalid { problems }),
-            Ok(config) => self.check_restart_only(&config).and_then(|()| {
+            Ok(mut config) => {
+                self.keep_restart_only(&mut config);
                 let t1 = std::time::Instant::now();
-                let prepared = prepare_certs(&config)?;
-                let t2 = std::time::Instant::now();
-                let generation = self.snapshot().generation + 1;
-                self.install(config, prepared, generation);
-                tracing::debug!(
-                    parse_ms = (t1 - t0).as_secs_f64() * 1e3,
-                    certs_ms = (t2 - t1).as_secs_f64() * 1e3,
-                    install_ms = t2.elapsed().as_secs_f64() * 1e3,
-                    "reload phases"
-                );
-                Ok(generation)
-            }),
+                prepare_certs(&config).map(|prepared| {
+                    let t2 = std::time::Instant::now();
+                    let generation = self.snapshot().generation + 1;
+                    self.install(config, prepared, generation);
+                    tracing::debug!(
+                        parse_ms = (t1 - t0).as_secs_f64() * 1e3,
+                        certs_ms = (t2 - t1).as_secs_f64() * 1e3,
+                        install_ms = t2.elapsed().as_secs_f64() * 1e3,
+                        "reload phases"
+                    );
+                    generation
+                })
+            }
         };
         match &result {
             Ok(_) => self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed),
@@ -131,16 +133,24 @@ impl Gateway {
         result
     }
 
-    /// Settings only a restart can change are logged, not refused.
-    fn check_restart_only(&self, next: &Config) -> Result<(), ApplyError> {
+    /// Settings only a restart can change are logged, not refused, and the running ones
+    /// stay in force: the new snapshot keeps them, so nothing acts on listeners that do
+    /// not exist (redirects to an HTTPS port nobody listens on, a development certificate
+    /// skipped for one that does).
+    fn keep_restart_only(&self, next: &mut Config) {
         let now = self.snapshot();
         if now.config.listen != next.listen {
-            tracing::warn!("[listen] changed; listeners are kept until restart");
+            tracing::warn!("[listen] changed; the running listeners are kept until restart");
+            next.listen = now.config.listen.clone();
         }
         if now.config.runtime.workers != next.runtime.workers {
             tracing::warn!("[runtime] workers changed; takes effect at restart");
+            next.runtime.workers = now.config.runtime.workers;
         }
-        Ok(())
+        if now.config.limits.max_connections != next.limits.max_connections {
+            tracing::warn!("[limits] max_connections changed; takes effect at restart");
+            next.limits.max_connections = now.config.limits.max_connections;
+        }
     }
 
     /// Swaps in a validated config. Cannot fail.

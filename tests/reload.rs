@@ -280,3 +280,19 @@ async fn a_request_stuck_on_a_removed_server_is_cut_at_drain_timeout() {
     assert_eq!(status, 502);
     assert!(took < Duration::from_secs(5), "cut after {took:?}, not at drain_timeout");
 }
+
+/// `[listen]` takes effect at restart only: a reload that turns HTTPS on keeps serving as
+/// before (no redirect to a port nobody listens on) and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_listen_section_waits_for_a_restart() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(STUCK).var("SERVER", b.addr).start().await;
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
+    let https = format!("127.0.0.1:{}", free_port());
+    let v2 = STUCK.replace("https = \"\"", &format!("https = \"{https}\"")).replace("@SERVER@", &b.addr.to_string());
+    assert!(matches!(gw.reload(&v2).await, Reload::Applied(_)));
+    assert!(gw.logs().contains("[listen] changed"), "{}", gw.logs());
+    let r = get(gw.http, "app.test", "/").await;
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    assert!(tokio::net::TcpStream::connect(&https).await.is_err(), "nothing listens on the new address");
+}
