@@ -196,11 +196,17 @@ impl ServerSet {
         tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
     }
 
-    /// Sets a server's health state (health checker). Returns whether it changed.
+    /// Sets a server's health state (health checker). Returns whether it changed. A
+    /// passing check also ends a passive ejection: the server answers now.
     pub fn set_health(&self, server: &Arc<Server>, healthy: bool) -> bool {
         let _g = self.lock();
         let now = server.state();
         let next = if healthy { ServerState::Healthy } else { ServerState::Unhealthy };
+        if healthy && server.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            server.ejected_until_ms.store(0, Ordering::Relaxed);
+            server.ejections.store(0, Ordering::Relaxed);
+            self.refresh_eligible_locked();
+        }
         if now == ServerState::Draining || now == next {
             return false;
         }
@@ -229,15 +235,20 @@ impl ServerSet {
         }
     }
 
+    /// Healthy servers that are not ejected; or, when every healthy server is ejected,
+    /// all of them. Ejection is a guess from a few failures, and keeping every server out
+    /// on it would make the guess an outage: during a rollout the new replicas can be
+    /// ejected while they boot just as the old ones go away, and a request is better tried
+    /// (and retried on another server) than answered 503 while one of them already serves.
     fn refresh_eligible_locked(&self) {
         let now = Instant::now();
-        let eligible: Vec<Arc<Server>> = self
-            .all
-            .load()
-            .iter()
-            .filter(|s| s.state() == ServerState::Healthy && !s.is_ejected(now))
-            .cloned()
-            .collect();
+        let all = self.all.load();
+        let healthy = |s: &&Arc<Server>| s.state() == ServerState::Healthy;
+        let mut eligible: Vec<Arc<Server>> =
+            all.iter().filter(healthy).filter(|s| !s.is_ejected(now)).cloned().collect();
+        if eligible.is_empty() {
+            eligible = all.iter().filter(healthy).cloned().collect();
+        }
         self.eligible.store(Arc::new(eligible));
     }
 
@@ -326,10 +337,42 @@ mod tests {
         let server = Arc::clone(&s.all()[0]);
         assert!(s.set_health(&server, true));
         assert_eq!(s.eligible().len(), 1);
-        s.eject(&server, Duration::from_secs(1));
-        assert!(s.eligible().is_empty());
+        // A passing check ends an ejection.
+        s.eject(&server, Duration::from_secs(30));
+        s.reconcile(&[addr(1), addr(2)]);
+        let second = Arc::clone(&s.all()[1]);
+        assert!(s.set_health(&second, true));
+        assert_eq!(addrs(&s.eligible()), [addr(2)]);
+        assert!(!s.set_health(&server, true));
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2)]);
+    }
+
+    fn addrs(servers: &[Arc<Server>]) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_never_leaves_an_upstream_with_no_server() {
+        let s = set(false);
+        s.reconcile(&[addr(1), addr(2), addr(3)]);
+        let all = s.all();
+        s.eject(&all[0], Duration::from_secs(1));
+        s.eject(&all[1], Duration::from_secs(4));
+        assert_eq!(addrs(&s.eligible()), [addr(3)]);
+        // The last one out too: all stay eligible rather than none.
+        s.eject(&all[2], Duration::from_secs(2));
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
+        // The first ejection ends: the others are out again.
         tokio::time::sleep(Duration::from_millis(1001)).await;
         tokio::task::yield_now().await;
-        assert_eq!(s.eligible().len(), 1);
+        assert_eq!(addrs(&s.eligible()), [addr(1)]);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(3)]);
+        // Draining and unhealthy servers are never brought back this way.
+        s.reconcile(&[addr(2)]);
+        assert_eq!(addrs(&s.eligible()), [addr(2)]);
     }
 }
