@@ -61,6 +61,9 @@ pub struct Server {
     /// so back-off is testable with paused time.
     pub(crate) ejected_until_ms: AtomicU64,
     pub(crate) born: Instant,
+    /// Drains started so far: a drain's task acts only while it is the latest one (a
+    /// server back and drained again has a new task and a new deadline).
+    pub(crate) drains: AtomicU64,
     pub pool: Pool,
     /// Woken when the last in-flight request of a draining server ends.
     pub(crate) idle: Notify,
@@ -79,6 +82,7 @@ impl Server {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             born: Instant::now(),
+            drains: AtomicU64::new(0),
             pool: Pool::default(),
             idle: Notify::new(),
             kill: CancellationToken::new(),

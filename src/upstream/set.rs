@@ -161,6 +161,7 @@ impl ServerSet {
     fn start_drain_locked(self: &Arc<Self>, server: &Arc<Server>) {
         server.set_state(ServerState::Draining);
         server.pool.clear();
+        let drain = server.drains.fetch_add(1, Ordering::Relaxed) + 1;
         let set = Arc::clone(self);
         let server = Arc::clone(server);
         let timeout = self.settings.load().drain_timeout;
@@ -168,7 +169,7 @@ impl ServerSet {
         // runtime) the server is simply forgotten when nothing is in flight.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(async move { set.finish_drain(server, timeout).await });
+                handle.spawn(async move { set.finish_drain(server, drain, timeout).await });
             }
             Err(_) => {
                 tracing::warn!(upstream = %self.name, server = %server.addr, "no runtime to drain on")
@@ -176,18 +177,23 @@ impl ServerSet {
         }
     }
 
-    async fn finish_drain(self: Arc<Self>, server: Arc<Server>, timeout: Duration) {
+    async fn finish_drain(self: Arc<Self>, server: Arc<Server>, drain: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while server.in_flight() > 0 && server.state() == ServerState::Draining {
+        // Over when the server came back, or was drained again with a new deadline.
+        let superseded = || server.state() != ServerState::Draining || server.drains.load(Ordering::Relaxed) != drain;
+        while server.in_flight() > 0 && !superseded() {
             if tokio::time::timeout_at(deadline, server.idle.notified()).await.is_err() {
+                if superseded() {
+                    return;
+                }
                 tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
                     "drain_timeout reached; closing what is still in flight");
                 break;
             }
         }
         let _g = self.lock();
-        if server.state() != ServerState::Draining {
-            return; // came back while draining
+        if superseded() {
+            return;
         }
         server.kill.cancel();
         server.pool.clear();
@@ -325,6 +331,25 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(!server.kill.is_cancelled());
         tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(server.kill.is_cancelled());
+        assert!(s.all().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_drained_again_gets_a_whole_drain_timeout() {
+        let s = set(false);
+        s.reconcile(&[addr(1)]);
+        let server = Arc::clone(&s.all()[0]);
+        let _stuck = server.begin();
+        s.reconcile(&[]); // t = 0: drains until 5 s
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.reconcile(&[addr(1)]); // back
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        s.reconcile(&[]); // t = 4: drains until 9 s
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!server.kill.is_cancelled(), "cut at the first drain's deadline");
+        assert_eq!(s.all().len(), 1);
+        tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(server.kill.is_cancelled());
         assert!(s.all().is_empty());
     }
