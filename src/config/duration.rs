@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
+/// The longest duration any setting takes: a year. Longer ones are typos, and deadlines
+/// made from them (`now + timeout`) would overflow the clock.
+pub const MAX: Duration = Duration::from_secs(365 * 86_400);
+
 /// Parses a sequence of `<integer><unit>` terms; units are `ms`, `s`, `m`, `h`, `d`.
-/// A bare `"0"` is accepted as zero; any other number needs a unit.
+/// A bare `"0"` is accepted as zero; any other number needs a unit. At most [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -36,8 +40,9 @@ pub fn parse(text: &str) -> Result<Duration, String> {
                 return Err(format!("invalid duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)"));
             }
         };
-        let ms = n.checked_mul(millis_per_unit).ok_or_else(|| format!("invalid duration {text:?}: too large"))?;
-        total += Duration::from_millis(ms);
+        let too_large = || format!("invalid duration {text:?}: more than a year (365d)");
+        let ms = n.checked_mul(millis_per_unit).ok_or_else(too_large)?;
+        total = total.checked_add(Duration::from_millis(ms)).filter(|t| *t <= MAX).ok_or_else(too_large)?;
         rest = tail;
     }
     Ok(total)
@@ -61,6 +66,18 @@ mod tests {
     fn rejects_garbage() {
         for bad in ["", "5", "s", "2 s", "2x", "1.5s", "-1s", "99999999999999999999s"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn a_year_at_most() {
+        assert_eq!(parse("365d"), Ok(MAX));
+        assert_eq!(parse("364d23h59m59s999ms"), Ok(MAX - Duration::from_millis(1)));
+        // Each term alone fits a u64 of milliseconds; their sum once overflowed (a panic).
+        let many = "18446744073709551615ms".repeat(1000);
+        for bad in ["366d", "365d1ms", "8761h", many.as_str()] {
+            let e = parse(bad);
+            assert!(e.as_ref().is_err_and(|e| e.contains("more than a year")), "{bad}: {e:?}");
         }
     }
 }

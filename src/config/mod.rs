@@ -254,7 +254,12 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let listen = read_listen(&section(root, "listen"));
     let runtime = {
         let t = section(root, "runtime");
-        let workers = t.u64("workers", 0) as usize;
+        let workers = t.u64("workers", 0);
+        // One worker thread per core is the design; a thousand is a typo, not a plan.
+        if workers > 1024 {
+            t.source().problem(&Origin::Default(t.span()), "[runtime].workers must be at most 1024 (0: one per core)");
+        }
+        let workers = workers.min(1024) as usize;
         t.finish();
         Runtime { workers }
     };
@@ -514,6 +519,10 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     let servers: Vec<SocketAddr> = servers
         .iter()
         .filter_map(|s| match s.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                t.source().problem(&servers_origin, format!("{}.servers: {s:?} has port 0", t.name));
+                None
+            }
             Ok(a) => Some(a),
             Err(_) => {
                 t.source().problem(&servers_origin, format!("{}.servers: {s:?} is not an IP:PORT address", t.name));
@@ -533,6 +542,9 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             }
         }
     };
+    if listed > 0 && !dns_text.is_empty() {
+        t.source().problem(&dns_origin, format!("{}: servers and dns both given; use one", t.name));
+    }
     // Only when nothing was listed: unparsable entries were reported above.
     if listed == 0 && dns_text.is_empty() {
         t.source().problem(
@@ -560,8 +572,8 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             path,
             interval: h.duration("interval", Duration::from_secs(2)),
             timeout: h.duration("timeout", Duration::from_secs(1)),
-            healthy_after: h.u64("healthy_after", 1).max(1) as u32,
-            unhealthy_after: h.u64("unhealthy_after", 2).max(1) as u32,
+            healthy_after: checks_in_a_row(&h, "healthy_after", 1),
+            unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
         };
         if health.interval.is_zero() || health.timeout.is_zero() {
             h.source()
@@ -591,9 +603,18 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     upstream
 }
 
+/// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row (0 is taken as 1).
+fn checks_in_a_row(h: &Table<'_, '_, '_>, key: &'static str, default: u64) -> u32 {
+    let n = h.u64(key, default);
+    if n > 1000 {
+        h.source().problem(&Origin::Default(h.span()), format!("{}.{key} must be at most 1000", h.name));
+    }
+    n.clamp(1, 1000) as u32
+}
+
 fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
     let (name, port) = text.rsplit_once(':').ok_or_else(|| format!("{text:?} needs a port: \"tasks.NAME:PORT\""))?;
-    let port: u16 = port.parse().map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("{text:?}: {port:?} is not a port"))?;
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
         return Err(format!("{text:?}: {name:?} is not a DNS name"));
     }
@@ -901,6 +922,37 @@ mod tests {
                 refused.iter().any(|p| p.contains("max_header_bytes must be between 8192 and 1048576")),
                 "{bad}: {refused:#?}"
             );
+        }
+    }
+
+    /// The problems of a config with one route to `[upstream.u]`, whose body is `upstream`.
+    fn upstream_problems(upstream: &str, more: &str) -> Vec<String> {
+        let text = format!("{more}\n[[route]]\nhost = \"a.test\"\nupstream = \"u\"\n[upstream.u]\n{upstream}\n");
+        match parse(Path::new("t.toml"), &text, &BTreeMap::new()) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn out_of_range_upstream_and_runtime_values_are_refused() {
+        let ok = "servers = [\"127.0.0.1:8080\"]";
+        assert_eq!(upstream_problems(ok, ""), Vec::<String>::new());
+        let checked = format!("{ok}\nhealth = {{ healthy_after = 1000, unhealthy_after = 0 }}");
+        assert_eq!(upstream_problems(&checked, ""), Vec::<String>::new());
+        for (upstream, more, says) in [
+            // Once taken `as u32`: 4294967296 became 0, a server passing every check unhealthy.
+            (format!("{ok}\nhealth = {{ unhealthy_after = 4294967296 }}"), "", "unhealthy_after must be at most 1000"),
+            (format!("{ok}\nhealth = {{ healthy_after = 1001 }}"), "", "healthy_after must be at most 1000"),
+            // Once the list was silently ignored.
+            (format!("{ok}\ndns = \"tasks.u:8080\""), "", "servers and dns both given"),
+            ("servers = [\"127.0.0.1:0\"]".to_string(), "", "has port 0"),
+            ("dns = \"tasks.u:0\"".to_string(), "", "is not a port"),
+            (format!("{ok}\nresponse_timeout = \"400d\""), "", "more than a year"),
+            (ok.to_string(), "[runtime]\nworkers = 100000", "workers must be at most 1024"),
+        ] {
+            let problems = upstream_problems(&upstream, more);
+            assert!(problems.iter().any(|p| p.contains(says)), "{upstream} {more}: {problems:#?}");
         }
     }
 
