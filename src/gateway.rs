@@ -50,6 +50,33 @@ pub enum ApplyError {
     Certificates(Vec<crate::tls::store::CertError>),
     #[error("development certificate: {0}")]
     DevCert(String),
+    #[error("{}", acme_wildcards_message(.0))]
+    AcmeWildcards(Vec<String>),
+}
+
+fn acme_wildcards_message(hosts: &[String]) -> String {
+    format!(
+        "no static certificate for route host(s) {}: ACME's HTTP-01 and TLS-ALPN-01 challenges cannot issue \
+         wildcard certificates; put one in [tls].certs_dir",
+        hosts.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Wildcard route hosts no static certificate covers, when ACME gets the certificates:
+/// nothing could ever serve them over HTTPS. (`*`, any host, is served with whatever
+/// certificate a client's name finds.)
+pub fn acme_uncovered_wildcards(config: &Config, statics: &CertStore) -> Vec<String> {
+    if config.acme.is_none() {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|r| matches!(r.host, config::HostPattern::Wildcard(_)) && !statics.covers(&r.host))
+        .map(|r| r.host.to_string())
+        .collect();
+    out.dedup();
+    out
 }
 
 impl Gateway {
@@ -289,6 +316,10 @@ pub struct PreparedCerts {
 pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
     let dir = &config.tls.certs_dir;
     let mut statics = CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
+    let uncovered = acme_uncovered_wildcards(config, &statics);
+    if !uncovered.is_empty() {
+        return Err(ApplyError::AcmeWildcards(uncovered));
+    }
     let mut dev_made = false;
     let mut dev_hosts = Vec::new();
     if config.listen.https.is_some() && config.acme.is_none() {

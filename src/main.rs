@@ -64,6 +64,11 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
+    let uncovered = swarmgate::gateway::acme_uncovered_wildcards(&config, &statics);
+    if !uncovered.is_empty() {
+        eprintln!("{}", swarmgate::gateway::ApplyError::AcmeWildcards(uncovered));
+        return exit::INVALID_CONFIG;
+    }
     let mut out = config.summary();
     let certs: Vec<String> = statics.infos().map(|i| i.names.join(",")).collect();
     out += &format!("static certificates: {}\n", if certs.is_empty() { "none".to_string() } else { certs.join("; ") });

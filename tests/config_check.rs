@@ -387,3 +387,45 @@ fn acme_storage_settings_are_checked_without_echoing_secrets() {
     );
     assert!(!out.stderr.contains("secret") && !out.stderr.contains("too short"), "{}", out.stderr);
 }
+
+#[test]
+fn acme_takes_wildcard_routes_a_static_certificate_covers() {
+    const ACME_WILDCARD: &str = r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = ""
+
+[acme]
+directory = "https://127.0.0.1:9/directory"
+
+[[route]]
+host = "*.sandbox.test"
+upstream = "app"
+
+[[route]]
+host = "api.test"
+upstream = "app"
+
+[[route]]
+host = "*"
+upstream = "app"
+
+[upstream.app]
+servers = ["127.0.0.1:9000"]
+"#;
+    // No certificate for the wildcard: ACME cannot get one, so nothing would serve it.
+    let out = Gateway::builder(ACME_WILDCARD).check();
+    assert_eq!(out.code, Some(1), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("\"*.sandbox.test\"") && out.stderr.contains("cannot issue wildcard"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("\"*\""), "a catch-all route needs no certificate of its own: {}", out.stderr);
+    // With a static certificate for it (api.test is ACME's; `*` takes what SNI finds).
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["*.sandbox.test"]);
+    let out = Gateway::builder(ACME_WILDCARD).file("certs/wild.crt", crt).file("certs/wild.key", key).check();
+    assert_eq!(out.code, Some(0), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+}

@@ -270,9 +270,6 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let discovery = read_discovery(&section(root, "discovery"));
     let upstreams = read_upstreams(root);
     let (routes, origins) = read_routes(root, &upstreams);
-    if let Some(acme) = &acme {
-        check_acme_hosts(root.source(), acme, &routes, &origins);
-    }
     Config { path: path.to_path_buf(), listen, runtime, proxy, limits, tls, acme, discovery, routes, upstreams }
 }
 
@@ -460,21 +457,6 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     let storage_key = storage_key.map(crate::acme::seal::SecretKey::new);
     t.finish();
     Some(Acme { directory, contact, challenge, ca_file, renew_before, storage, replica_id, storage_key })
-}
-
-fn check_acme_hosts(src: &Source<'_>, _acme: &Acme, routes: &[RouteConfig], origins: &[Origin]) {
-    for (route, origin) in routes.iter().zip(origins) {
-        if matches!(route.host, HostPattern::Wildcard(_) | HostPattern::Any) {
-            src.problem(
-                origin,
-                format!(
-                    "route host {:?}: ACME's HTTP-01 and TLS-ALPN-01 challenges cannot issue wildcard certificates; \
-                     put a static certificate for it in [tls].certs_dir",
-                    route.host.to_string()
-                ),
-            );
-        }
-    }
 }
 
 fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
@@ -966,9 +948,8 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
         };
-        let wildcard = problems.iter().filter(|p| p.contains("cannot issue wildcard certificates")).count();
         let duplicate = problems.iter().filter(|p| p.contains("duplicate route")).count();
-        assert_eq!((wildcard, duplicate), (1, 1), "{problems:#?}");
+        assert_eq!(duplicate, 1, "{problems:#?}");
         assert!(
             problems.iter().any(|p| p.starts_with(
                 "t.toml:6:1: duplicate route for host \"*.example.org\" path \"/\" (first at t.toml:3:1)"
