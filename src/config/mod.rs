@@ -269,7 +269,7 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let acme = read_acme(&section(root, "acme"), path);
     let discovery = read_discovery(&section(root, "discovery"));
     let upstreams = read_upstreams(root);
-    let (routes, origins) = read_routes(root, &upstreams);
+    let routes = read_routes(root, &upstreams);
     Config { path: path.to_path_buf(), listen, runtime, proxy, limits, tls, acme, discovery, routes, upstreams }
 }
 
@@ -603,12 +603,8 @@ fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
     Ok(DnsTarget { name: name.to_ascii_lowercase(), port })
 }
 
-/// The routes, and where each is in the file (for messages about them): two vectors of
-/// the same length, side by side, so that `Config` takes the first as it is.
-fn read_routes(
-    root: &Table<'_, '_, '_>,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
-) -> (Vec<RouteConfig>, Vec<Origin>) {
+/// The routes; a duplicate is reported (at its place in the file) and left out.
+fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamConfig>) -> Vec<RouteConfig> {
     let tables = root.array_of_tables("route");
     let mut routes = Vec::with_capacity(tables.len());
     let mut origins = Vec::with_capacity(tables.len());
@@ -653,9 +649,8 @@ fn read_routes(
     // A duplicate is reported once, as a duplicate; it is not checked any further.
     for i in report_duplicate_routes(root.source(), &routes, &origins).into_iter().rev() {
         routes.remove(i);
-        origins.remove(i);
     }
-    (routes, origins)
+    routes
 }
 
 /// One problem per route whose (host, path) an earlier route has: found in one pass over
