@@ -52,6 +52,8 @@ pub enum ApplyError {
     DevCert(String),
     #[error("{}", acme_wildcards_message(.0))]
     AcmeWildcards(Vec<String>),
+    #[error("{0}")]
+    Acme(String),
 }
 
 fn acme_wildcards_message(hosts: &[String]) -> String {
@@ -319,6 +321,9 @@ pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
     let uncovered = acme_uncovered_wildcards(config, &statics);
     if !uncovered.is_empty() {
         return Err(ApplyError::AcmeWildcards(uncovered));
+    }
+    if let Some(acme) = &config.acme {
+        crate::acme::manager::check_settings(acme).map_err(ApplyError::Acme)?;
     }
     let mut dev_made = false;
     let mut dev_hosts = Vec::new();

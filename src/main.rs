@@ -69,6 +69,10 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
         eprintln!("{}", swarmgate::gateway::ApplyError::AcmeWildcards(uncovered));
         return exit::INVALID_CONFIG;
     }
+    if let Some(Err(e)) = config.acme.as_ref().map(swarmgate::acme::manager::check_settings) {
+        eprintln!("{e}");
+        return exit::INVALID_CONFIG;
+    }
     let mut out = config.summary();
     let certs: Vec<String> = statics.infos().map(|i| i.names.join(",")).collect();
     out += &format!("static certificates: {}\n", if certs.is_empty() { "none".to_string() } else { certs.join("; ") });

@@ -489,3 +489,22 @@ fn time_to_valid_certificates_for_1_and_20_hosts() {
         assert!(last < Duration::from_secs(60));
     }
 }
+
+#[test]
+fn a_new_acme_directory_replaces_the_certificates_another_one_issued() {
+    // Staging first, then production: the same store holds staging's certificate, which
+    // no browser trusts; it is replaced at once, not at its renewal time.
+    let s = Setup::new();
+    let staging_plan = s.plan(None);
+    let config = s.config(&staging_plan, "http-01", "30d", &hosts(&[APP]));
+    let staging = staging_plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    expect_cert(&gw, &staging, APP, Duration::from_secs(30));
+    let production = PebblePlan::new(&s.path().join("pebble-production"), s.ports.http, s.ports.https, None);
+    s.config(&production, "http-01", "30d", &hosts(&[APP]));
+    let production = production.start();
+    assert!(std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status().unwrap().success());
+    let tls = expect_cert(&gw, &production, APP, Duration::from_secs(30));
+    assert_eq!(peer_leaf(&tls).1, vec![APP.to_string()]);
+    assert!(production.orders() >= 1);
+}

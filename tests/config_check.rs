@@ -429,3 +429,51 @@ servers = ["127.0.0.1:9000"]
     let out = Gateway::builder(ACME_WILDCARD).file("certs/wild.crt", crt).file("certs/wild.key", key).check();
     assert_eq!(out.code, Some(0), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
 }
+
+const ACME_SETTINGS: &str = r#"
+[listen]
+http = "@HTTP@"
+https = "@HTTPS@"
+admin = "@ADMIN@"
+
+[acme]
+directory = "https://127.0.0.1:9/directory"
+@ACME@
+
+[[route]]
+host = "api.test"
+upstream = "app"
+
+[upstream.app]
+servers = ["127.0.0.1:9000"]
+"#;
+
+#[tokio::test]
+async fn unusable_acme_storage_or_ca_file_is_refused_by_check_start_and_reload() {
+    let cases = [
+        ("storage = \"blocker/acme\"", "blocker is not a directory"),
+        ("ca_file = \"not-pem.txt\"", "[acme].ca_file not-pem.txt"),
+    ];
+    for (line, says) in cases {
+        let out = Gateway::builder(ACME_SETTINGS)
+            .var("ACME", line)
+            .file("blocker", "a file where the directory would go\n")
+            .file("not-pem.txt", "not a certificate\n")
+            .check();
+        assert_eq!(out.code, Some(1), "{line}: stdout: {}\nstderr: {}", out.stdout, out.stderr);
+        assert!(out.stderr.contains(says), "{line}: {}", out.stderr);
+        let (code, logs) = Gateway::builder(ACME_SETTINGS)
+            .var("ACME", line)
+            .file("blocker", "x\n")
+            .file("not-pem.txt", "x\n")
+            .run_to_exit(Duration::from_secs(10))
+            .await;
+        assert_eq!(code, Some(1), "{line}: {logs}");
+        assert!(logs.contains(says), "{line}: {logs}");
+    }
+    // Started with usable settings, a reload to unusable ones is refused whole.
+    let gw = Gateway::builder(ACME_SETTINGS).var("ACME", "").file("not-pem.txt", "not a certificate\n").start().await;
+    let bad = ACME_SETTINGS.replace("@ACME@", "ca_file = \"not-pem.txt\"");
+    assert!(matches!(gw.reload(&bad).await, Reload::Refused), "{}", gw.logs());
+    assert!(gw.logs().contains("reload refused"), "{}", gw.logs());
+}

@@ -144,6 +144,9 @@ pub struct OrderMeta {
     pub serial: String,
     pub by: String,
     pub at_ms: u64,
+    /// The ACME directory that issued it (absent in what older versions stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 /// The handle the gateway keeps.
@@ -394,32 +397,40 @@ impl State {
                 && c.replica_id == acme.replica_id
         });
         let mut stored = HashMap::new();
+        // What served so far, for names the new settings' store has nothing for yet.
+        let mut served = HashMap::new();
         if !same {
-            self.generation += 1;
-            self.entries.clear();
-            self.dirty = true;
             let local =
                 LocalPublisher { challenges: Arc::clone(&self.mgr.challenges), certs: Arc::clone(&self.mgr.certs) };
-            self.mgr.challenges.set_remote(None);
-            self.resync_at = None;
-            match Ctx::new(&acme, local, Arc::clone(&self.mgr.stats.store)) {
-                Ok(ctx) => {
-                    tracing::info!(directory = %ctx.directory, storage = %ctx.storage.describe(),
-                        replica = %ctx.replica, shared = ctx.storage.shared(),
-                        challenge = ?acme.challenge, "ACME configured");
-                    *self.mgr.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        (ctx.replica.clone(), ctx.storage.describe());
-                    self.mgr.challenges.set_remote(ctx.remote.clone());
-                    self.listen(&ctx);
-                    stored = ctx.load_all(&wanted.names).await;
-                    self.ctx = Some(Arc::new(ctx));
+            // Made before anything is dropped: settings that cannot be used (a check at
+            // reload catches them first) leave the running ones in force.
+            let ctx = match Ctx::new(&acme, local, Arc::clone(&self.mgr.stats.store)) {
+                Ok(ctx) => ctx,
+                Err(e) if self.ctx.is_some() => {
+                    tracing::error!("new [acme] settings not applied, the running ones stay: {e}");
+                    return;
                 }
                 Err(e) => {
                     tracing::error!("ACME disabled: {e}");
-                    self.ctx = None;
                     return;
                 }
-            }
+            };
+            self.generation += 1;
+            served = std::mem::take(&mut self.entries)
+                .into_iter()
+                .filter_map(|(name, e)| e.cert.map(|c| (name, c)))
+                .collect::<HashMap<_, _>>();
+            self.dirty = true;
+            self.resync_at = None;
+            tracing::info!(directory = %ctx.directory, storage = %ctx.storage.describe(),
+                replica = %ctx.replica, shared = ctx.storage.shared(),
+                challenge = ?acme.challenge, "ACME configured");
+            *self.mgr.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (ctx.replica.clone(), ctx.storage.describe());
+            self.mgr.challenges.set_remote(ctx.remote.clone());
+            self.listen(&ctx);
+            stored = ctx.load_all(&wanted.names).await;
+            self.ctx = Some(Arc::new(ctx));
         }
         let Some(ctx) = self.ctx.clone() else { return };
         self.entries.retain(|name, _| wanted.names.contains(name));
@@ -438,15 +449,20 @@ impl State {
             if self.entries.contains_key(name) {
                 continue;
             }
-            let cert = match stored.remove(name) {
-                Some(l) => Some(l),
+            let (cert, due) = match stored.remove(name) {
+                Some(l) => {
+                    let elsewhere = ctx.issued_elsewhere(&l);
+                    (Some(l), elsewhere)
+                }
                 // With the store down, the order attempt finds out (without holding up the loop).
-                None if same && self.mgr.stats.store.is_up() => ctx.load_cert(name).await,
-                None => None,
+                None if same && self.mgr.stats.store.is_up() => (ctx.load_cert(name).await, false),
+                // New settings whose store has none: the one served so far goes on serving
+                // until the new store has one, ordered at once.
+                None => (served.remove(name), true),
             };
             let next = match &cert {
-                Some(l) => renewal_instant(l, acme.renew_before),
-                None => now,
+                Some(l) if !due => renewal_instant(l, acme.renew_before),
+                _ => now,
             };
             match &cert {
                 Some(l) => {
@@ -580,7 +596,11 @@ impl State {
                     let left = crate::tls::store::seconds_left(l.info.not_after);
                     (left > 0).then(|| Duration::from_secs(left as u64))
                 });
-                let delay = jittered(retry_delay(entry.failures, remaining));
+                // A server that refuses the name or says to slow down is asked again after
+                // the longest back-off, not in seconds: failed validations and orders count
+                // against its rate limits, which would then hold every other name too.
+                let failures = if slow_down(&message) { u32::MAX } else { entry.failures };
+                let delay = jittered(retry_delay(failures, remaining));
                 entry.next = Instant::now() + delay;
                 tracing::error!(name = %done.name, failures = entry.failures,
                     retry_in_ms = delay.as_millis() as u64,
@@ -772,6 +792,41 @@ fn meta_key(name: &str) -> String {
     format!("orders/{name}.json")
 }
 
+/// The `[acme]` settings' local resources, checked before a config is taken (start,
+/// reload, `swarmgate check`): a storage directory that can be made and written to, a
+/// Redis URL the client takes, a `ca_file` of certificates. Nothing is contacted.
+pub fn check_settings(acme: &config::Acme) -> Result<(), String> {
+    if is_redis_url(&acme.storage) {
+        RedisStorage::open(&acme.storage, None, Arc::default())?;
+    } else {
+        check_writable_dir(Path::new(&acme.storage))?;
+    }
+    AcmeHttp::new(acme.ca_file.as_deref()).map(drop)
+}
+
+/// Whether `dir`, or where it would be made (its nearest existing parent), is a directory
+/// files can be written in (a read-only mount, or a file in the way, is not). Leaves
+/// nothing behind.
+fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    while !at.exists() {
+        at = match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if at == Path::new(".") {
+            break;
+        }
+    }
+    if !at.is_dir() {
+        return Err(format!("[acme].storage {}: {} is not a directory", dir.display(), at.display()));
+    }
+    let probe = at.join(format!(".swarmgate-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("[acme].storage {}: cannot write in {}: {e}", dir.display(), at.display()))
+}
+
 impl Ctx {
     fn new(acme: &config::Acme, local: LocalPublisher, counters: Arc<StoreCounters>) -> Result<Ctx, String> {
         counters.up.store(1, Ordering::Relaxed);
@@ -806,6 +861,12 @@ impl Ctx {
             account_key: format!("accounts/{}.json", key_segment(&acme.directory)),
             limit: Semaphore::new(CONCURRENT_ORDERS),
         })
+    }
+
+    /// Whether another ACME directory issued `l` (staging before production, say): it
+    /// serves until this directory's certificate replaces it, ordered at once.
+    fn issued_elsewhere(&self, l: &Loaded) -> bool {
+        l.meta.as_ref().and_then(|m| m.directory.as_deref()).is_some_and(|d| d != self.directory)
     }
 
     /// Every stored certificate by name; files that are not one are moved aside.
@@ -1029,7 +1090,8 @@ impl Ctx {
         // Another gateway sharing the storage may have just stored a fresh one.
         if let Some(stored) = self.fetch_cert(&job.name).await.map_err(store_failure)? {
             let newer = job.current.as_ref().is_none_or(|c| c.serial != stored.serial);
-            let not_due = renewal_time(&stored, job.renew_before, 0.0) > SystemTime::now();
+            let not_due =
+                !self.issued_elsewhere(&stored) && renewal_time(&stored, job.renew_before, 0.0) > SystemTime::now();
             if newer && not_due {
                 return Ok((stored, false));
             }
@@ -1040,8 +1102,12 @@ impl Ctx {
         let key_name = cert_key(&job.name);
         let loaded = parse_bundle(bundle.as_bytes(), &job.name, self.storage.locate(&key_name))
             .map_err(|e| Failure::Error(format!("the ACME server returned an unusable certificate: {e}")))?;
-        let meta =
-            OrderMeta { serial: loaded.serial.clone(), by: self.replica.clone(), at_ms: unix_ms(SystemTime::now()) };
+        let meta = OrderMeta {
+            serial: loaded.serial.clone(),
+            by: self.replica.clone(),
+            at_ms: unix_ms(SystemTime::now()),
+            directory: Some(self.directory.clone()),
+        };
         let mut stored = self.storage.put_fenced(&key_name, bundle.as_bytes(), token).await;
         // A store that went away mid-order: the certificate is worth a few more tries.
         for delay in [1, 2, 4] {
@@ -1262,6 +1328,19 @@ pub fn retry_delay(failures: u32, remaining: Option<Duration>) -> Duration {
     delay.min(cap)
 }
 
+/// ACME problem types (RFC 8555 section 6.7) after which asking again soon cannot succeed.
+const SLOW_PROBLEMS: [&str; 4] = ["rateLimited", "rejectedIdentifier", "unsupportedIdentifier", "caa"];
+
+/// Whether an order's error carries one of [`SLOW_PROBLEMS`].
+fn slow_down(message: &str) -> bool {
+    SLOW_PROBLEMS.iter().any(|p| {
+        message.match_indices("urn:ietf:params:acme:error:").any(|(i, urn)| {
+            let rest = &message[i + urn.len()..];
+            rest.starts_with(p) && !rest[p.len()..].starts_with(|c: char| c.is_ascii_alphanumeric())
+        })
+    })
+}
+
 /// ±10% so that failing gateways do not retry in step.
 fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.9 + rand::random::<f64>() * 0.2)
@@ -1354,6 +1433,26 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::super::cluster::redact;
     use super::*;
+
+    #[test]
+    fn refusals_and_rate_limits_slow_the_retries_down() {
+        for slow in [
+            "urn:ietf:params:acme:error:rateLimited: too many failed authorizations recently",
+            "order: urn:ietf:params:acme:error:rejectedIdentifier: blocked.test is forbidden",
+            "urn:ietf:params:acme:error:caa: CAA record forbids issuance",
+            "urn:ietf:params:acme:error:unsupportedIdentifier",
+        ] {
+            assert!(slow_down(slow), "{slow}");
+        }
+        for quick in [
+            "urn:ietf:params:acme:error:connection: 127.0.0.1: connection refused",
+            "urn:ietf:params:acme:error:caaFoo: not the caa type",
+            "rateLimited without the namespace",
+            "no certificate within 180s",
+        ] {
+            assert!(!slow_down(quick), "{quick}");
+        }
+    }
 
     fn loaded(not_before: i64, not_after: i64) -> Loaded {
         let ck = super::super::responder::challenge_cert("x.example", &[0; 32]).unwrap();
