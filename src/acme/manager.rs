@@ -246,6 +246,9 @@ struct Entry {
     recheck: bool,
     /// The last attempt failed because the store could not be reached.
     store_wait: bool,
+    /// Attempts in a row the store could not be reached for: their own back-off, which an
+    /// outage does not carry over to the ACME server's errors (`failures`).
+    store_failures: u32,
 }
 
 #[derive(Debug)]
@@ -473,7 +476,16 @@ impl State {
             }
             self.entries.insert(
                 name.clone(),
-                Entry { cert, next, failures: 0, busy: false, last_error: None, recheck: false, store_wait: false },
+                Entry {
+                    cert,
+                    next,
+                    failures: 0,
+                    busy: false,
+                    last_error: None,
+                    recheck: false,
+                    store_wait: false,
+                    store_failures: 0,
+                },
             );
         }
         if !waiting.is_empty() {
@@ -539,6 +551,7 @@ impl State {
         entry.busy = false;
         let recheck = std::mem::take(&mut entry.recheck);
         let was_waiting = std::mem::take(&mut entry.store_wait);
+        let store_failures = std::mem::take(&mut entry.store_failures);
         let stats = &self.mgr.stats;
         match done.result {
             Ok(out) => {
@@ -573,9 +586,9 @@ impl State {
                 entry.next = Instant::now() + if recheck { Duration::ZERO } else { jittered(DEFERRED_RETRY) };
             }
             Err(Failure::Store(message)) => {
-                entry.failures += 1;
+                entry.store_failures = store_failures + 1;
                 entry.store_wait = true;
-                let delay = jittered(retry_delay(entry.failures, None).min(STORE_RETRY_CAP));
+                let delay = jittered(retry_delay(entry.store_failures, None).min(STORE_RETRY_CAP));
                 entry.next = Instant::now() + delay;
                 if was_waiting {
                     tracing::debug!(name = %done.name, retry_in_ms = delay.as_millis() as u64, "ACME store still unreachable: {message}");

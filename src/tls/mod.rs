@@ -31,6 +31,8 @@ pub struct CertResolver {
     acme: ArcSwap<CertStore>,
     challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     pub unknown_names: AtomicU64,
+    /// Unix second of the last refusal logged as a warning (see `resolve`).
+    refusal_warned_at: AtomicU64,
 }
 
 impl CertResolver {
@@ -86,7 +88,21 @@ impl ResolvesServerCert for CertResolver {
         let cert = self.lookup(sni);
         if cert.is_none() {
             self.unknown_names.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(sni = sni.unwrap_or("<none>"), "TLS handshake refused: no certificate for this name");
+            // Scanners ask for names by the thousand: a warning a minute at most, the rest
+            // at debug (all are counted in swarmgate_tls_handshake_errors_total).
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let last = self.refusal_warned_at.load(Ordering::Relaxed);
+            let sni = sni.unwrap_or("<none>");
+            if now >= last + 60
+                && self.refusal_warned_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                tracing::warn!(
+                    sni,
+                    "TLS handshake refused: no certificate for this name (more within a minute: debug)"
+                );
+            } else {
+                tracing::debug!(sni, "TLS handshake refused: no certificate for this name");
+            }
         }
         cert
     }
