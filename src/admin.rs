@@ -354,6 +354,9 @@ pub fn render_metrics(gw: &Gateway) -> String {
     let _ = writeln!(out, "swarmgate_reloads_total{{result=\"failed\"}} {}", m.reloads_failed.load(Ordering::Relaxed));
     family(&mut out, "swarmgate_certificate_expiry_seconds", "gauge", "Seconds until a served certificate expires.");
     let (statics, acme) = (gw.certs.statics(), gw.certs.acme());
+    // One series per name and source: of two certificates for a name (a renewed file
+    // beside the old one), the one served, which is the first.
+    let mut seen = std::collections::HashSet::new();
     for c in statics.infos().chain(acme.infos()) {
         let source = match c.source {
             crate::tls::CertSource::Static => "static",
@@ -361,6 +364,9 @@ pub fn render_metrics(gw: &Gateway) -> String {
             crate::tls::CertSource::Dev => "dev",
         };
         for name in &c.names {
+            if !seen.insert((name.to_ascii_lowercase(), source)) {
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "swarmgate_certificate_expiry_seconds{{name=\"{}\",source=\"{source}\"}} {}",

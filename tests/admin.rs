@@ -316,3 +316,26 @@ async fn drain_with_the_token_stops_new_requests() {
     let r = c.get("app.test", "/").await;
     assert_eq!((r.status, r.text().as_str()), (503, "503 no server available\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_two_certificates_cover_has_one_expiry_series() {
+    // A renewed file beside the old one: one is served, and one series says when it ends.
+    let b = Backend::start("app").await;
+    let pki = Pki::new();
+    let (old_crt, old_key) = pki.leaf(&["app.test"]);
+    let (new_crt, new_key) = pki.leaf(&["app.test", "www.app.test"]);
+    let gw = Gateway::builder(CONFIG)
+        .var("SERVERS", format!("\"{}\"", b.addr))
+        .file("certs/app.crt", old_crt)
+        .file("certs/app.key", old_key)
+        .file("certs/app-renewed.crt", new_crt)
+        .file("certs/app-renewed.key", new_key)
+        .start()
+        .await;
+    let m = gw.metrics().await;
+    let series = |name: &str| {
+        let prefix = format!(r#"swarmgate_certificate_expiry_seconds{{name="{name}",source="static"}} "#);
+        m.lines().filter(|l| l.starts_with(&prefix)).count()
+    };
+    assert_eq!((series("app.test"), series("www.app.test")), (1, 1), "{m}");
+}
