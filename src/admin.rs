@@ -187,7 +187,13 @@ fn upstreams_json(gw: &Gateway) -> String {
                 .map(|s| {
                     serde_json::json!({
                         "address": s.addr.to_string(),
-                        "state": s.state().as_str(),
+                        // The interface's three states; a server waiting for its first
+                        // passing check is not served, so it reads `unhealthy`, `pending`.
+                        "state": match s.state() {
+                            crate::upstream::ServerState::Pending => "unhealthy",
+                            state => state.as_str(),
+                        },
+                        "pending": s.state() == crate::upstream::ServerState::Pending,
                         "ejected": s.is_ejected(now),
                         "in_flight": s.in_flight(),
                         "requests": s.requests.load(Ordering::Relaxed),

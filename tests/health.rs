@@ -89,7 +89,12 @@ async fn a_new_server_gets_traffic_only_after_passing_a_check() {
     let b = Server::start("127.0.0.1:0".parse().unwrap()).await;
     b.set_healthy(false);
     assert_eq!(gw.reload(&config(&servers(&[&a, &b]), "")).await, support::Reload::Applied(1));
-    assert_eq!(state_of(&gw, b.addr).await.as_deref(), Some("pending"));
+    // Not served until a check passes: `unhealthy`, and `pending` (no check has passed yet).
+    assert_eq!(state_of(&gw, b.addr).await.as_deref(), Some("unhealthy"));
+    let json: serde_json::Value = serde_json::from_str(&gw.admin_get("/upstreams").await.text()).unwrap();
+    let pending: Vec<bool> =
+        json["upstreams"][0]["servers"].as_array().unwrap().iter().map(|s| s["pending"].as_bool().unwrap()).collect();
+    assert_eq!(pending.iter().filter(|p| **p).count(), 1, "{json}");
     let statuses = get_n(&gw, 200).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert!(b.health_checks() > 0, "the new server was never checked");
