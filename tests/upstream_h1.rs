@@ -389,3 +389,67 @@ async fn bodies_of_any_size_arrive_whole_whatever_the_last_one_needed() {
     }
     assert_eq!(connections.load(Ordering::SeqCst), 1, "the server connection was not kept");
 }
+
+/// A server that answers every request, except one that arrives on a connection idle for
+/// more than `idle` since its last answer: that one it reads and then closes the
+/// connection without answering, as a server does whose keep-alive timeout fires just as
+/// the request goes out (nothing reaches the gateway before the request is written).
+async fn closes_idle_connections_on_the_next_request(idle: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut answered_at = None::<std::time::Instant>;
+                while let Some(head) = read_head(&mut s).await {
+                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let length = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    let mut body = vec![0u8; length];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if answered_at.is_some_and(|t| t.elapsed() > idle) {
+                        return; // closed, unanswered
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+                        length,
+                        String::from_utf8_lossy(&body)
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    answered_at = Some(std::time::Instant::now());
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_closing_an_idle_connection_as_the_request_goes_out_fails_no_request() {
+    let (addr, connections) = closes_idle_connections_on_the_next_request(Duration::from_millis(300)).await;
+    let gw = gateway(addr).await; // one server, retries = 0
+    let mut c = H1::connect(gw.http).await;
+    assert_eq!(c.get("app.test", "/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A GET may be sent twice: once more, on a new connection to the same server.
+    let r = c.get("app.test", "/again").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    // A POST may not: it takes no connection idle for 2 s or more, so it meets none that
+    // the server is closing.
+    let post = |body: &'static str| req("POST", "app.test", "/order").body(full(body)).unwrap();
+    assert_eq!(c.send(post("first")).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let r = c.send(post("second")).await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "second"));
+    assert_eq!(connections.load(Ordering::SeqCst), 3, "the POST went on a new connection");
+}

@@ -38,6 +38,10 @@ use crate::upstream::Server;
 const MAX_IDLE: usize = 512;
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
+/// A request that may not be sent twice (see [`send`]) takes only a connection idle for
+/// less than this: well under the shortest keep-alive timeouts servers use (5 s), so the
+/// server does not close it just as the request goes out.
+const UNREPLAYABLE_IDLE_AGE: Duration = Duration::from_secs(2);
 /// How often [`Pool::sweep`] should run.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A held request body up to this size goes out in the same write as its head.
@@ -89,12 +93,19 @@ impl Pool {
         shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// An idle connection, the most recently used first (warm, least likely closed by
-    /// the server), with the pool's epoch.
-    fn take(&self, now: Instant) -> (Option<(TcpStream, usize)>, u64) {
+    /// An idle connection idle for less than `max_idle`, the most recently used first
+    /// (warm, least likely closed by the server), with the pool's epoch. Older ones stay
+    /// for requests that may take them.
+    fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize)>, u64) {
         let epoch = self.0.epoch.load(Ordering::Relaxed);
         let mut shard = self.lock();
         while let Some((socket, since, room)) = shard.pop() {
+            let idle = now.saturating_duration_since(since);
+            if idle >= max_idle && idle < MAX_IDLE_AGE {
+                // The most recent is too old for this request: so are the others.
+                shard.push((socket, since, room));
+                break;
+            }
             if reusable(&socket, since, now) {
                 return (Some((socket, room)), epoch);
             }
@@ -235,10 +246,22 @@ fn abort_on_kill(served: tokio::task::JoinHandle<()>, kill: &CancellationToken) 
     });
 }
 
+/// RFC 9110 section 9.2.2.
+pub(super) fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
 /// Sends the request (`parts`, with the fields `added` after its own, and `body`) to
 /// `server` over a pooled or new connection. The head is borrowed, so another attempt
 /// needs no copy of it; on failure the body comes back in [`Failure::unsent`] exactly
 /// when no byte was written.
+///
+/// A server may close an idle connection just as a request goes out on it (its
+/// keep-alive timeout, or its shutdown): the request is written, and the connection ends
+/// with no response. A request that may be sent twice (idempotent, its body empty or
+/// held in the head's write) is then sent once more, on a new connection to the same
+/// server; one that may not takes only a connection idle for less than
+/// [`UNREPLAYABLE_IDLE_AGE`].
 pub async fn send(
     server: &Server,
     request: &RequestHead<'_>,
@@ -262,8 +285,10 @@ pub async fn send(
             inlined = true;
         }
     }
+    let replayable = is_idempotent(&request.parts.method) && (inlined || matches!(body, ReqBody::Empty));
+    let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
     loop {
-        let (pooled, epoch) = pool.take(now);
+        let (pooled, epoch) = pool.take(now, max_idle);
         let reused = pooled.is_some();
         let (mut io, room) = match pooled {
             Some(pooled) => pooled,
@@ -302,6 +327,13 @@ pub async fn send(
             // A pooled connection the server closed a moment ago: nothing left, try the
             // next idle (or a new) one.
             Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
+            // Written on a reused connection the server ended without an answer; the
+            // body is still whole (empty, or it went with the head). Once, on a new one.
+            Ok(Err(Broke::Server(e))) if reused && replayable => {
+                tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
+                max_idle = Duration::ZERO;
+                continue;
+            }
             Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
             Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
             Ok(Err(Broke::Client(e))) => SendError::ClientBody(e),

@@ -305,7 +305,7 @@ async fn attempts(
 ) -> Result<(client::Sent, InFlight), ProxyError> {
     let upstream = &route.upstream;
     let cfg = &upstream.config;
-    let idempotent = is_idempotent(&head.parts.method);
+    let idempotent = client::is_idempotent(&head.parts.method);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
     loop {
@@ -359,11 +359,6 @@ async fn attempts(
             }
         }
     }
-}
-
-/// RFC 9110 section 9.2.2.
-fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 fn record_success(server: &Arc<Server>) {
