@@ -84,13 +84,11 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     match (method, path.as_str()) {
         (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (Method::GET | Method::HEAD, "/readyz") => {
-            if gw.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            }
-        }
+        (Method::GET | Method::HEAD, "/readyz") => match gw.readiness() {
+            crate::gateway::Readiness::Ready => text(StatusCode::OK, "ready\n"),
+            crate::gateway::Readiness::Starting => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            crate::gateway::Readiness::ShuttingDown => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        },
         (Method::GET | Method::HEAD, "/metrics") => {
             reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render_metrics(gw))
         }

@@ -33,6 +33,8 @@ pub struct Gateway {
     pub acme: Arc<crate::acme::Manager>,
     pub metrics: Metrics,
     ready: AtomicBool,
+    /// The start's wait for DNS discovery is over (see [`Gateway::await_discovery`]).
+    discovered: AtomicBool,
     /// Tasks (discovery, health) per upstream, restarted when their settings change.
     pub(crate) tasks: Mutex<HashMap<String, crate::upstream::Tasks>>,
     /// The nameservers discovery tasks were started with.
@@ -81,6 +83,15 @@ pub fn acme_uncovered_wildcards(config: &Config, statics: &CertStore) -> Vec<Str
     out
 }
 
+/// What `/readyz` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Waiting for the first DNS lookups (see [`Gateway::await_discovery`]).
+    Starting,
+    Ready,
+    ShuttingDown,
+}
+
 impl Gateway {
     /// Builds the gateway for `config` (the start-up form of [`Gateway::reload`]).
     pub fn new(config: Config) -> Result<Arc<Gateway>, ApplyError> {
@@ -105,6 +116,7 @@ impl Gateway {
             acme,
             metrics: Metrics::default(),
             ready: AtomicBool::new(true),
+            discovered: AtomicBool::new(false),
             tasks: Mutex::new(HashMap::new()),
             nameservers: Mutex::new(Vec::new()),
             tunnels: tokio_util::task::TaskTracker::new(),
@@ -122,8 +134,32 @@ impl Gateway {
         self.snapshot.load()
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+    /// Serving, and past the start's wait for discovery (see [`Gateway::await_discovery`]).
+    pub fn readiness(&self) -> Readiness {
+        if !self.ready.load(Ordering::Acquire) {
+            Readiness::ShuttingDown
+        } else if !self.discovered.load(Ordering::Acquire) {
+            Readiness::Starting
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    /// At start: `/readyz` says 503 until every DNS upstream's first lookup has come back
+    /// (or `at_most` has passed), so no load balancer sends traffic that would find an
+    /// upstream still empty. Reloads do not wait: a new upstream is empty for its first
+    /// lookup's time, while the rest serve.
+    pub async fn await_discovery(&self, at_most: std::time::Duration) {
+        let started = std::time::Instant::now();
+        let pending = || self.snapshot().upstreams.values().filter(|u| !u.set.looked_up()).count();
+        while pending() > 0 && started.elapsed() < at_most {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        match pending() {
+            0 => tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up"),
+            n => tracing::warn!(upstreams = n, "ready before every DNS upstream's first lookup came back"),
+        }
+        self.discovered.store(true, Ordering::Release);
     }
 
     /// From the start of a graceful shutdown, `/readyz` answers 503.
@@ -220,7 +256,10 @@ impl Gateway {
                     Arc::clone(set)
                 }
                 None => {
-                    let set = ServerSet::new(name, settings);
+                    let set = match up.dns {
+                        Some(_) => ServerSet::new_discovered(name, settings),
+                        None => ServerSet::new(name, settings),
+                    };
                     sets.insert(name.clone(), Arc::clone(&set));
                     set
                 }

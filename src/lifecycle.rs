@@ -138,6 +138,12 @@ pub fn run(config: Config) -> u8 {
         let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
         control.spawn(crate::admin::serve(l, crate::admin::Admin { gw: Arc::clone(&gw), token }, admin_stop.clone()));
     }
+    // DNS lookups come back within their timeouts (2 s, twice): ten seconds is a bound
+    // for a resolver that hangs.
+    control.spawn({
+        let gw = Arc::clone(&gw);
+        async move { gw.await_discovery(std::time::Duration::from_secs(10)).await }
+    });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = threads, "swarmgate is serving");
 
     let code = control.block_on(signals(signals_in, Arc::clone(&gw), tls_config, shared, min_tls));

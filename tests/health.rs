@@ -202,3 +202,27 @@ async fn dns_failures_keep_the_last_known_servers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_dns_answer() {
+    // The DNS server drops the first queries: until an answer comes back, the upstream's
+    // emptiness says nothing, and /readyz says 503 (starting), so no load balancer sends
+    // requests that would find no server.
+    let port = support::free_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 33);
+    let _a = Server::start(SocketAddr::from((ip, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    dns.answering.store(false, Ordering::Relaxed);
+    let answering = std::sync::Arc::clone(&dns.answering);
+    let t0 = Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        answering.store(true, Ordering::Relaxed);
+    });
+    let upstream = format!("dns = \"tasks.app:{port}\"\nresolve_every = \"100ms\"");
+    let extra = format!("\n[discovery]\nnameservers = [\"{}\"]", dns.addr);
+    let gw = Gateway::start(&config(&upstream, &extra)).await; // waits for /readyz 200
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "ready after {:?}, before any DNS answer", t0.elapsed());
+    let statuses = get_n(&gw, 20).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}

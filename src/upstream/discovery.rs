@@ -68,6 +68,7 @@ pub(super) async fn run(set: Arc<ServerSet>, target: DnsTarget, every: Duration,
                 tracing::warn!(upstream = %set.name, name = %target.name, error = %e, "DNS resolution failed; keeping the last known servers");
             }
         }
+        set.mark_looked_up();
         tokio::time::sleep(every).await;
     }
 }

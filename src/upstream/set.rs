@@ -49,6 +49,9 @@ pub struct ServerSet {
     /// while the source (config or DNS) keeps listing them and are forgotten once it
     /// stops (an address that comes back later is a new server).
     update: Mutex<HashSet<SocketAddr>>,
+    /// False from the start of a DNS upstream until its first lookup has come back (with
+    /// servers, nothing or an error): until then its emptiness says nothing.
+    looked_up: std::sync::atomic::AtomicBool,
     pub stats: SetStats,
 }
 
@@ -68,8 +71,26 @@ impl ServerSet {
             eligible: ArcSwap::from_pointee(Vec::new()),
             settings: ArcSwap::from_pointee(settings),
             update: Mutex::new(HashSet::new()),
+            looked_up: std::sync::atomic::AtomicBool::new(true),
             stats: SetStats::default(),
         })
+    }
+
+    /// A new set whose servers DNS discovery will find.
+    pub fn new_discovered(name: &str, settings: SetSettings) -> Arc<Self> {
+        let set = Self::new(name, settings);
+        set.looked_up.store(false, Ordering::Relaxed);
+        set
+    }
+
+    /// Whether the set's servers are known: listed in the config, or looked up once.
+    pub fn looked_up(&self) -> bool {
+        self.looked_up.load(Ordering::Acquire)
+    }
+
+    /// Discovery's first lookup has come back.
+    pub(super) fn mark_looked_up(&self) {
+        self.looked_up.store(true, Ordering::Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, HashSet<SocketAddr>> {
