@@ -53,8 +53,11 @@ use crate::tls::{CertInfo, CertResolver, CertSource, CertStore};
 
 /// Orders running at once.
 pub const CONCURRENT_ORDERS: usize = 4;
-/// Longest one order may take, end to end.
-const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest one attempt may take, end to end (account, order, storing).
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest the order itself may take (its two polls take up to 90 s each), inside
+/// [`ORDER_TIMEOUT`]: when it runs out the published challenge answers are still withdrawn.
+const ORDER_WORK_TIMEOUT: Duration = Duration::from_secs(240);
 /// Longest one HTTP request to the ACME server may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wait before looking again when another gateway holds a name's lease (an event from
@@ -91,6 +94,14 @@ impl Wanted {
                     _ => None,
                 })
                 .filter(|h| h.parse::<IpAddr>().is_err() && statics.lookup(h).is_none())
+                .filter(|h| {
+                    // Public certificates name hosts of letters, digits and hyphens only.
+                    let issuable = h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                    if !issuable {
+                        tracing::warn!(host = %h, "no ACME certificate for a host name with characters a certificate cannot carry (such as _); put a static certificate in certs_dir");
+                    }
+                    issuable
+                })
                 .collect()
         } else {
             BTreeSet::new()
@@ -1175,7 +1186,7 @@ impl Ctx {
             Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         };
         let mut published: Vec<Answer> = Vec::new();
-        let result = async {
+        let work = async {
             let mut authzs = order.authorizations();
             while let Some(authz) = authzs.next().await {
                 let mut authz = authz.map_err(|e| err("authorization", e))?;
@@ -1199,11 +1210,13 @@ impl Ctx {
                         digest: key_auth.digest().as_ref().to_vec(),
                     },
                 };
+                // Noted first: a publish that failed half-way (applied here, not stored)
+                // is withdrawn too.
+                published.push(answer.clone());
                 self.publisher
                     .publish(&answer)
                     .await
                     .map_err(|e| Failure::Error(format!("publishing the challenge answer: {e}")))?;
-                published.push(answer);
                 ch.set_ready().await.map_err(|e| err("challenge", e))?;
             }
             let policy = RetryPolicy::new()
@@ -1228,8 +1241,12 @@ impl Ctx {
             let key = order.finalize().await.map_err(|e| err("finalize", e))?;
             let chain = order.poll_certificate(&policy).await.map_err(|e| err("certificate", e))?;
             Ok((chain, key))
-        }
-        .await;
+        };
+        let result = tokio::time::timeout(ORDER_WORK_TIMEOUT, work).await.unwrap_or_else(|_| {
+            Err(Failure::Error(format!("order for {name} not done within {}s", ORDER_WORK_TIMEOUT.as_secs())))
+        });
+        // Never left published: a stale local answer would keep another replica's
+        // validation of the name from being looked up in the store.
         for answer in &published {
             self.publisher.withdraw(answer).await;
         }
@@ -1446,6 +1463,20 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::super::cluster::redact;
     use super::*;
+
+    #[test]
+    fn acme_wants_exact_issuable_hosts_no_static_certificate_covers() {
+        let text = "[acme]\n\
+                    [[route]]\nhost = \"ok.test\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"Mixed.Test\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"a_b.test\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"10.0.0.1\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"*\"\nupstream = \"u\"\n\
+                    [upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+        let config = config::parse(Path::new("t.toml"), text, &BTreeMap::new()).unwrap();
+        let wanted = Wanted::from_config(&config, &CertStore::default());
+        assert_eq!(wanted.names.into_iter().collect::<Vec<_>>(), ["mixed.test", "ok.test"]);
+    }
 
     #[test]
     fn refusals_and_rate_limits_slow_the_retries_down() {
