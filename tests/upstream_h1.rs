@@ -391,17 +391,22 @@ async fn bodies_of_any_size_arrive_whole_whatever_the_last_one_needed() {
 }
 
 /// A server that answers every request, except one that arrives on a connection idle for
-/// more than `idle` since its last answer: that one it reads and then closes the
-/// connection without answering, as a server does whose keep-alive timeout fires just as
-/// the request goes out (nothing reaches the gateway before the request is written).
-async fn closes_idle_connections_on_the_next_request(idle: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// more than `idle` since its last answer: that one it reads, writes `last_words` and
+/// closes the connection, as a server does whose keep-alive timeout fires just as the
+/// request goes out (with no last words, nothing reaches the gateway after the request).
+/// Counts connections and requests.
+async fn closes_idle_connections_on_the_next_request(
+    idle: Duration,
+    last_words: &'static [u8],
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&connections);
+    let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::SeqCst);
+            let r = Arc::clone(&r);
             tokio::spawn(async move {
                 let mut answered_at = None::<std::time::Instant>;
                 while let Some(head) = read_head(&mut s).await {
@@ -414,7 +419,9 @@ async fn closes_idle_connections_on_the_next_request(idle: Duration) -> (std::ne
                     if s.read_exact(&mut body).await.is_err() {
                         return;
                     }
+                    r.fetch_add(1, Ordering::SeqCst);
                     if answered_at.is_some_and(|t| t.elapsed() > idle) {
+                        let _ = s.write_all(last_words).await;
                         return; // closed, unanswered
                     }
                     let reply = format!(
@@ -430,12 +437,12 @@ async fn closes_idle_connections_on_the_next_request(idle: Duration) -> (std::ne
             });
         }
     });
-    (addr, connections)
+    (addr, connections, requests)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_closing_an_idle_connection_as_the_request_goes_out_fails_no_request() {
-    let (addr, connections) = closes_idle_connections_on_the_next_request(Duration::from_millis(300)).await;
+    let (addr, connections, _) = closes_idle_connections_on_the_next_request(Duration::from_millis(300), b"").await;
     let gw = gateway(addr).await; // one server, retries = 0
     let mut c = H1::connect(gw.http).await;
     assert_eq!(c.get("app.test", "/").await.status, 200);
@@ -452,4 +459,18 @@ async fn a_server_closing_an_idle_connection_as_the_request_goes_out_fails_no_re
     let r = c.send(post("second")).await.unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "second"));
     assert_eq!(connections.load(Ordering::SeqCst), 3, "the POST went on a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_server_began_to_answer_is_not_sent_again() {
+    // The server starts an answer on the stale connection, then closes: it did see the
+    // request, so even a GET is not sent twice (a 502).
+    let (addr, connections, requests) =
+        closes_idle_connections_on_the_next_request(Duration::from_millis(300), b"HTTP/1.1 200 OK\r\nContent-Le").await;
+    let gw = gateway(addr).await;
+    let mut c = H1::connect(gw.http).await;
+    assert_eq!(c.get("app.test", "/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.get("app.test", "/again").await.status, 502);
+    assert_eq!((requests.load(Ordering::SeqCst), connections.load(Ordering::SeqCst)), (2, 1));
 }

@@ -730,9 +730,12 @@ impl State {
         let renew_before = self.renew_before;
         let Some(entry) = self.entries.get_mut(name) else { return };
         let Some(l) = loaded else { return };
+        let elsewhere = self.ctx.as_ref().is_some_and(|c| c.issued_elsewhere(&l));
         let newer = match &entry.cert {
             None => true,
-            Some(c) => c.serial != l.serial && l.info.not_after >= c.info.not_after,
+            // Another directory's certificate (a replica still on staging, say) never
+            // replaces one this directory issued.
+            Some(c) => !elsewhere && c.serial != l.serial && l.info.not_after >= c.info.not_after,
         };
         if !newer {
             if let Some(c) = entry.cert.as_mut().filter(|c| c.serial == l.serial && c.meta.is_none()) {
@@ -753,7 +756,8 @@ impl State {
         tracing::info!(name, serial = %l.serial, not_after = l.info.not_after,
             ordered_by = l.meta.as_ref().map_or("?", |m| m.by.as_str()), propagation_ms = delay_ms,
             renewal = entry.cert.is_some(), "ACME certificate stored by another replica picked up");
-        entry.next = renewal_instant(&l, renew_before);
+        // Served until this directory's own replaces it, ordered at once.
+        entry.next = if elsewhere { Instant::now() } else { renewal_instant(&l, renew_before) };
         entry.cert = Some(l);
         entry.failures = 0;
         entry.last_error = None;
@@ -845,9 +849,13 @@ fn check_writable_dir(dir: &Path) -> Result<(), String> {
     if !at.is_dir() {
         return Err(format!("[acme].storage {}: {} is not a directory", dir.display(), at.display()));
     }
-    let probe = at.join(format!(".swarmgate-probe-{}", std::process::id()));
+    // Random: replicas sharing the directory are all PID 1.
+    let probe = at.join(format!(".swarmgate-probe-{:016x}", rand::random::<u64>()));
     std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
+        .and_then(|()| match std::fs::remove_file(&probe) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
         .map_err(|e| format!("[acme].storage {}: cannot write in {}: {e}", dir.display(), at.display()))
 }
 
@@ -890,7 +898,8 @@ impl Ctx {
     /// Whether another ACME directory issued `l` (staging before production, say): it
     /// serves until this directory's certificate replaces it, ordered at once.
     fn issued_elsewhere(&self, l: &Loaded) -> bool {
-        l.meta.as_ref().and_then(|m| m.directory.as_deref()).is_some_and(|d| d != self.directory)
+        let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+        l.meta.as_ref().and_then(|m| m.directory.as_deref()).is_some_and(|d| !same(d, &self.directory))
     }
 
     /// Every stored certificate by name; files that are not one are moved aside.

@@ -149,22 +149,9 @@ fn valid_segment(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@+=-".contains(&b))
 }
 
-/// A fresh id for a lease holder: `HOST/PID/PROCESS/RANDOM`, where `PROCESS` is drawn once
-/// per process (a container restarted keeps its hostname and often its PID, 1).
+/// A fresh id for a lease holder: `HOST/PID/RANDOM`.
 pub fn holder_id() -> String {
-    format!(
-        "{}/{}/{}/{:016x}",
-        this_host().unwrap_or("unknown"),
-        std::process::id(),
-        this_process(),
-        rand::random::<u64>()
-    )
-}
-
-/// This process's random id, drawn at its first use.
-fn this_process() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+    format!("{}/{}/{:016x}", this_host().unwrap_or("unknown"), std::process::id(), rand::random::<u64>())
 }
 
 /// This replica's id when `[acme].replica_id` is not set: `HOST/PID`.
@@ -185,21 +172,20 @@ fn this_host() -> Option<&'static str> {
 
 /// Whether a holder id names a process of this host (same hostname, so the same PID
 /// namespace in practice) that no longer runs: its lease can be taken at once instead
-/// of after its TTL (a gateway killed in the middle of an order, then restarted). With
-/// this process's PID it is gone when its process id differs (the container restarted).
+/// of after its TTL (a gateway killed in the middle of an order, then restarted). A
+/// holder with this process's PID is never judged gone: a container restarted with the
+/// same hostname and PID 1 cannot be told from another one sharing both, so such a
+/// lease is waited out (its TTL, 2 minutes).
 fn holder_is_gone(holder: &str) -> bool {
-    let parts: Vec<&str> = holder.split('/').collect();
-    let (Some(host), Some(Ok(pid))) = (parts.first(), parts.get(1).map(|p| p.parse::<u32>())) else {
+    let mut parts = holder.splitn(3, '/');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
         return false;
     };
-    if this_host() != Some(*host) {
-        return false;
-    }
-    if pid == std::process::id() {
-        // Ids of older versions (`HOST/PID/RANDOM`) have no process part.
-        return parts.len() == 4 && parts[2] != this_process();
-    }
-    Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(pid) = pid.parse::<u32>() else { return false };
+    this_host() == Some(host)
+        && pid != std::process::id()
+        && Path::new("/proc/self").exists()
+        && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {
@@ -602,15 +588,6 @@ mod tests {
         let live = s.lock("order-c", Duration::from_secs(60)).await.unwrap().unwrap();
         assert!(s.lock("order-c", Duration::from_secs(5)).await.unwrap().is_none());
         s.unlock(&live).await.unwrap();
-        // This PID, another process: the container restarted (PID 1 again) mid-order.
-        let pid = std::process::id();
-        let restarted = format!(r#"{{"token":7,"holder":"{host}/{pid}/0123456789abcdef/ab","expires_ms":{far}}}"#);
-        std::fs::write(locks.join("order-d"), restarted).unwrap();
-        assert!(s.lock("order-d", Duration::from_secs(5)).await.unwrap().is_some(), "a restarted process's lease");
-        // An older version's id with this PID cannot be told apart: kept.
-        let old = format!(r#"{{"token":7,"holder":"{host}/{pid}/ab","expires_ms":{far}}}"#);
-        std::fs::write(locks.join("order-e"), old).unwrap();
-        assert!(s.lock("order-e", Duration::from_secs(5)).await.unwrap().is_none());
     }
 
     #[test]

@@ -498,7 +498,7 @@ fn read_upstreams(root: &Table<'_, '_, '_>) -> BTreeMap<String, UpstreamConfig> 
 fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     let (servers, servers_origin) = t.list("servers");
     let listed = servers.len();
-    let servers: Vec<SocketAddr> = servers
+    let mut servers: Vec<SocketAddr> = servers
         .iter()
         .filter_map(|s| match s.parse::<SocketAddr>() {
             Ok(a) if a.port() == 0 => {
@@ -513,7 +513,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         })
         .collect();
     let (dns_text, dns_origin) = t.string("dns", "");
-    let dns = if dns_text.is_empty() {
+    let mut dns = if dns_text.is_empty() {
         None
     } else {
         match parse_dns_target(&dns_text) {
@@ -525,7 +525,12 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         }
     };
     if listed > 0 && !dns_text.is_empty() {
-        t.source().problem(&dns_origin, format!("{}: servers and dns both given; use one", t.name));
+        // An environment variable overrides the file: the one it sets wins.
+        match (matches!(servers_origin, Origin::Env(_)), matches!(dns_origin, Origin::Env(_))) {
+            (false, true) => servers.clear(),
+            (true, false) => dns = None,
+            _ => t.source().problem(&dns_origin, format!("{}: servers and dns both given; use one", t.name)),
+        }
     }
     // Only when nothing was listed: unparsable entries were reported above.
     if listed == 0 && dns_text.is_empty() {
@@ -837,6 +842,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     #[test]
@@ -931,6 +937,23 @@ mod tests {
             let problems = upstream_problems(&upstream, more);
             assert!(problems.iter().any(|p| p.contains(says)), "{upstream} {more}: {problems:#?}");
         }
+    }
+
+    #[test]
+    fn the_environment_chooses_between_servers_and_dns() {
+        let text = "[[route]]\nhost = \"a.test\"\nupstream = \"u\"\n[upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+        let env = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        // The file lists servers, the environment names a DNS target: DNS it is.
+        let c = parse(Path::new("t.toml"), text, &env("SWARMGATE_UPSTREAM_U_DNS", "tasks.u:8080")).unwrap();
+        let u = &c.upstreams["u"];
+        assert!(u.servers.is_empty());
+        assert_eq!(u.dns.as_ref().map(|d| (d.name.as_str(), d.port)), Some(("tasks.u", 8080)));
+        // And the other way round.
+        let text = text.replace("servers = [\"127.0.0.1:8080\"]", "dns = \"tasks.u:8080\"");
+        let c = parse(Path::new("t.toml"), &text, &env("SWARMGATE_UPSTREAM_U_SERVERS", "127.0.0.1:9000")).unwrap();
+        let u = &c.upstreams["u"];
+        assert!(u.dns.is_none());
+        assert_eq!(u.servers, ["127.0.0.1:9000".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]

@@ -75,9 +75,9 @@ impl Default for Pool {
     }
 }
 
-/// Whether an idle socket, idle since `since`, may still carry a request at `now`.
-fn reusable(socket: &TcpStream, since: Instant, now: Instant) -> bool {
-    now.saturating_duration_since(since) < MAX_IDLE_AGE && still_open(socket)
+/// Whether a socket idle for `idle` may still carry a request.
+fn reusable(socket: &TcpStream, idle: Duration) -> bool {
+    idle < MAX_IDLE_AGE && still_open(socket)
 }
 
 /// Whether the server has neither closed an idle socket nor sent anything on it. No
@@ -106,7 +106,7 @@ impl Pool {
                 shard.push((socket, since, room));
                 break;
             }
-            if reusable(&socket, since, now) {
+            if reusable(&socket, idle) {
                 return (Some((socket, room)), epoch);
             }
         }
@@ -129,7 +129,7 @@ impl Pool {
     /// to reuse. Run on every worker, every [`SWEEP_EVERY`].
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain(|(socket, since, _)| reusable(socket, *since, now));
+        self.lock().retain(|(socket, since, _)| reusable(socket, now.saturating_duration_since(*since)));
     }
 
     /// Closes every idle connection; those in use are closed when their response ends.
@@ -306,13 +306,21 @@ pub async fn send(
                 Err(error) => return Err(Failure { error, unsent: Some(body) }),
             },
         };
-        let mut wrote = false;
+        let (mut wrote, mut heard) = (false, false);
         let upload = if inlined { None } else { Some(&mut body) };
         // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
         // again there: a second copy (400 bytes) of it in this future and a move less.
         let result = {
-            let exchange =
-                std::pin::pin!(exchange(&mut io, &head, upload, framing, &request.parts.method, room, &mut wrote));
+            let exchange = std::pin::pin!(exchange(
+                &mut io,
+                &head,
+                upload,
+                framing,
+                &request.parts.method,
+                room,
+                &mut wrote,
+                &mut heard
+            ));
             exchange_until(exchange, deadline, response_timeout, kill).await
         };
         let error = match result {
@@ -327,9 +335,11 @@ pub async fn send(
             // A pooled connection the server closed a moment ago: nothing left, try the
             // next idle (or a new) one.
             Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
-            // Written on a reused connection the server ended without an answer; the
-            // body is still whole (empty, or it went with the head). Once, on a new one.
-            Ok(Err(Broke::Server(e))) if reused && replayable => {
+            // Written on a reused connection the server ended without a byte of an
+            // answer; the body is still whole (empty, or it went with the head). Once, on
+            // a new connection (a connection's matter, not a retry: `retries` is about
+            // other servers).
+            Ok(Err(Broke::Server(e))) if reused && replayable && !heard => {
                 tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
                 max_idle = Duration::ZERO;
                 continue;
@@ -387,7 +397,9 @@ fn request_framing(parts: &Parts, body: &ReqBody) -> Framing {
 
 /// Writes the request (`head`, then `body` framed as `framing`, unless it went with the
 /// head) and reads the final response head. `wrote` turns true once any byte may have
-/// reached the server.
+/// reached the server, `heard` once a byte of a response has come back (after the whole
+/// request is written).
+#[allow(clippy::too_many_arguments)] // one call site; the flags are its outputs
 async fn exchange(
     io: &mut TcpStream,
     head: &[u8],
@@ -396,6 +408,7 @@ async fn exchange(
     method: &Method,
     first_room: usize,
     wrote: &mut bool,
+    heard: &mut bool,
 ) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
     let first = io.write(head).await?;
     *wrote = true;
@@ -426,5 +439,6 @@ async fn exchange(
         if read == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a response").into());
         }
+        *heard = true;
     }
 }

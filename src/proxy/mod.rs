@@ -383,6 +383,10 @@ fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
     if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) {
         set.stats.connect_errors.fetch_add(1, Relaxed);
     }
+    if server.is_ejected(tokio::time::Instant::now()) {
+        // Tried while ejected (every server of its upstream is): its back-off runs on.
+        return;
+    }
     let failures = server.consecutive_failures.fetch_add(1, Relaxed) + 1;
     let threshold = if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) { 1 } else { 3 };
     if failures >= threshold {
@@ -585,6 +589,27 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!out(), "back-off restarted at 1s after a success");
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_tried_while_ejected_is_not_ejected_again() {
+        // Every server ejected: they stay eligible, and each failed try must not log,
+        // count and time a new ejection (a flood at thousands of requests a second).
+        let set = ServerSet::new("t", SetSettings { health_checked: false, drain_timeout: Duration::from_secs(1) });
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        set.reconcile(&[addr]);
+        let server = Arc::clone(&set.all()[0]);
+        record_failure(&set, &server, &refused(addr));
+        for _ in 0..100 {
+            record_failure(&set, &server, &refused(addr));
+        }
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
+        assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
+        // Its back-off ran out: the next failure ejects it again, for twice as long.
+        tokio::time::sleep(Duration::from_millis(1010)).await;
+        record_failure(&set, &server, &refused(addr));
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     /// An error like a closed connection gives.

@@ -45,6 +45,10 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
                 Ok(()) => *streak = Streak { passes: streak.passes.saturating_add(1), fails: 0 },
                 Err(_) => *streak = Streak { passes: 0, fails: streak.fails.saturating_add(1) },
             }
+            if result.is_ok() {
+                // It answers: whatever passive ejection guessed is over.
+                set.end_ejection(&server);
+            }
             let state = server.state();
             let changed = if streak.passes >= health.healthy_after && state != ServerState::Healthy {
                 set.set_health(&server, true)

@@ -200,11 +200,14 @@ impl ServerSet {
 
     async fn finish_drain(self: Arc<Self>, server: Arc<Server>, drain: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        // Over when the server came back, or was drained again with a new deadline.
+        // Over when the server came back, or was drained again with a new deadline: then
+        // the wake-up for its last request (one permit, maybe taken here) is passed on to
+        // the newer drain's task.
         let superseded = || server.state() != ServerState::Draining || server.drains.load(Ordering::Relaxed) != drain;
         while server.in_flight() > 0 && !superseded() {
             if tokio::time::timeout_at(deadline, server.idle.notified()).await.is_err() {
                 if superseded() {
+                    server.idle.notify_one();
                     return;
                 }
                 tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
@@ -214,6 +217,7 @@ impl ServerSet {
         }
         let _g = self.lock();
         if superseded() {
+            server.idle.notify_one();
             return;
         }
         server.kill.cancel();
@@ -223,17 +227,22 @@ impl ServerSet {
         tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
     }
 
-    /// Sets a server's health state (health checker). Returns whether it changed. A
-    /// passing check also ends a passive ejection: the server answers now.
+    /// Ends a passive ejection of `server` (a health check it passed: it answers now).
+    pub fn end_ejection(&self, server: &Arc<Server>) {
+        if server.ejected_until_ms.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let _g = self.lock();
+        server.ejected_until_ms.store(0, Ordering::Relaxed);
+        server.ejections.store(0, Ordering::Relaxed);
+        self.refresh_eligible_locked();
+    }
+
+    /// Sets a server's health state (health checker). Returns whether it changed.
     pub fn set_health(&self, server: &Arc<Server>, healthy: bool) -> bool {
         let _g = self.lock();
         let now = server.state();
         let next = if healthy { ServerState::Healthy } else { ServerState::Unhealthy };
-        if healthy && server.ejected_until_ms.load(Ordering::Relaxed) != 0 {
-            server.ejected_until_ms.store(0, Ordering::Relaxed);
-            server.ejections.store(0, Ordering::Relaxed);
-            self.refresh_eligible_locked();
-        }
         if now == ServerState::Draining || now == next {
             return false;
         }
@@ -389,7 +398,8 @@ mod tests {
         let second = Arc::clone(&s.all()[1]);
         assert!(s.set_health(&second, true));
         assert_eq!(addrs(&s.eligible()), [addr(2)]);
-        assert!(!s.set_health(&server, true));
+        s.end_ejection(&server);
+        assert!(!server.is_ejected(Instant::now()));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2)]);
     }
 
