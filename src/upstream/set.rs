@@ -385,6 +385,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_server_drained_again_is_forgotten_when_its_last_request_ends() {
+        let s = set(false);
+        s.reconcile(&[addr(1)]);
+        let server = Arc::clone(&s.all()[0]);
+        let stuck = server.begin();
+        s.reconcile(&[]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.reconcile(&[addr(1)]);
+        s.reconcile(&[]); // two drain tasks wait; the first is stale
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(stuck);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(s.all().is_empty(), "kept until the drain timeout though idle");
+        assert!(server.kill.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn new_servers_wait_for_health_when_checked() {
         let s = set(true);
         s.reconcile(&[addr(1)]);
