@@ -35,7 +35,8 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 
-/// Installs ring as rustls's process-wide crypto provider (idempotent).
+/// Installs swarmgate's TLS crypto provider ([`tls::provider`]) as rustls's process-wide
+/// one, for the clients that take it from there (Redis over TLS); idempotent.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tls::provider().install_default();
 }

@@ -229,7 +229,9 @@ fn rediss_with_a_password_from_the_environment_and_sealed_keys_restart_reuses_ev
     gw.stop();
     assert!(!s.path().join("acme").exists(), "nothing stored in the directory the file names");
 
-    // What Redis holds: sealed, no private key in the clear.
+    // What Redis holds: sealed, no private key in the clear. (The Redis client's TLS takes
+    // rustls's process-wide provider; the test process picks the gateway's.)
+    swarmgate::install_crypto_provider();
     let client = redis::Client::build_with_tls(
         url.as_str(),
         redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone().into_bytes()) },

@@ -119,6 +119,8 @@ impl RedisStorage {
     /// Redis is down. `ca_pem`: trust only these roots for `rediss://` (tests); without
     /// it the system store is used (`SSL_CERT_FILE`/`SSL_CERT_DIR` are honoured).
     pub fn open(url: &str, ca_pem: Option<Vec<u8>>, counters: Arc<StoreCounters>) -> Result<RedisStorage, String> {
+        // The Redis client's TLS takes rustls's process-wide provider: make sure there is one.
+        crate::install_crypto_provider();
         let described = redact(url);
         let client = match ca_pem {
             Some(pem) => {

@@ -1427,7 +1427,7 @@ impl AcmeHttp {
                 roots.add(cert).map_err(|e| format!("[acme].ca_file {}: {e}", path.display()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS client: {e}"))?
             .with_root_certificates(roots)

@@ -82,8 +82,7 @@ pub fn challenge_cert(name: &str, digest: &[u8]) -> Result<CertifiedKey, String>
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let cert = params.self_signed(&key).map_err(|e| format!("cannot sign the challenge certificate: {e}"))?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing =
-        rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| format!("challenge key unusable: {e}"))?;
+    let signing = crate::tls::signing_key(&der).map_err(|e| format!("challenge key unusable: {e}"))?;
     Ok(CertifiedKey::new(vec![cert.der().clone()], signing))
 }
 

@@ -108,10 +108,23 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+/// The TLS crypto provider of every rustls configuration swarmgate makes (aws-lc-rs),
+/// and of the keys of the certificates it serves.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+/// A signing key of the provider for a private key (RSA, ECDSA or Ed25519).
+pub fn signing_key(
+    key: &rustls::pki_types::PrivateKeyDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    rustls::crypto::aws_lc_rs::sign::any_supported_type(key)
+}
+
 /// The rustls server configuration: TLS 1.2/1.3 (or 1.3 only), ALPN h2, http/1.1 and
 /// acme-tls/1, stateless session tickets for resumption.
 pub fn server_config(resolver: Arc<CertResolver>, min: TlsVersion) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -121,14 +134,14 @@ pub fn server_config(resolver: Arc<CertResolver>, min: TlsVersion) -> Result<Arc
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(config))
 }
 
 /// Serves one TLS-ALPN-01 challenge certificate (ALPN `acme-tls/1` only): the
 /// configuration of a single validation handshake.
 pub fn challenge_config(cert: Arc<CertifiedKey>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

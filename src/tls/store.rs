@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -162,7 +161,7 @@ pub fn certified_key_from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<(Certi
         return Err("no certificate in the file".into());
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("not a PEM private key: {e}"))?;
-    let signing = any_supported_type(&key).map_err(|e| format!("unsupported private key: {e}"))?;
+    let signing = super::signing_key(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     let info = describe(&chain[0])?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match().map_err(|_| "the private key does not belong to the certificate".to_string())?;
