@@ -265,6 +265,24 @@ pub fn render_metrics(gw: &Gateway) -> String {
     }
     family(
         &mut out,
+        "swarmgate_responses_total",
+        "counter",
+        "Requests answered, by route, upstream and status code (the codes seen; a class, such as 4xx, for the codes not counted one by one).",
+    );
+    for r in &snap.routes {
+        let (route, up) = (label(r.label()), label(&r.upstream.set.name));
+        for (status, n) in r.stats.status_counts() {
+            let _ = writeln!(
+                out,
+                "swarmgate_responses_total{{route=\"{route}\",upstream=\"{up}\",status=\"{status}\"}} {n}"
+            );
+        }
+    }
+    for (status, n) in m.unrouted.status_counts() {
+        let _ = writeln!(out, "swarmgate_responses_total{{route=\"\",upstream=\"\",status=\"{status}\"}} {n}");
+    }
+    family(
+        &mut out,
         "swarmgate_request_duration_seconds",
         "histogram",
         "Time from request head to the end of the response body.",

@@ -42,22 +42,60 @@ impl Histogram {
     }
 }
 
-/// Requests of one route (or of no route) by status class, and their durations.
+/// The status codes counted one by one (the rest count by class): what a service answers
+/// most, and the gateway's own answers, so that a rollout's 502, 503 and 504 are told apart.
+pub const CODES: [u16; 26] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 414, 421, 429, 431, 500,
+    502, 503, 504,
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Where a status is counted: its place in [`CODES`], else after them, by class.
+fn slot(status: u16) -> usize {
+    match CODES.binary_search(&status) {
+        Ok(i) => i,
+        Err(_) => CODES.len() + (status / 100).clamp(1, 5) as usize - 1,
+    }
+}
+
+/// Requests of one route (or of no route) by status, and their durations.
 #[derive(Debug, Default)]
 pub struct RouteStats {
-    classes: [AtomicU64; 5],
+    /// One counter per code of [`CODES`], then one per class for the other codes.
+    statuses: [AtomicU64; CODES.len() + 5],
     pub duration: Histogram,
 }
 
 impl RouteStats {
     pub fn record(&self, status: u16, took: Duration) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        self.statuses[slot(status)].fetch_add(1, Ordering::Relaxed);
         self.duration.observe(took);
     }
 
+    /// Requests by class (`1xx` to `5xx`).
     pub fn class_counts(&self) -> [u64; 5] {
-        std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed))
+        let mut out = [0; 5];
+        for (i, n) in self.statuses.iter().enumerate() {
+            let class = match CODES.get(i) {
+                Some(code) => (code / 100) as usize - 1,
+                None => i - CODES.len(),
+            };
+            out[class] += n.load(Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Requests by status that have been seen: `("404", n)`, or `("4xx", n)` for the codes
+    /// not counted one by one.
+    pub fn status_counts(&self) -> impl Iterator<Item = (std::borrow::Cow<'static, str>, u64)> + '_ {
+        self.statuses.iter().enumerate().filter_map(|(i, n)| {
+            let n = n.load(Ordering::Relaxed);
+            let label = match CODES.get(i) {
+                Some(code) => std::borrow::Cow::Owned(code.to_string()),
+                None => std::borrow::Cow::Borrowed(CLASSES[i - CODES.len()]),
+            };
+            (n > 0).then_some((label, n))
+        })
     }
 }
 
@@ -92,6 +130,19 @@ pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_are_counted_by_code_and_by_class() {
+        assert!(CODES.windows(2).all(|w| w[0] < w[1]), "sorted, for the binary search");
+        let r = RouteStats::default();
+        for status in [200, 200, 204, 418, 502, 503, 503, 599, 101, 0, 999] {
+            r.record(status, Duration::ZERO);
+        }
+        assert_eq!(r.class_counts(), [2, 3, 0, 1, 5]);
+        let seen: Vec<(String, u64)> = r.status_counts().map(|(l, n)| (l.into_owned(), n)).collect();
+        let want = [("200", 2), ("204", 1), ("502", 1), ("503", 2), ("1xx", 2), ("4xx", 1), ("5xx", 2)];
+        assert_eq!(seen, want.map(|(l, n)| (l.to_string(), n)));
+    }
 
     #[test]
     fn histogram_is_cumulative() {

@@ -64,6 +64,7 @@ async fn metrics_families_move_with_traffic() {
     let m = gw.metrics().await;
     for family in [
         "# TYPE swarmgate_requests_total counter",
+        "# TYPE swarmgate_responses_total counter",
         "# TYPE swarmgate_request_duration_seconds histogram",
         "# TYPE swarmgate_open_connections gauge",
         "# TYPE swarmgate_tls_handshakes_total counter",
@@ -105,6 +106,15 @@ async fn metrics_families_move_with_traffic() {
     assert_eq!(metric_value(&m, ok), Some(10.0), "{m}");
     assert_eq!(metric_value(&m, err5), Some(1.0), "the server's 503 counts as 5xx");
     assert_eq!(metric_value(&m, unrouted), Some(2.0));
+    // By status code: the codes seen, no others.
+    let status = |route: &str, up: &str, code: &str| {
+        metric_value(&m, &format!(r#"swarmgate_responses_total{{route="{route}",upstream="{up}",status="{code}"}}"#))
+    };
+    assert_eq!(status("app.test/", "app", "200"), Some(10.0), "{m}");
+    assert_eq!(status("app.test/", "app", "503"), Some(1.0), "{m}");
+    assert_eq!(status("", "", "404"), Some(2.0), "{m}");
+    assert_eq!(status("app.test/", "app", "404"), None, "{m}");
+    assert_eq!(m.lines().filter(|l| l.starts_with("swarmgate_responses_total{")).count(), 3, "{m}");
     assert_eq!(metric_value(&m, count), Some(11.0));
     assert_eq!(metric_value(&m, "swarmgate_tls_handshakes_total"), Some(1.0));
     // (The TLS connection above closed a moment ago: wait for the gateway to see it.)
