@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
-use crate::metrics::{family, label};
+use crate::metrics::{CLASSES, family, label};
 use crate::tls::store::seconds_left;
 
 /// Settings of the admin API.
@@ -250,7 +250,6 @@ pub fn render_metrics(gw: &Gateway) -> String {
     let snap = gw.snapshot();
     let m = &gw.metrics;
     let mut out = String::with_capacity(16 * 1024);
-    const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
     family(&mut out, "swarmgate_requests_total", "counter", "Requests answered, by route, upstream and status class.");
     for r in &snap.routes {

@@ -66,21 +66,25 @@ fn acme_wildcards_message(hosts: &[String]) -> String {
     )
 }
 
-/// Wildcard route hosts no static certificate covers, when ACME gets the certificates:
-/// nothing could ever serve them over HTTPS. (`*`, any host, is served with whatever
-/// certificate a client's name finds.)
-pub fn acme_uncovered_wildcards(config: &Config, statics: &CertStore) -> Vec<String> {
-    if config.acme.is_none() {
-        return Vec::new();
-    }
-    let mut out: Vec<String> = config
+/// With `[acme]`: its settings' local resources are usable (see
+/// `acme::manager::check_settings`), and every wildcard route host has a static
+/// certificate, as ACME cannot issue one and nothing else could serve it over HTTPS.
+/// (`*`, any host, is served with whatever certificate a client's name finds.) Run by
+/// start, reload and `swarmgate check`.
+pub fn check_acme(config: &Config, statics: &CertStore) -> Result<(), ApplyError> {
+    let Some(acme) = &config.acme else { return Ok(()) };
+    let mut uncovered: Vec<String> = config
         .routes
         .iter()
         .filter(|r| matches!(r.host, config::HostPattern::Wildcard(_)) && !statics.covers(&r.host))
         .map(|r| r.host.to_string())
         .collect();
-    out.dedup();
-    out
+    if !uncovered.is_empty() {
+        uncovered.sort_unstable();
+        uncovered.dedup();
+        return Err(ApplyError::AcmeWildcards(uncovered));
+    }
+    crate::acme::manager::check_settings(acme).map_err(ApplyError::Acme)
 }
 
 /// What `/readyz` says.
@@ -357,13 +361,7 @@ pub struct PreparedCerts {
 pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
     let dir = &config.tls.certs_dir;
     let mut statics = CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
-    let uncovered = acme_uncovered_wildcards(config, &statics);
-    if !uncovered.is_empty() {
-        return Err(ApplyError::AcmeWildcards(uncovered));
-    }
-    if let Some(acme) = &config.acme {
-        crate::acme::manager::check_settings(acme).map_err(ApplyError::Acme)?;
-    }
+    check_acme(config, &statics)?;
     let mut dev_made = false;
     let mut dev_hosts = Vec::new();
     if config.listen.https.is_some() && config.acme.is_none() {

@@ -64,12 +64,7 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
             return exit::INVALID_CONFIG;
         }
     };
-    let uncovered = swarmgate::gateway::acme_uncovered_wildcards(&config, &statics);
-    if !uncovered.is_empty() {
-        eprintln!("{}", swarmgate::gateway::ApplyError::AcmeWildcards(uncovered));
-        return exit::INVALID_CONFIG;
-    }
-    if let Some(Err(e)) = config.acme.as_ref().map(swarmgate::acme::manager::check_settings) {
+    if let Err(e) = swarmgate::gateway::check_acme(&config, &statics) {
         eprintln!("{e}");
         return exit::INVALID_CONFIG;
     }

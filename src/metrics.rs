@@ -48,13 +48,22 @@ pub const CODES: [u16; 26] = [
     200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 414, 421, 429, 431, 500,
     502, 503, 504,
 ];
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The status classes, in the order of [`RouteStats::class_counts`].
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Where a status is counted: its place in [`CODES`], else after them, by class.
 fn slot(status: u16) -> usize {
     match CODES.binary_search(&status) {
         Ok(i) => i,
         Err(_) => CODES.len() + (status / 100).clamp(1, 5) as usize - 1,
+    }
+}
+
+/// The class (index into [`CLASSES`]) of the counter at `slot`.
+fn class_of(slot: usize) -> usize {
+    match CODES.get(slot) {
+        Some(code) => (code / 100) as usize - 1,
+        None => slot - CODES.len(),
     }
 }
 
@@ -76,11 +85,7 @@ impl RouteStats {
     pub fn class_counts(&self) -> [u64; 5] {
         let mut out = [0; 5];
         for (i, n) in self.statuses.iter().enumerate() {
-            let class = match CODES.get(i) {
-                Some(code) => (code / 100) as usize - 1,
-                None => i - CODES.len(),
-            };
-            out[class] += n.load(Ordering::Relaxed);
+            out[class_of(i)] += n.load(Ordering::Relaxed);
         }
         out
     }
@@ -92,7 +97,7 @@ impl RouteStats {
             let n = n.load(Ordering::Relaxed);
             let label = match CODES.get(i) {
                 Some(code) => std::borrow::Cow::Owned(code.to_string()),
-                None => std::borrow::Cow::Borrowed(CLASSES[i - CODES.len()]),
+                None => std::borrow::Cow::Borrowed(CLASSES[class_of(i)]),
             };
             (n > 0).then_some((label, n))
         })

@@ -836,16 +836,7 @@ pub fn check_settings(acme: &config::Acme) -> Result<(), String> {
 /// files can be written in (a read-only mount, or a file in the way, is not). Leaves
 /// nothing behind.
 fn check_writable_dir(dir: &Path) -> Result<(), String> {
-    let mut at = dir;
-    while !at.exists() {
-        at = match at.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if at == Path::new(".") {
-            break;
-        }
-    }
+    let at = dir.ancestors().find(|p| !p.as_os_str().is_empty() && p.exists()).unwrap_or(Path::new("."));
     if !at.is_dir() {
         return Err(format!("[acme].storage {}: {} is not a directory", dir.display(), at.display()));
     }
@@ -1372,11 +1363,11 @@ const SLOW_PROBLEMS: [&str; 4] = ["rateLimited", "rejectedIdentifier", "unsuppor
 
 /// Whether an order's error carries one of [`SLOW_PROBLEMS`].
 fn slow_down(message: &str) -> bool {
-    SLOW_PROBLEMS.iter().any(|p| {
-        message.match_indices("urn:ietf:params:acme:error:").any(|(i, urn)| {
-            let rest = &message[i + urn.len()..];
-            rest.starts_with(p) && !rest[p.len()..].starts_with(|c: char| c.is_ascii_alphanumeric())
-        })
+    const URN: &str = "urn:ietf:params:acme:error:";
+    message.match_indices(URN).any(|(i, _)| {
+        let rest = &message[i + URN.len()..];
+        let kind = &rest[..rest.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(rest.len())];
+        SLOW_PROBLEMS.contains(&kind)
     })
 }
 

@@ -553,12 +553,18 @@ mod tests {
         SendError::Connect { addr, source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn ejection_backoff_doubles_and_success_resets_it() {
+    /// A set of one healthy server, that server, and its address.
+    fn one_server() -> (Arc<ServerSet>, Arc<Server>, SocketAddr) {
         let set = ServerSet::new("t", SetSettings { health_checked: false, drain_timeout: Duration::from_secs(1) });
         let addr = SocketAddr::from(([127, 0, 0, 1], 1));
         set.reconcile(&[addr]);
         let server = Arc::clone(&set.all()[0]);
+        (set, server, addr)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_backoff_doubles_and_success_resets_it() {
+        let (set, server, addr) = one_server();
         assert_eq!(server.state(), ServerState::Healthy);
         // (Looked at on the server: with every server ejected, all stay eligible.)
         let out = || server.is_ejected(tokio::time::Instant::now());
@@ -595,10 +601,7 @@ mod tests {
     async fn a_server_tried_while_ejected_is_not_ejected_again() {
         // Every server ejected: they stay eligible, and each failed try must not log,
         // count and time a new ejection (a flood at thousands of requests a second).
-        let set = ServerSet::new("t", SetSettings { health_checked: false, drain_timeout: Duration::from_secs(1) });
-        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        set.reconcile(&[addr]);
-        let server = Arc::clone(&set.all()[0]);
+        let (set, server, addr) = one_server();
         record_failure(&set, &server, &refused(addr));
         for _ in 0..100 {
             record_failure(&set, &server, &refused(addr));

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -51,7 +51,7 @@ pub struct ServerSet {
     update: Mutex<HashSet<SocketAddr>>,
     /// False from the start of a DNS upstream until its first lookup has come back (with
     /// servers, nothing or an error): until then its emptiness says nothing.
-    looked_up: std::sync::atomic::AtomicBool,
+    looked_up: AtomicBool,
     pub stats: SetStats,
 }
 
@@ -71,7 +71,7 @@ impl ServerSet {
             eligible: ArcSwap::from_pointee(Vec::new()),
             settings: ArcSwap::from_pointee(settings),
             update: Mutex::new(HashSet::new()),
-            looked_up: std::sync::atomic::AtomicBool::new(true),
+            looked_up: AtomicBool::new(true),
             stats: SetStats::default(),
         })
     }
@@ -206,12 +206,10 @@ impl ServerSet {
         let superseded = || server.state() != ServerState::Draining || server.drains.load(Ordering::Relaxed) != drain;
         while server.in_flight() > 0 && !superseded() {
             if tokio::time::timeout_at(deadline, server.idle.notified()).await.is_err() {
-                if superseded() {
-                    server.idle.notify_one();
-                    return;
+                if !superseded() {
+                    tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
+                        "drain_timeout reached; closing what is still in flight");
                 }
-                tracing::warn!(upstream = %self.name, server = %server.addr, in_flight = server.in_flight(),
-                    "drain_timeout reached; closing what is still in flight");
                 break;
             }
         }
