@@ -6,28 +6,35 @@
 # request. An nginx backend listening on every loopback address (port 19090) and wrk share
 # CPU 1. Needs nginx, wrk, curl, python3 (Debian packages) and a release build.
 #
+# With --peers nginx and HAProxy run the base and the 1,000-server loads beside swarmgate
+# (same backend, same load, one worker each on CPU 0, random balancing over the servers,
+# idle upstream connections kept): how much of the 1,000-server cost is the workload's
+# (1,000 upstream sockets instead of a few) rather than swarmgate's.
+#
 # With --instr it counts instead the user-space instructions per request under valgrind's
 # callgrind (wrk -t1 -c16: 4 s to warm up, 8 s counted; one run per config): repeatable
 # within about 1% on a shared machine, where requests/s of the same config can swing 30%
 # between rounds. Kernel work (syscalls, TCP) is not in that count.
 #
-# usage: benches/flat_cost.sh [--gateway PATH] [--rounds N] [--duration S] [--instr]
+# usage: benches/flat_cost.sh [--gateway PATH] [--rounds N] [--duration S] [--instr | --peers]
 set -euo pipefail
-GW=./target/release/swarmgate ROUNDS=3 DURATION=5 INSTR=0
+GW=./target/release/swarmgate ROUNDS=3 DURATION=5 INSTR=0 PEERS=0
 while [ $# -gt 0 ]; do
     case $1 in
         --gateway) GW=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --instr) INSTR=1; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --peers) PEERS=1; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
 [ -x "$GW" ] || { echo "no swarmgate binary at $GW: run cargo build --release" >&2; exit 1; }
-for t in nginx wrk curl python3 taskset $([ "$INSTR" = 1 ] && echo valgrind callgrind_control); do
+for t in nginx wrk curl python3 taskset $([ "$INSTR" = 1 ] && echo valgrind callgrind_control) \
+         $([ "$PEERS" = 1 ] && echo haproxy); do
     command -v "$t" >/dev/null ||
-        { echo "missing $t: apt-get install -y nginx wrk curl python3 util-linux valgrind" >&2; exit 1; }
+        { echo "missing $t: apt-get install -y nginx haproxy wrk curl python3 util-linux valgrind" >&2; exit 1; }
 done
 TMP=$(mktemp -d /tmp/flat-cost.XXXXXX)
 PIDS=()
@@ -76,6 +83,70 @@ def servers(n):
 open(f"{tmp}/base.toml", "w").write(head + routes(10, 1) + servers(1))
 open(f"{tmp}/servers1000.toml", "w").write(head + routes(10, 1) + servers(1000))
 open(f"{tmp}/routes10k.toml", "w").write(head + routes(10000, 1000) + servers(1))
+
+# the peers: the same servers, picked at random, idle connections kept
+ngx = """worker_processes 1;
+master_process off;
+daemon off;
+worker_rlimit_nofile 65536;
+pid {tmp}/nginx-{name}.pid;
+error_log {tmp}/nginx-{name}.err warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+    upstream b {{
+        random;
+{servers}
+        keepalive 1024;
+        keepalive_requests 1000000000;
+        keepalive_timeout 600s;
+    }}
+    server {{
+        listen 127.0.0.1:19431 backlog=4096;
+        location / {{
+            proxy_pass http://b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+"""
+hap = """global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout http-keep-alive 600s
+frontend fe
+    bind 127.0.0.1:19441
+    http-request set-header X-Forwarded-For %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend be
+backend be
+    balance random
+    http-reuse always
+{servers}
+"""
+def addrs(n):
+    return [f"127.0.{(i + 1) // 250}.{(i + 1) % 250 + 1}:19090" for i in range(n)]
+for name, n in (("base", 1), ("servers1000", 1000)):
+    open(f"{tmp}/nginx-{name}.conf", "w").write(ngx.format(
+        tmp=tmp, name=name, servers="\n".join(f"        server {a};" for a in addrs(n))))
+    open(f"{tmp}/haproxy-{name}.cfg", "w").write(hap.format(
+        servers="\n".join(f"    server s{i} {a}" for i, a in enumerate(addrs(n)))))
 PY
 
 taskset -c 1 nginx -c "$TMP/backend.conf" & PIDS+=($!)
@@ -97,21 +168,31 @@ if [ "$INSTR" = 1 ]; then
     done
     exit 0
 fi
-printf '%-6s %-12s %10s %9s %8s\n' round config rps p99 us/req
+# measure NAME CONFIG PORT: requests/s, p99 and CPU per request of the proxy started as $pid
+measure() {
+    local name=$1 cfg=$2 port=$3 t0 t1 out rps p99 tck us
+    for _ in $(seq 50); do curl -s -o /dev/null "http://localhost:$port/" && break; sleep 0.1; done
+    taskset -c 1 wrk -t1 -c64 -d2s "http://localhost:$port/" >/dev/null
+    t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    out=$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency "http://localhost:$port/")
+    t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$out" | awk '/ 99%/ {print $2}')
+    tck=$(getconf CLK_TCK)
+    us=$(awk -v a="$t0" -v b="$t1" -v r="$rps" -v d="$DURATION" -v t="$tck" 'BEGIN {printf "%.1f", (b - a) / t * 1e6 / (r * d)}')
+    printf '%-6s %-10s %-12s %10s %9s %8s\n' "$round" "$name" "$cfg" "$rps" "$p99" "$us"
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+}
+printf '%-6s %-10s %-12s %10s %9s %8s\n' round proxy config rps p99 us/req
 for round in $(seq "$ROUNDS"); do
     for cfg in base servers1000 routes10k; do
         "$GW" check --config "$TMP/$cfg.toml" >/dev/null
         SWARMGATE_LOG=warn taskset -c 0 "$GW" --config "$TMP/$cfg.toml" & pid=$!
-        for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:19423/readyz && break; sleep 0.1; done
-        taskset -c 1 wrk -t1 -c64 -d2s http://localhost:19421/ >/dev/null
-        t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        out=$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency http://localhost:19421/)
-        t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-        p99=$(echo "$out" | awk '/ 99%/ {print $2}')
-        tck=$(getconf CLK_TCK)
-        us=$(awk -v a="$t0" -v b="$t1" -v r="$rps" -v d="$DURATION" -v t="$tck" 'BEGIN {printf "%.1f", (b - a) / t * 1e6 / (r * d)}')
-        printf '%-6s %-12s %10s %9s %8s\n' "$round" "$cfg" "$rps" "$p99" "$us"
-        kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+        measure swarmgate "$cfg" 19421
+        [ "$PEERS" = 1 ] && [ "$cfg" != routes10k ] || continue
+        taskset -c 0 nginx -c "$TMP/nginx-$cfg.conf" & pid=$!
+        measure nginx "$cfg" 19431
+        taskset -c 0 haproxy -db -f "$TMP/haproxy-$cfg.cfg" >"$TMP/haproxy-$cfg.log" 2>&1 & pid=$!
+        measure haproxy "$cfg" 19441
     done
 done
