@@ -52,26 +52,24 @@ const WATCH_KILL_AFTER: Duration = Duration::from_secs(1);
 
 /// Idle connections of one server, sharded per worker thread: a socket is registered
 /// with the worker that opened it, and reusing it from there needs no cross-thread
-/// wake-up.
-#[derive(Debug, Clone)]
-pub struct Pool(Arc<PoolInner>);
-
-/// Idle sockets, since when, and the room their next response's first read gets (see
-/// [`h1::first_read_room`]), most recently used last.
-type Shard = Vec<(TcpStream, Instant, usize)>;
-
+/// wake-up. It lives inside its [`Server`] (no pointer of its own to follow: with many
+/// servers, each request's server is cold in the cache, and every hop is a miss).
 #[derive(Debug)]
-struct PoolInner {
+pub struct Pool {
     shards: Box<[Mutex<Shard>]>,
     /// Raised by [`Pool::clear`]: connections taken before it are closed when their
     /// response ends, not kept (the server is going away).
     epoch: AtomicU64,
 }
 
+/// Idle sockets, since when, and the room their next response's first read gets (see
+/// [`h1::first_read_room`]), most recently used last.
+type Shard = Vec<(TcpStream, Instant, usize)>;
+
 impl Default for Pool {
     fn default() -> Self {
         let shards = (0..super::workers::count()).map(|_| Mutex::default()).collect();
-        Pool(Arc::new(PoolInner { shards, epoch: AtomicU64::new(0) }))
+        Pool { shards, epoch: AtomicU64::new(0) }
     }
 }
 
@@ -89,7 +87,7 @@ fn still_open(socket: &TcpStream) -> bool {
 impl Pool {
     /// This worker's shard.
     fn lock(&self) -> MutexGuard<'_, Shard> {
-        let shard = &self.0.shards[super::workers::index() % self.0.shards.len()];
+        let shard = &self.shards[super::workers::index() % self.shards.len()];
         shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -97,7 +95,7 @@ impl Pool {
     /// (warm, least likely closed by the server), with the pool's epoch. Older ones stay
     /// for requests that may take them.
     fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize)>, u64) {
-        let epoch = self.0.epoch.load(Ordering::Relaxed);
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut shard = self.lock();
         while let Some((socket, since, room)) = shard.pop() {
             let idle = now.saturating_duration_since(since);
@@ -116,7 +114,7 @@ impl Pool {
     /// Keeps a connection whose last response (of `body` bytes) has ended `now`, taken
     /// at `epoch`, unless the pool was cleared since or is full.
     pub fn put(&self, socket: TcpStream, epoch: u64, body: u64, now: Instant) {
-        if self.0.epoch.load(Ordering::Relaxed) != epoch {
+        if self.epoch.load(Ordering::Relaxed) != epoch {
             return;
         }
         let mut shard = self.lock();
@@ -134,15 +132,15 @@ impl Pool {
 
     /// Closes every idle connection; those in use are closed when their response ends.
     pub fn clear(&self) {
-        self.0.epoch.fetch_add(1, Ordering::Relaxed);
-        for shard in &self.0.shards {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        for shard in &self.shards {
             shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         }
     }
 
     /// Idle connections.
     pub fn idle_count(&self) -> usize {
-        self.0.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()).sum()
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()).sum()
     }
 }
 
@@ -263,7 +261,7 @@ pub(super) fn is_idempotent(m: &Method) -> bool {
 /// server; one that may not takes only a connection idle for less than
 /// [`UNREPLAYABLE_IDLE_AGE`].
 pub async fn send(
-    server: &Server,
+    server: &Arc<Server>,
     request: &RequestHead<'_>,
     mut body: ReqBody,
     connect_timeout: Duration,
@@ -327,7 +325,7 @@ pub async fn send(
             Ok(Ok((head_in, buf, upload))) => {
                 let (status, version) = (head_in.status, head_in.version);
                 // The fields stay with the body (`h1::Fields`): the map stays empty.
-                let mut response = Response::new(ResponseBody::new(io, buf, head_in, kill.clone(), upload));
+                let mut response = Response::new(ResponseBody::new(io, buf, head_in, Arc::clone(server), upload));
                 *response.status_mut() = status;
                 *response.version_mut() = version;
                 return Ok(Sent { response, epoch });
