@@ -204,6 +204,7 @@ async fn signals(
         _ = int.recv() => true,
     };
     shared.shutdown.cancel();
+    // Closed right after: the HTTP/1.1 reader reads "shutting down" from the tracker.
     shared.tracker.close();
     gw.tunnels.close();
     if !forced {
