@@ -151,6 +151,7 @@ PY
 
 taskset -c 1 nginx -c "$TMP/backend.conf" & PIDS+=($!)
 sleep 0.5
+kill -0 "${PIDS[0]}" 2>/dev/null || { echo "the backend nginx did not start (port 19090 in use?)" >&2; exit 1; }
 if [ "$INSTR" = 1 ]; then
     printf '%-12s %9s %14s %10s\n' config requests instructions instr/req
     for cfg in base servers1000 routes10k; do
