@@ -4,6 +4,8 @@
 //! (`SWARMGATE_LOG=info,swarmgate::access=off` turns them off).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::EnvFilter;
 
@@ -31,5 +33,44 @@ pub fn init(env: &BTreeMap<String, String>) {
         env.get("SWARMGATE_LOG_FORMAT").filter(|f| !f.eq_ignore_ascii_case("json") && !f.eq_ignore_ascii_case("text"))
     {
         tracing::warn!(SWARMGATE_LOG_FORMAT = %f, "unknown log format; using text (\"json\" or \"text\")");
+    }
+}
+
+/// Lets a warning through at most once per period; the caller logs the rest at debug.
+/// For what a client or a failing server can set off on every request: a line per
+/// request would flood the log (and cost more than the request), and the metrics count
+/// every one anyway.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// Unix second of the last warning let through.
+    last: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new() -> Self {
+        Throttle { last: AtomicU64::new(0) }
+    }
+
+    /// Whether a warning may be logged now, at most one per `period_secs` seconds.
+    pub fn allow(&self, period_secs: u64) -> bool {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        now >= last.saturating_add(period_secs)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_warning_through_per_period() {
+        let t = Throttle::new();
+        assert!(t.allow(60), "the first is let through");
+        assert!(!t.allow(60), "the second within the period is not");
+        assert!(!t.allow(60));
+        // A period of 0 lets every one through.
+        assert!(t.allow(0) && t.allow(0));
     }
 }

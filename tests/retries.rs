@@ -221,3 +221,26 @@ GET /third HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
     let uris: Vec<String> = b.requests().into_iter().map(|r| r.uri).collect();
     assert_eq!(uris, ["/sleep?ms=200", "/echo", "/third"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_does_not_flood_the_log() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = gateway(&[dead], 0).await;
+    let mut c = H1::connect(gw.http).await;
+    for i in 0..200 {
+        let r = c.get("app.test", &format!("/{i}")).await;
+        assert_eq!(r.status, 502, "request {i}: {}", r.text());
+    }
+    let logs = gw.logs();
+    let failed = |l: &&str| l.contains("request failed") && l.contains("Connection refused");
+    let warned = logs.lines().filter(failed).filter(|l| l.contains("WARN")).count();
+    let all = logs.lines().filter(failed).count();
+    // One warning a second at most (the requests may straddle a second or two), every
+    // one at debug: none is lost.
+    assert!((1..=3).contains(&warned), "{warned} warnings for 200 failed requests");
+    assert_eq!(all, 200, "each failed request is logged once, at warn or debug");
+    assert_eq!(gw.metric(r#"swarmgate_responses_total{route="*/",upstream="app",status="502"}"#).await, Some(200.0));
+}

@@ -35,6 +35,7 @@ use crate::gateway::Gateway;
 use crate::metrics::RouteStats;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
+use crate::telemetry::Throttle;
 use crate::upstream::{InFlight, Server, ServerSet, balance};
 use body::{ClientBody, Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
@@ -479,10 +480,17 @@ impl AccessLog {
     }
 }
 
+/// Warnings of failed requests let through: with a server down under load, one a second
+/// (the rest at debug; `swarmgate_responses_total` counts every one).
+static FAILURE_WARNINGS: Throttle = Throttle::new();
+
 fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<RespBody> {
     let status = err.status();
     match status.as_u16() {
-        500..=599 => tracing::warn!(status = status.as_u16(), error = %err, "request failed"),
+        500..=599 if FAILURE_WARNINGS.allow(1) => {
+            tracing::warn!(status = status.as_u16(), error = %err, "request failed (more within a second: debug)");
+        }
+        500..=599 => tracing::debug!(status = status.as_u16(), error = %err, "request failed"),
         _ => tracing::debug!(status = status.as_u16(), error = %err, "request refused"),
     }
     stats.stats().record(status.as_u16(), start.elapsed());

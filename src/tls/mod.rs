@@ -19,6 +19,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::config::TlsVersion;
+use crate::telemetry::Throttle;
 pub use store::{CertInfo, CertSource, CertStore};
 
 /// ALPN protocol id of TLS-ALPN-01 (RFC 8737 section 6.2).
@@ -31,8 +32,8 @@ pub struct CertResolver {
     acme: ArcSwap<CertStore>,
     challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     pub unknown_names: AtomicU64,
-    /// Unix second of the last refusal logged as a warning (see `resolve`).
-    refusal_warned_at: AtomicU64,
+    /// Refusals logged as warnings (see `resolve`).
+    refusal_warnings: Throttle,
 }
 
 impl CertResolver {
@@ -90,12 +91,8 @@ impl ResolvesServerCert for CertResolver {
             self.unknown_names.fetch_add(1, Ordering::Relaxed);
             // Scanners ask for names by the thousand: a warning a minute at most, the rest
             // at debug (all are counted in swarmgate_tls_handshake_errors_total).
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let last = self.refusal_warned_at.load(Ordering::Relaxed);
             let sni = sni.unwrap_or("<none>");
-            if now >= last + 60
-                && self.refusal_warned_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            {
+            if self.refusal_warnings.allow(60) {
                 tracing::warn!(
                     sni,
                     "TLS handshake refused: no certificate for this name (more within a minute: debug)"
