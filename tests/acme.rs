@@ -373,6 +373,54 @@ fn corrupt_and_foreign_storage_files_are_set_aside() {
     assert_eq!(gw.admin("/readyz").0, 200);
 }
 
+/// A sealed certificate that no longer decrypts (altered on disk) while the account
+/// decrypts with the same key is corrupt: it is set aside and the name ordered again. With
+/// another key nothing decrypts, so nothing is set aside and nothing ordered.
+#[test]
+fn a_sealed_certificate_that_no_longer_decrypts_is_set_aside_and_ordered_again() {
+    let s = Setup::new();
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &[key]);
+    let (serial, _, _) = peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
+    gw.stop();
+    let certs = s.path().join("acme/certs");
+    let file = certs.join(format!("{APP}.pem"));
+    let mut sealed = std::fs::read(&file).unwrap();
+    assert!(sealed.starts_with(b"swarmgate-sealed-v1\n"));
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1; // the tag no longer matches
+    std::fs::write(&file, &sealed).unwrap();
+    let set_aside = || {
+        std::fs::read_dir(&certs)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"))
+            .count()
+    };
+
+    // Another key: the account does not decrypt either.
+    let wrong = ("SWARMGATE_ACME_STORAGE_KEY", "YW5vdGhlciBrZXksIDMyIGJ5dGVzIGxvbmcsIHRvbyE=");
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &[wrong]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.log_text().contains("accounts/") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gw.log_text().contains("cannot decrypt"), "{}", gw.log_text());
+    gw.stop();
+    assert_eq!(set_aside(), 0, "a wrong key moves nothing aside");
+    assert_eq!(pebble.orders(), 1);
+
+    // The right key: the account decrypts, so the certificate is corrupt.
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw3.log"), &[key]);
+    let tls = expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    assert_ne!(peer_leaf(&tls).0, serial, "a new certificate");
+    assert_eq!(pebble.orders(), 2);
+    assert_eq!(set_aside(), 1, "the corrupt file is kept, aside");
+    assert!(gw.log_text().contains("does not decrypt while the account does"), "{}", gw.log_text());
+}
+
 #[test]
 fn reload_orders_new_hosts_and_a_refused_host_never_delays_the_others() {
     let s = Setup::new();

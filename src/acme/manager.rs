@@ -715,6 +715,8 @@ impl State {
                             return;
                         }
                     }
+                    // One that does not decrypt: the others may (its order sets it aside).
+                    Err(StorageError::Sealed(e)) => tracing::debug!(name, "stored certificate not reread: {e}"),
                     // Unreachable store: recorded and logged by the store's counters.
                     Err(_) => return,
                 }
@@ -911,9 +913,7 @@ impl Ctx {
             let Some(name) =
                 key.strip_prefix("certs/").and_then(|k| k.strip_suffix(".pem")).filter(|n| !n.contains('/'))
             else {
-                if let Ok(Some(bytes)) = self.storage.get(&key).await {
-                    self.set_aside(&key, &bytes, "not a file swarmgate writes here").await;
-                }
+                self.set_aside(&key, "not a file swarmgate writes here").await;
                 continue;
             };
             if let Some(l) = self.load_cert(name).await {
@@ -949,20 +949,16 @@ impl Ctx {
                 Ok(Some(l))
             }
             Err(reason) => {
-                self.set_aside(&key, &bytes, &reason).await;
+                self.set_aside(&key, &reason).await;
                 Ok(None)
             }
         }
     }
 
-    async fn set_aside(&self, key: &str, bytes: &[u8], reason: &str) {
+    async fn set_aside(&self, key: &str, reason: &str) {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let aside = format!("{key}.corrupt-{ts}");
-        let moved = match self.storage.put(&aside, bytes).await {
-            Ok(()) => self.storage.delete(key).await,
-            Err(e) => Err(e),
-        };
-        match moved {
+        match self.storage.rename(key, &aside).await {
             Ok(()) => {
                 tracing::error!(file = %self.storage.locate(key), moved_to = %self.storage.locate(&aside),
                 "unusable file in ACME storage moved aside: {reason}")
@@ -1062,7 +1058,7 @@ impl Ctx {
                 .map(Some)
                 .map_err(|e| Failure::Error(format!("restoring the ACME account: {}", acme_error(&e)))),
             Err(e) => {
-                self.set_aside(&self.account_key, &bytes, &format!("not ACME account credentials: {e}")).await;
+                self.set_aside(&self.account_key, &format!("not ACME account credentials: {e}")).await;
                 Ok(None)
             }
         }
@@ -1112,7 +1108,19 @@ impl Ctx {
 
     async fn obtain_locked(&self, job: &Job, token: u64) -> Result<(Loaded, bool), Failure> {
         // Another gateway sharing the storage may have just stored a fresh one.
-        if let Some(stored) = self.fetch_cert(&job.name).await.map_err(store_failure)? {
+        let stored = match self.fetch_cert(&job.name).await {
+            Ok(stored) => stored,
+            // Sealed with another key, or altered. The account opening with this key
+            // (`account` fails first when it does not) tells which: then the certificate
+            // is corrupt, and it would block its name for good if it stayed.
+            Err(StorageError::Sealed(e)) => {
+                self.account().await?;
+                self.set_aside(&cert_key(&job.name), &format!("does not decrypt while the account does: {e}")).await;
+                None
+            }
+            Err(e) => return Err(store_failure(e)),
+        };
+        if let Some(stored) = stored {
             let newer = job.current.as_ref().is_none_or(|c| c.serial != stored.serial);
             let not_due =
                 !self.issued_elsewhere(&stored) && renewal_time(&stored, job.renew_before, 0.0) > SystemTime::now();

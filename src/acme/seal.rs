@@ -10,8 +10,10 @@
 //!   storage key is the associated data, so a sealed value moved to another key (another
 //!   name's certificate) does not open.
 //! - A value without the prefix (written before the variable was set) is read as it is
-//!   and sealed at its next write; a sealed value that does not open (another key) is a
-//!   backend error, never taken for a corrupt file, so a wrong key moves nothing aside.
+//!   and sealed at its next write. A sealed value that does not open is
+//!   `StorageError::Sealed`: another key, or an altered value. The ACME manager tells the
+//!   two apart by the account: a certificate that does not open while the account does is
+//!   corrupt and set aside; with a wrong key the account does not open and nothing moves.
 //! - Lease and fencing data are not secret and not sealed; challenge answers are public.
 
 use std::sync::Arc;
@@ -105,7 +107,7 @@ impl Sealed {
             return Ok(stored);
         };
         if rest.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-            return Err(StorageError::Backend(format!("{key}: sealed value too short")));
+            return Err(StorageError::Sealed(format!("{}: sealed value too short", self.inner.locate(key))));
         }
         let (nonce, body) = rest.split_at(NONCE_LEN);
         let mut nonce_bytes = [0u8; NONCE_LEN];
@@ -115,7 +117,7 @@ impl Sealed {
             .key
             .open_in_place(Nonce::assume_unique_for_key(nonce_bytes), Aad::from(key.as_bytes()), &mut body)
             .map_err(|_| {
-                StorageError::Backend(format!(
+                StorageError::Sealed(format!(
                     "{}: cannot decrypt: sealed with another {KEY_VAR} (or altered)",
                     self.inner.locate(key)
                 ))
@@ -171,6 +173,11 @@ impl Storage for Sealed {
         self.inner.delete(key).await
     }
 
+    /// The value moves as it is stored: one that does not open can be set aside too.
+    async fn rename(&self, key: &str, to: &str) -> Result<(), StorageError> {
+        self.inner.rename(key, to).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         self.inner.list(prefix).await
     }
@@ -224,11 +231,11 @@ mod tests {
         assert_ne!(on_disk, other);
         // Moved to another key: refused.
         raw.put("certs/b.example.pem", &on_disk).await.unwrap();
-        assert!(matches!(s.get("certs/b.example.pem").await, Err(StorageError::Backend(_))));
+        assert!(matches!(s.get("certs/b.example.pem").await, Err(StorageError::Sealed(_))));
         // Another secret: refused, with a message naming the variable.
         let wrong = Sealed::new(Arc::clone(&raw), &secret("ffffffffffffffffffffffffffffffff")).unwrap();
         match wrong.get("certs/a.example.pem").await {
-            Err(StorageError::Backend(m)) => assert!(m.contains(KEY_VAR), "{m}"),
+            Err(StorageError::Sealed(m)) => assert!(m.contains(KEY_VAR), "{m}"),
             other => panic!("{other:?}"),
         }
         // Plaintext written before the key was set is read as it is.

@@ -32,6 +32,10 @@ pub enum StorageError {
     Fenced { key: String, token: u64, current: u64 },
     #[error("{0}")]
     Backend(String),
+    /// A sealed value that does not open with this process's key: sealed with another
+    /// `SWARMGATE_ACME_STORAGE_KEY`, or altered (see `seal`).
+    #[error("{0}")]
+    Sealed(String),
 }
 
 /// A granted lock: held until `expires` unless renewed.
@@ -130,6 +134,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn put_fenced(&self, key: &str, value: &[u8], token: u64) -> Result<(), StorageError>;
     /// Removes `key`; a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Moves the value at `key` to `to` as it is stored (a file set aside); a missing key
+    /// is not an error.
+    async fn rename(&self, key: &str, to: &str) -> Result<(), StorageError> {
+        if let Some(value) = self.get(key).await? {
+            self.put(to, &value).await?;
+        }
+        self.delete(key).await
+    }
     /// Every key starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
     /// A lease on `name` for `ttl`, or `None` while someone else holds it.
