@@ -84,6 +84,14 @@ fn still_open(socket: &TcpStream) -> bool {
     matches!(socket.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
+/// [`still_open`], asked of the kernel (a system call): tokio's readiness of the socket is
+/// only as new as the worker's last look at its events, and a server's FIN may have come
+/// since. The peek leaves a byte that did come where it is.
+fn open_now(socket: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(socket2::SockRef::from(socket).peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 impl Pool {
     /// This worker's shard.
     fn lock(&self) -> MutexGuard<'_, Shard> {
@@ -289,6 +297,12 @@ pub async fn send(
         let (pooled, epoch) = pool.take(now, max_idle);
         let reused = pooled.is_some();
         let (mut io, room) = match pooled {
+            // One that may not be sent twice asks the kernel too: a server that closed
+            // the connection just now would lose it (the others are sent again).
+            Some((io, _)) if !replayable && !open_now(&io) => {
+                drop(io);
+                continue;
+            }
             Some(pooled) => pooled,
             // A server removed after its drain timeout gets nothing more: the request
             // goes back unsent (its pool was emptied when the drain began).
@@ -438,5 +452,36 @@ async fn exchange(
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a response").into());
         }
         *heard = true;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write as _;
+
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_kernel_knows_of_a_close_before_the_sockets_readiness_does() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert!(still_open(&socket) && open_now(&socket));
+        drop(server); // its FIN is in our socket's queue at once (loopback)
+        // No await since: the worker has not looked at the socket's events.
+        assert!(still_open(&socket), "tokio's readiness lags behind the FIN");
+        assert!(!open_now(&socket), "the kernel has it");
+
+        // A byte a server sent unasked: not idle, and the peek leaves it for a reader.
+        let mut socket = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        server.write_all(b"x").unwrap();
+        assert!(!open_now(&socket));
+        let mut byte = [0u8; 1];
+        assert_eq!(socket.read(&mut byte).await.unwrap(), 1);
+        assert_eq!(&byte, b"x");
     }
 }
