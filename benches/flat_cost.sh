@@ -7,8 +7,8 @@
 # CPU 1. Needs nginx, wrk, curl, python3 (Debian packages) and a release build.
 #
 # With --peers nginx and HAProxy run the base and the 1,000-server loads beside swarmgate
-# (same backend, same load, one worker each on CPU 0, random balancing over the servers,
-# idle upstream connections kept): how much of the 1,000-server cost is the workload's
+# (same backend, same load, one worker each on CPU 0, one random draw per request over the
+# servers, idle upstream connections kept): how much of the 1,000-server cost is the workload's
 # (1,000 upstream sockets instead of a few) rather than swarmgate's.
 #
 # With --instr it counts instead the user-space instructions per request under valgrind's
@@ -31,6 +31,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -x "$GW" ] || { echo "no swarmgate binary at $GW: run cargo build --release" >&2; exit 1; }
+[ "$INSTR$PEERS" != 11 ] || { echo "--instr and --peers do not go together" >&2; exit 2; }
+# 1,000 servers take over 1,100 descriptors (nginx without a master process keeps the limit it got)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 for t in nginx wrk curl python3 taskset $([ "$INSTR" = 1 ] && echo valgrind callgrind_control) \
          $([ "$PEERS" = 1 ] && echo haproxy); do
     command -v "$t" >/dev/null ||
@@ -136,7 +139,7 @@ frontend fe
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend be
 backend be
-    balance random
+    balance random(1)
     http-reuse always
 {servers}
 """
@@ -173,6 +176,7 @@ fi
 measure() {
     local name=$1 cfg=$2 port=$3 t0 t1 out rps p99 tck us
     for _ in $(seq 50); do curl -s -o /dev/null "http://localhost:$port/" && break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null || { echo "$name did not start" >&2; exit 1; }
     taskset -c 1 wrk -t1 -c64 -d2s "http://localhost:$port/" >/dev/null
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     out=$(taskset -c 1 wrk -t1 -c64 -d"${DURATION}s" --latency "http://localhost:$port/")
@@ -191,9 +195,9 @@ for round in $(seq "$ROUNDS"); do
         SWARMGATE_LOG=warn taskset -c 0 "$GW" --config "$TMP/$cfg.toml" & pid=$!
         measure swarmgate "$cfg" 19421
         [ "$PEERS" = 1 ] && [ "$cfg" != routes10k ] || continue
-        taskset -c 0 nginx -c "$TMP/nginx-$cfg.conf" & pid=$!
+        taskset -c 0 nginx -c "$TMP/nginx-$cfg.conf" & pid=$! && PIDS+=("$pid")
         measure nginx "$cfg" 19431
-        taskset -c 0 haproxy -db -f "$TMP/haproxy-$cfg.cfg" >"$TMP/haproxy-$cfg.log" 2>&1 & pid=$!
+        taskset -c 0 haproxy -db -f "$TMP/haproxy-$cfg.cfg" >"$TMP/haproxy-$cfg.log" 2>&1 & pid=$! && PIDS+=("$pid")
         measure haproxy "$cfg" 19441
     done
 done

@@ -203,9 +203,10 @@ async fn signals(
         _ = term.recv() => true,
         _ = int.recv() => true,
     };
-    shared.shutdown.cancel();
-    // Closed right after: the HTTP/1.1 reader reads "shutting down" from the tracker.
+    // Closed first: the HTTP/1.1 reader reads "shutting down" from the tracker, so a
+    // response written while the token wakes every connection says `Connection: close`.
     shared.tracker.close();
+    shared.shutdown.cancel();
     gw.tunnels.close();
     if !forced {
         tracing::info!(

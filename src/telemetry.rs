@@ -51,11 +51,12 @@ impl Throttle {
         Throttle { last: AtomicU64::new(0) }
     }
 
-    /// Whether a warning may be logged now, at most one per `period_secs` seconds.
+    /// Whether a warning may be logged now, at most one per `period_secs` seconds (and
+    /// at once after the clock was set back).
     pub fn allow(&self, period_secs: u64) -> bool {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let last = self.last.load(Ordering::Relaxed);
-        now >= last.saturating_add(period_secs)
+        (now < last || now >= last.saturating_add(period_secs))
             && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
@@ -72,5 +73,8 @@ mod tests {
         assert!(!t.allow(60));
         // A period of 0 lets every one through.
         assert!(t.allow(0) && t.allow(0));
+        // A clock set back does not silence warnings until it catches up.
+        t.last.store(u64::MAX, Ordering::Relaxed);
+        assert!(t.allow(60));
     }
 }

@@ -421,6 +421,40 @@ fn a_sealed_certificate_that_no_longer_decrypts_is_set_aside_and_ordered_again()
     assert!(gw.log_text().contains("does not decrypt while the account does"), "{}", gw.log_text());
 }
 
+/// An account stored before `SWARMGATE_ACME_STORAGE_KEY` was set is in the clear: it opens
+/// with any key, so it cannot tell a corrupt certificate from a wrong key, and nothing is
+/// moved aside or ordered.
+#[test]
+fn an_account_stored_in_the_clear_proves_nothing_about_the_key() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw1.log");
+    drop(expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
+    gw.stop();
+    // A sealed value that opens with no key, in place of the certificate.
+    let certs = s.path().join("acme/certs");
+    let mut sealed = b"swarmgate-sealed-v1\n".to_vec();
+    sealed.extend_from_slice(&[7u8; 60]);
+    std::fs::write(certs.join(format!("{APP}.pem")), &sealed).unwrap();
+
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &[key]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.log_text().matches("cannot decrypt").count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = gw.log_text();
+    assert!(log.matches("cannot decrypt").count() >= 2, "read at start and by the order attempt:\n{log}");
+    gw.stop();
+    let aside = std::fs::read_dir(&certs)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"));
+    assert_eq!(aside.count(), 0, "nothing moved aside");
+    assert_eq!(pebble.orders(), 1, "nothing ordered");
+}
+
 #[test]
 fn reload_orders_new_hosts_and_a_refused_host_never_delays_the_others() {
     let s = Setup::new();

@@ -959,7 +959,10 @@ impl Ctx {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let aside = format!("{key}.corrupt-{ts}");
         match self.storage.rename(key, &aside).await {
-            Ok(()) => {
+            Ok(false) => {
+                tracing::debug!(file = %self.storage.locate(key), "unusable file in ACME storage gone already")
+            }
+            Ok(true) => {
                 tracing::error!(file = %self.storage.locate(key), moved_to = %self.storage.locate(&aside),
                 "unusable file in ACME storage moved aside: {reason}")
             }
@@ -1110,11 +1113,13 @@ impl Ctx {
         // Another gateway sharing the storage may have just stored a fresh one.
         let stored = match self.fetch_cert(&job.name).await {
             Ok(stored) => stored,
-            // Sealed with another key, or altered. The account opening with this key
-            // (`account` fails first when it does not) tells which: then the certificate
-            // is corrupt, and it would block its name for good if it stayed.
+            // Sealed with another key, or altered. Only the account, sealed and opening
+            // with this key, tells which: then the certificate is corrupt, and it would
+            // block its name for good if it stayed. Otherwise (a wrong key) nothing moves.
             Err(StorageError::Sealed(e)) => {
-                self.account().await?;
+                if !self.storage.opens_sealed(&self.account_key).await.map_err(store_failure)? {
+                    return Err(store_failure(StorageError::Sealed(e)));
+                }
                 self.set_aside(&cert_key(&job.name), &format!("does not decrypt while the account does: {e}")).await;
                 None
             }

@@ -12,8 +12,9 @@
 //! - A value without the prefix (written before the variable was set) is read as it is
 //!   and sealed at its next write. A sealed value that does not open is
 //!   `StorageError::Sealed`: another key, or an altered value. The ACME manager tells the
-//!   two apart by the account: a certificate that does not open while the account does is
-//!   corrupt and set aside; with a wrong key the account does not open and nothing moves.
+//!   two apart by the account: a certificate that does not open while the sealed account
+//!   does is corrupt and set aside; with a wrong key the account does not open and nothing
+//!   moves (nor when the account was stored before the key was set: it proves nothing).
 //! - Lease and fencing data are not secret and not sealed; challenge answers are public.
 
 use std::sync::Arc;
@@ -174,8 +175,15 @@ impl Storage for Sealed {
     }
 
     /// The value moves as it is stored: one that does not open can be set aside too.
-    async fn rename(&self, key: &str, to: &str) -> Result<(), StorageError> {
+    async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError> {
         self.inner.rename(key, to).await
+    }
+
+    async fn opens_sealed(&self, key: &str) -> Result<bool, StorageError> {
+        Ok(match self.inner.get(key).await? {
+            Some(v) => v.starts_with(MAGIC) && self.open(key, v).is_ok(),
+            None => false,
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {

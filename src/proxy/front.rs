@@ -317,7 +317,7 @@ where
             },
         }
     };
-    // Shutdown closes the tracker right after it cancels `shutdown`: the tracker's flag is
+    // Shutdown closes the tracker just before it cancels `shutdown`: the tracker's flag is
     // one atomic load, the token's a lock every worker shares.
     let asks = Asks { keep_alive: asks.keep_alive && !shared.tracker.is_closed(), ..asks };
     match write_response(io, resp, &method, version, asks).await {
