@@ -52,6 +52,11 @@ const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
+const RENAME: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+";
 const PUT_FENCED: &str = r"
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current > tonumber(ARGV[2]) then return current end
@@ -83,6 +88,7 @@ struct Scripts {
     renew: Script,
     unlock: Script,
     put_fenced: Script,
+    rename: Script,
 }
 
 impl Drop for Inner {
@@ -144,6 +150,7 @@ impl RedisStorage {
                     renew: Script::new(RENEW),
                     unlock: Script::new(UNLOCK),
                     put_fenced: Script::new(PUT_FENCED),
+                    rename: Script::new(RENAME),
                 },
             }),
         })
@@ -418,6 +425,13 @@ impl Storage for RedisStorage {
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let key = Self::value_key(key)?;
         self.call(|mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await }).await.map(|_: i64| ())
+    }
+
+    /// One script: the value moves whole or not at all.
+    async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError> {
+        let (from, to) = (Self::value_key(key)?, Self::value_key(to)?);
+        let moved: i64 = self.script(&self.inner.scripts.rename, &[&from, &to], &[]).await?;
+        Ok(moved == 1)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {

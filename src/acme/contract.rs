@@ -23,12 +23,30 @@ fn e(what: &str) -> impl Fn(StorageError) -> String + '_ {
 /// Runs every check; `a` and `b` must view the same empty store.
 pub async fn run(a: &dyn Storage, b: &dyn Storage) -> Result<(), String> {
     values(a, b).await?;
+    renames(a, b).await?;
     listing(a, b).await?;
     invalid_keys(a).await?;
     locks(a, b).await?;
     expiry(a, b).await?;
     fencing(a, b).await?;
     contention(a, b).await?;
+    Ok(())
+}
+
+async fn renames(a: &dyn Storage, b: &dyn Storage) -> Result<(), String> {
+    a.put("c/r", b"kept as stored").await.map_err(e("put"))?;
+    ensure!(a.rename("c/r", "c/r.aside").await.map_err(e("rename"))?, "rename must say it moved a value");
+    ensure!(b.get("c/r").await.map_err(e("get renamed"))?.is_none(), "a renamed key must read as None");
+    ensure!(b.list("c/").await.map_err(e("list"))?.contains(&"c/r.aside".to_string()), "the new key must be listed");
+    match b.get("c/r.aside").await {
+        Ok(v) => ensure!(v.as_deref() == Some(&b"kept as stored"[..]), "the value must be under its new key"),
+        // A sealed value is bound to its key: moved as stored, it opens under no other.
+        Err(StorageError::Sealed(_)) => {}
+        Err(other) => return Err(format!("get moved: {other}")),
+    }
+    ensure!(!b.rename("c/r", "c/r.again").await.map_err(e("rename missing"))?, "renaming a missing key moves nothing");
+    ensure!(a.get("c/r.again").await.map_err(e("get"))?.is_none(), "nothing may appear under the new key");
+    a.delete("c/r.aside").await.map_err(e("delete"))?;
     Ok(())
 }
 

@@ -477,6 +477,23 @@ impl Storage for DirStorage {
         self.blocking(move |s| s.remove(&s.path(&key)?)).await
     }
 
+    /// One `rename(2)`: the file moves whole or not at all.
+    async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError> {
+        let (key, to) = (key.to_string(), to.to_string());
+        self.blocking(move |s| {
+            let (from, to) = (s.path(&key)?, s.path(&to)?);
+            if let Some(parent) = to.parent() {
+                create_private_dir(parent).map_err(|e| io_err("create", parent, e))?;
+            }
+            match std::fs::rename(&from, &to) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(io_err("rename", &from, e)),
+            }
+        })
+        .await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let prefix = prefix.to_string();
         self.blocking(move |s| {
