@@ -134,16 +134,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn put_fenced(&self, key: &str, value: &[u8], token: u64) -> Result<(), StorageError>;
     /// Removes `key`; a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
-    /// Moves the value at `key` to `to` as it is stored (a file set aside); false when
-    /// there was none.
-    async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError> {
-        let Some(value) = self.get(key).await? else {
-            return Ok(false);
-        };
-        self.put(to, &value).await?;
-        self.delete(key).await?;
-        Ok(true)
-    }
+    /// Moves the value at `key` to `to` as it is stored, whole or not at all (a file set
+    /// aside); false when there was none.
+    async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError>;
     /// Whether the value at `key` is sealed and opens with this store's key (see `seal`);
     /// false for a store that does not seal.
     async fn opens_sealed(&self, _key: &str) -> Result<bool, StorageError> {
