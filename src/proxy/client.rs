@@ -268,102 +268,105 @@ pub(super) fn is_idempotent(m: &Method) -> bool {
 /// held in the head's write) is then sent once more, on a new connection to the same
 /// server; one that may not takes only a connection idle for less than
 /// [`UNREPLAYABLE_IDLE_AGE`].
-pub async fn send(
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+pub fn send(
     server: &Arc<Server>,
     request: &RequestHead<'_>,
     mut body: ReqBody,
     connect_timeout: Duration,
     response_timeout: Duration,
-) -> Result<Sent, Failure> {
-    let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
-    // One reading of the clock for the deadline and the pool's idle ages. (tokio's clock
-    // is this one, except under test-util's paused time, which no test sending uses.)
-    let now = Instant::now();
-    let deadline = tokio::time::Instant::from_std(now) + response_timeout;
-    let framing = request_framing(request.parts, &body);
-    let mut head = Vec::with_capacity(1024);
-    h1::encode_head(request, framing, &mut head);
-    // A small held body leaves in the head's write (and stays in `body` for handing back).
-    let mut inlined = false;
-    if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
-        if data.len() <= INLINE_BODY {
-            head.extend_from_slice(data);
-            inlined = true;
+) -> impl Future<Output = Result<Sent, Failure>> {
+    async move {
+        let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
+        // One reading of the clock for the deadline and the pool's idle ages. (tokio's clock
+        // is this one, except under test-util's paused time, which no test sending uses.)
+        let now = Instant::now();
+        let deadline = tokio::time::Instant::from_std(now) + response_timeout;
+        let framing = request_framing(request.parts, &body);
+        let mut head = Vec::with_capacity(1024);
+        h1::encode_head(request, framing, &mut head);
+        // A small held body leaves in the head's write (and stays in `body` for handing back).
+        let mut inlined = false;
+        if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
+            if data.len() <= INLINE_BODY {
+                head.extend_from_slice(data);
+                inlined = true;
+            }
         }
-    }
-    let replayable = is_idempotent(&request.parts.method) && (inlined || matches!(body, ReqBody::Empty));
-    let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
-    loop {
-        let (pooled, epoch) = pool.take(now, max_idle);
-        let reused = pooled.is_some();
-        let (mut io, room) = match pooled {
-            // One that may not be sent twice asks the kernel too: a server that closed
-            // the connection just now would lose it (the others are sent again).
-            Some((io, _)) if !replayable && !open_now(&io) => {
-                drop(io);
-                continue;
-            }
-            Some(pooled) => pooled,
-            // A server removed after its drain timeout gets nothing more: the request
-            // goes back unsent (its pool was emptied when the drain began).
-            None if kill.is_cancelled() => {
-                let error = SendError::Closed { addr, source: h1::removed() };
-                return Err(Failure { error, unsent: Some(body) });
-            }
-            // Boxed: connecting is the rare path and would otherwise size every request
-            // future (kept per client connection by hyper) for it.
-            // A new connection's first response may be large: full room.
-            None => match Box::pin(connect(addr, connect_timeout)).await {
-                Ok(io) => (io, h1::READ_SIZE),
-                Err(error) => return Err(Failure { error, unsent: Some(body) }),
-            },
-        };
-        let (mut wrote, mut heard) = (false, false);
-        let upload = if inlined { None } else { Some(&mut body) };
-        // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
-        // again there: a second copy (400 bytes) of it in this future and a move less.
-        let result = {
-            let exchange = std::pin::pin!(exchange(
-                &mut io,
-                &head,
-                upload,
-                framing,
-                &request.parts.method,
-                room,
-                &mut wrote,
-                &mut heard
-            ));
-            exchange_until(exchange, deadline, response_timeout, kill).await
-        };
-        let error = match result {
-            Ok(Ok((head_in, buf, upload))) => {
-                let (status, version) = (head_in.status, head_in.version);
-                // The fields stay with the body (`h1::Fields`): the map stays empty.
-                let mut response = Response::new(ResponseBody::new(io, buf, head_in, Arc::clone(server), upload));
-                *response.status_mut() = status;
-                *response.version_mut() = version;
-                return Ok(Sent { response, epoch });
-            }
-            // A pooled connection the server closed a moment ago: nothing left, try the
-            // next idle (or a new) one.
-            Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
-            // Written on a reused connection the server ended without a byte of an
-            // answer; the body is still whole (empty, or it went with the head). Once, on
-            // a new connection (a connection's matter, not a retry: `retries` is about
-            // other servers).
-            Ok(Err(Broke::Server(e))) if reused && replayable && !heard => {
-                tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
-                max_idle = Duration::ZERO;
-                continue;
-            }
-            Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
-            Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
-            Ok(Err(Broke::Client(e))) => SendError::ClientBody(e),
-            Err(_) => SendError::ResponseTimeout { addr, after: response_timeout },
-        };
-        // Only a request none of which was written goes back.
-        let unsent = (!wrote).then_some(body);
-        return Err(Failure { error, unsent });
+        let replayable = is_idempotent(&request.parts.method) && (inlined || matches!(body, ReqBody::Empty));
+        let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
+        loop {
+            let (pooled, epoch) = pool.take(now, max_idle);
+            let reused = pooled.is_some();
+            let (mut io, room) = match pooled {
+                // One that may not be sent twice asks the kernel too: a server that closed
+                // the connection just now would lose it (the others are sent again).
+                Some((io, _)) if !replayable && !open_now(&io) => {
+                    drop(io);
+                    continue;
+                }
+                Some(pooled) => pooled,
+                // A server removed after its drain timeout gets nothing more: the request
+                // goes back unsent (its pool was emptied when the drain began).
+                None if kill.is_cancelled() => {
+                    let error = SendError::Closed { addr, source: h1::removed() };
+                    return Err(Failure { error, unsent: Some(body) });
+                }
+                // Boxed: connecting is the rare path and would otherwise size every request
+                // future (kept per client connection by hyper) for it.
+                // A new connection's first response may be large: full room.
+                None => match Box::pin(connect(addr, connect_timeout)).await {
+                    Ok(io) => (io, h1::READ_SIZE),
+                    Err(error) => return Err(Failure { error, unsent: Some(body) }),
+                },
+            };
+            let (mut wrote, mut heard) = (false, false);
+            let upload = if inlined { None } else { Some(&mut body) };
+            // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
+            // again there: a second copy (400 bytes) of it in this future and a move less.
+            let result = {
+                let exchange = std::pin::pin!(exchange(
+                    &mut io,
+                    &head,
+                    upload,
+                    framing,
+                    &request.parts.method,
+                    room,
+                    &mut wrote,
+                    &mut heard
+                ));
+                exchange_until(exchange, deadline, response_timeout, kill).await
+            };
+            let error = match result {
+                Ok(Ok((head_in, buf, upload))) => {
+                    let (status, version) = (head_in.status, head_in.version);
+                    // The fields stay with the body (`h1::Fields`): the map stays empty.
+                    let mut response = Response::new(ResponseBody::new(io, buf, head_in, Arc::clone(server), upload));
+                    *response.status_mut() = status;
+                    *response.version_mut() = version;
+                    return Ok(Sent { response, epoch });
+                }
+                // A pooled connection the server closed a moment ago: nothing left, try the
+                // next idle (or a new) one.
+                Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
+                // Written on a reused connection the server ended without a byte of an
+                // answer; the body is still whole (empty, or it went with the head). Once, on
+                // a new connection (a connection's matter, not a retry: `retries` is about
+                // other servers).
+                Ok(Err(Broke::Server(e))) if reused && replayable && !heard => {
+                    tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
+                    max_idle = Duration::ZERO;
+                    continue;
+                }
+                Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
+                Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
+                Ok(Err(Broke::Client(e))) => SendError::ClientBody(e),
+                Err(_) => SendError::ResponseTimeout { addr, after: response_timeout },
+            };
+            // Only a request none of which was written goes back.
+            let unsent = (!wrote).then_some(body);
+            return Err(Failure { error, unsent });
+        }
     }
 }
 

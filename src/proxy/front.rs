@@ -274,61 +274,64 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
 }
 
 /// One request and its response. `true`: the connection may carry the next request.
-async fn exchange<I>(
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+fn exchange<I>(
     io: &mut Watched<I>,
     buf: &mut BytesMut,
     ctx: &Ctx<'_>,
     req: Request<ClientBody>,
     asks: Asks,
     fields: &Fields,
-) -> bool
+) -> impl Future<Output = bool>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ctx { conn, shared, activity, .. } = *ctx;
-    let _guard = RequestGuard::open(activity);
-    if !asks.keep_alive {
-        activity.set_closing();
-    }
-    let (method, version) = (req.method().clone(), req.version());
-    let handler = super::handle(&shared.gw, conn, req, fields);
-    tokio::pin!(handler);
-    // While the request is handled, the client's side is read too: a client that goes
-    // away cancels its request (and so the server's). Once a pipelined request has begun
-    // to arrive, reading stops (its client may have half-closed after sending it: the
-    // responses are still owed).
-    let resp = loop {
-        if buf.capacity() == buf.len() {
-            buf.reserve(READ_SIZE);
+    async move {
+        let Ctx { conn, shared, activity, .. } = *ctx;
+        let _guard = RequestGuard::open(activity);
+        if !asks.keep_alive {
+            activity.set_closing();
         }
-        tokio::select! {
-            biased;
-            resp = handler.as_mut() => break resp,
-            read = io.read_buf(buf), if buf.is_empty() => match read {
-                Ok(0) => {
-                    tracing::debug!("client closed the connection before its response");
-                    return false;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "client connection failed before its response");
-                    return false;
-                }
-            },
-        }
-    };
-    // Shutdown closes the tracker just before it cancels `shutdown`: the tracker's flag is
-    // one atomic load, the token's a lock every worker shares.
-    let asks = Asks { keep_alive: asks.keep_alive && !shared.tracker.is_closed(), ..asks };
-    match write_response(io, resp, &method, version, asks).await {
-        Ok(true) => true,
-        Ok(false) => {
-            let _ = io.shutdown().await;
-            false
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "writing a response to the client failed");
-            false
+        let (method, version) = (req.method().clone(), req.version());
+        let handler = super::handle(&shared.gw, conn, req, fields);
+        tokio::pin!(handler);
+        // While the request is handled, the client's side is read too: a client that goes
+        // away cancels its request (and so the server's). Once a pipelined request has begun
+        // to arrive, reading stops (its client may have half-closed after sending it: the
+        // responses are still owed).
+        let resp = loop {
+            if buf.capacity() == buf.len() {
+                buf.reserve(READ_SIZE);
+            }
+            tokio::select! {
+                biased;
+                resp = handler.as_mut() => break resp,
+                read = io.read_buf(buf), if buf.is_empty() => match read {
+                    Ok(0) => {
+                        tracing::debug!("client closed the connection before its response");
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client connection failed before its response");
+                        return false;
+                    }
+                },
+            }
+        };
+        // Shutdown closes the tracker just before it cancels `shutdown`: the tracker's flag is
+        // one atomic load, the token's a lock every worker shares.
+        let asks = Asks { keep_alive: asks.keep_alive && !shared.tracker.is_closed(), ..asks };
+        match write_response(io, resp, &method, version, asks).await {
+            Ok(true) => true,
+            Ok(false) => {
+                let _ = io.shutdown().await;
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writing a response to the client failed");
+                false
+            }
         }
     }
 }

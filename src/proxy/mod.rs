@@ -80,21 +80,30 @@ impl Conn {
 /// (those the gateway does not read, from its own HTTP/1.1 reader; [`h1::NO_FIELDS`]
 /// for a head hyper read). Borrowed rather than in the request, which each future it
 /// goes through makes a copy of: 32 bytes more per copy.
-pub async fn handle(
+///
+/// This and the functions a request goes through on its way to a server return an `async
+/// move` block rather than being `async fn`s: an `async fn` moves each argument into a
+/// local of its own when first polled, and keeps room for both in its future. That was a
+/// copy of the request (264 bytes) and of its body per level, and the HTTP/2 stream's
+/// future 672 bytes larger (it is boxed: copied whole once per request).
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see above)
+pub fn handle(
     gw: &Arc<Gateway>,
     conn: &Arc<Conn>,
     req: Request<ClientBody>,
     fields: &h1::Fields,
-) -> Response<RespBody> {
-    let start = Instant::now();
-    // A guard, not a clone: no shared reference count written per request (arc-swap falls
-    // back to a full reference by itself when a thread holds many at once).
-    let snap = gw.snapshot_guard();
-    match route_request(gw, &snap, conn, req, fields, start).await {
-        Ok(resp) => resp,
-        Err((err, stats)) => {
-            let stats = stats.unwrap_or_else(|| unrouted(gw));
-            local_error(&err, &stats, start)
+) -> impl Future<Output = Response<RespBody>> {
+    async move {
+        let start = Instant::now();
+        // A guard, not a clone: no shared reference count written per request (arc-swap
+        // falls back to a full reference by itself when a thread holds many at once).
+        let snap = gw.snapshot_guard();
+        match route_request(gw, &snap, conn, req, fields, start).await {
+            Ok(resp) => resp,
+            Err((err, stats)) => {
+                let stats = stats.unwrap_or_else(|| unrouted(gw));
+                local_error(&err, &stats, start)
+            }
         }
     }
 }
@@ -120,58 +129,61 @@ impl RouteRef {
 
 type Failure = (ProxyError, Option<RouteRef>);
 
-async fn route_request(
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+fn route_request(
     gw: &Arc<Gateway>,
     snap: &Arc<Snapshot>,
     conn: &Arc<Conn>,
     req: Request<ClientBody>,
     fields: &h1::Fields,
     start: Instant,
-) -> Result<Response<RespBody>, Failure> {
-    let limits = &snap.proxy.limits;
-    let authority = request_authority(&req).map_err(|e| (e, None))?;
-    let authority_str = authority.to_str().unwrap_or("");
-    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
-        return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
-    }
-    if !conn.tls {
-        if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
-            return Ok(acme_answer(gw, &req, start).await);
+) -> impl Future<Output = Result<Response<RespBody>, Failure>> {
+    async move {
+        let limits = &snap.proxy.limits;
+        let authority = request_authority(&req).map_err(|e| (e, None))?;
+        let authority_str = authority.to_str().unwrap_or("");
+        if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+            return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
         }
-        if snap.proxy.redirect_https {
-            if let Some(port) = snap.proxy.https_port {
-                return Ok(redirect(gw, &req, authority_str, port, start));
+        if !conn.tls {
+            if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
+                return Ok(acme_answer(gw, &req, start).await);
+            }
+            if snap.proxy.redirect_https {
+                if let Some(port) = snap.proxy.https_port {
+                    return Ok(redirect(gw, &req, authority_str, port, start));
+                }
             }
         }
-    }
-    let host = route::normalize_host(authority_str);
-    if let Some(sni) = &conn.sni {
-        if **sni != *host {
-            return Err((ProxyError::Misdirected, None));
+        let host = route::normalize_host(authority_str);
+        if let Some(sni) = &conn.sni {
+            if **sni != *host {
+                return Err((ProxyError::Misdirected, None));
+            }
         }
-    }
-    let Some(route) = snap.router.lookup(&host, req.uri().path()) else {
-        return Err((ProxyError::NoRoute, None));
-    };
-    let route = Arc::clone(route);
-    let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
-    if req.method() == Method::CONNECT {
-        if req.extensions().get::<hyper::ext::Protocol>().is_none() {
-            return Err((ProxyError::MethodNotAllowed("CONNECT"), stats()));
+        let Some(route) = snap.router.lookup(&host, req.uri().path()) else {
+            return Err((ProxyError::NoRoute, None));
+        };
+        let route = Arc::clone(route);
+        let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
+        if req.method() == Method::CONNECT {
+            if req.extensions().get::<hyper::ext::Protocol>().is_none() {
+                return Err((ProxyError::MethodNotAllowed("CONNECT"), stats()));
+            }
+            return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
+                .await
+                .map_err(|e| (e, stats()));
         }
-        return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
-            .await
-            .map_err(|e| (e, stats()));
-    }
-    // Boxed: hyper keeps one request future per connection, sized for its largest state,
-    // and upgrades are rare; inline they would cost every idle connection ~2 KiB.
-    if upgrade::is_h1_upgrade(&req) {
-        return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
-            .await
-            .map_err(|e| (e, stats()));
-    }
+        // Boxed: hyper keeps one request future per connection, sized for its largest state,
+        // and upgrades are rare; inline they would cost every idle connection ~2 KiB.
+        if upgrade::is_h1_upgrade(&req) {
+            return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
+                .await
+                .map_err(|e| (e, stats()));
+        }
 
-    forward(gw, snap, conn, route, req, fields, authority, start).await
+        forward(gw, snap, conn, route, req, fields, authority, start).await
+    }
 }
 
 /// Rewrites the request, reads the start of its body, sends it (with safe retries) and
@@ -182,7 +194,8 @@ async fn route_request(
 /// the hyper session whose in-flight slot is sized for it), so idle connections keep no
 /// room for it. A box was an allocation and a copy of it per request.
 #[allow(clippy::too_many_arguments)] // what one request's future holds; a struct of them would be moved in whole
-async fn forward(
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+fn forward(
     gw: &Arc<Gateway>,
     snap: &Snapshot,
     conn: &Conn,
@@ -191,26 +204,26 @@ async fn forward(
     fields: &h1::Fields,
     authority: HeaderValue,
     start: Instant,
-) -> Result<Response<RespBody>, Failure> {
-    let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
-    let limits = &snap.proxy.limits;
-    let authority_str = authority.to_str().unwrap_or("");
-    // Split before the rewrite: a `mut` request argument would be a second copy of it
-    // (264 bytes) in this future beside the argument itself.
-    let (mut parts, body) = req.into_parts();
-    let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
-        .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
-    let body = match body::prefetch(body, limits.retry_body_bytes).await {
-        Prefetched::Body(b) => b,
-        Prefetched::Malformed(e) => {
-            tracing::debug!(error = %e, "malformed request body");
-            return Err((ProxyError::BadRequest("malformed body"), stats()));
-        }
-    };
-    let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
-    let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
-    let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
-    Ok(respond(sent, route, start, log))
+) -> impl Future<Output = Result<Response<RespBody>, Failure>> {
+    async move {
+        let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
+        let limits = &snap.proxy.limits;
+        let authority_str = authority.to_str().unwrap_or("");
+        let (mut parts, body) = req.into_parts();
+        let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
+            .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
+        let body = match body::prefetch(body, limits.retry_body_bytes).await {
+            Prefetched::Body(b) => b,
+            Prefetched::Malformed(e) => {
+                tracing::debug!(error = %e, "malformed request body");
+                return Err((ProxyError::BadRequest("malformed body"), stats()));
+            }
+        };
+        let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
+        let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
+        let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
+        Ok(respond(sent, route, start, log))
+    }
 }
 
 /// The host the request is for: the URI authority (HTTP/2, or HTTP/1.1 absolute-form,
@@ -298,64 +311,67 @@ fn rewrite_request(
 }
 
 /// Picks a server and sends, retrying on another server only when that is safe.
-async fn attempts(
+#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+fn attempts(
     gw: &Gateway,
     route: &Route,
     head: &h1::RequestHead<'_>,
     mut body: ReqBody,
-) -> Result<(client::Sent, InFlight), ProxyError> {
-    let upstream = &route.upstream;
-    let cfg = &upstream.config;
-    let idempotent = client::is_idempotent(&head.parts.method);
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last_error = String::new();
-    loop {
-        let server = {
-            let eligible = upstream.set.eligible();
-            let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
-            match picked {
-                Some(s) => s,
-                None if tried.is_empty() => {
-                    return Err(ProxyError::NoServer(upstream.set.name.clone()));
-                }
-                None => {
-                    return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last: last_error });
-                }
-            }
-        };
-        let guard = server.begin();
-        let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
-        match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
-            Ok(sent) => {
-                record_success(&server);
-                return Ok((sent, guard));
-            }
-            Err(client::Failure { error, .. }) if error.client_body_failed() => {
-                // The client's body broke (bad chunking, cut short) while it streamed to
-                // the server: the client's fault, not the server's, and nothing to retry.
-                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body failed");
-                return Err(ProxyError::BadRequest("malformed body"));
-            }
-            Err(client::Failure { error, unsent }) => {
-                record_failure(&upstream.set, &server, &error);
-                tried.push(server.addr);
-                tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
-                let may_retry = (tried.len() as u32) <= cfg.retries;
-                // Unsent: nothing reached the server, any method may go elsewhere. Sent (or
-                // maybe sent): only an idempotent request with a held body, and not after a
-                // response timeout (that would multiply the wait).
-                let next = match unsent {
-                    Some(r) => Some(r),
-                    None if !matches!(error, SendError::ResponseTimeout { .. }) => replay,
-                    None => None,
-                };
-                match next {
-                    Some(r) if may_retry => {
-                        gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        last_error = error.to_string();
-                        body = r;
+) -> impl Future<Output = Result<(client::Sent, InFlight), ProxyError>> {
+    async move {
+        let upstream = &route.upstream;
+        let cfg = &upstream.config;
+        let idempotent = client::is_idempotent(&head.parts.method);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_error = String::new();
+        loop {
+            let server = {
+                let eligible = upstream.set.eligible();
+                let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
+                match picked {
+                    Some(s) => s,
+                    None if tried.is_empty() => {
+                        return Err(ProxyError::NoServer(upstream.set.name.clone()));
                     }
-                    _ => return Err(ProxyError::Upstream(error)),
+                    None => {
+                        return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last: last_error });
+                    }
+                }
+            };
+            let guard = server.begin();
+            let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
+            match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
+                Ok(sent) => {
+                    record_success(&server);
+                    return Ok((sent, guard));
+                }
+                Err(client::Failure { error, .. }) if error.client_body_failed() => {
+                    // The client's body broke (bad chunking, cut short) while it streamed to
+                    // the server: the client's fault, not the server's, and nothing to retry.
+                    tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body failed");
+                    return Err(ProxyError::BadRequest("malformed body"));
+                }
+                Err(client::Failure { error, unsent }) => {
+                    record_failure(&upstream.set, &server, &error);
+                    tried.push(server.addr);
+                    tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
+                    let may_retry = (tried.len() as u32) <= cfg.retries;
+                    // Unsent: nothing reached the server, any method may go elsewhere. Sent (or
+                    // maybe sent): only an idempotent request with a held body, and not after a
+                    // response timeout (that would multiply the wait).
+                    let next = match unsent {
+                        Some(r) => Some(r),
+                        None if !matches!(error, SendError::ResponseTimeout { .. }) => replay,
+                        None => None,
+                    };
+                    match next {
+                        Some(r) if may_retry => {
+                            gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            last_error = error.to_string();
+                            body = r;
+                        }
+                        _ => return Err(ProxyError::Upstream(error)),
+                    }
                 }
             }
         }
