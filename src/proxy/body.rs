@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
 
+use super::Done;
 use super::h1::{Fields, ResponseBody};
 use crate::upstream::server::InFlight;
 
@@ -176,20 +176,16 @@ fn stream(held: Vec<Bytes>, rest: Incoming) -> ReqBody {
     ReqBody::Stream { head: concat(held), rest }
 }
 
-/// Called once when a response body ends (fully sent, failed or dropped).
-pub trait Finish: Send + 'static {
-    /// `complete`: the upstream body reached its end; `bytes`: data bytes passed;
-    /// `reusable`: the connection, when it may carry another request.
-    fn finish(self: Box<Self>, complete: bool, bytes: u64, reusable: Option<TcpStream>);
-}
-
 /// The body sent to a client.
 pub enum RespBody {
     /// A short answer of the gateway's own.
     Local(Option<Bytes>),
     /// A server's body, streamed. The fields of the server's head ride with it (see
     /// [`Fields`]): a response's fields are those and the ones in its `HeaderMap`.
-    Upstream(UpstreamBody),
+    /// Boxed, with what runs at its end: a response is moved from function to function on
+    /// its way to the client, 152 bytes each time rather than 320 (and one allocation per
+    /// response either way; the end's work was boxed alone before).
+    Upstream(Box<UpstreamBody>),
     /// A server's answer to an upgrade it refused, streamed as hyper reads it from the
     /// upgrade's own connection; the server counts it in flight until it ends.
     Refused(Incoming, InFlight),
@@ -225,16 +221,17 @@ impl RespBody {
     }
 }
 
-/// A server's response body; calls its [`Finish`] exactly once.
+/// A server's response body; runs its [`Done`] exactly once, when the body ends (fully
+/// sent, failed or dropped).
 pub struct UpstreamBody {
     inner: ResponseBody,
     bytes: u64,
-    finish: Option<Box<dyn Finish>>,
+    done: Option<Done>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: ResponseBody, finish: Box<dyn Finish>) -> Self {
-        let mut body = UpstreamBody { inner, bytes: 0, finish: Some(finish) };
+    pub fn new(inner: ResponseBody, done: Done) -> Box<Self> {
+        let mut body = Box::new(UpstreamBody { inner, bytes: 0, done: Some(done) });
         if body.inner.is_end_stream() {
             // Nothing to stream (e.g. 204, 304, Content-Length: 0): hyper will not poll it.
             body.done(true);
@@ -243,9 +240,9 @@ impl UpstreamBody {
     }
 
     fn done(&mut self, complete: bool) {
-        if let Some(f) = self.finish.take() {
+        if let Some(done) = self.done.take() {
             let reusable = if complete { self.inner.reusable() } else { None };
-            f.finish(complete, self.bytes, reusable);
+            done.finish(complete, self.bytes, reusable);
         }
     }
 }

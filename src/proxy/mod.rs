@@ -37,7 +37,7 @@ use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::Throttle;
 use crate::upstream::{InFlight, Server, ServerSet, balance};
-use body::{ClientBody, Finish, Prefetched, ReqBody, RespBody, UpstreamBody};
+use body::{ClientBody, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
 use error::ProxyError;
 use forwarded::PeerValues;
@@ -426,12 +426,12 @@ fn respond(
     let (parts, body) = sent.response.into_parts();
     let status = parts.status;
     let done = Done { epoch: sent.epoch, guard, route, status, start, log };
-    Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, Box::new(done))))
+    Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, done)))
 }
 
 /// Runs when a proxied response body ends: connection back to the pool, the server's
 /// in-flight count released, metrics and the access log written.
-struct Done {
+pub struct Done {
     /// The pool epoch the connection was taken at.
     epoch: u64,
     guard: InFlight,
@@ -441,8 +441,10 @@ struct Done {
     log: Option<Box<AccessLog>>,
 }
 
-impl Finish for Done {
-    fn finish(mut self: Box<Self>, complete: bool, bytes: u64, reusable: Option<tokio::net::TcpStream>) {
+impl Done {
+    /// `complete`: the server's body reached its end; `bytes`: data bytes passed;
+    /// `reusable`: the connection, when it may carry another request.
+    fn finish(mut self, complete: bool, bytes: u64, reusable: Option<tokio::net::TcpStream>) {
         let server = self.guard.server();
         let now = Instant::now();
         if let Some(socket) = reusable {
