@@ -45,6 +45,14 @@ pub const READ_SIZE: usize = 32 * 1024;
 /// go back to the shared arena once a few dozen are.
 pub const SMALL_READ: usize = 8 * 1024;
 
+/// A body's last piece shorter than this is copied out of the read buffer rather than
+/// handed on as a slice of it: the buffer (8 KiB or more) then goes back to the allocator
+/// as the body ends, where a slice would hold it until the client's connection has
+/// written the piece out. An HTTP/2 connection writes its streams' pieces together, so
+/// with a hundred or more in flight the buffers went back and forth between the
+/// allocator's thread cache and its arena (a slab made and unmade every other request).
+const COPY_LAST_UNDER: usize = 1024;
+
 /// The room for the first read of a connection's next response, from what its last one
 /// needed: `body` bytes and a head.
 pub fn first_read_room(body: u64) -> usize {
@@ -529,12 +537,20 @@ pub fn poll_fill(io: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -
 }
 
 /// [`poll_fill`] with `room` made (a response's first read: see [`first_read_room`]).
+///
+/// The room is made once the socket has something to read: an exchange waiting for its
+/// server's answer, or a body for more of it, holds no buffer meanwhile. (A buffer made
+/// before the wait was 8 KiB per request in flight, which with a hundred or more in
+/// flight went back and forth between the allocator's thread cache and its arena.)
 pub fn poll_fill_with(
     io: &mut TcpStream,
     buf: &mut BytesMut,
     room: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < room {
+        ready!(io.poll_read_ready(cx))?;
+    }
     buf.reserve(room);
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
@@ -745,10 +761,17 @@ impl ResponseBody {
                 State::Length(left) if !self.buf.is_empty() => {
                     let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buf.len());
                     *left -= take as u64;
+                    let data = if *left == 0 && take <= COPY_LAST_UNDER {
+                        let data = Bytes::copy_from_slice(&self.buf[..take]);
+                        self.buf.advance(take);
+                        data
+                    } else {
+                        self.buf.split_to(take).freeze()
+                    };
                     if *left == 0 {
                         self.state = State::Done;
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split_to(take).freeze()))));
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::Chunked(decoder) => match decoder.decode(&mut self.buf) {
                     Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -827,6 +850,55 @@ impl ResponseBody {
 #[allow(clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Both ends of a loopback TCP connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let near = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (far, _) = listener.accept().await.expect("accept");
+        (near, far)
+    }
+
+    #[tokio::test]
+    async fn a_read_makes_its_room_only_once_there_is_something_to_read() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut io, mut server) = socket_pair().await;
+        let mut buf = BytesMut::new();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)),
+        )
+        .await;
+        assert!(waited.is_err(), "nothing was sent, yet the read ended: {waited:?}");
+        assert_eq!(buf.capacity(), 0, "a buffer was made for a read that has nothing to read");
+        server.write_all(b"HTTP/1.1 200 OK\r\n").await.expect("write");
+        let read = std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)).await.expect("read");
+        assert_eq!((read, &buf[..]), (17, &b"HTTP/1.1 200 OK\r\n"[..]));
+        assert!(buf.capacity() >= SMALL_READ);
+    }
+
+    #[tokio::test]
+    async fn a_small_last_piece_of_a_body_does_not_hold_the_read_buffer() {
+        let (io, _server) = socket_pair().await;
+        let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
+        let head = Head {
+            status: StatusCode::OK,
+            version: Version::HTTP_11,
+            fields: Fields::default(),
+            framing: Framing::Length(5),
+            keep_alive: true,
+        };
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        buf.extend_from_slice(b"hello");
+        let mut body = ResponseBody::new(io, buf, head, server, None);
+        let frame = std::future::poll_fn(|cx| body.poll_frame(cx)).await.expect("a frame").expect("data");
+        let data = frame.into_data().expect("data");
+        assert_eq!(&data[..], b"hello");
+        // A slice of the buffer would share its allocation with the body's buffer.
+        assert!(data.is_unique(), "the last piece is a slice of the read buffer");
+        assert!(body.is_end_stream());
+        assert!(body.reusable().is_some(), "a body read whole leaves its connection reusable");
+    }
 
     fn parse(raw: &str, method: Method) -> io::Result<Option<Head>> {
         parse_head(&mut BytesMut::from(raw), &method)
