@@ -283,17 +283,14 @@ pub fn send(
         let now = Instant::now();
         let deadline = tokio::time::Instant::from_std(now) + response_timeout;
         let framing = request_framing(request.parts, &body);
-        let mut head = Vec::with_capacity(1024);
-        h1::encode_head(request, framing, &mut head);
         // A small held body leaves in the head's write (and stays in `body` for handing back).
-        let mut inlined = false;
-        if let (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) = (&body, framing) {
-            if data.len() <= INLINE_BODY {
-                head.extend_from_slice(data);
-                inlined = true;
+        let inlined = match (&body, framing) {
+            (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) if data.len() <= INLINE_BODY => {
+                Some(data.clone())
             }
-        }
-        let replayable = is_idempotent(&request.parts.method) && (inlined || matches!(body, ReqBody::Empty));
+            _ => None,
+        };
+        let replayable = is_idempotent(&request.parts.method) && (inlined.is_some() || matches!(body, ReqBody::Empty));
         let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
         loop {
             let (pooled, epoch) = pool.take(now, max_idle);
@@ -321,20 +318,12 @@ pub fn send(
                 },
             };
             let (mut wrote, mut heard) = (false, false);
-            let upload = if inlined { None } else { Some(&mut body) };
+            let upload = if inlined.is_some() { None } else { Some(&mut body) };
+            let outgoing = Outgoing { head: request, framing, inlined: inlined.as_deref() };
             // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
             // again there: a second copy (400 bytes) of it in this future and a move less.
             let result = {
-                let exchange = std::pin::pin!(exchange(
-                    &mut io,
-                    &head,
-                    upload,
-                    framing,
-                    &request.parts.method,
-                    room,
-                    &mut wrote,
-                    &mut heard
-                ));
+                let exchange = std::pin::pin!(exchange(&mut io, &outgoing, upload, room, &mut wrote, &mut heard));
                 exchange_until(exchange, deadline, response_timeout, kill).await
             };
             let error = match result {
@@ -410,27 +399,42 @@ fn request_framing(parts: &Parts, body: &ReqBody) -> Framing {
     }
 }
 
-/// Writes the request (`head`, then `body` framed as `framing`, unless it went with the
+/// What goes to the server ahead of any streamed body.
+struct Outgoing<'a> {
+    head: &'a RequestHead<'a>,
+    framing: Framing,
+    /// A small held body, written with the head.
+    inlined: Option<&'a [u8]>,
+}
+
+/// Writes the request (its head, then `body` framed as `framing`, unless it went with the
 /// head) and reads the final response head. `wrote` turns true once any byte may have
 /// reached the server, `heard` once a byte of a response has come back (after the whole
 /// request is written).
-#[allow(clippy::too_many_arguments)] // one call site; the flags are its outputs
+///
+/// The head is encoded here, for each attempt, and freed once written: kept across the
+/// wait for the answer, it was a kilobyte per request in flight, which with a hundred
+/// or more in flight went back and forth between the allocator's thread cache and its
+/// arena.
 async fn exchange(
     io: &mut TcpStream,
-    head: &[u8],
+    out: &Outgoing<'_>,
     body: Option<&mut ReqBody>,
-    framing: Framing,
-    method: &Method,
     first_room: usize,
     wrote: &mut bool,
     heard: &mut bool,
 ) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
-    let first = io.write(head).await?;
+    let mut head = Vec::with_capacity(1024);
+    h1::encode_head(out.head, out.framing, &mut head);
+    head.extend_from_slice(out.inlined.unwrap_or_default());
+    let first = io.write(&head).await?;
     *wrote = true;
     if first == 0 {
         return Err(io::Error::from(io::ErrorKind::WriteZero).into());
     }
     io.write_all(&head[first..]).await?;
+    drop(head);
+    let (framing, method) = (out.framing, &out.head.parts.method);
     let mut buf = BytesMut::new();
     if let Some(body) = body.filter(|b| !matches!(b, ReqBody::Empty)) {
         let mut upload = Upload::new(std::mem::replace(body, ReqBody::Empty), framing);
