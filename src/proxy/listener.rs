@@ -48,12 +48,39 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
 }
 
-/// Binds a listener with a deep accept backlog.
+/// Binds a listener with a deep accept backlog, whose connections find out when their
+/// client is gone (see [`detect_dead_peers`]).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    detect_dead_peers(&socket)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// A connection silent this long is probed ([`KEEPALIVE_PROBES`] probes,
+/// [`KEEPALIVE_INTERVAL`] apart) and closed when none is answered.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// Data sent to a client and not acknowledged for this long closes its connection (a
+/// client that vanished while its response streamed, or stopped reading it).
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The kernel watches each client connection for a peer that is gone: TCP keep-alive
+/// while it is silent, a user timeout while its data goes unacknowledged. Set on the
+/// listener, as Linux gives a listener's options to every socket it accepts: no system
+/// call per connection, and nothing per request (HTTP/2 keep-alive pings did this for
+/// HTTP/2 alone, reading the clock and locking their state on every poll of the
+/// connection; HTTP/1.1 connections had nothing).
+fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
 }
 
 /// Accepts until shutdown; each connection runs in its own tracked task.
@@ -502,9 +529,8 @@ where
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(256)
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(limits.idle_timeout / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .max_header_list_size(limits.max_header_bytes as u32);
+    // No keep-alive pings: the kernel finds a client that is gone (see `bind`).
     let activity = Activity::new(None, limits.idle_timeout);
     let service = BoxedCalls(tracked_service(shared, conn, &activity, None));
     let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -523,5 +549,25 @@ where
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_watch_for_a_client_that_is_gone() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"), "no TCP keep-alive on an accepted connection");
+        assert_eq!(socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(UNACKED_TIMEOUT));
     }
 }
