@@ -126,7 +126,7 @@ where
                 }
             }
         };
-        // Not boxed: the exchange (5.9 KiB with the proxying in it) is part of the
+        // Not boxed: the exchange (4.1 KiB with the proxying in it) is part of the
         // serving task, which lives while the connection is busy and ends when it parks
         // (see `listener::park`), so an idle connection keeps no room for it; a box was an
         // allocation and a copy of it per request (about 400 instructions).

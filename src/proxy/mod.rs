@@ -189,7 +189,7 @@ fn route_request(
 /// Rewrites the request, reads the start of its body, sends it (with safe retries) and
 /// turns the answer into the client's response.
 ///
-/// Not boxed (about 3.2 KiB): the futures it is part of live while a request is served,
+/// Not boxed (about 2.2 KiB): the futures it is part of live while a request is served,
 /// and a connection that idles for `listener::PARK_AFTER` ends them (its serving task, or
 /// the hyper session whose in-flight slot is sized for it), so idle connections keep no
 /// room for it. A box was an allocation and a copy of it per request.
