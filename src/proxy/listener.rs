@@ -80,7 +80,10 @@ fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)?;
-    socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
+    // Linux's (the platform's); elsewhere the system's retransmission limit applies.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))?;
+    Ok(())
 }
 
 /// Accepts until shutdown; each connection runs in its own tracked task.
@@ -568,6 +571,7 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"), KEEPALIVE_IDLE);
         assert_eq!(socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), KEEPALIVE_INTERVAL);
         assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), KEEPALIVE_PROBES);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(UNACKED_TIMEOUT));
     }
 }
