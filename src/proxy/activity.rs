@@ -4,8 +4,9 @@
 //! - HTTP/1.1: a request head must be complete within `header_read_timeout` of its first
 //!   byte (or of the connection's start, for the first request): slowloris gets closed.
 //!   A kept-alive connection with no request open and no byte arriving is closed after
-//!   `idle_timeout`. Nothing is enforced while a request is open (a long download, or a
-//!   slow server, is not idleness).
+//!   `idle_timeout`. Nothing here is enforced while a request is open (a long download,
+//!   or a slow server, is not idleness); the kernel closes a client that is gone or takes
+//!   none of its response for 90 s (see `listener::UNACKED_TIMEOUT`).
 //! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`.
 //!
 //! A request counts from its head until its response body is done or dropped (the own

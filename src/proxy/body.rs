@@ -230,7 +230,7 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: ResponseBody, done: Done) -> Box<Self> {
+    pub(crate) fn new(inner: ResponseBody, done: Done) -> Box<Self> {
         let mut body = Box::new(UpstreamBody { inner, bytes: 0, done: Some(done) });
         if body.inner.is_end_stream() {
             // Nothing to stream (e.g. 204, 304, Content-Length: 0): hyper will not poll it.

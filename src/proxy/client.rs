@@ -284,13 +284,11 @@ pub fn send(
         let deadline = tokio::time::Instant::from_std(now) + response_timeout;
         let framing = request_framing(request.parts, &body);
         // A small held body leaves in the head's write (and stays in `body` for handing back).
-        let inlined = match (&body, framing) {
-            (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) if data.len() <= INLINE_BODY => {
-                Some(data.clone())
-            }
-            _ => None,
-        };
-        let replayable = is_idempotent(&request.parts.method) && (inlined.is_some() || matches!(body, ReqBody::Empty));
+        let inline = matches!(
+            (&body, framing),
+            (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) if data.len() <= INLINE_BODY
+        );
+        let replayable = is_idempotent(&request.parts.method) && (inline || matches!(body, ReqBody::Empty));
         let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
         loop {
             let (pooled, epoch) = pool.take(now, max_idle);
@@ -318,8 +316,11 @@ pub fn send(
                 },
             };
             let (mut wrote, mut heard) = (false, false);
-            let upload = if inlined.is_some() { None } else { Some(&mut body) };
-            let outgoing = Outgoing { head: request, framing, inlined: inlined.as_deref() };
+            let (inlined, upload) = match &mut body {
+                ReqBody::Held { data: Some(data), .. } if inline => (Some(&data[..]), None),
+                other => (None, Some(other)),
+            };
+            let outgoing = Outgoing { head: request, framing, inlined };
             // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
             // again there: a second copy (400 bytes) of it in this future and a move less.
             let result = {
@@ -424,9 +425,11 @@ async fn exchange(
     wrote: &mut bool,
     heard: &mut bool,
 ) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
-    let mut head = Vec::with_capacity(1024);
+    let mut head = Vec::with_capacity(1024 + out.inlined.map_or(0, <[u8]>::len));
     h1::encode_head(out.head, out.framing, &mut head);
-    head.extend_from_slice(out.inlined.unwrap_or_default());
+    if let Some(body) = out.inlined {
+        head.extend_from_slice(body);
+    }
     let first = io.write(&head).await?;
     *wrote = true;
     if first == 0 {

@@ -45,10 +45,11 @@ pub const READ_SIZE: usize = 32 * 1024;
 /// go back to the shared arena once a few dozen are.
 pub const SMALL_READ: usize = 8 * 1024;
 
-/// A body's last piece shorter than this is copied out of the read buffer rather than
-/// handed on as a slice of it: the buffer (8 KiB or more) then goes back to the allocator
-/// as the body ends, where a slice would hold it until the client's connection has
-/// written the piece out. An HTTP/2 connection writes its streams' pieces together, so
+/// The last piece of a body of known length (`Content-Length`), when shorter than this,
+/// is copied out of the read buffer rather than handed on as a slice of it: for a body
+/// read in one piece, the usual small answer, the buffer (8 KiB or more) then goes back to
+/// the allocator as the body ends, where a slice would hold it until the client's
+/// connection has written the piece out. An HTTP/2 connection writes its streams' pieces together, so
 /// with a hundred or more in flight the buffers went back and forth between the
 /// allocator's thread cache and its arena (a slab made and unmade every other request).
 const COPY_LAST_UNDER: usize = 1024;
@@ -761,7 +762,7 @@ impl ResponseBody {
                 State::Length(left) if !self.buf.is_empty() => {
                     let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buf.len());
                     *left -= take as u64;
-                    let data = if *left == 0 && take <= COPY_LAST_UNDER {
+                    let data = if *left == 0 && take < COPY_LAST_UNDER {
                         let data = Bytes::copy_from_slice(&self.buf[..take]);
                         self.buf.advance(take);
                         data
@@ -875,6 +876,18 @@ mod tests {
         let read = std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)).await.expect("read");
         assert_eq!((read, &buf[..]), (17, &b"HTTP/1.1 200 OK\r\n"[..]));
         assert!(buf.capacity() >= SMALL_READ);
+        // A server that closes with nothing sent: the end of stream, not a wait.
+        let (mut io, server) = socket_pair().await;
+        drop(server);
+        let mut buf = BytesMut::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)),
+        )
+        .await
+        .expect("a closed connection's read waited")
+        .expect("read");
+        assert_eq!(read, 0);
     }
 
     #[tokio::test]

@@ -63,24 +63,31 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 3;
-/// Data sent to a client and not acknowledged for this long closes its connection (a
-/// client that vanished while its response streamed, or stopped reading it).
-pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Data sent to a client and not taken for this long closes its connection: a client
+/// that vanished while its response streamed, or one that stopped reading it (as a
+/// zero window; nginx's `send_timeout` does the same after 60 s). Linux lets this bound
+/// keep-alive too (a silent connection is closed once this has passed and a probe is
+/// unanswered, whatever the probe count): it is the whole probing time, so all the probes
+/// go out first.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(90);
+const _: () = assert!(
+    UNACKED_TIMEOUT.as_secs() >= KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_PROBES as u64
+);
 
 /// The kernel watches each client connection for a peer that is gone: TCP keep-alive
 /// while it is silent, a user timeout while its data goes unacknowledged. Set on the
 /// listener, as Linux gives a listener's options to every socket it accepts: no system
 /// call per connection, and nothing per request (HTTP/2 keep-alive pings did this for
 /// HTTP/2 alone, reading the clock and locking their state on every poll of the
-/// connection; HTTP/1.1 connections had nothing).
+/// connection; HTTP/1.1 connections had nothing). Probe spacing and the user timeout are
+/// Linux's (the platform's); elsewhere keep-alive starts after the same silence and the
+/// system's own probe count and retransmission limit apply.
 fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     let socket = socket2::SockRef::from(socket);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
     socket.set_tcp_keepalive(&keepalive)?;
-    // Linux's (the platform's); elsewhere the system's retransmission limit applies.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     socket.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))?;
     Ok(())
@@ -569,9 +576,11 @@ mod tests {
         let socket = socket2::SockRef::from(&accepted);
         assert!(socket.keepalive().expect("SO_KEEPALIVE"), "no TCP keep-alive on an accepted connection");
         assert_eq!(socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"), KEEPALIVE_IDLE);
-        assert_eq!(socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), KEEPALIVE_INTERVAL);
-        assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), KEEPALIVE_PROBES);
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(UNACKED_TIMEOUT));
+        {
+            assert_eq!(socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), KEEPALIVE_INTERVAL);
+            assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), KEEPALIVE_PROBES);
+            assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(UNACKED_TIMEOUT));
+        }
     }
 }

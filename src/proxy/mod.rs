@@ -431,7 +431,7 @@ fn respond(
 
 /// Runs when a proxied response body ends: connection back to the pool, the server's
 /// in-flight count released, metrics and the access log written.
-pub struct Done {
+pub(crate) struct Done {
     /// The pool epoch the connection was taken at.
     epoch: u64,
     guard: InFlight,
