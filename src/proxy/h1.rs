@@ -45,14 +45,27 @@ pub const READ_SIZE: usize = 32 * 1024;
 /// go back to the shared arena once a few dozen are.
 pub const SMALL_READ: usize = 8 * 1024;
 
-/// The last piece of a body of known length (`Content-Length`), when shorter than this,
-/// is copied out of the read buffer rather than handed on as a slice of it: for a body
-/// read in one piece, the usual small answer, the buffer (8 KiB or more) then goes back to
-/// the allocator as the body ends, where a slice would hold it until the client's
-/// connection has written the piece out. An HTTP/2 connection writes its streams' pieces together, so
-/// with a hundred or more in flight the buffers went back and forth between the
-/// allocator's thread cache and its arena (a slab made and unmade every other request).
-const COPY_LAST_UNDER: usize = 1024;
+/// A piece of a response body shorter than this is copied out of the read buffer rather
+/// than handed on as a slice of it, whatever the body's framing: the buffer (8 KiB or
+/// more) then stays the body's alone, goes back to the allocator as the body ends (a
+/// small answer, the usual one) and is refilled in place by the next read (a stream of
+/// small pieces), where a slice would hold it until the client's connection has written
+/// the piece out, and the next read would need a new buffer. An HTTP/2 connection writes
+/// its streams' pieces together, so with a hundred or more in flight the buffers went
+/// back and forth between the allocator's thread cache and its arena (a slab made and
+/// unmade every other request).
+const COPY_UNDER: usize = 1024;
+
+/// The next `n` bytes of `buf` as a piece of a body (see [`COPY_UNDER`]).
+fn take_piece(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n < COPY_UNDER {
+        let piece = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        piece
+    } else {
+        buf.split_to(n).freeze()
+    }
+}
 
 /// The room for the first read of a connection's next response, from what its last one
 /// needed: `body` bytes and a head.
@@ -467,7 +480,7 @@ impl Chunked {
                         return Ok(None);
                     }
                     let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let data = buf.split_to(take).freeze();
+                    let data = take_piece(buf, take);
                     let left = left - take as u64;
                     *self = if left == 0 { Chunked::DataEnd } else { Chunked::Data(left) };
                     return Ok(Some(Decoded::Data(data)));
@@ -762,13 +775,7 @@ impl ResponseBody {
                 State::Length(left) if !self.buf.is_empty() => {
                     let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buf.len());
                     *left -= take as u64;
-                    let data = if *left == 0 && take < COPY_LAST_UNDER {
-                        let data = Bytes::copy_from_slice(&self.buf[..take]);
-                        self.buf.advance(take);
-                        data
-                    } else {
-                        self.buf.split_to(take).freeze()
-                    };
+                    let data = take_piece(&mut self.buf, take);
                     if *left == 0 {
                         self.state = State::Done;
                     }
@@ -789,7 +796,8 @@ impl ResponseBody {
                     Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
                 },
                 State::Close if !self.buf.is_empty() => {
-                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split().freeze()))));
+                    let all = self.buf.len();
+                    return Poll::Ready(Some(Ok(Frame::data(take_piece(&mut self.buf, all)))));
                 }
                 State::Length(_) | State::Close => {}
             }
@@ -891,7 +899,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_small_last_piece_of_a_body_does_not_hold_the_read_buffer() {
+    async fn a_small_piece_of_a_body_does_not_hold_the_read_buffer() {
         let (io, _server) = socket_pair().await;
         let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
         let head = Head {
@@ -908,9 +916,26 @@ mod tests {
         let data = frame.into_data().expect("data");
         assert_eq!(&data[..], b"hello");
         // A slice of the buffer would share its allocation with the body's buffer.
-        assert!(data.is_unique(), "the last piece is a slice of the read buffer");
+        assert!(data.is_unique(), "the piece is a slice of the read buffer");
         assert!(body.is_end_stream());
         assert!(body.reusable().is_some(), "a body read whole leaves its connection reusable");
+
+        // The same for a chunked body; a piece of 1 KiB or more is handed on as a slice.
+        let big = "x".repeat(COPY_UNDER);
+        let (io, _server) = socket_pair().await;
+        let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
+        let head = Head { framing: Framing::Chunked, ..self::head("HTTP/1.1 200 OK\r\n\r\n") };
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        buf.extend_from_slice(format!("5\r\nhello\r\n{:x}\r\n{big}\r\n0\r\n\r\n", big.len()).as_bytes());
+        let mut body = ResponseBody::new(io, buf, head, server, None);
+        let mut next = async || std::future::poll_fn(|cx| body.poll_frame(cx)).await;
+        let small = next().await.expect("a frame").expect("data").into_data().expect("data");
+        assert_eq!(&small[..], b"hello");
+        assert!(small.is_unique(), "a small chunk is a slice of the read buffer");
+        let large = next().await.expect("a frame").expect("data").into_data().expect("data");
+        assert_eq!(large.len(), COPY_UNDER);
+        assert!(!large.is_unique(), "a large chunk was copied");
+        assert!(next().await.is_none());
     }
 
     fn parse(raw: &str, method: Method) -> io::Result<Option<Head>> {
