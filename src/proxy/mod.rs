@@ -98,7 +98,23 @@ pub fn handle(
         // A guard, not a clone: no shared reference count written per request (arc-swap
         // falls back to a full reference by itself when a thread holds many at once).
         let snap = gw.snapshot_guard();
-        match route_request(gw, &snap, conn, req, fields, start).await {
+        let result = match route_request(gw, &snap, conn, &req, start) {
+            Ok(Routed::Forward(route, authority)) => {
+                forward(gw, &snap, conn, route, req, fields, authority, start).await
+            }
+            // Boxed: hyper keeps one request future per connection, sized for its largest
+            // state, and upgrades are rare; inline they would cost every idle connection
+            // ~2 KiB.
+            Ok(Routed::Upgrade(route, authority)) => {
+                Box::pin(upgrade::proxy(gw, &snap, conn, &route, req, &authority, start))
+                    .await
+                    .map_err(|e| (e, Some(RouteRef::Route(Arc::clone(&route.stats)))))
+            }
+            Ok(Routed::Acme) => Ok(acme_answer(gw, &req, start).await),
+            Ok(Routed::Answer(resp)) => Ok(resp),
+            Err(failure) => Err(failure),
+        };
+        match result {
             Ok(resp) => resp,
             Err((err, stats)) => {
                 let stats = stats.unwrap_or_else(|| unrouted(gw));
@@ -129,61 +145,63 @@ impl RouteRef {
 
 type Failure = (ProxyError, Option<RouteRef>);
 
-#[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
+/// Where a request goes, decided from its head alone (the awaiting is `handle`'s: one
+/// future fewer for every request to go through).
+enum Routed {
+    /// To a server of this route, as this authority.
+    Forward(Arc<Route>, HeaderValue),
+    /// Through a tunnel (a WebSocket upgrade, an extended CONNECT) to a server of this route.
+    Upgrade(Arc<Route>, HeaderValue),
+    /// To the HTTP-01 challenges' answers.
+    Acme,
+    /// The gateway's own answer (a redirect to HTTPS).
+    Answer(Response<RespBody>),
+}
+
 fn route_request(
     gw: &Arc<Gateway>,
-    snap: &Arc<Snapshot>,
-    conn: &Arc<Conn>,
-    req: Request<ClientBody>,
-    fields: &h1::Fields,
+    snap: &Snapshot,
+    conn: &Conn,
+    req: &Request<ClientBody>,
     start: Instant,
-) -> impl Future<Output = Result<Response<RespBody>, Failure>> {
-    async move {
-        let limits = &snap.proxy.limits;
-        let authority = request_authority(&req).map_err(|e| (e, None))?;
-        let authority_str = authority.to_str().unwrap_or("");
-        if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
-            return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
-        }
-        if !conn.tls {
-            if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
-                return Ok(acme_answer(gw, &req, start).await);
-            }
-            if snap.proxy.redirect_https {
-                if let Some(port) = snap.proxy.https_port {
-                    return Ok(redirect(gw, &req, authority_str, port, start));
-                }
-            }
-        }
-        let host = route::normalize_host(authority_str);
-        if let Some(sni) = &conn.sni {
-            if **sni != *host {
-                return Err((ProxyError::Misdirected, None));
-            }
-        }
-        let Some(route) = snap.router.lookup(&host, req.uri().path()) else {
-            return Err((ProxyError::NoRoute, None));
-        };
-        let route = Arc::clone(route);
-        let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
-        if req.method() == Method::CONNECT {
-            if req.extensions().get::<hyper::ext::Protocol>().is_none() {
-                return Err((ProxyError::MethodNotAllowed("CONNECT"), stats()));
-            }
-            return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
-                .await
-                .map_err(|e| (e, stats()));
-        }
-        // Boxed: hyper keeps one request future per connection, sized for its largest state,
-        // and upgrades are rare; inline they would cost every idle connection ~2 KiB.
-        if upgrade::is_h1_upgrade(&req) {
-            return Box::pin(upgrade::proxy(gw, snap, conn, &route, req, &authority, start))
-                .await
-                .map_err(|e| (e, stats()));
-        }
-
-        forward(gw, snap, conn, route, req, fields, authority, start).await
+) -> Result<Routed, Failure> {
+    let limits = &snap.proxy.limits;
+    let authority = request_authority(req).map_err(|e| (e, None))?;
+    let authority_str = authority.to_str().unwrap_or("");
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+        return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
     }
+    if !conn.tls {
+        if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
+            return Ok(Routed::Acme);
+        }
+        if snap.proxy.redirect_https {
+            if let Some(port) = snap.proxy.https_port {
+                return Ok(Routed::Answer(redirect(gw, req, authority_str, port, start)));
+            }
+        }
+    }
+    let host = route::normalize_host(authority_str);
+    if let Some(sni) = &conn.sni {
+        if **sni != *host {
+            return Err((ProxyError::Misdirected, None));
+        }
+    }
+    let Some(route) = snap.router.lookup(&host, req.uri().path()) else {
+        return Err((ProxyError::NoRoute, None));
+    };
+    let route = Arc::clone(route);
+    if req.method() == Method::CONNECT {
+        if req.extensions().get::<hyper::ext::Protocol>().is_none() {
+            let stats = RouteRef::Route(Arc::clone(&route.stats));
+            return Err((ProxyError::MethodNotAllowed("CONNECT"), Some(stats)));
+        }
+        return Ok(Routed::Upgrade(route, authority));
+    }
+    if upgrade::is_h1_upgrade(req) {
+        return Ok(Routed::Upgrade(route, authority));
+    }
+    Ok(Routed::Forward(route, authority))
 }
 
 /// Rewrites the request, reads the start of its body, sends it (with safe retries) and
