@@ -898,20 +898,20 @@ mod tests {
         assert_eq!(read, 0);
     }
 
+    /// A server's body framed as `framing` whose read buffer (8 KiB) already holds
+    /// `bytes`, over a connection the returned stream is the server's end of.
+    async fn body_holding(framing: Framing, bytes: &[u8]) -> (ResponseBody, TcpStream) {
+        let (io, server_end) = socket_pair().await;
+        let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
+        let head = Head { framing, keep_alive: true, ..head("HTTP/1.1 200 OK\r\n\r\n") };
+        let mut buf = BytesMut::with_capacity(SMALL_READ);
+        buf.extend_from_slice(bytes);
+        (ResponseBody::new(io, buf, head, server, None), server_end)
+    }
+
     #[tokio::test]
     async fn a_small_piece_of_a_body_does_not_hold_the_read_buffer() {
-        let (io, _server) = socket_pair().await;
-        let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
-        let head = Head {
-            status: StatusCode::OK,
-            version: Version::HTTP_11,
-            fields: Fields::default(),
-            framing: Framing::Length(5),
-            keep_alive: true,
-        };
-        let mut buf = BytesMut::with_capacity(SMALL_READ);
-        buf.extend_from_slice(b"hello");
-        let mut body = ResponseBody::new(io, buf, head, server, None);
+        let (mut body, _server) = body_holding(Framing::Length(5), b"hello").await;
         let frame = std::future::poll_fn(|cx| body.poll_frame(cx)).await.expect("a frame").expect("data");
         let data = frame.into_data().expect("data");
         assert_eq!(&data[..], b"hello");
@@ -922,12 +922,8 @@ mod tests {
 
         // The same for a chunked body; a piece of 1 KiB or more is handed on as a slice.
         let big = "x".repeat(COPY_UNDER);
-        let (io, _server) = socket_pair().await;
-        let server = Server::new(io.peer_addr().expect("address"), crate::upstream::ServerState::Healthy);
-        let head = Head { framing: Framing::Chunked, ..self::head("HTTP/1.1 200 OK\r\n\r\n") };
-        let mut buf = BytesMut::with_capacity(SMALL_READ);
-        buf.extend_from_slice(format!("5\r\nhello\r\n{:x}\r\n{big}\r\n0\r\n\r\n", big.len()).as_bytes());
-        let mut body = ResponseBody::new(io, buf, head, server, None);
+        let chunked = format!("5\r\nhello\r\n{:x}\r\n{big}\r\n0\r\n\r\n", big.len());
+        let (mut body, _server) = body_holding(Framing::Chunked, chunked.as_bytes()).await;
         let mut next = async || std::future::poll_fn(|cx| body.poll_frame(cx)).await;
         let small = next().await.expect("a frame").expect("data").into_data().expect("data");
         assert_eq!(&small[..], b"hello");
