@@ -55,7 +55,8 @@ pub fn run(config: Config) -> u8 {
     };
     // Installed first: until then SIGHUP and SIGTERM would take their default action and
     // end the process, and starting can take seconds (ACME storage, binding). One that
-    // comes before serving is handled once serving begins.
+    // comes before serving is handled once serving begins (a stop then skips
+    // `shutdown_delay`).
     let signals_in = {
         let _rt = control.enter();
         match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -170,7 +171,15 @@ async fn signals(
     mut min_tls: TlsVersion,
 ) -> u8 {
     let Signals { mut hup, mut term, mut int } = signals;
-    loop {
+    // A stop that came while starting: no load balancer has seen this gateway ready, so
+    // there is nobody to wait `shutdown_delay` for.
+    let stopped_early = tokio::select! {
+        biased;
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+        () = std::future::ready(()) => false,
+    };
+    while !stopped_early {
         tokio::select! {
             _ = hup.recv() => {
                 let started = std::time::Instant::now();
@@ -197,11 +206,16 @@ async fn signals(
     let (delay, drain) = (snap.config.proxy.shutdown_delay, snap.config.proxy.drain_timeout);
     drop(snap);
     gw.set_not_ready();
-    tracing::info!(?delay, "shutting down: /readyz is 503; listeners close after shutdown_delay");
-    let forced = tokio::select! {
-        () = tokio::time::sleep(delay) => false,
-        _ = term.recv() => true,
-        _ = int.recv() => true,
+    let forced = if stopped_early {
+        tracing::info!("stopped before serving: shutting down without waiting shutdown_delay");
+        false
+    } else {
+        tracing::info!(?delay, "shutting down: /readyz is 503; listeners close after shutdown_delay");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => false,
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+        }
     };
     // Closed first: the HTTP/1.1 reader reads "shutting down" from the tracker, so a
     // response written while the token wakes every connection says `Connection: close`.

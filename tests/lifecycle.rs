@@ -136,24 +136,25 @@ async fn sighup_does_not_stop_the_gateway() {
     assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sighup_while_starting_is_applied_once_serving() {
-    // Starting waits for the ACME store: a Redis that accepts connections and never
-    // answers holds it for its timeout (2 s). A SIGHUP sent meanwhile (a deploy script
-    // reloading right after the start) must neither end the process nor be lost.
+/// A config whose start waits for the ACME store, with the store: a Redis that accepts
+/// connections and never answers holds the start for its timeout (2 s).
+fn slow_to_start(shutdown_delay: &str) -> (String, std::thread::JoinHandle<Vec<std::net::TcpStream>>) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
     let held = std::thread::spawn(move || silent.incoming().take(8).flatten().collect::<Vec<_>>());
-    let b = Backend::start("app").await;
-    let config = r#"
+    let config = format!(
+        r#"
 [listen]
 http = "@HTTP@"
 https = ""
 admin = "@ADMIN@"
 
+[proxy]
+shutdown_delay = "{shutdown_delay}"
+
 [acme]
 directory = "https://127.0.0.1:9/directory"
-storage = "redis://127.0.0.1:@R@/0"
+storage = "redis://127.0.0.1:{port}/0"
 
 [[route]]
 host = "app.test"
@@ -161,13 +162,19 @@ upstream = "app"
 
 [upstream.app]
 servers = ["@B@"]
-"#;
-    let mut gw = Gateway::builder(config)
-        .var("B", b.addr)
-        .var("R", port)
-        .signal_after("HUP", Duration::from_millis(300))
-        .start()
-        .await;
+"#
+    );
+    (config, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_is_applied_once_serving() {
+    // A SIGHUP sent while the gateway starts (a deploy script reloading right after the
+    // start) must neither end the process nor be lost.
+    let (config, held) = slow_to_start("5s");
+    let b = Backend::start("app").await;
+    let mut gw =
+        Gateway::builder(&config).var("B", b.addr).signal_after("HUP", Duration::from_millis(300)).start().await;
     assert!(
         gw.logs().contains("configuration reloaded")
             || wait_until(Duration::from_secs(5), || gw.logs().contains("configuration reloaded")).await,
@@ -176,5 +183,22 @@ servers = ["@B@"]
     );
     assert!(gw.wait_exit(Duration::from_millis(10)).await.is_none());
     assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_starting_stops_without_the_shutdown_delay() {
+    // No load balancer has seen a gateway that was stopped before it served: waiting
+    // shutdown_delay for them to notice would only hold up the stop (and the next start).
+    let (config, held) = slow_to_start("60s");
+    let b = Backend::start("app").await;
+    let (code, logs) = Gateway::builder(&config)
+        .var("B", b.addr)
+        .signal_after("TERM", Duration::from_millis(300))
+        .run_to_exit(Duration::from_secs(20))
+        .await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(logs.contains("stopped before serving"), "{logs}");
+    assert!(logs.contains("swarmgate stopped"), "{logs}");
     drop(held);
 }

@@ -426,6 +426,7 @@ impl GatewayBuilder {
             .stderr(log)
             .spawn()
             .expect("spawn swarmgate");
+        self.send_early_signal(&child);
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -440,6 +441,16 @@ impl GatewayBuilder {
         };
         let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
         (status.and_then(|s| s.code()), logs)
+    }
+
+    fn send_early_signal(&self, child: &Child) {
+        if let Some((sig, after)) = self.early_signal {
+            let pid = child.id().to_string();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                let _ = Command::new("kill").args(["-s", sig, &pid]).status();
+            });
+        }
     }
 
     /// Starts the gateway and waits until `/readyz` answers 200. A listener port lost
@@ -460,13 +471,7 @@ impl GatewayBuilder {
                 .stderr(log)
                 .spawn()
                 .expect("spawn swarmgate");
-            if let Some((sig, after)) = self.early_signal {
-                let pid = child.id().to_string();
-                std::thread::spawn(move || {
-                    std::thread::sleep(after);
-                    let _ = Command::new("kill").args(["-s", sig, &pid]).status();
-                });
-            }
+            self.send_early_signal(&child);
             let mut gw = Gateway {
                 child: Some(child),
                 http: ports.http,
