@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # load.sh: swarmgate next to nginx and HAProxy as a reverse proxy, one command, loopback only.
 #
-#   cargo build --release && benches/load.sh                    # about 5 minutes
+#   cargo build --release && benches/load.sh                    # about 6 minutes
 #   benches/load.sh --rounds 1 --duration 3                     # a quick look
 #   benches/load.sh --only nginx,swarmgate --scenarios h1,tls
 #   benches/load.sh --scenarios instr                           # instructions/request, 1.5 minutes
 #
 # Options (defaults in brackets):
 #   --gateway PATH     swarmgate binary [./target/release/swarmgate]; this script builds nothing
-#   --scenarios LIST   h1,h1-16k,tls,h2,mem [all five]; instr (slow) runs only when listed
+#   --scenarios LIST   h1,h1-16k,tls,tls-new,h2,mem [all six]; instr (slow) runs only when listed
 #   --only LIST        contenders among nginx,haproxy,swarmgate [all three]
 #   --rounds N         rounds of every scenario [3]
 #   --duration S       seconds measured per run, after a 1 s warm-up [5]
 #   --mem-conns N      idle connections in the mem scenario [5000]
+#   --tls-rate N       new TLS connections per second offered in tls-new, a multiple of 500 [1500]
 #   --keep-tmp         keep the work dir (configs, logs, raw tool outputs, callgrind files)
 #
 # Needs a Linux machine with 2+ cores, nginx, haproxy, wrk, h2load (nghttp2-client), openssl,
@@ -31,6 +32,11 @@
 #   h1       HTTP/1.1 keep-alive, 13 B body        wrk -t1 -c64
 #   h1-16k   same with a 16 KiB body               wrk -t1 -c64
 #   tls      HTTPS keep-alive, TLS 1.3, 13 B       wrk -t1 -c64
+#   tls-new  a new connection and a full TLS 1.3 handshake per request (13 B), offered at a
+#            fixed rate (--tls-rate) whatever the answers' speed: h2load -t1 --h1 -r, one
+#            request per connection (an open loop: a closed loop such as wrk -c32 with
+#            "Connection: close" reports the latency of a load generator as busy as the proxy
+#            is fast); us/req is then the proxy's CPU per handshake and request
 #   h2       HTTP/2 over TLS 1.3, 13 B             h2load -t1 -c16 -m8
 #   mem      a freshly started proxy's RSS growth with N idle keep-alive HTTP/1.1
 #            connections (one request answered on each, then 2.5 s idle), in KiB per
@@ -76,12 +82,13 @@
 set -euo pipefail
 
 GATEWAY=./target/release/swarmgate
-SCENARIOS=h1,h1-16k,tls,h2,mem
+SCENARIOS=h1,h1-16k,tls,tls-new,h2,mem
 ONLY=nginx,haproxy,swarmgate
 ROUNDS=3
 DURATION=5
 WARMUP=1
 MEM_CONNS=5000
+TLS_RATE=1500
 INSTR_WARMUP=2   # instr: seconds of wrk before callgrind counts,
 INSTR_DURATION=8 # and seconds counted
 # instr's / +8 fields: what an API client of the platform sends beside Host.
@@ -108,18 +115,20 @@ while [[ $# -gt 0 ]]; do
         --rounds) ROUNDS=${2:?}; shift 2 ;;
         --duration) DURATION=${2:?}; shift 2 ;;
         --mem-conns) MEM_CONNS=${2:?}; shift 2 ;;
+        --tls-rate) TLS_RATE=${2:?}; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
-for n in ROUNDS DURATION MEM_CONNS; do
+for n in ROUNDS DURATION MEM_CONNS TLS_RATE; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "--${n,,} wants a positive integer, got '${!n}'"
 done
+((TLS_RATE % 500 == 0)) || die "--tls-rate wants a multiple of 500 (connections are opened every 2 ms), got $TLS_RATE"
 IFS=, read -r -a SCEN <<<"$SCENARIOS"
 IFS=, read -r -a CONT <<<"$ONLY"
 for s in "${SCEN[@]}"; do
-    [[ $s =~ ^(h1|h1-16k|tls|h2|mem|instr)$ ]] || die "unknown scenario '$s' (h1,h1-16k,tls,h2,mem,instr)"
+    [[ $s =~ ^(h1|h1-16k|tls|tls-new|h2|mem|instr)$ ]] || die "unknown scenario '$s' (h1,h1-16k,tls,tls-new,h2,mem,instr)"
 done
 for c in "${CONT[@]}"; do
     [[ $c =~ ^(nginx|haproxy|swarmgate)$ ]] || die "unknown contender '$c' (nginx,haproxy,swarmgate)"
@@ -141,7 +150,7 @@ need_tools() { # prints "command package" for every missing tool
     if has h1 "${SCEN[@]}" || has h1-16k "${SCEN[@]}" || has tls "${SCEN[@]}" || has instr "${SCEN[@]}"; then
         want+=("wrk wrk")
     fi
-    has h2 "${SCEN[@]}" && want+=("h2load nghttp2-client")
+    if has h2 "${SCEN[@]}" || has tls-new "${SCEN[@]}"; then want+=("h2load nghttp2-client"); fi
     has instr "${SCEN[@]}" && want+=("valgrind valgrind" "callgrind_control valgrind")
     local w
     for w in "${want[@]}"; do
@@ -481,18 +490,24 @@ load_cmd() { # load_cmd SCENARIO CONTENDER SECONDS OUTFILE [CONNS]: sets LOAD_CM
         url=http://127.0.0.1:${HTTP_PORT[$c]}/
         extra=("${CLIENT_FIELDS[@]}")
     fi
+    [[ $out != /dev/null ]] && log=$out.requests # h2load: one line per request, latencies for p50/p99
     if [[ $s == h2 ]]; then
-        [[ $out != /dev/null ]] && log=$out.requests # one line per request: latencies for p50/p99
         LOAD_CMD=(taskset -c "$CPU_LOAD" h2load -t1 -c16 -m8 -D "$secs" --connect-to="127.0.0.1:${HTTPS_PORT[$c]}"
             --log-file="$log" "https://localhost:${HTTPS_PORT[$c]}/")
+    elif [[ $s == tls-new ]]; then # -c: clients in all, each opened on time, one request, closed
+        local n=$((TLS_RATE * secs))
+        LOAD_CMD=(taskset -c "$CPU_LOAD" h2load -t1 --h1 -c"$n" -n"$n" -r$((TLS_RATE / 500)) --rate-period=2ms
+            --connect-to="127.0.0.1:${HTTPS_PORT[$c]}" --log-file="$log" "https://localhost:${HTTPS_PORT[$c]}/")
     else
         LOAD_CMD=(taskset -c "$CPU_LOAD" wrk -t1 -c"$conns" -d"${secs}s" --latency "${extra[@]}" "$url")
     fi
 }
 parse_load() { # parse_load SCENARIO OUTFILE -> "rps requests p50ms p99ms errors"
     local s=$1 out=$2
-    if [[ $s == h2 ]]; then
-        grep -q '^Application protocol: h2$' "$out" || { echo "0 0 - - 1"; return; }
+    if [[ $s == h2 || $s == tls-new ]]; then
+        local proto=h2
+        [[ $s == tls-new ]] && proto=http/1.1
+        grep -q "^Application protocol: $proto\$" "$out" || { echo "0 0 - - 1"; return; }
         local pct
         pct=$(awk -F'\t' '{print $3}' "$out.requests" 2>/dev/null | sort -n |
             awk '{v[NR] = $1} END { if (NR == 0) { print "- -"; exit }
