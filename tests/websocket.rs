@@ -187,6 +187,22 @@ async fn a_refused_upgrades_answer_streams() {
     held.abort();
 }
 
+/// A request head from `s`, `buffered` first; returns it and what came after it (`None`
+/// once the connection ends).
+async fn read_head(s: &mut tokio::net::TcpStream, mut buffered: Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buffered.split_off(i + 4);
+            return Some((buffered, rest));
+        }
+        match s.read(&mut buf).await {
+            Ok(n) if n > 0 => buffered.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
 /// Reads until `end` has been seen; returns the bytes up to and including it, and the rest.
 async fn read_until_close_or(s: &mut tokio::net::TcpStream, end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let mut out = Vec::new();
@@ -242,4 +258,82 @@ async fn rfc8441_extended_connect_over_h2() {
     assert_eq!(&refused.body[..], b"app");
     assert!(refused.header("connection").is_none());
     assert_eq!(h2.get("ws.test", "/after-refusal").await.status, 200);
+}
+
+/// A server that switches to any protocol it is asked for: `101` with the request's own
+/// `Upgrade` when there is one (or `answer_upgrade` in its place), `200` otherwise. Sends
+/// each request head it reads.
+async fn switching_server(
+    answer_upgrade: Option<&'static str>,
+) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // Requests one after the other (a kept-alive connection) until one switches.
+                let mut rest = Vec::new();
+                loop {
+                    let Some((head, more)) = read_head(&mut s, std::mem::take(&mut rest)).await else { return };
+                    rest = more;
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let asked = head.lines().find_map(|l| l.strip_prefix("upgrade:")).map(|v| v.trim().to_string());
+                    let _ = tx.send(head);
+                    let answer = match (asked, answer_upgrade) {
+                        (None, _) => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain").await;
+                            continue;
+                        }
+                        (Some(_), Some("")) => "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n".into(),
+                        (Some(asked), answered) => format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: {}\r\n\r\n",
+                            answered.unwrap_or(&asked)
+                        ),
+                    };
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    // What comes after a switch would be the other protocol's: hold the line.
+                    let mut sink = [0u8; 1024];
+                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                    return;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_anything_but_websocket_is_an_ordinary_request() {
+    // h2c (or any protocol a server would switch to) through a tunnel would carry the
+    // client's next requests past the gateway, forged X-Forwarded-* and all.
+    let (addr, mut heads) = switching_server(None).await;
+    let gw = Gateway::builder(CONFIG).var("B", addr).start().await;
+    for upgrade in ["h2c", "foo/1", "websocket-not"] {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\n\
+             HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        );
+        let (raw, _) = raw_exchange(gw.http, request.as_bytes(), Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert_eq!(raw_status(&raw), Some(200), "Upgrade: {upgrade}: {text}");
+        assert!(text.ends_with("plain"), "{text}");
+        let seen = heads.recv().await.unwrap();
+        assert!(!seen.contains("\r\nupgrade:"), "Upgrade: {upgrade} reached the server: {seen}");
+        assert!(!seen.contains("http2-settings"), "{seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_to_a_protocol_the_client_did_not_ask_for_is_refused() {
+    for answered in ["h2c", ""] {
+        let (addr, mut heads) = switching_server(Some(answered)).await;
+        let gw = Gateway::builder(CONFIG).var("B", addr).start().await;
+        let (raw, closed) = raw_exchange(gw.http, &raw_upgrade("/ws"), Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert!(heads.recv().await.unwrap().contains("\r\nupgrade: websocket\r\n"));
+        assert_eq!(raw_status(&raw), Some(502), "101 with Upgrade: {answered:?} passed: {text}");
+        assert!(closed, "{text}");
+    }
 }

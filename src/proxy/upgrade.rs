@@ -21,11 +21,18 @@ use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::balance;
 
-/// An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8).
+/// An HTTP/1.1 request asking to switch to WebSocket (RFC 9110 section 7.8, RFC 6455).
+/// Any other `Upgrade` (h2c, say) is ignored, as RFC 9110 lets a server do: the request is
+/// proxied as an ordinary one, its `Upgrade` removed with the other hop-by-hop fields. A
+/// tunnel to any protocol a server would switch to would carry requests past the
+/// gateway's forwarding headers (h2c smuggling).
 pub fn is_h1_upgrade(req: &Request<ClientBody>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && hop::connection_has(req.headers(), "upgrade")
+    req.version() == Version::HTTP_11 && hop::connection_has(req.headers(), "upgrade") && lists_websocket(req.headers())
+}
+
+/// Whether the `Upgrade` fields name WebSocket.
+fn lists_websocket(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| hop::has_token(v.as_bytes(), "websocket"))
 }
 
 pub async fn proxy(
@@ -38,20 +45,17 @@ pub async fn proxy(
     start: Instant,
 ) -> Result<Response<RespBody>, ProxyError> {
     let extended_connect = req.method() == Method::CONNECT;
-    let protocol = if extended_connect {
+    if extended_connect {
         let p = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !p.eq_ignore_ascii_case("websocket") {
             return Err(ProxyError::BadRequest("extended CONNECT supports :protocol websocket only"));
         }
-        HeaderValue::from_static("websocket")
-    } else {
-        req.headers().get(header::UPGRADE).cloned().ok_or(ProxyError::BadRequest("missing Upgrade"))?
-    };
+    }
     let client_side = hyper::upgrade::on(&mut req);
     // HTTP/1.1: the connection becomes the tunnel, which keeps its hold on the listener.
     let handover = req.extensions_mut().remove::<super::listener::Handover>();
-    let upstream_req = build_request(snap, conn, route, &req, authority, protocol.clone(), extended_connect)
-        .map_err(ProxyError::BadRequest)?;
+    let upstream_req =
+        build_request(snap, conn, route, &req, authority, extended_connect).map_err(ProxyError::BadRequest)?;
 
     let upstream = &route.upstream;
     let cfg = &upstream.config;
@@ -99,6 +103,13 @@ pub async fn proxy(
         }
         return Ok(Response::from_parts(parts, RespBody::Refused(body, guard)));
     }
+    // RFC 9110 section 7.8: a server switches to a protocol the client asked for, here
+    // WebSocket. Anything else is not tunnelled.
+    if !lists_websocket(resp.headers()) {
+        tracing::warn!(server = %server.addr, upgrade = ?resp.headers().get(header::UPGRADE),
+            "server answered a WebSocket upgrade with 101 to another protocol (or none); not tunnelled");
+        return Err(ProxyError::UpgradeFailed);
+    }
     let server_side = hyper::upgrade::on(&mut resp);
     let kill = server.kill.clone();
     let addr = server.addr;
@@ -121,8 +132,6 @@ pub async fn proxy(
         }
     });
     let (mut parts, _) = resp.into_parts();
-    // The protocol the server switched to (hop-by-hop, so read before the strip).
-    let switched_to = parts.headers.get(header::UPGRADE).cloned().unwrap_or(protocol);
     hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
     if extended_connect {
         // RFC 8441 section 5: a 2xx answers the CONNECT; the key/accept exchange is h1's.
@@ -130,7 +139,7 @@ pub async fn proxy(
         parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
     } else {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, switched_to);
+        parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     Ok(Response::from_parts(parts, RespBody::empty()))
 }
@@ -142,7 +151,6 @@ fn build_request(
     route: &Route,
     req: &Request<ClientBody>,
     authority: &HeaderValue,
-    protocol: HeaderValue,
     extended_connect: bool,
 ) -> Result<Request<ReqBody>, &'static str> {
     let mut headers = req.headers().clone();
@@ -159,7 +167,7 @@ fn build_request(
     forwarded::apply(&mut headers, &facts);
     headers.insert(header::HOST, authority.clone());
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if extended_connect && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
     }
