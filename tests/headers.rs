@@ -150,6 +150,36 @@ async fn spoofed_headers_from_an_untrusted_peer_are_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_the_forwarding_fields_never_reach_the_server() {
+    // CGI-style servers read X_Forwarded_For as X-Forwarded-For (HTTP_X_FORWARDED_FOR).
+    // Removed on both readers (a request without a body, and one hyper reads), and from a
+    // trusted peer too: no proxy spells them so.
+    for trusted in ["", "\"127.0.0.0/8\""] {
+        let (gw, b) = gateway(trusted).await;
+        for (start, end) in [("GET / HTTP/1.1", ""), ("POST / HTTP/1.1", "Content-Length: 2\r\n")] {
+            let request = format!(
+                "{start}\r\nHost: app.test\r\nX_Forwarded_For: 6.6.6.6\r\nx_forwarded_proto: https\r\n\
+                 X-Forwarded_Host: evil.test\r\nX_Request_Id: spoofed\r\nX_Other: kept\r\n{end}\
+                 Connection: close\r\n\r\n{}",
+                if end.is_empty() { "" } else { "ok" }
+            );
+            assert_eq!(raw(&gw, &request).await.status, 200);
+            let seen = b.last();
+            for gone in ["x_forwarded_for", "x_forwarded_proto", "x-forwarded_host", "x_request_id"] {
+                assert!(
+                    !seen.has(gone),
+                    "{gone} reached the server ({start}, trusted {trusted:?}): {:?}",
+                    seen.headers
+                );
+            }
+            assert_eq!(seen.header("x_other"), Some("kept"));
+            assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+            assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_new_for_every_request() {
     let (gw, b) = gateway("").await;
     let mut conn = H1::connect(gw.http).await;

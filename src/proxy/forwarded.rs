@@ -136,16 +136,38 @@ pub fn is_forwarding(name: &[u8]) -> bool {
     NAMES.iter().any(|n| n.as_str().len() == name.len() && name.eq_ignore_ascii_case(n.as_str().as_bytes()))
 }
 
+/// Whether `name` is one of those fields spelt with `_` for `-` (`X_Forwarded_For`).
+/// Servers with CGI-style variables (WSGI, Rack, PHP) read both spellings as one
+/// (`HTTP_X_FORWARDED_FOR`), so a client could pass its own value in under the other
+/// spelling: such a field is removed, whoever sent it.
+pub fn is_lookalike(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && NAMES.iter().any(|n| {
+            let n = n.as_str().as_bytes();
+            n.len() == name.len()
+                && n.iter()
+                    .zip(name)
+                    .all(|(&ours, &theirs)| ours == theirs.to_ascii_lowercase() || (ours == b'-' && theirs == b'_'))
+        })
+}
+
 /// Works out the forwarding fields of a request, and removes from `headers` the fields
-/// they replace. Nothing is inserted into the map: the fields are written with the head.
+/// they replace (and their look-alikes, see [`is_lookalike`]). Nothing is inserted into
+/// the map: the fields are written with the head.
 pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
     // One pass over the names: most requests carry none of these, and then the map is
     // left alone.
     let mut present = [false; NAMES.len()];
+    let mut lookalikes = Vec::new();
     for name in headers.keys() {
         if let Some(i) = NAMES.iter().position(|n| *n == name) {
             present[i] = true;
+        } else if is_lookalike(name.as_str().as_bytes()) {
+            lookalikes.push(name.clone());
         }
+    }
+    for name in &lookalikes {
+        headers.remove(name);
     }
     let [xff, proto, host, port_present, prefix, fwd, id_present] = present;
     let Values { ip, element, port } = f.peer.values(f);
@@ -334,6 +356,16 @@ mod tests {
         drop(last);
         peer.forget();
         assert!(peer.last.lock().expect("not poisoned").is_none());
+    }
+
+    #[test]
+    fn lookalikes_are_the_forwarding_names_with_underscores() {
+        for name in ["X_Forwarded_For", "x_forwarded-proto", "X-Forwarded_Host", "X_FORWARDED_PORT", "x_request_id"] {
+            assert!(is_lookalike(name.as_bytes()), "{name}");
+        }
+        for name in ["X-Forwarded-For", "Forwarded", "X_Forwarded_Forx", "X_Custom_Header", "x_forwarded", "_"] {
+            assert!(!is_lookalike(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]
