@@ -483,3 +483,30 @@ async fn a_request_the_server_began_to_answer_is_not_sent_again() {
     assert_eq!(c.get("app.test", "/again").await.status, 502);
     assert_eq!((requests.load(Ordering::SeqCst), connections.load(Ordering::SeqCst)), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_reason_phrase_reaches_the_client() {
+    // As the server wrote it, on both readers (a request without a body is the gateway's
+    // own, one with a body hyper's); a code with no phrase anywhere gets an empty one.
+    for (reply, line) in [
+        (&b"HTTP/1.1 200 Everything Fine\r\nContent-Length: 2\r\n\r\nok"[..], "HTTP/1.1 200 Everything Fine\r\n"),
+        (
+            b"HTTP/1.1 499 Client Closed Request\r\nContent-Length: 2\r\n\r\nok",
+            "HTTP/1.1 499 Client Closed Request\r\n",
+        ),
+        (b"HTTP/1.1 599\r\nContent-Length: 2\r\n\r\nok", "HTTP/1.1 599 \r\n"),
+        (b"HTTP/1.1 404\r\nContent-Length: 2\r\n\r\nok", "HTTP/1.1 404 Not Found\r\n"),
+    ] {
+        let s = Scripted::start(reply, true).await;
+        let gw = gateway(s.addr).await;
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        ] {
+            let (raw, _) = raw_exchange(gw.http, request, Duration::from_secs(5)).await;
+            let text = String::from_utf8_lossy(&raw);
+            assert!(text.starts_with(line), "{:?} answered {text:?}", String::from_utf8_lossy(&request[..4]));
+            assert!(text.ends_with("\r\n\r\nok"), "{text}");
+        }
+    }
+}

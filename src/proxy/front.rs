@@ -457,8 +457,10 @@ pub fn encode_head(
     out.extend_from_slice(if version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    // Some parsers want a reason phrase: hyper's stand-in for an unknown code.
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    // The server's reason phrase, as it wrote it; else the usual one, if the code has one
+    // (the phrase may be empty, RFC 9112 section 4).
+    let reason = fields.and_then(Fields::reason).or(status.canonical_reason().map(str::as_bytes));
+    out.extend_from_slice(reason.unwrap_or_default());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
     // The length is written below.
@@ -906,10 +908,10 @@ mod tests {
         assert!(h.starts_with("HTTP/1.0 404 Not Found\r\n") && h.contains("connection: keep-alive\r\n"), "{h}");
         let (h, _) = head(text(), Method::GET, Version::HTTP_11, false);
         assert!(h.contains("connection: close\r\n"), "{h}");
-        // A code without a reason phrase gets hyper's stand-in.
+        // A code without a reason phrase gets an empty one.
         let mut r = http::Response::new(RespBody::empty());
         *r.status_mut() = StatusCode::from_u16(599).unwrap();
-        assert!(head(r, Method::GET, Version::HTTP_11, true).0.starts_with("HTTP/1.1 599 <none>\r\n"));
+        assert!(head(r, Method::GET, Version::HTTP_11, true).0.starts_with("HTTP/1.1 599 \r\n"));
         // 204 and 304: no body, no implicit length.
         for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
             let mut r = http::Response::new(RespBody::empty());

@@ -218,6 +218,8 @@ pub struct Fields {
     at: Vec<FieldAt>,
     /// The value of the `Content-Length` among the fields, if there is one.
     pub length: Option<u64>,
+    /// A response's reason phrase (its span in `raw`; empty when it has none).
+    reason: (u32, u32),
 }
 
 /// Where one field's name and value lie in [`Fields::raw`] (start, end).
@@ -251,7 +253,12 @@ pub static NO_FIELDS: Fields = Fields::new(Bytes::new(), Vec::new());
 impl Fields {
     /// The fields at `at` in `raw` (a copy of the head they were read from).
     pub(super) const fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
-        Fields { raw, at, length: None }
+        Fields { raw, at, length: None, reason: (0, 0) }
+    }
+
+    /// The reason phrase the server wrote in its status line, if any (`OK` in `200 OK`).
+    pub fn reason(&self) -> Option<&[u8]> {
+        Some(self.bytes(self.reason)).filter(|r| !r.is_empty())
     }
 
     /// Each field's name and value, in the order the peer sent them.
@@ -280,6 +287,21 @@ impl Fields {
         self.at.retain(|f| !spanned(raw, f.name).eq_ignore_ascii_case(name));
         if name.eq_ignore_ascii_case(b"content-length") {
             self.length = None;
+        }
+    }
+
+    /// The reason phrase for hyper to write in an HTTP/1.1 status line: the server's, when
+    /// it is not the one hyper writes anyway; an empty one for a code hyper knows no phrase
+    /// for (it would write `<none>`).
+    pub fn reason_phrase(&self, status: StatusCode) -> Option<hyper::ext::ReasonPhrase> {
+        let usual = status.canonical_reason();
+        match self.reason() {
+            Some(reason) if usual.is_some_and(|u| u.as_bytes() == reason) => None,
+            Some(_) => {
+                hyper::ext::ReasonPhrase::try_from(self.raw.slice(self.reason.0 as usize..self.reason.1 as usize)).ok()
+            }
+            None if usual.is_none() => Some(hyper::ext::ReasonPhrase::from_static(b"")),
+            None => None,
         }
     }
 
@@ -318,6 +340,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     // One copy of the head; the fields are where they lie in it.
     let raw = Bytes::copy_from_slice(&buf[..len]);
     let base = buf.as_ptr() as usize;
+    // httparse checked it: tabs, spaces, visible ASCII and obs-text.
+    let reason = resp.reason.filter(|r| !r.is_empty()).map_or((0, 0), |r| {
+        let start = (r.as_ptr() as usize - base) as u32;
+        (start, start + r.len() as u32)
+    });
     let mut at = Vec::with_capacity(resp.headers.len());
     // What framing and persistence depend on, noted as the fields go by rather than
     // looked up afterwards.
@@ -342,7 +369,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     if noted.connection.too_many {
         return Err(invalid(super::hop::TOO_MANY_NAMED));
     }
-    let mut fields = Fields { length: noted.length.and_then(Result::ok), ..Fields::new(raw, at) };
+    let mut fields = Fields { length: noted.length.and_then(Result::ok), reason, ..Fields::new(raw, at) };
     // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
     for name in &noted.connection.named {
         fields.remove(name.as_str().as_bytes());

@@ -506,6 +506,9 @@ fn tracked_service(
         async move {
             let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if let Some(fields) = resp.body_mut().take_fields() {
+                if let Some(reason) = fields.reason_phrase(resp.status()) {
+                    resp.extensions_mut().insert(reason);
+                }
                 fields.append_to(resp.headers_mut());
             }
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
