@@ -400,6 +400,49 @@ async fn response_timeout_is_504() {
     assert_eq!(r.status, 200);
 }
 
+/// `response_timeout` counts from the request's last byte sent: an upload slower than it
+/// in all passes while it keeps moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_that_keeps_moving_outlives_response_timeout() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 12\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for byte in b"slow but on." {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(&[*byte]).await.unwrap();
+    }
+    let (bytes, _) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(raw_status(&bytes), Some(200), "after {:?}: {}", t.elapsed(), String::from_utf8_lossy(&bytes));
+    assert!(t.elapsed() > Duration::from_millis(2800), "{:?}", t.elapsed());
+    assert_eq!(&b.last().body[..], b"slow but on.");
+}
+
+/// A client that stops sending its body is answered 408 once `response_timeout` passes
+/// without a byte of it, and the server is not blamed (no ejection after many).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_408_and_not_the_servers_fault() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 20\r\n\r\nhalf of it").await.unwrap();
+        let t = Instant::now();
+        let (bytes, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+        let took = t.elapsed();
+        assert_eq!(raw_status(&bytes), Some(408), "request {i}: {}", String::from_utf8_lossy(&bytes));
+        assert!(String::from_utf8_lossy(&bytes).ends_with("408 request body timed out\n"));
+        assert!(took >= Duration::from_millis(650) && took < Duration::from_millis(3000), "{took:?}");
+        assert!(closed, "the connection is not kept after a body cut short");
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
+    assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
+}
+
 /// A body that turns malformed after it started streaming to the server is the client's
 /// fault: 400, and it must not count against the server (or three such requests would
 /// eject a healthy server for everyone).

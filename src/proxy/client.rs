@@ -15,7 +15,8 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -103,7 +104,7 @@ impl Pool {
     /// (warm, least likely closed by the server), with the pool's epoch. Older ones stay
     /// for requests that may take them.
     fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize)>, u64) {
-        let epoch = self.epoch.load(Ordering::Relaxed);
+        let epoch = self.epoch.load(Relaxed);
         let mut shard = self.lock();
         while let Some((socket, since, room)) = shard.pop() {
             let idle = now.saturating_duration_since(since);
@@ -122,7 +123,7 @@ impl Pool {
     /// Keeps a connection whose last response (of `body` bytes) has ended `now`, taken
     /// at `epoch`, unless the pool was cleared since or is full.
     pub fn put(&self, socket: TcpStream, epoch: u64, body: u64, now: Instant) {
-        if self.epoch.load(Ordering::Relaxed) != epoch {
+        if self.epoch.load(Relaxed) != epoch {
             return;
         }
         let mut shard = self.lock();
@@ -140,7 +141,7 @@ impl Pool {
 
     /// Closes every idle connection; those in use are closed when their response ends.
     pub fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Relaxed);
         for shard in &self.shards {
             shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         }
@@ -167,6 +168,9 @@ pub enum SendError {
     Failed { addr: SocketAddr, source: io::Error },
     #[error("{addr} did not respond within {after:?}")]
     ResponseTimeout { addr: SocketAddr, after: Duration },
+    /// The client sent nothing more of its request body for `after`.
+    #[error("the client sent none of the rest of its request body for {after:?}")]
+    ClientStalled { after: Duration },
     /// The client's request body failed (bad chunking, cut short) while it streamed on.
     #[error("the client's request body failed: {0}")]
     ClientBody(hyper::Error),
@@ -185,7 +189,7 @@ impl SendError {
 
     /// Whether the server looks broken (counts toward passive ejection).
     pub fn is_server_failure(&self) -> bool {
-        !matches!(self, SendError::ResponseTimeout { .. } | SendError::ClientBody(_))
+        !matches!(self, SendError::ResponseTimeout { .. } | SendError::ClientBody(_) | SendError::ClientStalled { .. })
     }
 }
 
@@ -281,7 +285,6 @@ pub fn send(
         // One reading of the clock for the deadline and the pool's idle ages. (tokio's clock
         // is this one, except under test-util's paused time, which no test sending uses.)
         let now = Instant::now();
-        let deadline = tokio::time::Instant::from_std(now) + response_timeout;
         let framing = request_framing(request.parts, &body);
         // A small held body leaves in the head's write (and stays in `body` for handing back).
         let inline = matches!(
@@ -321,11 +324,13 @@ pub fn send(
                 other => (None, Some(other)),
             };
             let outgoing = Outgoing { head: request, framing, inlined };
+            let sending = Sending::new(tokio::time::Instant::from_std(now));
             // Pinned here, where it lives, rather than moved into `exchange_until` and pinned
             // again there: a second copy (400 bytes) of it in this future and a move less.
             let result = {
-                let exchange = std::pin::pin!(exchange(&mut io, &outgoing, upload, room, &mut wrote, &mut heard));
-                exchange_until(exchange, deadline, response_timeout, kill).await
+                let exchange =
+                    std::pin::pin!(exchange(&mut io, &outgoing, upload, room, &mut wrote, &mut heard, &sending));
+                exchange_until(exchange, &sending, response_timeout, kill).await
             };
             let error = match result {
                 Ok(Ok((head_in, buf, upload))) => {
@@ -351,6 +356,7 @@ pub fn send(
                 Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
                 Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
                 Ok(Err(Broke::Client(e))) => SendError::ClientBody(e),
+                Err(_) if sending.awaiting_client.load(Relaxed) => SendError::ClientStalled { after: response_timeout },
                 Err(_) => SendError::ResponseTimeout { addr, after: response_timeout },
             };
             // Only a request none of which was written goes back.
@@ -360,30 +366,68 @@ pub fn send(
     }
 }
 
-/// Runs `exchange` until `deadline` (`response_timeout` after it began), or until the
-/// server's `kill` fires (its drain timeout ran out). Waiting on the token puts a waiter
-/// under its lock, which every worker shares, and takes it out again: about 420
-/// instructions and two trips through a contended lock per request. Nearly every
-/// exchange ends well within [`WATCH_KILL_AFTER`], so the wait on `kill` begins only for
-/// one still running then. A draining server gets no new requests, so this matters only
-/// for a `drain_timeout` under that: a stuck request is then cut no earlier than that
-/// long after it was sent.
+/// How an attempt's sending goes, for its response timeout: when it began, when a piece
+/// of the request body last went out (nanoseconds after that), and whether the body waits
+/// on the client. Atomics only so that the request's future stays `Send`: one task
+/// writes and reads them.
+struct Sending {
+    began: tokio::time::Instant,
+    body_sent_at: AtomicU64,
+    awaiting_client: AtomicBool,
+}
+
+impl Sending {
+    fn new(began: tokio::time::Instant) -> Sending {
+        Sending { began, body_sent_at: AtomicU64::new(0), awaiting_client: AtomicBool::new(false) }
+    }
+
+    /// The upload's state after a poll that wrote `progressed` bytes.
+    fn note(&self, progressed: bool, awaiting_client: bool) {
+        if progressed {
+            let at = tokio::time::Instant::now().saturating_duration_since(self.began);
+            self.body_sent_at.store(at.as_nanos() as u64, Relaxed);
+        }
+        self.awaiting_client.store(awaiting_client, Relaxed);
+    }
+
+    /// When the wait for the answer began: the attempt's start, or the last piece of the
+    /// body sent.
+    fn since(&self) -> tokio::time::Instant {
+        self.began + Duration::from_nanos(self.body_sent_at.load(Relaxed))
+    }
+}
+
+/// Runs `exchange` until `response_timeout` has passed with nothing sent (from the
+/// attempt's start, then from each piece of the request body sent: a long upload that
+/// keeps moving is not cut, one that stops is), or until the server's `kill` fires (its
+/// drain timeout ran out). Waiting on the token puts a waiter under its lock, which every
+/// worker shares, and takes it out again: about 420 instructions and two trips through a
+/// contended lock per request. Nearly every exchange ends well within
+/// [`WATCH_KILL_AFTER`], so the wait on `kill` begins only for one still running then. A
+/// draining server gets no new requests, so this matters only for a `drain_timeout` under
+/// that: a stuck request is then cut no earlier than that long after it was sent.
 async fn exchange_until<T>(
     mut exchange: Pin<&mut impl Future<Output = Result<T, Broke>>>,
-    deadline: tokio::time::Instant,
+    sending: &Sending,
     response_timeout: Duration,
     kill: &CancellationToken,
 ) -> Result<Result<T, Broke>, tokio::time::error::Elapsed> {
     if response_timeout > WATCH_KILL_AFTER {
-        let watch_from = deadline - (response_timeout - WATCH_KILL_AFTER);
-        if let Ok(done) = tokio::time::timeout_at(watch_from, exchange.as_mut()).await {
+        if let Ok(done) = tokio::time::timeout_at(sending.began + WATCH_KILL_AFTER, exchange.as_mut()).await {
             return Ok(done);
         }
     }
-    tokio::select! {
-        biased;
-        r = tokio::time::timeout_at(deadline, exchange) => r,
-        () = kill.cancelled() => Ok(Err(Broke::Server(h1::removed()))),
+    let mut deadline = sending.began + response_timeout;
+    loop {
+        tokio::select! {
+            biased;
+            r = tokio::time::timeout_at(deadline, exchange.as_mut()) => match r {
+                Err(elapsed) if sending.since() + response_timeout <= deadline => return Err(elapsed),
+                Err(_) => deadline = sending.since() + response_timeout,
+                done => return done,
+            },
+            () = kill.cancelled() => return Ok(Err(Broke::Server(h1::removed()))),
+        }
     }
 }
 
@@ -424,6 +468,7 @@ async fn exchange(
     first_room: usize,
     wrote: &mut bool,
     heard: &mut bool,
+    sending: &Sending,
 ) -> Result<(Head, BytesMut, Option<Box<Upload>>), Broke> {
     let mut head = Vec::with_capacity(1024 + out.inlined.map_or(0, <[u8]>::len));
     h1::encode_head(out.head, out.framing, &mut head);
@@ -441,7 +486,13 @@ async fn exchange(
     let mut buf = BytesMut::new();
     if let Some(body) = body.filter(|b| !matches!(b, ReqBody::Empty)) {
         let mut upload = Upload::new(std::mem::replace(body, ReqBody::Empty), framing);
-        let answered = poll_fn(|cx| upload.poll_until_answered(io, &mut buf, method, cx)).await?;
+        let answered = poll_fn(|cx| {
+            let before = upload.written;
+            let polled = upload.poll_until_answered(io, &mut buf, method, cx);
+            sending.note(upload.written != before, upload.awaiting_client && polled.is_pending());
+            polled
+        })
+        .await?;
         if let Some(head) = answered {
             // The server answered before the whole body was sent: the rest goes on
             // while the response streams (full duplex), and the connection is not kept.

@@ -11,6 +11,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request target longer than {0} bytes")]
     UriTooLong(usize),
+    #[error("the client stopped sending its request body")]
+    BodyTimeout,
     #[error("no route for this host and path")]
     NoRoute,
     #[error("the TLS server name and the Host header disagree")]
@@ -32,6 +34,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -48,6 +51,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "400 bad request\n",
             ProxyError::UriTooLong(_) => "414 request target too long\n",
+            ProxyError::BodyTimeout => "408 request body timed out\n",
             ProxyError::NoRoute => "404 no route for this host and path\n",
             ProxyError::Misdirected => "421 misdirected request: TLS server name and Host differ\n",
             ProxyError::MethodNotAllowed(_) => "405 method not allowed\n",

@@ -634,11 +634,24 @@ pub struct Upload {
     ended: bool,
     /// Writing failed: the server stopped reading; nothing more is sent.
     pub abandoned: bool,
+    /// Bytes written so far (framing included): whether sending moves on.
+    pub written: u64,
+    /// Waiting for the client's next piece of the body (not for the server to take one).
+    pub awaiting_client: bool,
 }
 
 impl Upload {
     pub fn new(body: ReqBody, framing: Framing) -> Self {
-        Upload { body, framing, out: Vec::new(), sent: 0, ended: false, abandoned: false }
+        Upload {
+            body,
+            framing,
+            out: Vec::new(),
+            sent: 0,
+            ended: false,
+            abandoned: false,
+            written: 0,
+            awaiting_client: false,
+        }
     }
 
     /// Sends the body; `Some(head)` if the server answered before it was all sent.
@@ -684,7 +697,10 @@ impl Upload {
             if self.sent < self.out.len() {
                 match Pin::new(&mut *io).poll_write(cx, &self.out[self.sent..]) {
                     Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                    Poll::Ready(Ok(n)) => self.sent += n,
+                    Poll::Ready(Ok(n)) => {
+                        self.sent += n;
+                        self.written += n as u64;
+                    }
                     Poll::Ready(Err(e)) => return Err(e.into()),
                     Poll::Pending => return Ok(Poll::Pending),
                 }
@@ -695,7 +711,9 @@ impl Upload {
             }
             self.out.clear();
             self.sent = 0;
-            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+            let frame = Pin::new(&mut self.body).poll_frame(cx);
+            self.awaiting_client = frame.is_pending();
+            let frame = match frame {
                 Poll::Pending => return Ok(Poll::Pending),
                 Poll::Ready(Some(Err(e))) => return Err(Broke::Client(e)),
                 Poll::Ready(Some(Ok(frame))) => frame,

@@ -363,6 +363,10 @@ fn attempts(
                     record_success(&server);
                     return Ok((sent, guard));
                 }
+                Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
+                    tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
+                    return Err(ProxyError::BodyTimeout);
+                }
                 Err(client::Failure { error, .. }) if error.client_body_failed() => {
                     // The client's body broke (bad chunking, cut short) while it streamed to
                     // the server: the client's fault, not the server's, and nothing to retry.
