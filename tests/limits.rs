@@ -400,6 +400,36 @@ async fn response_timeout_is_504() {
     assert_eq!(r.status, 200);
 }
 
+/// A transfer coding the gateway does not undo (RFC 9112 section 6.1: 501), and request
+/// targets whose authority is not a host and a port: userinfo, the authority-form outside
+/// CONNECT, a port that is no number (400). None reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_codings_and_odd_authorities_never_reach_the_server() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let coded = b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (bytes, _) = raw(&gw, coded).await;
+    assert_eq!(raw_status(&bytes), Some(501), "{}", String::from_utf8_lossy(&bytes));
+    for (request, why) in [
+        ("GET http://evil.test@app.test/x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", "userinfo"),
+        ("GET user@evil.test:80 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", "authority-form"),
+        ("GET / HTTP/1.1\r\nHost: app.test:abc\r\nConnection: close\r\n\r\n", "port"),
+        ("GET / HTTP/1.1\r\nHost: app.test:99999\r\nConnection: close\r\n\r\n", "port"),
+        (
+            "POST http://evil.test@app.test/x HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+            "userinfo",
+        ),
+    ] {
+        let (bytes, _) = raw(&gw, request.as_bytes()).await;
+        assert_eq!(raw_status(&bytes), Some(400), "{why}: {request:?} got {}", String::from_utf8_lossy(&bytes));
+    }
+    assert_eq!(b.hits(), 0);
+    // The well-formed ones pass.
+    let (bytes, _) =
+        raw(&gw, b"GET http://app.test:8080/x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+}
+
 /// `response_timeout` counts from the request's last byte sent: an upload slower than it
 /// in all passes while it keeps moving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

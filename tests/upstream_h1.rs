@@ -219,6 +219,10 @@ async fn broken_or_ambiguous_responses_are_502() {
         b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
         b"not http at all\r\n\r\n",
+        // Transfer codings other than chunked: relayed, the client would take the coded
+        // bytes for the content.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
     ] {
         let s = Scripted::start(reply, true).await;
         let gw = gateway(s.addr).await;

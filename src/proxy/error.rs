@@ -13,6 +13,8 @@ pub enum ProxyError {
     UriTooLong(usize),
     #[error("the client stopped sending its request body")]
     BodyTimeout,
+    #[error("a request body in a transfer coding other than chunked")]
+    UnsupportedCoding,
     #[error("no route for this host and path")]
     NoRoute,
     #[error("the TLS server name and the Host header disagree")]
@@ -35,6 +37,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -52,6 +55,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "400 bad request\n",
             ProxyError::UriTooLong(_) => "414 request target too long\n",
             ProxyError::BodyTimeout => "408 request body timed out\n",
+            ProxyError::UnsupportedCoding => "501 transfer coding not supported\n",
             ProxyError::NoRoute => "404 no route for this host and path\n",
             ProxyError::Misdirected => "421 misdirected request: TLS server name and Host differ\n",
             ProxyError::MethodNotAllowed(_) => "405 method not allowed\n",

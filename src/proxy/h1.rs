@@ -392,8 +392,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
 #[derive(Default)]
 struct Noted {
     transfer_encoding: bool,
-    /// The last `Transfer-Encoding` field ends with `chunked`.
-    chunked_last: bool,
+    /// A transfer coding other than `chunked` (gzip, say) is named, or one in bytes other
+    /// than visible ASCII.
+    other_coding: bool,
     /// `Content-Length`, if there is one: its value (repeated or listed values must
     /// agree), or the first fault in it.
     length: Option<Result<u64, &'static str>>,
@@ -408,12 +409,10 @@ impl Noted {
         match which {
             Fixed::Connection => self.connection.note(value),
             Fixed::TransferEncoding => {
-                // Chunked must be the final coding of the last field, in visible ASCII: a
-                // value with other bytes is not chunked (the body then runs until close).
                 let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
-                let last = value.rsplit(|&b| b == b',').next().filter(|_| visible);
+                self.other_coding |=
+                    !visible || value.split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 self.transfer_encoding = true;
-                self.chunked_last = last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
             Fixed::Te | Fixed::Upgrade | Fixed::Other => {}
         }
@@ -450,11 +449,15 @@ fn response_framing(method: &Method, status: StatusCode, noted: &Noted) -> io::R
     {
         return Ok((Framing::Empty, true));
     }
+    if noted.other_coding {
+        // A coding the gateway would have to undo (gzip, say), or pass on under a
+        // Transfer-Encoding only HTTP/1.1 has: relayed as it is, the client would take the
+        // coded bytes for the content.
+        return Err(invalid("response body in a transfer coding other than chunked"));
+    }
     if noted.transfer_encoding {
-        // Chunked must be the final coding, else the body runs until close. With both
-        // fields the length is ignored and the connection is not reused.
-        let clean = noted.length.is_none();
-        return Ok(if noted.chunked_last { (Framing::Chunked, clean) } else { (Framing::Close, false) });
+        // Chunked. With both fields the length is ignored and the connection is not reused.
+        return Ok((Framing::Chunked, noted.length.is_none()));
     }
     Ok(match noted.length {
         Some(length) => (Framing::Length(length.map_err(invalid)?), true),
@@ -1053,17 +1056,19 @@ mod tests {
         assert_eq!((h.framing, h.keep_alive, h.status.as_u16()), (Framing::Length(12), true, 200));
         assert_eq!(h.fields.values("x-a").collect::<Vec<_>>(), [b"b"]);
         assert_eq!(h.fields.length, Some(12));
-        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing, Framing::Chunked);
-        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
-        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        // Codings other than chunked are refused, wherever they are.
+        for te in ["gzip, chunked", "chunked, gzip", "gzip", "chunked\r\nTransfer-Encoding: deflate"] {
+            assert!(
+                parse(&format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n"), Method::GET).is_err(),
+                "{te}"
+            );
+        }
+        assert_eq!(head("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n").framing, Framing::Chunked);
         let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false), "both fields: chunked, then close");
         assert_eq!((names(&h).len(), h.fields.length), (0, None), "the stale length must not reach the client");
         // Only visible ASCII spells chunked (a no-break space after it does not).
-        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n", Method::GET)
-            .expect("ok")
-            .expect("whole");
-        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        assert!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n", Method::GET).is_err());
         // Nor does it pad a length.
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 3\u{a0}\r\n\r\n", Method::GET).is_err());
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", Method::GET).is_err());
@@ -1074,8 +1079,12 @@ mod tests {
             .expect("ok")
             .expect("whole");
         assert_eq!((h.framing, names(&h).len(), h.fields.length), (Framing::Empty, 0, None));
-        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!((h.framing, names(&h).len(), h.fields.length), (Framing::Close, 0, None));
+        assert!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n", Method::GET).is_err());
+        // With no body, a coding frames nothing and is not judged.
+        let h = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Method::HEAD)
+            .expect("ok")
+            .expect("whole");
+        assert_eq!((h.framing, names(&h).len()), (Framing::Empty, 0));
         let h = head("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
         assert_eq!(head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").framing, Framing::Empty);

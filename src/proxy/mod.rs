@@ -167,6 +167,16 @@ fn route_request(
 ) -> Result<Routed, Failure> {
     let limits = &snap.proxy.limits;
     let authority = request_authority(req).map_err(|e| (e, None))?;
+    // RFC 9112 section 6.1: a transfer coding the gateway does not undo (gzip, chunked) is
+    // a 501; passed on as plain chunked, the server would take the coded bytes for the
+    // content. (hyper reads only heads whose last coding is chunked.)
+    let codings = req.headers().get_all(header::TRANSFER_ENCODING);
+    if codings
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked")))
+    {
+        return Err((ProxyError::UnsupportedCoding, None));
+    }
     let authority_str = authority.to_str().unwrap_or("");
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
         return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
@@ -253,6 +263,13 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(auth) = req.uri().authority() {
+        // The authority-form (`host:port`) is CONNECT's alone (RFC 9112 section 3.2.3).
+        if req.uri().scheme().is_none() && req.method() != Method::CONNECT {
+            return Err(ProxyError::BadRequest("authority-form request target"));
+        }
+        if !valid_authority(auth.as_str()) {
+            return Err(ProxyError::BadRequest("invalid authority"));
+        }
         return HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"));
     }
     match first {
@@ -263,9 +280,25 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
     }
 }
 
-/// `host[:port]` made of the characters RFC 3986 allows in a reg-name or IP literal.
+/// `host[:port]`: the characters RFC 3986 allows in a reg-name or IP literal (so no
+/// userinfo, which RFC 9110 section 4.2.4 makes an error), and a port, if any, of digits
+/// up to 65535.
 fn valid_authority(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)) {
+        return false;
+    }
+    let port = match s.rfind(']') {
+        Some(end) if s[end + 1..].is_empty() => None,
+        Some(end) => match s[end + 1..].strip_prefix(':') {
+            Some(port) => Some(port),
+            None => return false,
+        },
+        None => s.rsplit_once(':').map(|(_, port)| port),
+    };
+    port.is_none_or(|p| {
+        p.is_empty()
+            || (p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().is_ok_and(|n| n <= 65_535))
+    })
 }
 
 /// Edits the request into what the server gets; returns the forwarding fields it gets on
@@ -666,5 +699,17 @@ mod tests {
     /// An error like a closed connection gives.
     async fn closed_error() -> std::io::Error {
         std::io::Error::from(std::io::ErrorKind::ConnectionReset)
+    }
+
+    #[test]
+    fn an_authority_is_a_host_and_a_port_of_digits() {
+        for ok in ["app.test", "app.test:8443", "app.test:", "127.0.0.1:80", "[::1]", "[::1]:443", "a.test:65535"] {
+            assert!(valid_authority(ok), "{ok}");
+        }
+        for bad in
+            ["u@app.test", "evil.test@app.test", "app.test:abc", "app.test:99999", "app.test:-1", "[::1]x", "a b"]
+        {
+            assert!(!valid_authority(bad), "{bad}");
+        }
     }
 }
