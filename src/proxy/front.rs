@@ -548,29 +548,11 @@ fn allowed_trailers(trailers: HeaderMap, announced: &[HeaderName]) -> HeaderMap 
                 None => continue,
             },
         };
-        if announced.contains(&name) && !forbidden_trailer(&name) {
+        if announced.contains(&name) && hop::may_be_trailer(&name) {
             allowed.append(name, value);
         }
     }
     allowed
-}
-
-fn forbidden_trailer(name: &HeaderName) -> bool {
-    matches!(
-        *name,
-        header::AUTHORIZATION
-            | header::CACHE_CONTROL
-            | header::CONTENT_ENCODING
-            | header::CONTENT_LENGTH
-            | header::CONTENT_RANGE
-            | header::CONTENT_TYPE
-            | header::HOST
-            | header::MAX_FORWARDS
-            | header::SET_COOKIE
-            | header::TRAILER
-            | header::TRANSFER_ENCODING
-            | header::TE
-    )
 }
 
 /// Appends the `Date` field, formatted at most once a second per thread.

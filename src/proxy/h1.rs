@@ -734,7 +734,13 @@ impl Upload {
                 Err(frame) => {
                     self.ended = true;
                     if self.framing == Framing::Chunked {
-                        encode_last_chunk(frame.trailers_ref(), &mut self.out);
+                        let trailers = frame.trailers_ref().map(|t| {
+                            t.iter()
+                                .filter(|(name, _)| super::hop::may_be_trailer(name))
+                                .map(|(name, value)| (name.clone(), value.clone()))
+                                .collect::<HeaderMap>()
+                        });
+                        encode_last_chunk(trailers.as_ref(), &mut self.out);
                     }
                 }
             }

@@ -62,6 +62,33 @@ pub fn strip(headers: &mut HeaderMap) -> Result<bool, &'static str> {
     Ok(wants_trailers)
 }
 
+/// Whether a field may travel in a trailer section (RFC 9110 section 6.5.1): not one
+/// that frames, routes, authenticates or describes the content, which are acted on before
+/// the content arrives; not a hop-by-hop one; and not one the gateway writes for the
+/// server (`X-Forwarded-*`, `Forwarded`, `X-Request-Id`, or a look-alike of them), which
+/// a client could otherwise add after the head.
+pub fn may_be_trailer(name: &HeaderName) -> bool {
+    let forbidden = matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::PROXY_AUTHORIZATION
+    );
+    let bytes = name.as_str().as_bytes();
+    !forbidden
+        && fixed(bytes).is_none()
+        && !super::forwarded::is_forwarding(bytes)
+        && !super::forwarded::is_lookalike(bytes)
+}
+
 /// Which of [`ALWAYS`] a field is, told from its name as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fixed {
