@@ -473,6 +473,72 @@ async fn a_stalled_upload_is_408_and_not_the_servers_fault() {
     assert_eq!(get(gw.http, "app.test", "/").await.status, 200);
 }
 
+/// A server that answers `GET /` with a head promising 12 bytes and sends them `gap` apart
+/// (`None`: sends 3 and goes silent, the connection held open).
+async fn dribbling_server(gap: Option<Duration>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut byte).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n").await;
+                match gap {
+                    Some(gap) => {
+                        for b in b"still coming" {
+                            tokio::time::sleep(gap).await;
+                            let _ = s.write_all(&[*b]).await;
+                        }
+                    }
+                    None => {
+                        let _ = s.write_all(b"sti").await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `response_timeout` also bounds each wait for the next piece of a response body: a
+/// server that goes silent mid-body is cut off (the client sees the body end short, never
+/// a complete one), and one that keeps sending, however slowly, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stops_coming_is_cut_off() {
+    let silent = dribbling_server(None).await;
+    let gw = Gateway::builder(CONFIG)
+        .var("SERVERS", format!("\"{silent}\""))
+        .var("HRT", "1s")
+        .var("MAXCONN", 100)
+        .start()
+        .await;
+    let t = Instant::now();
+    let (bytes, closed) = raw(&gw, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(closed && text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\nsti"), "{text}");
+    assert!(t.elapsed() >= Duration::from_millis(650) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    let slow = dribbling_server(Some(Duration::from_millis(250))).await;
+    let gw = Gateway::builder(CONFIG)
+        .var("SERVERS", format!("\"{slow}\""))
+        .var("HRT", "1s")
+        .var("MAXCONN", 100)
+        .start()
+        .await;
+    let t = Instant::now();
+    let r = get(gw.http, "app.test", "/").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "still coming"));
+    assert!(t.elapsed() > Duration::from_millis(2800), "{:?}", t.elapsed());
+}
+
 /// A body that turns malformed after it started streaming to the server is the client's
 /// fault: 400, and it must not count against the server (or three such requests would
 /// eject a healthy server for everyone).

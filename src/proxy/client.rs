@@ -336,7 +336,14 @@ pub fn send(
                 Ok(Ok((head_in, buf, upload))) => {
                     let (status, version) = (head_in.status, head_in.version);
                     // The fields stay with the body (`h1::Fields`): the map stays empty.
-                    let mut response = Response::new(ResponseBody::new(io, buf, head_in, Arc::clone(server), upload));
+                    let mut response = Response::new(ResponseBody::new(
+                        io,
+                        buf,
+                        head_in,
+                        Arc::clone(server),
+                        upload,
+                        response_timeout,
+                    ));
                     *response.status_mut() = status;
                     *response.version_mut() = version;
                     return Ok(Sent { response, epoch });

@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -773,6 +774,13 @@ pub struct ResponseBody {
     server: Arc<Server>,
     /// Waits on the server's `kill`, set up only once a read has had to wait.
     killed: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The longest the server may send nothing while the body waits on it
+    /// (`response_timeout`), timed by `stall` from the first wait after a read that
+    /// brought something; set up only once a read has had to wait.
+    stall_limit: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A read brought something since `stall` was set.
+    moved: bool,
     /// The rest of a request body the server answered before it had all of it: sent
     /// on as the response is read.
     upload: Option<Box<Upload>>,
@@ -783,7 +791,14 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// The body that follows `head` on `io`, whose read buffer already holds `buf`; it
     /// keeps the head's fields.
-    pub fn new(io: TcpStream, buf: BytesMut, head: Head, server: Arc<Server>, upload: Option<Box<Upload>>) -> Self {
+    pub fn new(
+        io: TcpStream,
+        buf: BytesMut,
+        head: Head,
+        server: Arc<Server>,
+        upload: Option<Box<Upload>>,
+        stall_limit: Duration,
+    ) -> Self {
         let state = match head.framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
@@ -791,7 +806,19 @@ impl ResponseBody {
             Framing::Close => State::Close,
         };
         let keep_alive = head.keep_alive;
-        ResponseBody { io: Some(io), buf, state, keep_alive, server, killed: None, upload, fields: head.fields }
+        ResponseBody {
+            io: Some(io),
+            buf,
+            state,
+            keep_alive,
+            server,
+            killed: None,
+            stall_limit,
+            stall: None,
+            moved: false,
+            upload,
+            fields: head.fields,
+        }
     }
 
     /// The response's fields (see [`Fields`]).
@@ -891,8 +918,25 @@ impl ResponseBody {
             }
         }
         match poll_fill(io, &mut self.buf, cx) {
-            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Ready(r) => {
+                self.moved |= matches!(r, Ok(n) if n > 0);
+                Poll::Ready(r)
+            }
             Poll::Pending => {
+                let limit = self.stall_limit;
+                let deadline = || tokio::time::Instant::now() + limit;
+                match &mut self.stall {
+                    None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline()))),
+                    Some(stall) if self.moved => stall.as_mut().reset(deadline()),
+                    Some(_) => {}
+                }
+                self.moved = false;
+                if let Some(stall) = self.stall.as_mut() {
+                    if stall.as_mut().poll(cx).is_ready() {
+                        let e = format!("the server sent nothing of its response body for {limit:?}");
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)));
+                    }
+                }
                 let kill = &self.server.kill;
                 let killed = self.killed.get_or_insert_with(|| Box::pin(kill.clone().cancelled_owned()));
                 ready!(killed.as_mut().poll(cx));
@@ -928,7 +972,7 @@ mod tests {
         let (mut io, mut server) = socket_pair().await;
         let mut buf = BytesMut::new();
         let waited = tokio::time::timeout(
-            std::time::Duration::from_millis(100),
+            Duration::from_millis(100),
             std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)),
         )
         .await;
@@ -960,7 +1004,7 @@ mod tests {
         let head = Head { framing, keep_alive: true, ..head("HTTP/1.1 200 OK\r\n\r\n") };
         let mut buf = BytesMut::with_capacity(SMALL_READ);
         buf.extend_from_slice(bytes);
-        (ResponseBody::new(io, buf, head, server, None), server_end)
+        (ResponseBody::new(io, buf, head, server, None, Duration::from_secs(60)), server_end)
     }
 
     #[tokio::test]
