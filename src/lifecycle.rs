@@ -179,27 +179,29 @@ async fn signals(
         _ = int.recv() => true,
         () = std::future::ready(()) => false,
     };
-    while !stopped_early {
-        tokio::select! {
-            _ = hup.recv() => {
-                let started = std::time::Instant::now();
-                match gw.reload(&environment()).await {
-                    Ok(generation) => {
-                        let next = gw.snapshot().config.tls.min_version;
-                        if next != min_tls {
-                            match crate::tls::server_config(Arc::clone(&gw.certs), next) {
-                                Ok(c) => { tls.store(c); min_tls = next; }
-                                Err(e) => tracing::error!(error = %e, "TLS settings not applied"),
+    if !stopped_early {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let started = std::time::Instant::now();
+                    match gw.reload(&environment()).await {
+                        Ok(generation) => {
+                            let next = gw.snapshot().config.tls.min_version;
+                            if next != min_tls {
+                                match crate::tls::server_config(Arc::clone(&gw.certs), next) {
+                                    Ok(c) => { tls.store(c); min_tls = next; }
+                                    Err(e) => tracing::error!(error = %e, "TLS settings not applied"),
+                                }
                             }
+                            let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+                            tracing::info!(generation, took_ms, "configuration reloaded");
                         }
-                        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
-                        tracing::info!(generation, took_ms, "configuration reloaded");
+                        Err(e) => tracing::error!("reload refused, the running configuration is kept: {e}"),
                     }
-                    Err(e) => tracing::error!("reload refused, the running configuration is kept: {e}"),
                 }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
         }
     }
     let snap = gw.snapshot();

@@ -987,7 +987,7 @@ mod tests {
         drop(server);
         let mut buf = BytesMut::new();
         let read = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
+            Duration::from_secs(5),
             std::future::poll_fn(|cx| poll_fill_with(&mut io, &mut buf, SMALL_READ, cx)),
         )
         .await
