@@ -131,24 +131,37 @@ static NAMES: [&HeaderName; 7] = [
     &X_REQUEST_ID,
 ];
 
-/// Whether a field called `name` (any case) is one this module reads and writes.
+/// [`NAMES`] as bytes (a `HeaderName`'s bytes take a branch to reach).
+const NAME_BYTES: [&[u8]; 7] = [
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"forwarded",
+    b"x-request-id",
+];
+
+/// Whether a field called `name` (any case) is one this module reads and writes. Asked
+/// of every field a client sends: the first byte (`x` or `f`, which few other names
+/// begin with) is looked at first.
+#[inline]
 pub fn is_forwarding(name: &[u8]) -> bool {
-    NAMES.iter().any(|n| n.as_str().len() == name.len() && name.eq_ignore_ascii_case(n.as_str().as_bytes()))
+    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
+        && NAME_BYTES.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
 }
 
 /// Whether `name` is one of those fields spelt with `_` for `-` (`X_Forwarded_For`).
 /// Servers with CGI-style variables (WSGI, Rack, PHP) read both spellings as one
 /// (`HTTP_X_FORWARDED_FOR`), so a client could pass its own value in under the other
 /// spelling: such a field is removed, whoever sent it.
+#[inline]
 pub fn is_lookalike(name: &[u8]) -> bool {
-    name.contains(&b'_')
-        && NAMES.iter().any(|n| {
-            let n = n.as_str().as_bytes();
-            n.len() == name.len()
-                && n.iter()
-                    .zip(name)
-                    .all(|(&ours, &theirs)| ours == theirs.to_ascii_lowercase() || (ours == b'-' && theirs == b'_'))
-        })
+    let alike = |ours: &u8, theirs: &u8| *ours == theirs.to_ascii_lowercase() || (*ours == b'-' && *theirs == b'_');
+    // `Forwarded` has no `-`; the others begin with `x`.
+    name.first().is_some_and(|&b| b | 0x20 == b'x')
+        && NAME_BYTES.iter().any(|n| n.len() == name.len() && n.iter().zip(name).all(|(o, t)| alike(o, t)))
+        && name.contains(&b'_')
 }
 
 /// Works out the forwarding fields of a request, and removes from `headers` the fields

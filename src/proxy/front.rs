@@ -234,13 +234,12 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         if name.eq_ignore_ascii_case(b"expect") {
             return Parsed::NotOurs;
         }
-        if forwarded::is_lookalike(name) {
-            continue;
-        }
         if name.eq_ignore_ascii_case(b"host") || forwarded::is_forwarding(name) {
             let Ok(name) = HeaderName::from_bytes(name) else { return Parsed::NotOurs };
             let Ok(value) = HeaderValue::from_maybe_shared(slice(field.value)) else { return Parsed::NotOurs };
             headers.append(name, value);
+        } else if forwarded::is_lookalike(name) {
+            // Removed whoever sent it (see `forwarded::is_lookalike`).
         } else if name.len() <= h1::MAX_NAME {
             // httparse checked the name (a token) and the value by `HeaderName`'s and
             // `HeaderValue`'s rules (see `h1::Fields`).

@@ -170,12 +170,14 @@ fn route_request(
     // RFC 9112 section 6.1: a transfer coding the gateway does not undo (gzip, chunked) is
     // a 501; passed on as plain chunked, the server would take the coded bytes for the
     // content. (hyper reads only heads whose last coding is chunked.)
-    let codings = req.headers().get_all(header::TRANSFER_ENCODING);
-    if codings
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked")))
-    {
-        return Err((ProxyError::UnsupportedCoding, None));
+    // (The gateway's own reader leaves any request with Transfer-Encoding to hyper, and
+    // HTTP/2 has none.)
+    if matches!(req.body(), ClientBody::Hyper(_)) && req.version() <= Version::HTTP_11 {
+        let codings = req.headers().get_all(header::TRANSFER_ENCODING);
+        let chunked = |c: &[u8]| c.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        if codings.iter().any(|v| !v.as_bytes().split(|&b| b == b',').all(chunked)) {
+            return Err((ProxyError::UnsupportedCoding, None));
+        }
     }
     let authority_str = authority.to_str().unwrap_or("");
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
@@ -282,23 +284,44 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
 
 /// `host[:port]`: the characters RFC 3986 allows in a reg-name or IP literal (so no
 /// userinfo, which RFC 9110 section 4.2.4 makes an error), and a port, if any, of digits
-/// up to 65535.
+/// up to 65535. One pass over the bytes: asked of every request.
 fn valid_authority(s: &str) -> bool {
-    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)) {
-        return false;
-    }
-    let port = match s.rfind(']') {
-        Some(end) if s[end + 1..].is_empty() => None,
-        Some(end) => match s[end + 1..].strip_prefix(':') {
-            Some(port) => Some(port),
-            None => return false,
-        },
-        None => s.rsplit_once(':').map(|(_, port)| port),
+    /// The bytes of a reg-name, an IP literal and the `:` before a port.
+    const ALLOWED: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let b = i as u8;
+            t[i] = b.is_ascii_alphanumeric()
+                || matches!(b, b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*')
+                || matches!(b, b'+' | b',' | b';' | b'=' | b':' | b'[' | b']' | b'%');
+            i += 1;
+        }
+        t
     };
-    port.is_none_or(|p| {
-        p.is_empty()
-            || (p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().is_ok_and(|n| n <= 65_535))
-    })
+    let bytes = s.as_bytes();
+    // Where the port begins: after the last `:` not inside an IP literal's brackets.
+    let (mut port_at, mut literal_end) = (None, None);
+    for (i, &b) in bytes.iter().enumerate() {
+        if !ALLOWED[usize::from(b)] {
+            return false;
+        }
+        match b {
+            b':' => port_at = Some(i + 1),
+            b']' => (port_at, literal_end) = (None, Some(i)),
+            _ => {}
+        }
+    }
+    // Right after `]` comes the end or `:port`.
+    if let Some(end) = literal_end {
+        if end + 1 != bytes.len() && port_at != Some(end + 2) {
+            return false;
+        }
+    }
+    let port = port_at.map_or(&[][..], |at| &bytes[at..]);
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
 }
 
 /// Edits the request into what the server gets; returns the forwarding fields it gets on

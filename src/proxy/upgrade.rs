@@ -27,7 +27,8 @@ use crate::upstream::balance;
 /// tunnel to any protocol a server would switch to would carry requests past the
 /// gateway's forwarding headers (h2c smuggling).
 pub fn is_h1_upgrade(req: &Request<ClientBody>) -> bool {
-    req.version() == Version::HTTP_11 && hop::connection_has(req.headers(), "upgrade") && lists_websocket(req.headers())
+    // `Upgrade` first: most requests have none, and then nothing else is looked at.
+    req.version() == Version::HTTP_11 && lists_websocket(req.headers()) && hop::connection_has(req.headers(), "upgrade")
 }
 
 /// Whether the `Upgrade` fields name WebSocket.
