@@ -468,6 +468,13 @@ async fn a_stalled_upload_is_408_and_not_the_servers_fault() {
         assert!(took >= Duration::from_millis(650) && took < Duration::from_millis(3000), "{took:?}");
         assert!(closed, "the connection is not kept after a body cut short");
     }
+    // A head whose body never starts: the same, and the server never sees the request.
+    let hits = b.hits();
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 20\r\n\r\n").await.unwrap();
+    let (bytes, _) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(raw_status(&bytes), Some(408), "no body at all: {}", String::from_utf8_lossy(&bytes));
+    assert_eq!(b.hits(), hits);
     let m = gw.metrics().await;
     assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
     assert_eq!(get(gw.http, "app.test", "/").await.status, 200);

@@ -356,3 +356,85 @@ fn client_hello(name: &str) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     out
 }
+
+/// An HTTP/1.1 server answering by path with exact bytes: `/trailers` a chunked body whose
+/// trailer section carries fields that may not be trailers, `/204` a 204 with a length.
+async fn answering_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(s.read(&mut byte).await, Ok(1)) {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let reply: &[u8] = if head.starts_with(b"GET /trailers ") {
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-trailer\r\n\r\n5\r\nhello\r\n0\r\n\
+                          X-Trailer: kept\r\nContent-Length: 9\r\nConnection: close\r\nHost: evil.test\r\n\
+                          Transfer-Encoding: gzip\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\n"
+                    };
+                    head.clear();
+                    if s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_gets_what_http2_allows_and_its_cookies_go_as_one_field() {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["a.test"]);
+    let server = answering_server().await;
+    let b = Backend::start("app").await;
+    for (upstream, what) in [(server, "answers"), (b.addr, "cookies")] {
+        let gw = Gateway::builder(CONFIG)
+            .var("B", upstream)
+            .var("MIN", "1.2")
+            .var("REDIRECT", false)
+            .file("certs/a.crt", crt.clone())
+            .file("certs/a.key", key.clone())
+            .start()
+            .await;
+        let opts = TlsOpts::sni("a.test").verified(&pki).alpn(&[b"h2"]);
+        let (stream, _) = tls_connect(gw.https, &opts).await.unwrap();
+        let mut h2 = H2::over(stream).await;
+        if what == "answers" {
+            // Trailers: only those that may be trailers (a connection field would make
+            // the client reset the stream, a length in them is a protocol error).
+            let resp = {
+                h2.sender.ready().await.unwrap();
+                h2.sender.send_request(req2("GET", "a.test", "/trailers").body(empty()).unwrap()).await.unwrap()
+            };
+            let collected =
+                http_body_util::BodyExt::collect(resp.into_body()).await.expect("the whole body, not a reset");
+            let trailers = collected.trailers().cloned().expect("trailers");
+            assert_eq!(&collected.to_bytes()[..], b"hello");
+            assert_eq!(trailers.get("x-trailer").map(|v| v.to_str().unwrap()), Some("kept"));
+            assert_eq!(trailers.len(), 1, "{trailers:?}");
+            // A 204 carries no length (RFC 9110 section 8.6).
+            let r = h2.get("a.test", "/204").await;
+            assert_eq!((r.status, r.header("x-kept"), r.header("content-length")), (204, Some("yes"), None));
+        } else {
+            let req =
+                req2("GET", "a.test", "/plain").header("cookie", "a=1").header("cookie", "b=2").header("cookie", "c=3");
+            let r = h2.send(req.body(empty()).unwrap()).await.unwrap();
+            assert_eq!(r.status, 200);
+            let seen = b.last();
+            assert_eq!(seen.headers.iter().filter(|(n, _)| n == "cookie").count(), 1, "{:?}", seen.headers);
+            assert_eq!(seen.header("cookie"), Some("a=1; b=2; c=3"));
+        }
+    }
+}

@@ -110,13 +110,16 @@ pub enum Prefetched {
     Body(ReqBody),
     /// The client's body was malformed (bad chunking, cut short): 400, nothing sent on.
     Malformed(hyper::Error),
+    /// None of the body came within the wait: 408, nothing sent on.
+    Stalled,
 }
 
 /// Reads what the client has already sent of its body, up to `limit` bytes, without
 /// waiting for more than the first frame: a body that ends within it is held (it can be
 /// replayed), a longer one streams on. Waiting for the first frame also catches a
-/// malformed body before any server sees the request.
-pub async fn prefetch(body: ClientBody, limit: usize) -> Prefetched {
+/// malformed body before any server sees the request; the first frame is waited for
+/// `wait` at most (a head whose body never comes must not hold a request open).
+pub async fn prefetch(body: ClientBody, limit: usize, wait: std::time::Duration) -> Prefetched {
     let mut body = match body {
         ClientBody::Hyper(body) => body,
         ClientBody::Empty => return Prefetched::Body(ReqBody::Empty),
@@ -130,7 +133,11 @@ pub async fn prefetch(body: ClientBody, limit: usize) -> Prefetched {
     loop {
         let next = if first {
             first = false;
-            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+            match tokio::time::timeout(wait, frame).await {
+                Ok(frame) => frame,
+                Err(_) => return Prefetched::Stalled,
+            }
         } else {
             // Only frames that are already here: never wait on a client that may be
             // waiting for our response before it sends more.

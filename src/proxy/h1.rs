@@ -466,6 +466,16 @@ fn response_framing(method: &Method, status: StatusCode, noted: &Noted) -> io::R
     })
 }
 
+/// `trailers` without the fields that may not be trailers (see `hop::may_be_trailer`):
+/// an HTTP/2 client resets a stream whose trailers carry a connection field, and none
+/// of framing, routing or the like may come after the content.
+fn may_be_trailers(trailers: HeaderMap) -> HeaderMap {
+    if trailers.keys().all(super::hop::may_be_trailer) {
+        return trailers;
+    }
+    trailers.iter().filter(|(name, _)| super::hop::may_be_trailer(name)).map(|(n, v)| (n.clone(), v.clone())).collect()
+}
+
 /// What the chunked decoder found in the buffer.
 #[derive(Debug, PartialEq)]
 pub enum Decoded {
@@ -735,12 +745,7 @@ impl Upload {
                 Err(frame) => {
                     self.ended = true;
                     if self.framing == Framing::Chunked {
-                        let trailers = frame.trailers_ref().map(|t| {
-                            t.iter()
-                                .filter(|(name, _)| super::hop::may_be_trailer(name))
-                                .map(|(name, value)| (name.clone(), value.clone()))
-                                .collect::<HeaderMap>()
-                        });
+                        let trailers = frame.into_trailers().ok().map(may_be_trailers);
                         encode_last_chunk(trailers.as_ref(), &mut self.out);
                     }
                 }
@@ -867,7 +872,7 @@ impl ResponseBody {
                     // The trailer section ends the body (hyper polls no further).
                     Ok(Some(Decoded::Trailers(t))) => {
                         self.state = State::Done;
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        return Poll::Ready(Some(Ok(Frame::trailers(may_be_trailers(t)))));
                     }
                     Ok(Some(Decoded::End)) => {
                         self.state = State::Done;

@@ -510,6 +510,11 @@ fn tracked_service(
                     resp.extensions_mut().insert(reason);
                 }
                 fields.append_to(resp.headers_mut());
+                // RFC 9110 section 8.6: none on a 204 (HTTP/2 clients refuse one; hyper's
+                // HTTP/1.1 writer leaves it out itself).
+                if resp.status() == hyper::StatusCode::NO_CONTENT {
+                    resp.headers_mut().remove(hyper::header::CONTENT_LENGTH);
+                }
             }
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _guard: guard }))
         }

@@ -242,8 +242,13 @@ fn forward(
         let (mut parts, body) = req.into_parts();
         let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
             .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
-        let body = match body::prefetch(body, limits.retry_body_bytes).await {
+        let wait = route.upstream.config.response_timeout;
+        let body = match body::prefetch(body, limits.retry_body_bytes, wait).await {
             Prefetched::Body(b) => b,
+            Prefetched::Stalled => {
+                tracing::debug!(after = ?wait, "the client sent none of its request body");
+                return Err((ProxyError::BodyTimeout, stats()));
+            }
             Prefetched::Malformed(e) => {
                 tracing::debug!(error = %e, "malformed request body");
                 return Err((ProxyError::BadRequest("malformed body"), stats()));
@@ -253,6 +258,20 @@ fn forward(
         let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
         let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
         Ok(respond(sent, route, start, log))
+    }
+}
+
+/// RFC 9113 section 8.2.3: an HTTP/2 client may send its cookies as several `cookie`
+/// fields (browsers do, for header compression); they are joined with "; " before the
+/// request goes on as HTTP/1.1, where a server may keep only one or join them with ",".
+fn join_cookies(headers: &mut hyper::HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -367,6 +386,9 @@ fn rewrite_request(
     }
     if !headers.contains_key(header::HOST) || req.uri.authority().is_some() {
         req.headers.insert(header::HOST, authority.clone());
+    }
+    if req.version == Version::HTTP_2 {
+        join_cookies(&mut req.headers);
     }
     req.version = Version::HTTP_11;
     let needs_new_uri = route.strip_path || req.uri.scheme().is_some() || req.uri.authority().is_some();
