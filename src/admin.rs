@@ -110,7 +110,14 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
             drain(gw, name, server.as_deref())
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/upstreams" | "/certificates") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        (_, p) if drain_target(p).is_some() => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -130,8 +137,11 @@ fn authorize(admin: &Admin, req: &Request<Incoming>) -> Option<Resp> {
             "mutating admin calls are disabled: SWARMGATE_ADMIN_TOKEN is not set\n",
         ));
     };
-    let given =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // The scheme's name is case-insensitive (RFC 9110 section 11.1).
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+    });
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
         _ => {

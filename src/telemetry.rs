@@ -11,10 +11,18 @@ use tracing_subscriber::EnvFilter;
 
 pub fn init(env: &BTreeMap<String, String>) {
     let spec = env.get("SWARMGATE_LOG").map_or("info", String::as_str);
-    let (filter, bad) = match EnvFilter::try_new(spec) {
+    let (mut filter, bad) = match EnvFilter::try_new(spec) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e)),
     };
+    // rustls warns of what a client sends (an IP address as SNI, say) on every handshake
+    // that has it: a line per connection a client can set off. The gateway logs failed
+    // handshakes itself (at debug); `SWARMGATE_LOG` naming rustls overrides this.
+    if !spec.contains("rustls") {
+        if let Ok(quiet) = "rustls=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     let json = env.get("SWARMGATE_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -52,7 +52,9 @@ async fn health_and_readiness() {
     let r = gw.admin_get("/nope").await;
     assert_eq!(r.status, 404);
     let r = admin_post(gw.admin, "/healthz", None).await;
-    assert_eq!(r.status, 405);
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
+    let r = gw.admin_get("/upstreams/app/drain").await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
     // The admin listener is not a route: traffic never reaches it from there.
     assert_eq!(b.hits(), 0);
 }
@@ -269,6 +271,12 @@ async fn drain_with_the_token_stops_new_requests() {
     }
     let r = admin_post(gw.admin, "/upstreams/app/drain?server=127.0.0.1:1", Some("s3cret-token")).await;
     assert_eq!(r.status, 404);
+    // The scheme's name in any case (RFC 9110 section 11.1); the token exactly.
+    for (value, status) in [("bearer s3cret-token", 404), ("BEARER s3cret-token", 404), ("Bearer S3CRET-TOKEN", 401)] {
+        let call = req("POST", &gw.admin.to_string(), "/upstreams/app/drain?server=127.0.0.1:1");
+        let r = send(gw.admin, call.header("authorization", value).body(empty()).unwrap()).await;
+        assert_eq!(r.status, status, "{value}");
+    }
 
     // Hold a request on `a` so that the drained server is still there to be seen.
     a.set_delay(Duration::from_millis(1500));

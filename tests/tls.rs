@@ -438,3 +438,23 @@ async fn an_http2_client_gets_what_http2_allows_and_its_cookies_go_as_one_field(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_by_alpn_is_served_and_an_ip_address_as_sni_is_no_warning_per_handshake() {
+    let s = setup("1.2", false).await;
+    let (r, info) = https_get(s.gw.https, &TlsOpts::sni("a.test").alpn(&[b"http/1.0"]), "a.test", "/").await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"http/1.0"[..]));
+    assert_eq!(r.status, 200);
+    // rustls warns of such a name on every handshake that carries it: a line per
+    // connection any client could set off.
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &s.gw.https.to_string(), "-servername", "127.0.0.1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl (installed by scripts/test.sh)");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Server certificate"), "no handshake");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!s.gw.logs().contains("Illegal SNI"), "{}", s.gw.logs());
+}

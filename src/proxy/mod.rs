@@ -612,7 +612,13 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
         _ => tracing::debug!(status = status.as_u16(), error = %err, "request refused"),
     }
     stats.stats().record(status.as_u16(), start.elapsed());
-    text(status, err.body())
+    let mut resp = text(status, err.body());
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110 section 15.5.6: what the gateway takes (everything but a plain CONNECT).
+        let allow = HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE");
+        resp.headers_mut().insert(header::ALLOW, allow);
+    }
+    resp
 }
 
 /// A short plain-text answer of the gateway's own.

@@ -130,7 +130,9 @@ pub fn server_config(resolver: Arc<CertResolver>, min: TlsVersion) -> Result<Arc
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    // http/1.0 too: a client that offers only it (curl --http1.0) is served HTTP/1.0
+    // rather than refused, as without ALPN.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec(), ACME_TLS_ALPN.to_vec()];
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     Ok(Arc::new(config))
 }
