@@ -357,3 +357,38 @@ async fn a_name_two_certificates_cover_has_one_expiry_series() {
     };
     assert_eq!((series("app.test"), series("www.app.test")), (1, 1), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_an_access_log_line_refused_failed_or_abandoned() {
+    let b = Backend::start("app").await;
+    let (gw, _) = start(&[&b], None).await;
+    // Answered, refused (no route), failed (the server answers nothing in time is not
+    // configured here: a stopped server is), and abandoned (the client goes while the
+    // server takes its time).
+    assert_eq!(get(gw.http, "app.test", "/ok").await.status, 200);
+    assert_eq!(get(gw.http, "nowhere.test", "/refused").await.status, 404);
+    {
+        let mut c = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        c.write_all(b"GET /sleep?ms=3000 HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+        assert!(wait_until(Duration::from_secs(2), || b.hits() >= 2).await, "the request reached the server");
+    } // dropped: the client goes away
+    let logged = |status: &str, path: &str| {
+        gw.logs()
+            .lines()
+            .any(|l| l.contains("swarmgate::access") && l.contains(&format!("status={status} ")) && l.contains(path))
+    };
+    assert!(wait_until(Duration::from_secs(2), || logged("499", "path=/sleep")).await, "{}", gw.logs());
+    assert!(logged("200", "path=/ok") && logged("404", "path=/refused"), "{}", gw.logs());
+    let m = gw.metrics().await;
+    let abandoned = r#"swarmgate_responses_total{route="app.test/",upstream="app",status="499"}"#;
+    assert_eq!(metric_value(&m, abandoned), Some(1.0), "{m}");
+    drop(b); // a server that is gone: 502, logged with the gateway's status
+    let r = get(gw.http, "app.test", "/failed").await;
+    assert!(r.status == 502 || r.status == 503, "{}", r.status);
+    assert!(
+        wait_until(Duration::from_secs(2), || logged(&r.status.to_string(), "path=/failed")).await,
+        "{}",
+        gw.logs()
+    );
+}

@@ -98,21 +98,29 @@ pub fn handle(
         // A guard, not a clone: no shared reference count written per request (arc-swap
         // falls back to a full reference by itself when a thread holds many at once).
         let snap = gw.snapshot_guard();
-        let result = match route_request(gw, &snap, conn, &req, start) {
-            Ok(Routed::Forward(route, authority)) => {
-                forward(gw, &snap, conn, route, req, fields, authority, start).await
+        let routed = match route_request(gw, &snap, conn, &req, start) {
+            Ok(routed) => routed,
+            Err((err, stats)) => {
+                if access_log_enabled() {
+                    let (method, path) = (req.method(), req.uri().path());
+                    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("-");
+                    AccessLog::write_refused(method, host, path, err.status().as_u16(), start.elapsed());
+                }
+                return local_error(&err, &stats.unwrap_or_else(|| unrouted(gw)), start);
             }
+        };
+        let result = match routed {
+            Routed::Forward(route, authority) => forward(gw, &snap, conn, route, req, fields, authority, start).await,
             // Boxed: hyper keeps one request future per connection, sized for its largest
             // state, and upgrades are rare; inline they would cost every idle connection
             // ~2 KiB.
-            Ok(Routed::Upgrade(route, authority)) => {
+            Routed::Upgrade(route, authority) => {
                 Box::pin(upgrade::proxy(gw, &snap, conn, &route, req, &authority, start))
                     .await
                     .map_err(|e| (e, Some(RouteRef::Route(Arc::clone(&route.stats)))))
             }
-            Ok(Routed::Acme) => Ok(acme_answer(gw, &req, start).await),
-            Ok(Routed::Answer(resp)) => Ok(resp),
-            Err(failure) => Err(failure),
+            Routed::Acme => Ok(acme_answer(gw, &req, start).await),
+            Routed::Answer(resp) => Ok(resp),
         };
         match result {
             Ok(resp) => resp,
@@ -242,22 +250,35 @@ fn forward(
         let (mut parts, body) = req.into_parts();
         let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
             .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
+        // Written when the response ends; or with the gateway's own status when it
+        // answers instead; or, should the client go before either (this future dropped),
+        // as 499 "client closed request".
+        let mut log = Pending {
+            log: access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone())),
+            route: &route,
+            start,
+            answered: false,
+        };
         let wait = route.upstream.config.response_timeout;
         let body = match body::prefetch(body, limits.retry_body_bytes, wait).await {
             Prefetched::Body(b) => b,
             Prefetched::Stalled => {
                 tracing::debug!(after = ?wait, "the client sent none of its request body");
-                return Err((ProxyError::BodyTimeout, stats()));
+                return Err(log.failed(ProxyError::BodyTimeout, stats()));
             }
             Prefetched::Malformed(e) => {
                 tracing::debug!(error = %e, "malformed request body");
-                return Err((ProxyError::BadRequest("malformed body"), stats()));
+                return Err(log.failed(ProxyError::BadRequest("malformed body"), stats()));
             }
         };
-        let log = access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone()));
         let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
-        let sent = attempts(gw, &route, &head, body).await.map_err(|e| (e, stats()))?;
-        Ok(respond(sent, route, start, log))
+        let sent = match attempts(gw, &route, &head, body).await {
+            Ok(sent) => sent,
+            Err(e) => return Err(log.failed(e, stats())),
+        };
+        log.answered = true;
+        let log = log.log.take();
+        Ok(respond(sent, Arc::clone(&route), start, log))
     }
 }
 
@@ -572,7 +593,62 @@ fn access_log_enabled() -> bool {
     tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
 }
 
+/// A forwarded request's access-log line until a response takes it over (see
+/// `forward`).
+struct Pending<'a> {
+    log: Option<Box<AccessLog>>,
+    route: &'a Arc<Route>,
+    start: Instant,
+    /// A response, or the gateway's own answer, took over.
+    answered: bool,
+}
+
+impl Pending<'_> {
+    /// The gateway answers `err` itself: the line says its status.
+    fn failed(&mut self, err: ProxyError, stats: Option<RouteRef>) -> Failure {
+        self.answered = true;
+        if let Some(log) = self.log.take() {
+            log.write(err.status().as_u16(), None, self.start.elapsed(), 0, true);
+        }
+        (err, stats)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        // Dropped unanswered: the client went away while the request waited on a server
+        // (or on the rest of its own body).
+        if !self.answered {
+            let took = self.start.elapsed();
+            self.route.stats.record(CLIENT_CLOSED, took);
+            if let Some(log) = self.log.take() {
+                log.write(CLIENT_CLOSED, None, took, 0, false);
+            }
+        }
+    }
+}
+
+/// nginx's status for a request whose client went away before the answer: in the access
+/// log and the route's counters, never on the wire.
+const CLIENT_CLOSED: u16 = 499;
+
 impl AccessLog {
+    /// A request refused before it had a route or an id (404, 421, 400...).
+    fn write_refused(method: &Method, host: &str, path: &str, status: u16, took: Duration) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = %method,
+            host = %host,
+            path = %path,
+            status,
+            upstream = "-",
+            duration_ms = took.as_secs_f64() * 1000.0,
+            bytes = 0u64,
+            complete = true,
+            request_id = "-",
+        );
+    }
+
     fn new(parts: &http::request::Parts, host: &str, request_id: HeaderValue) -> Box<Self> {
         Box::new(AccessLog {
             method: parts.method.clone(),
