@@ -276,9 +276,8 @@ fn forward(
             Ok(sent) => sent,
             Err(e) => return Err(log.failed(e, stats())),
         };
-        log.answered = true;
-        let log = log.log.take();
-        Ok(respond(sent, Arc::clone(&route), start, log))
+        let log = log.taken();
+        Ok(respond(sent, route, start, log))
     }
 }
 
@@ -604,6 +603,12 @@ struct Pending<'a> {
 }
 
 impl Pending<'_> {
+    /// A response takes the line over.
+    fn taken(mut self) -> Option<Box<AccessLog>> {
+        self.answered = true;
+        self.log.take()
+    }
+
     /// The gateway answers `err` itself: the line says its status.
     fn failed(&mut self, err: ProxyError, stats: Option<RouteRef>) -> Failure {
         self.answered = true;
