@@ -488,13 +488,8 @@ async fn dribbling_server(gap: Option<Duration>) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if !matches!(s.read(&mut byte).await, Ok(1)) {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if read_request_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n").await;
                 match gap {
@@ -520,26 +515,17 @@ async fn dribbling_server(gap: Option<Duration>) -> std::net::SocketAddr {
 /// a complete one), and one that keeps sending, however slowly, is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_that_stops_coming_is_cut_off() {
-    let silent = dribbling_server(None).await;
-    let gw = Gateway::builder(CONFIG)
-        .var("SERVERS", format!("\"{silent}\""))
-        .var("HRT", "1s")
-        .var("MAXCONN", 100)
-        .start()
-        .await;
+    let gateway_at = |server: std::net::SocketAddr| {
+        Gateway::builder(CONFIG).var("SERVERS", format!("\"{server}\"")).var("HRT", "1s").var("MAXCONN", 100).start()
+    };
+    let gw = gateway_at(dribbling_server(None).await).await;
     let t = Instant::now();
     let (bytes, closed) = raw(&gw, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     let text = String::from_utf8_lossy(&bytes);
     assert!(closed && text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\nsti"), "{text}");
     assert!(t.elapsed() >= Duration::from_millis(650) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 
-    let slow = dribbling_server(Some(Duration::from_millis(250))).await;
-    let gw = Gateway::builder(CONFIG)
-        .var("SERVERS", format!("\"{slow}\""))
-        .var("HRT", "1s")
-        .var("MAXCONN", 100)
-        .start()
-        .await;
+    let gw = gateway_at(dribbling_server(Some(Duration::from_millis(250))).await).await;
     let t = Instant::now();
     let r = get(gw.http, "app.test", "/").await;
     assert_eq!((r.status, r.text().as_str()), (200, "still coming"));

@@ -360,21 +360,13 @@ fn client_hello(name: &str) -> Vec<u8> {
 /// An HTTP/1.1 server answering by path with exact bytes: `/trailers` a chunked body whose
 /// trailer section carries fields that may not be trailers, `/204` a 204 with a length.
 async fn answering_server() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                loop {
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if !matches!(s.read(&mut byte).await, Ok(1)) {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                while let Some(head) = read_request_head(&mut s).await {
                     let reply: &[u8] = if head.starts_with(b"GET /trailers ") {
                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-trailer\r\n\r\n5\r\nhello\r\n0\r\n\
                           X-Trailer: kept\r\nContent-Length: 9\r\nConnection: close\r\nHost: evil.test\r\n\
@@ -382,7 +374,6 @@ async fn answering_server() -> std::net::SocketAddr {
                     } else {
                         b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\n"
                     };
-                    head.clear();
                     if s.write_all(reply).await.is_err() {
                         return;
                     }

@@ -54,7 +54,7 @@ impl Scripted {
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, h) = (Arc::clone(&r), Arc::clone(&h));
                 tokio::spawn(async move {
-                    while let Some(head) = read_head(&mut s).await {
+                    while let Some(head) = read_request_head(&mut s).await {
                         h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
                         r.fetch_add(1, Ordering::SeqCst);
                         if s.write_all(reply).await.is_err() || close {
@@ -66,19 +66,6 @@ impl Scripted {
         });
         Scripted { addr, connections, requests, heads }
     }
-}
-
-/// Reads one request head (no body is expected); `None` at end of stream.
-async fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(head)
 }
 
 async fn gateway(server: std::net::SocketAddr) -> Gateway {
@@ -291,7 +278,7 @@ async fn refusing_server(hold: Option<Duration>) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                if read_head(&mut s).await.is_some() {
+                if read_request_head(&mut s).await.is_some() {
                     let _ = s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n").await;
                     if let Some(hold) = hold {
                         tokio::time::sleep(hold).await;
@@ -362,15 +349,7 @@ async fn bodies_of_any_size_arrive_whole_whatever_the_last_one_needed() {
         while let Ok((mut s, _)) = listener.accept().await {
             seen.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if !matches!(s.read(&mut byte).await, Ok(1)) {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                while let Some(head) = read_request_head(&mut s).await {
                     let body = if head.starts_with(b"GET /big") { vec![b'x'; BIG] } else { b"small".to_vec() };
                     let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
                     reply.extend_from_slice(&body);
@@ -415,7 +394,7 @@ async fn closes_idle_connections_on_the_next_request(
             let r = Arc::clone(&r);
             tokio::spawn(async move {
                 let mut answered_at = None::<std::time::Instant>;
-                while let Some(head) = read_head(&mut s).await {
+                while let Some(head) = read_request_head(&mut s).await {
                     let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
                     let length = text
                         .lines()

@@ -233,6 +233,20 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> 
     read_until_close(&mut s, timeout).await
 }
 
+/// Reads one request head (up to its blank line, byte by byte: nothing after it is
+/// taken) for a test's own raw server; `None` once the connection ends.
+pub async fn read_request_head(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
 /// Reads until EOF (or a reset) or `timeout`; returns the bytes and whether it closed.
 pub async fn read_until_close(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
     let deadline = tokio::time::Instant::now() + timeout;
