@@ -415,6 +415,12 @@ async fn foreign_codings_and_odd_authorities_never_reach_the_server() {
         ("GET user@evil.test:80 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", "authority-form"),
         ("GET / HTTP/1.1\r\nHost: app.test:abc\r\nConnection: close\r\n\r\n", "port"),
         ("GET / HTTP/1.1\r\nHost: app.test:99999\r\nConnection: close\r\n\r\n", "port"),
+        ("GET / HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n", "bracket"),
+        (
+            "POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n\
+             7\r\n2\r\nhi\r\n\r\n0\r\n\r\n",
+            "chunked twice",
+        ),
         (
             "POST http://evil.test@app.test/x HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
             "userinfo",
@@ -530,6 +536,43 @@ async fn a_response_body_that_stops_coming_is_cut_off() {
     let r = get(gw.http, "app.test", "/").await;
     assert_eq!((r.status, r.text().as_str()), (200, "still coming"));
     assert!(t.elapsed() > Duration::from_millis(2800), "{:?}", t.elapsed());
+}
+
+/// A server that answers before the upload ends and sends its body only once the whole
+/// upload is in (full duplex): while the upload moves, the response's silence is not a
+/// stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_whose_body_waits_for_a_moving_upload_is_not_cut() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        if read_request_head(&mut s).await.is_none() {
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n").await;
+        let mut upload = [0u8; 10];
+        if s.read_exact(&mut upload).await.is_ok() {
+            let _ = s.write_all(b"done").await;
+        }
+    });
+    let gw = Gateway::builder(CONFIG)
+        .var("SERVERS", format!("\"{server}\""))
+        .var("HRT", "1s")
+        .var("MAXCONN", 100)
+        .start()
+        .await;
+    let mut c = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    c.write_all(b"POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for byte in b"ten bytes!" {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.write_all(&[*byte]).await.unwrap();
+    }
+    let (bytes, _) = read_until_close(&mut c, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\ndone"), "{text}");
 }
 
 /// A body that turns malformed after it started streaming to the server is the client's

@@ -231,6 +231,8 @@ async fn rfc8441_extended_connect_over_h2() {
     let mut req = req2("CONNECT", "ws.test", "/ws?via=h2")
         .header("sec-websocket-version", "13")
         .header("origin", "https://ws.test")
+        .header("cookie", "session=1")
+        .header("cookie", "theme=dark")
         .body(empty())
         .unwrap();
     req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
@@ -245,6 +247,8 @@ async fn rfc8441_extended_connect_over_h2() {
     exchange(&mut ws).await;
     assert_upgrade_request(&b, "https", "/ws?via=h2");
     assert_eq!(b.last().header("origin"), Some("https://ws.test"));
+    // HTTP/2's several cookie fields go to the HTTP/1.1 server as one (RFC 9113 8.2.3).
+    assert_eq!(b.last().header("cookie"), Some("session=1; theme=dark"));
     // The connection still serves ordinary streams.
     assert_eq!(h2.get("ws.test", "/after").await.status, 200);
     // A server that refuses: its answer reaches the client as a response to the CONNECT,

@@ -394,7 +394,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
 struct Noted {
     transfer_encoding: bool,
     /// A transfer coding other than `chunked` (gzip, say) is named, or one in bytes other
-    /// than visible ASCII.
+    /// than visible ASCII, or chunked more than once (RFC 9112 section 6.1).
     other_coding: bool,
     /// `Content-Length`, if there is one: its value (repeated or listed values must
     /// agree), or the first fault in it.
@@ -411,8 +411,10 @@ impl Noted {
             Fixed::Connection => self.connection.note(value),
             Fixed::TransferEncoding => {
                 let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
-                self.other_coding |=
-                    !visible || value.split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                let once = !self.transfer_encoding && !value.contains(&b',');
+                self.other_coding |= !visible
+                    || !once
+                    || value.split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 self.transfer_encoding = true;
             }
             Fixed::Te | Fixed::Upgrade | Fixed::Other => {}
@@ -909,7 +911,12 @@ impl ResponseBody {
             return Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected)));
         };
         if let Some(upload) = self.upload.as_mut() {
-            match upload.poll_send(io, cx) {
+            // An upload still going out after an early answer: the server taking it is the
+            // exchange moving, whatever its body does meanwhile.
+            let before = upload.written;
+            let sent = upload.poll_send(io, cx);
+            self.moved |= upload.written != before;
+            match sent {
                 Ok(Poll::Pending) => {}
                 // Sent whole; the connection still is not kept (see `exchange`).
                 Ok(Poll::Ready(())) => self.upload = None,
@@ -1112,7 +1119,14 @@ mod tests {
         assert_eq!(h.fields.values("x-a").collect::<Vec<_>>(), [b"b"]);
         assert_eq!(h.fields.length, Some(12));
         // Codings other than chunked are refused, wherever they are.
-        for te in ["gzip, chunked", "chunked, gzip", "gzip", "chunked\r\nTransfer-Encoding: deflate"] {
+        for te in [
+            "gzip, chunked",
+            "chunked, gzip",
+            "gzip",
+            "chunked\r\nTransfer-Encoding: deflate",
+            "chunked, chunked",
+            "chunked\r\nTransfer-Encoding: chunked",
+        ] {
             assert!(
                 parse(&format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n"), Method::GET).is_err(),
                 "{te}"

@@ -503,10 +503,12 @@ fn tracked_service(
             activity.set_closing();
         }
         let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
+        // HTTP/2 has no reason phrase.
+        let h1 = req.version() < hyper::Version::HTTP_2;
         async move {
             let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if let Some(fields) = resp.body_mut().take_fields() {
-                if let Some(reason) = fields.reason_phrase(resp.status()) {
+                if let Some(reason) = fields.reason_phrase(resp.status()).filter(|_| h1) {
                     resp.extensions_mut().insert(reason);
                 }
                 fields.append_to(resp.headers_mut());

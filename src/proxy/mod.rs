@@ -101,11 +101,7 @@ pub fn handle(
         let routed = match route_request(gw, &snap, conn, &req, start) {
             Ok(routed) => routed,
             Err((err, stats)) => {
-                if access_log_enabled() {
-                    let (method, path) = (req.method(), req.uri().path());
-                    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("-");
-                    AccessLog::write_refused(method, host, path, err.status().as_u16(), start.elapsed());
-                }
+                AccessLog::write_refused(&req, err.status().as_u16(), start);
                 return local_error(&err, &stats.unwrap_or_else(|| unrouted(gw)), start);
             }
         };
@@ -186,6 +182,11 @@ fn route_request(
         if codings.iter().any(|v| !v.as_bytes().split(|&b| b == b',').all(chunked)) {
             return Err((ProxyError::UnsupportedCoding, None));
         }
+        // Chunked at most once (RFC 9112 section 6.1): decoded once, a second layer would
+        // reach the server as content.
+        if codings.iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).count() > 1 {
+            return Err((ProxyError::BadRequest("chunked applied more than once"), None));
+        }
     }
     let authority_str = authority.to_str().unwrap_or("");
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
@@ -248,8 +249,14 @@ fn forward(
         let limits = &snap.proxy.limits;
         let authority_str = authority.to_str().unwrap_or("");
         let (mut parts, body) = req.into_parts();
-        let forwarding = rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority)
-            .map_err(|why| (ProxyError::BadRequest(why), stats()))?;
+        let forwarding = match rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority) {
+            Ok(forwarding) => forwarding,
+            Err(why) => {
+                let err = ProxyError::BadRequest(why);
+                AccessLog::write_refused(&Request::from_parts(parts, ()), err.status().as_u16(), start);
+                return Err((err, stats()));
+            }
+        };
         // Written when the response ends; or with the gateway's own status when it
         // answers instead; or, should the client go before either (this future dropped),
         // as 499 "client closed request".
@@ -284,7 +291,7 @@ fn forward(
 /// RFC 9113 section 8.2.3: an HTTP/2 client may send its cookies as several `cookie`
 /// fields (browsers do, for header compression); they are joined with "; " before the
 /// request goes on as HTTP/1.1, where a server may keep only one or join them with ",".
-fn join_cookies(headers: &mut hyper::HeaderMap) {
+pub(super) fn join_cookies(headers: &mut hyper::HeaderMap) {
     let mut cookies = headers.get_all(header::COOKIE).iter();
     if cookies.next().is_none() || cookies.next().is_none() {
         return;
@@ -348,8 +355,13 @@ fn valid_authority(s: &str) -> bool {
         match b {
             b':' => port_at = Some(i + 1),
             b']' => (port_at, literal_end) = (None, Some(i)),
+            // An IP literal's `[` opens the authority, and nothing else does.
+            b'[' if i > 0 => return false,
             _ => {}
         }
+    }
+    if bytes.first() == Some(&b'[') && literal_end.is_none() {
+        return false;
     }
     // Right after `]` comes the end or `:port`.
     if let Some(end) = literal_end {
@@ -639,7 +651,13 @@ const CLIENT_CLOSED: u16 = 499;
 
 impl AccessLog {
     /// A request refused before it had a route or an id (404, 421, 400...).
-    fn write_refused(method: &Method, host: &str, path: &str, status: u16, took: Duration) {
+    fn write_refused<B>(req: &Request<B>, status: u16, start: Instant) {
+        if !access_log_enabled() {
+            return;
+        }
+        let (method, path, took) = (req.method(), req.uri().path(), start.elapsed());
+        let header = || req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(header).unwrap_or("-");
         tracing::info!(
             target: ACCESS_TARGET,
             method = %method,
@@ -838,9 +856,17 @@ mod tests {
         for ok in ["app.test", "app.test:8443", "app.test:", "127.0.0.1:80", "[::1]", "[::1]:443", "a.test:65535"] {
             assert!(valid_authority(ok), "{ok}");
         }
-        for bad in
-            ["u@app.test", "evil.test@app.test", "app.test:abc", "app.test:99999", "app.test:-1", "[::1]x", "a b"]
-        {
+        for bad in [
+            "u@app.test",
+            "evil.test@app.test",
+            "app.test:abc",
+            "app.test:99999",
+            "app.test:-1",
+            "[::1]x",
+            "a b",
+            "[::1",
+            "a[b]",
+        ] {
             assert!(!valid_authority(bad), "{bad}");
         }
     }

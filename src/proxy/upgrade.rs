@@ -156,6 +156,9 @@ fn build_request(
 ) -> Result<Request<ReqBody>, &'static str> {
     let mut headers = req.headers().clone();
     hop::strip(&mut headers)?;
+    if req.version() == Version::HTTP_2 {
+        super::join_cookies(&mut headers);
+    }
     let authority_str = authority.to_str().unwrap_or("");
     let facts = forwarded::Facts {
         peer: &conn.peer_values,
