@@ -332,45 +332,39 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
 /// userinfo, which RFC 9110 section 4.2.4 makes an error), and a port, if any, of digits
 /// up to 65535. One pass over the bytes: asked of every request.
 fn valid_authority(s: &str) -> bool {
-    /// The bytes of a reg-name, an IP literal and the `:` before a port.
-    const ALLOWED: [bool; 256] = {
+    /// The bytes of a reg-name or an IPv4 address, and the `:` before a port (an IP
+    /// literal's brackets are looked at apart).
+    const HOST: [bool; 256] = {
         let mut t = [false; 256];
         let mut i = 0;
         while i < 256 {
             let b = i as u8;
             t[i] = b.is_ascii_alphanumeric()
                 || matches!(b, b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*')
-                || matches!(b, b'+' | b',' | b';' | b'=' | b':' | b'[' | b']' | b'%');
+                || matches!(b, b'+' | b',' | b';' | b'=' | b':' | b'%');
             i += 1;
         }
         t
     };
     let bytes = s.as_bytes();
-    // Where the port begins: after the last `:` not inside an IP literal's brackets.
-    let (mut port_at, mut literal_end) = (None, None);
-    for (i, &b) in bytes.iter().enumerate() {
-        if !ALLOWED[usize::from(b)] {
-            return false;
-        }
-        match b {
-            b':' => port_at = Some(i + 1),
-            b']' => (port_at, literal_end) = (None, Some(i)),
-            // An IP literal's `[` opens the authority, and nothing else does.
-            b'[' if i > 0 => return false,
-            _ => {}
-        }
-    }
-    if bytes.first() == Some(&b'[') && literal_end.is_none() {
-        return false;
-    }
-    // Right after `]` comes the end or `:port`.
-    if let Some(end) = literal_end {
-        if end + 1 != bytes.len() && port_at != Some(end + 2) {
-            return false;
-        }
-    }
-    let port = port_at.map_or(&[][..], |at| &bytes[at..]);
-    port.len() <= 5
+    // `[IP literal]` and what follows it, or a name with no brackets.
+    let (host, rest) = match bytes.split_first() {
+        Some((b'[', literal)) => match literal.iter().position(|&b| b == b']') {
+            Some(end) => (&literal[..end], &literal[end + 1..]),
+            None => return false,
+        },
+        _ => match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&bytes[..colon], &bytes[colon..]),
+            None => (bytes, &[][..]),
+        },
+    };
+    let port = match rest {
+        [] => &[][..],
+        [b':', port @ ..] => port,
+        _ => return false,
+    };
+    host.iter().all(|&b| HOST[usize::from(b)])
+        && port.len() <= 5
         && port.iter().all(u8::is_ascii_digit)
         && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
 }
