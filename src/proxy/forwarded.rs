@@ -372,6 +372,13 @@ mod tests {
     }
 
     #[test]
+    fn the_names_as_bytes_are_the_names() {
+        let names: Vec<&str> = NAMES.iter().map(|n| n.as_str()).collect();
+        let bytes: Vec<&str> = NAME_BYTES.iter().map(|n| std::str::from_utf8(n).unwrap_or("")).collect();
+        assert_eq!(names, bytes);
+    }
+
+    #[test]
     fn lookalikes_are_the_forwarding_names_with_underscores() {
         for name in ["X_Forwarded_For", "x_forwarded-proto", "X-Forwarded_Host", "X_FORWARDED_PORT", "x_request_id"] {
             assert!(is_lookalike(name.as_bytes()), "{name}");

@@ -410,11 +410,8 @@ impl Noted {
         match which {
             Fixed::Connection => self.connection.note(value),
             Fixed::TransferEncoding => {
-                let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
-                let once = !self.transfer_encoding && !value.contains(&b',');
-                self.other_coding |= !visible
-                    || !once
-                    || value.split(|&b| b == b',').any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                let once = !self.transfer_encoding && super::hop::chunked_codings(value) == Some(1);
+                self.other_coding |= !once;
                 self.transfer_encoding = true;
             }
             Fixed::Te | Fixed::Upgrade | Fixed::Other => {}
@@ -937,17 +934,14 @@ impl ResponseBody {
             Poll::Pending => {
                 let limit = self.stall_limit;
                 let deadline = || tokio::time::Instant::now() + limit;
-                match &mut self.stall {
-                    None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline()))),
-                    Some(stall) if self.moved => stall.as_mut().reset(deadline()),
-                    Some(_) => {}
+                let fresh = self.stall.is_none();
+                let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline())));
+                if std::mem::take(&mut self.moved) && !fresh {
+                    stall.as_mut().reset(deadline());
                 }
-                self.moved = false;
-                if let Some(stall) = self.stall.as_mut() {
-                    if stall.as_mut().poll(cx).is_ready() {
-                        let e = format!("the server sent nothing of its response body for {limit:?}");
-                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)));
-                    }
+                if stall.as_mut().poll(cx).is_ready() {
+                    let e = format!("the server sent nothing of its response body for {limit:?}");
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)));
                 }
                 let kill = &self.server.kill;
                 let killed = self.killed.get_or_insert_with(|| Box::pin(kill.clone().cancelled_owned()));

@@ -62,6 +62,22 @@ pub fn strip(headers: &mut HeaderMap) -> Result<bool, &'static str> {
     Ok(wants_trailers)
 }
 
+/// The codings a `Transfer-Encoding` value names, when every one is `chunked` (in visible
+/// ASCII); `None` when any is another (gzip, say), which the gateway does not undo. Over
+/// all of a message's fields more than one is chunked applied twice (RFC 9112 section
+/// 6.1): either way the message cannot be passed on as it is.
+pub fn chunked_codings(value: &[u8]) -> Option<usize> {
+    let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    let mut n = 0;
+    for coding in value.split(|&b| b == b',') {
+        if !visible || !coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return None;
+        }
+        n += 1;
+    }
+    Some(n)
+}
+
 /// Whether a field may travel in a trailer section (RFC 9110 section 6.5.1): not one
 /// that frames, routes, authenticates or describes the content, which are acted on before
 /// the content arrives; not a hop-by-hop one; and not one the gateway writes for the

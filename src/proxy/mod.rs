@@ -178,14 +178,11 @@ fn route_request(
     // HTTP/2 has none.)
     if matches!(req.body(), ClientBody::Hyper(_)) && req.version() <= Version::HTTP_11 {
         let codings = req.headers().get_all(header::TRANSFER_ENCODING);
-        let chunked = |c: &[u8]| c.trim_ascii().eq_ignore_ascii_case(b"chunked");
-        if codings.iter().any(|v| !v.as_bytes().split(|&b| b == b',').all(chunked)) {
-            return Err((ProxyError::UnsupportedCoding, None));
-        }
-        // Chunked at most once (RFC 9112 section 6.1): decoded once, a second layer would
-        // reach the server as content.
-        if codings.iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).count() > 1 {
-            return Err((ProxyError::BadRequest("chunked applied more than once"), None));
+        match codings.iter().map(|v| hop::chunked_codings(v.as_bytes())).sum::<Option<usize>>() {
+            None => return Err((ProxyError::UnsupportedCoding, None)),
+            // Decoded once, a second layer would reach the server as content.
+            Some(n) if n > 1 => return Err((ProxyError::BadRequest("chunked applied more than once"), None)),
+            Some(_) => {}
         }
     }
     let authority_str = authority.to_str().unwrap_or("");
@@ -649,21 +646,15 @@ impl AccessLog {
         if !access_log_enabled() {
             return;
         }
-        let (method, path, took) = (req.method(), req.uri().path(), start.elapsed());
         let header = || req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
         let host = req.uri().authority().map(|a| a.as_str()).or_else(header).unwrap_or("-");
-        tracing::info!(
-            target: ACCESS_TARGET,
-            method = %method,
-            host = %host,
-            path = %path,
-            status,
-            upstream = "-",
-            duration_ms = took.as_secs_f64() * 1000.0,
-            bytes = 0u64,
-            complete = true,
-            request_id = "-",
-        );
+        let log = AccessLog {
+            method: req.method().clone(),
+            host: host.to_string(),
+            path: req.uri().path().to_string(),
+            request_id: HeaderValue::from_static("-"),
+        };
+        log.write(status, None, start.elapsed(), 0, true);
     }
 
     fn new(parts: &http::request::Parts, host: &str, request_id: HeaderValue) -> Box<Self> {
