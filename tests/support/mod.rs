@@ -284,11 +284,18 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
 
 /// A port on 127.0.0.1 that was free a moment ago and that this process has not
 /// handed out before.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux), from a start that
+/// differs per test binary: a port the kernel handed out for `:0` could be taken by an
+/// outgoing connection between the pick and the gateway's bind (seen as "Address
+/// already in use", or a test talking to another test's gateway).
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(0, seed as usize % 10_000 + 1, Ordering::Relaxed, Ordering::Relaxed);
     loop {
-        let l = StdListener::bind("127.0.0.1:0").expect("bind :0");
-        let port = l.local_addr().unwrap().port();
-        if handed_out().lock().unwrap().insert(port) {
+        let port = (12_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() && handed_out().lock().unwrap().insert(port) {
             return port;
         }
     }
