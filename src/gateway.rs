@@ -347,6 +347,7 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         https_port: config.listen.https.map(|a| a.port()),
         limits: config.limits.clone(),
         acme_http01: config.acme.as_ref().is_some_and(|a| a.challenge == config::Challenge::Http01),
+        stream_stall: config.upstreams.values().map(|u| u.response_timeout).fold(config.limits.idle_timeout, Ord::max),
     }
 }
 

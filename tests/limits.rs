@@ -742,6 +742,97 @@ async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
     echo_across_quiet_spells(&mut ws).await;
 }
 
+/// IDLE with `response_timeout = "1s"`: HTTP/2 streams that nothing moves for 1 s (the
+/// longer of idle_timeout and the longest response_timeout) are reset.
+async fn stall_gateway(server: std::net::SocketAddr) -> Gateway {
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["app.test"]);
+    let config = IDLE.replace("servers = [\"@B@\"]", "servers = [\"@B@\"]\nresponse_timeout = \"1s\"");
+    Gateway::builder(&config).var("B", server).file("certs/app.crt", crt).file("certs/app.key", key).start().await
+}
+
+/// An HTTP/2 connection whose streams get a 64 KiB flow-control window, which the client
+/// opens again only as it reads.
+async fn h2_small_window(gw: &Gateway) -> hyper::client::conn::http2::SendRequest<Body> {
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Reads a body to its end or its first error: (bytes read, the error).
+async fn drain(mut body: hyper::body::Incoming, pause: Duration) -> (usize, Option<hyper::Error>) {
+    use http_body_util::BodyExt;
+    let mut got = 0;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => got += frame.data_ref().map_or(0, |d| d.len()),
+            Some(Err(e)) => return (got, Some(e)),
+            None => return (got, None),
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn upstream_in_flight(gw: &Gateway) -> u64 {
+    let r = get(gw.admin, "admin", "/upstreams").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["upstreams"][0]["servers"][0]["in_flight"].as_u64().unwrap()
+}
+
+/// An HTTP/2 client that takes none of a large response (its stream's flow-control
+/// window stays shut) does not hold the server's request for good: once neither side
+/// has moved the stream for the stall bound, it is reset and the server's request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_whose_client_takes_nothing_is_reset() {
+    let b = Backend::start("app").await;
+    let gw = stall_gateway(b.addr).await;
+    let mut sender = h2_small_window(&gw).await;
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(req2("GET", "app.test", "/big?mb=4").body(empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream_in_flight(&gw).await, 1, "the download holds its server request");
+    let t = Instant::now();
+    let released = wait_until_async(Duration::from_secs(5), || async { upstream_in_flight(&gw).await == 0 }).await;
+    assert!(released, "a stream its client takes nothing of still holds its server request after {:?}", t.elapsed());
+    let (got, error) = drain(resp.into_body(), Duration::ZERO).await;
+    assert!(error.is_some() && got < 4 << 20, "the stalled stream was not reset: {got} bytes, error {error:?}");
+    // Other streams are untouched.
+    let (got, error) = drain(
+        sender.send_request(req2("GET", "app.test", "/big?mb=1").body(empty()).unwrap()).await.unwrap().into_body(),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!((got, error.is_none()), (1 << 20, true));
+}
+
+/// Movement from either side keeps a stream: a client taking a response a piece at a
+/// time, and a server sending one a piece at a time, each over longer than the stall bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_that_keeps_moving_is_not_reset() {
+    let b = Backend::start("app").await;
+    let gw = stall_gateway(b.addr).await;
+    let mut sender = h2_small_window(&gw).await;
+    sender.ready().await.unwrap();
+    let upload = vec![b'x'; 256 * 1024];
+    let resp = sender.send_request(req2("POST", "app.test", "/echo").body(full(upload)).unwrap()).await.unwrap();
+    let t = Instant::now();
+    let (got, error) = drain(resp.into_body(), Duration::from_millis(150)).await;
+    assert_eq!((got, error.map(|e| e.to_string())), (256 * 1024, None));
+    assert!(t.elapsed() > Duration::from_secs(2), "read too fast to show anything: {:?}", t.elapsed());
+
+    let gw = stall_gateway(dribbling_server(Some(Duration::from_millis(250))).await).await;
+    let mut sender = h2_small_window(&gw).await;
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(req2("GET", "app.test", "/").body(empty()).unwrap()).await.unwrap();
+    let collected = collect(resp).await.unwrap();
+    assert_eq!((collected.status, collected.text().as_str()), (200, "still coming"));
+}
+
 /// In-flight counts (what p2c and drains rely on) come back down when a client gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_is_no_longer_in_flight() {

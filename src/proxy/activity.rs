@@ -7,7 +7,10 @@
 //!   `idle_timeout`. Nothing here is enforced while a request is open (a long download,
 //!   or a slow server, is not idleness); the kernel closes a client that is gone or takes
 //!   none of its response for 90 s (see `listener::UNACKED_TIMEOUT`).
-//! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`.
+//! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`. A stream
+//!   that neither its client nor its server moves for `idle_timeout` (or the longest
+//!   `response_timeout`, if longer) is reset ([`Streams`]): a client that never opens its
+//!   flow-control window would otherwise hold the stream's server request for good.
 //!
 //! A request counts from its head until its response body is done or dropped (the own
 //! reader's exchange, or [`Tracked`] for hyper's), so a streaming response keeps its
@@ -180,6 +183,76 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.last_change_ms.store(self.0.now_ms(), Ordering::Relaxed);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs an HTTP/2 connection's streams, each in its own task, reset when nothing has
+/// moved it for `stall` (see [`StalledStream`]). Like the connection's other limits, the
+/// bound is the configuration's when the connection began.
+#[derive(Clone, Copy)]
+pub(super) struct Streams {
+    pub(super) stall: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        tokio::spawn(StalledStream { stream, stall: self.stall, pendings: 0, moved: false, timer: None });
+    }
+}
+
+pin_project! {
+    /// An HTTP/2 stream's task (hyper's: the service's future, then the response body
+    /// piped to the client as its flow-control window allows), ended when it has not been
+    /// woken for `stall`: nothing woke it from either side, neither the server (its
+    /// answer, a piece of body, or one of the request's own timers, all within
+    /// `response_timeout`) nor the client (window, request body). Ending it drops the
+    /// server's request and connection and resets the stream (CANCEL).
+    ///
+    /// Most streams pend once (for their server's answer) and are done at their next
+    /// wake-up, well within the request's own timers: the watch starts only at a second
+    /// wait, so they set up no timer. The first wait cannot be a client's closed window,
+    /// since the answer comes after it.
+    struct StalledStream<F> {
+        #[pin]
+        stream: F,
+        stall: Duration,
+        pendings: u8,
+        // Woken, other than by the timer, since the timer was last set.
+        moved: bool,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for StalledStream<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Some(timer) = this.timer else {
+            let Poll::Pending = this.stream.poll(cx) else { return Poll::Ready(()) };
+            *this.pendings += 1;
+            if *this.pendings == 2 {
+                let mut timer = Box::pin(tokio::time::sleep(*this.stall));
+                // Registers the timer; it cannot have elapsed yet.
+                let _ = timer.as_mut().poll(cx);
+                *this.timer = Some(timer);
+            }
+            return Poll::Pending;
+        };
+        if timer.as_mut().poll(cx).is_ready() {
+            if !std::mem::take(this.moved) {
+                tracing::info!(stall = ?*this.stall, "HTTP/2 stream reset: neither its client nor its server moved it");
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(Instant::now() + *this.stall);
+            let _ = timer.as_mut().poll(cx);
+        } else {
+            *this.moved = true;
+        }
+        this.stream.poll(cx)
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -544,7 +544,8 @@ async fn serve_h2<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let stall = shared.gw.snapshot_guard().proxy.stream_stall;
+    let mut builder = http2::Builder::new(super::activity::Streams { stall });
     builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()
