@@ -833,6 +833,35 @@ async fn an_h2_stream_that_keeps_moving_is_not_reset() {
     assert_eq!((collected.status, collected.text().as_str()), (200, "still coming"));
 }
 
+/// A tunnel over HTTP/2 (extended CONNECT) may idle: its quiet spells, longer than the
+/// stall bound that resets a stream stuck in its response, do not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_websocket_tunnel_is_not_a_stalled_stream() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b = Backend::start("app").await;
+    let gw = stall_gateway(b.addr).await;
+    let mut sender = h2_small_window(&gw).await;
+    let mut req = req2("CONNECT", "app.test", "/ws").header("sec-websocket-version", "13").body(empty()).unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    sender.ready().await.unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
+        assert_eq!(back, Message::text(format!("m{i}")), "message {i}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+}
+
 /// In-flight counts (what p2c and drains rely on) come back down when a client gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_is_no_longer_in_flight() {

@@ -22,6 +22,7 @@
 //! is ended to park, [`Watched`] swallows the shutdown hyper sends, so the socket stays
 //! open for the next request.
 
+use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -186,9 +187,11 @@ impl Drop for RequestGuard {
     }
 }
 
-/// Runs an HTTP/2 connection's streams, each in its own task, reset when nothing has
-/// moved it for `stall` (see [`StalledStream`]). Like the connection's other limits, the
-/// bound is the configuration's when the connection began.
+/// Runs an HTTP/2 connection's tasks, each in its own tokio task: its streams, which are
+/// reset when nothing moves them for `stall` once their response body has begun (see
+/// [`StalledStream`]), and the pumps of its upgraded streams (tunnels, which may idle).
+/// Like the connection's other limits, the bound is the configuration's when the
+/// connection began.
 #[derive(Clone, Copy)]
 pub(super) struct Streams {
     pub(super) stall: Duration,
@@ -199,27 +202,31 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        tokio::spawn(StalledStream { stream, stall: self.stall, pendings: 0, moved: false, timer: None });
+        tokio::spawn(StalledStream { stream, stall: self.stall, moved: false, timer: None });
     }
 }
 
+thread_local! {
+    /// Set when a response body ([`Tracked`]) is polled: tells [`StalledStream`] that the
+    /// task it runs is a stream whose response body has begun (hyper's types for its
+    /// tasks cannot be named, and a tunnel's pump polls no body).
+    static BODY_POLLED: Cell<bool> = const { Cell::new(false) };
+}
+
 pin_project! {
-    /// An HTTP/2 stream's task (hyper's: the service's future, then the response body
-    /// piped to the client as its flow-control window allows), ended when it has not been
-    /// woken for `stall`: nothing woke it from either side, neither the server (its
-    /// answer, a piece of body, or one of the request's own timers, all within
-    /// `response_timeout`) nor the client (window, request body). Ending it drops the
-    /// server's request and connection and resets the stream (CANCEL).
+    /// An HTTP/2 task, ended when its response body has begun and it has then not been
+    /// woken for `stall`: nothing woke it from either side, neither the server (a piece of
+    /// body, or the body's own wait for one, bounded by `response_timeout`) nor the
+    /// client (its flow-control window, which hyper waits on before it polls the body
+    /// again). Ending it drops the server's request and connection and resets the stream
+    /// (CANCEL).
     ///
-    /// Most streams pend once (for their server's answer) and are done at their next
-    /// wake-up, well within the request's own timers: the watch starts only at a second
-    /// wait, so they set up no timer. The first wait cannot be a client's closed window,
-    /// since the answer comes after it.
+    /// Most responses are whole in the first poll of their body, and the stream ends
+    /// there: the watch, and its timer, start only when a stream waits after that poll.
     struct StalledStream<F> {
         #[pin]
         stream: F,
         stall: Duration,
-        pendings: u8,
         // Woken, other than by the timer, since the timer was last set.
         moved: bool,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -232,9 +239,9 @@ impl<F: Future<Output = ()>> Future for StalledStream<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
         let Some(timer) = this.timer else {
+            BODY_POLLED.set(false);
             let Poll::Pending = this.stream.poll(cx) else { return Poll::Ready(()) };
-            *this.pendings += 1;
-            if *this.pendings == 2 {
+            if BODY_POLLED.get() {
                 let mut timer = Box::pin(tokio::time::sleep(*this.stall));
                 // Registers the timer; it cannot have elapsed yet.
                 let _ = timer.as_mut().poll(cx);
@@ -270,6 +277,7 @@ impl hyper::body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::io::Result<hyper::body::Frame<Bytes>>>> {
+        BODY_POLLED.set(true);
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
