@@ -116,7 +116,7 @@ pub fn handle(
                     .map_err(|e| (e, Some(RouteRef::Route(Arc::clone(&route.stats)))))
             }
             Routed::Acme => Ok(acme_answer(gw, &req, start).await),
-            Routed::Answer(resp) => Ok(resp),
+            Routed::Answer(resp) => Ok(*resp),
         };
         match result {
             Ok(resp) => resp,
@@ -158,8 +158,9 @@ enum Routed {
     Upgrade(Arc<Route>, HeaderValue),
     /// To the HTTP-01 challenges' answers.
     Acme,
-    /// The gateway's own answer (a redirect to HTTPS).
-    Answer(Response<RespBody>),
+    /// The gateway's own answer (a redirect to HTTPS). Boxed: rare, and `handle`'s future
+    /// keeps room for this whole enum while the request is forwarded.
+    Answer(Box<Response<RespBody>>),
 }
 
 fn route_request(
@@ -195,7 +196,7 @@ fn route_request(
         }
         if snap.proxy.redirect_https {
             if let Some(port) = snap.proxy.https_port {
-                return Ok(Routed::Answer(redirect(gw, req, authority_str, port, start)));
+                return Ok(Routed::Answer(Box::new(redirect(gw, req, authority_str, port, start))));
             }
         }
     }
@@ -241,11 +242,13 @@ fn forward(
     authority: HeaderValue,
     start: Instant,
 ) -> impl Future<Output = Result<Response<RespBody>, Failure>> {
+    // Split before the block: the block keeps what it captures for its whole life, and
+    // would hold the request twice (whole, and in parts).
+    let (mut parts, body) = req.into_parts();
     async move {
         let stats = || Some(RouteRef::Route(Arc::clone(&route.stats)));
         let limits = &snap.proxy.limits;
         let authority_str = authority.to_str().unwrap_or("");
-        let (mut parts, body) = req.into_parts();
         let forwarding = match rewrite_request(snap, conn, &route, &mut parts, &body, fields, &authority) {
             Ok(forwarding) => forwarding,
             Err(why) => {
@@ -613,6 +616,8 @@ impl Pending<'_> {
     }
 
     /// The gateway answers `err` itself: the line says its status.
+    #[cold]
+    #[inline(never)]
     fn failed(&mut self, err: ProxyError, stats: Option<RouteRef>) -> Failure {
         self.answered = true;
         if let Some(log) = self.log.take() {
@@ -624,14 +629,24 @@ impl Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        // Dropped unanswered: the client went away while the request waited on a server
-        // (or on the rest of its own body).
         if !self.answered {
-            let took = self.start.elapsed();
-            self.route.stats.record(CLIENT_CLOSED, took);
-            if let Some(log) = self.log.take() {
-                log.write(CLIENT_CLOSED, None, took, 0, false);
-            }
+            self.abandoned();
+        }
+    }
+}
+
+impl Pending<'_> {
+    /// Dropped unanswered: the client went away while the request waited on a server (or
+    /// on the rest of its own body). Kept out of line: the drop runs in each of
+    /// `forward`'s states, and inline copies of this made that future too large to be
+    /// inlined into `handle`'s.
+    #[cold]
+    #[inline(never)]
+    fn abandoned(&mut self) {
+        let took = self.start.elapsed();
+        self.route.stats.record(CLIENT_CLOSED, took);
+        if let Some(log) = self.log.take() {
+            log.write(CLIENT_CLOSED, None, took, 0, false);
         }
     }
 }
@@ -642,6 +657,8 @@ const CLIENT_CLOSED: u16 = 499;
 
 impl AccessLog {
     /// A request refused before it had a route or an id (404, 421, 400...).
+    #[cold]
+    #[inline(never)]
     fn write_refused<B>(req: &Request<B>, status: u16, start: Instant) {
         if !access_log_enabled() {
             return;
