@@ -491,7 +491,10 @@ fn tracked_service(
     Future = impl Future<Output = Result<hyper::Response<Tracked>, Infallible>> + Send + use<>,
 > + Send
 + use<> {
-    let (gw, activity) = (Arc::clone(&shared.gw), Arc::clone(activity));
+    let activity = Arc::clone(activity);
+    // Each request's future holds both: one reference count to take per request, the
+    // connection's own, rather than also the gateway's, which every worker shares.
+    let held = Arc::new((Arc::clone(&shared.gw), conn));
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let guard = RequestGuard::open(&activity);
         if let Some(handover) = &handover {
@@ -502,11 +505,12 @@ fn tracked_service(
         if req.version() < hyper::Version::HTTP_11 || super::hop::connection_has(req.headers(), "close") {
             activity.set_closing();
         }
-        let (gw, conn) = (Arc::clone(&gw), Arc::clone(&conn));
+        let held = Arc::clone(&held);
         // HTTP/2 has no reason phrase.
         let h1 = req.version() < hyper::Version::HTTP_2;
         async move {
-            let mut resp = super::handle(&gw, &conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
+            let (gw, conn) = &*held;
+            let mut resp = super::handle(gw, conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if let Some(fields) = resp.body_mut().take_fields() {
                 if let Some(reason) = fields.reason_phrase(resp.status()).filter(|_| h1) {
                     resp.extensions_mut().insert(reason);
