@@ -217,6 +217,15 @@ async fn plain_http_is_redirected_to_https() {
     assert_eq!(r.status, 308);
     assert_eq!(r.header("location"), Some("https://nowhere.test/"));
     assert_eq!(s.b.hits(), 0);
+    // Each has its access-log line.
+    let redirected = |path: &str| {
+        s.gw.logs().lines().any(|l| l.contains("swarmgate::access") && l.contains("status=308 ") && l.contains(path))
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || redirected("path=/p/q ") && redirected("path=/p ")).await,
+        "{}",
+        s.gw.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,6 +264,57 @@ async fn rfc8441_extended_connect_over_h2() {
     assert_eq!(h2.get("ws.test", "/after-refusal").await.status, 200);
 }
 
+/// Every upgrade has an access-log line: a tunnel once it closes, with the status its
+/// client got (101; HTTP/2's extended CONNECT, 200) and the bytes the client got through
+/// it; a refused one with the server's status; one the gateway cannot carry out with its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_upgrade_has_an_access_log_line() {
+    let (gw, b, pki) = setup().await;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.test/ws?via=h1", tcp).await.unwrap();
+    exchange(&mut ws).await;
+    drop(ws); // the tunnel ends with its connection
+    let opts = TlsOpts::sni("ws.test").verified(&pki).alpn(&[b"h2"]);
+    let (tls, _) = tls_connect(gw.https, &opts).await.unwrap();
+    let mut h2 = H2::over(tls).await;
+    assert_eq!(h2.get("ws.test", "/").await.status, 200);
+    let mut req = req2("CONNECT", "ws.test", "/ws?via=h2").header("sec-websocket-version", "13").body(empty()).unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    h2.sender.ready().await.unwrap();
+    let mut resp = h2.sender.send_request(req).await.unwrap();
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(upgraded), Role::Client, None)
+            .await;
+    exchange(&mut ws).await;
+    drop((ws, resp, h2));
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    assert!(tokio_tungstenite::client_async("ws://ws.test/status?code=403", tcp).await.is_err());
+    drop(b); // gone: the next upgrade finds no server to carry it to
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    assert!(tokio_tungstenite::client_async("ws://ws.test/ws?gone", tcp).await.is_err());
+
+    // (status, path) -> the line's bytes.
+    let bytes = |status: u16, path: &str| {
+        gw.logs().lines().find_map(|l| {
+            let ours = l.contains("swarmgate::access") && l.contains(&format!("status={status} ")) && l.contains(path);
+            let at = l.find(" bytes=")?;
+            ours.then(|| l[at + 7..].split(' ').next()?.parse::<u64>().ok()).flatten()
+        })
+    };
+    let logged = || {
+        bytes(101, "path=/ws ").is_some()
+            && bytes(200, "path=/ws ").is_some()
+            && bytes(403, "path=/status ").is_some()
+            && (bytes(502, "path=/ws ").is_some() || bytes(503, "path=/ws ").is_some())
+    };
+    assert!(wait_until(Duration::from_secs(3), logged).await, "{}", gw.logs());
+    // The echoes: over 200,000 bytes each way.
+    assert!(bytes(101, "path=/ws ").unwrap() > 200_000, "{}", gw.logs());
+    assert!(bytes(200, "path=/ws ").unwrap() > 200_000, "{}", gw.logs());
+}
+
 /// A server that switches to any protocol it is asked for: `101` with the request's own
 /// `Upgrade` when there is one (or `answer_upgrade` in its place), `200` otherwise. Sends
 /// each request head it reads.

@@ -101,7 +101,7 @@ pub fn handle(
         let routed = match route_request(gw, &snap, conn, &req, start) {
             Ok(routed) => routed,
             Err((err, stats)) => {
-                AccessLog::write_refused(&req, err.status().as_u16(), start);
+                AccessLog::write_own(&req, err.status().as_u16(), start);
                 return local_error(&err, &stats.unwrap_or_else(|| unrouted(gw)), start);
             }
         };
@@ -115,8 +115,15 @@ pub fn handle(
                     .await
                     .map_err(|e| (e, Some(RouteRef::Route(Arc::clone(&route.stats)))))
             }
-            Routed::Acme => Ok(acme_answer(gw, &req, start).await),
-            Routed::Answer(resp) => Ok(*resp),
+            Routed::Acme => {
+                let resp = acme_answer(gw, &req, start).await;
+                AccessLog::write_own(&req, resp.status().as_u16(), start);
+                Ok(resp)
+            }
+            Routed::Answer(resp) => {
+                AccessLog::write_own(&req, resp.status().as_u16(), start);
+                Ok(*resp)
+            }
         };
         match result {
             Ok(resp) => resp,
@@ -253,7 +260,7 @@ fn forward(
             Ok(forwarding) => forwarding,
             Err(why) => {
                 let err = ProxyError::BadRequest(why);
-                AccessLog::write_refused(&Request::from_parts(parts, ()), err.status().as_u16(), start);
+                AccessLog::write_own(&Request::from_parts(parts, ()), err.status().as_u16(), start);
                 return Err((err, stats()));
             }
         };
@@ -261,7 +268,8 @@ fn forward(
         // answers instead; or, should the client go before either (this future dropped),
         // as 499 "client closed request".
         let mut log = Pending {
-            log: access_log_enabled().then(|| AccessLog::new(&parts, authority_str, forwarding.request_id.clone())),
+            log: access_log_enabled()
+                .then(|| AccessLog::new(&parts.method, authority_str, parts.uri.path(), forwarding.request_id.clone())),
             route: &route,
             start,
             answered: false,
@@ -656,10 +664,10 @@ impl Pending<'_> {
 const CLIENT_CLOSED: u16 = 499;
 
 impl AccessLog {
-    /// A request refused before it had a route or an id (404, 421, 400...).
-    #[cold]
+    /// A request the gateway answers itself before it has a route or an id: refused
+    /// (404, 421, 400...), redirected to HTTPS, an ACME challenge's answer.
     #[inline(never)]
-    fn write_refused<B>(req: &Request<B>, status: u16, start: Instant) {
+    fn write_own<B>(req: &Request<B>, status: u16, start: Instant) {
         if !access_log_enabled() {
             return;
         }
@@ -674,13 +682,8 @@ impl AccessLog {
         log.write(status, None, start.elapsed(), 0, true);
     }
 
-    fn new(parts: &http::request::Parts, host: &str, request_id: HeaderValue) -> Box<Self> {
-        Box::new(AccessLog {
-            method: parts.method.clone(),
-            host: host.to_string(),
-            path: parts.uri.path().to_string(),
-            request_id,
-        })
+    fn new(method: &Method, host: &str, path: &str, request_id: HeaderValue) -> Box<Self> {
+        Box::new(AccessLog { method: method.clone(), host: host.to_string(), path: path.to_string(), request_id })
     }
 
     pub fn write(&self, status: u16, upstream: Option<SocketAddr>, took: Duration, bytes: u64, complete: bool) {

@@ -5,17 +5,20 @@
 //! The tunnel holds its server's in-flight guard for its whole life, so a draining
 //! server waits for it, and ends when the server's `kill` token fires at drain timeout.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{ClientBody, ReqBody, RespBody};
 use super::error::ProxyError;
-use super::{Conn, client, forwarded, hop, with_rng};
+use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, with_rng};
 use crate::gateway::Gateway;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
@@ -49,14 +52,35 @@ pub async fn proxy(
     if extended_connect {
         let p = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !p.eq_ignore_ascii_case("websocket") {
-            return Err(ProxyError::BadRequest("extended CONNECT supports :protocol websocket only"));
+            let err = ProxyError::BadRequest("extended CONNECT supports :protocol websocket only");
+            AccessLog::write_own(&req, err.status().as_u16(), start);
+            return Err(err);
         }
     }
     let client_side = hyper::upgrade::on(&mut req);
     // HTTP/1.1: the connection becomes the tunnel, which keeps its hold on the listener.
     let handover = req.extensions_mut().remove::<super::listener::Handover>();
-    let upstream_req =
-        build_request(snap, conn, route, &req, authority, extended_connect).map_err(ProxyError::BadRequest)?;
+    let upstream_req = match build_request(snap, conn, route, &req, authority, extended_connect) {
+        Ok(upstream_req) => upstream_req,
+        Err(why) => {
+            let err = ProxyError::BadRequest(why);
+            AccessLog::write_own(&req, err.status().as_u16(), start);
+            return Err(err);
+        }
+    };
+    // The access-log line: written when the tunnel closes (its duration and the bytes the
+    // client got through it), when the server answers without switching, or with the
+    // gateway's own status; 499 should the client go before any of these.
+    let mut log = Pending {
+        log: access_log_enabled().then(|| {
+            let id = upstream_req.headers().get(&forwarded::X_REQUEST_ID).cloned();
+            let host = authority.to_str().unwrap_or("");
+            AccessLog::new(req.method(), host, req.uri().path(), id.unwrap_or(HeaderValue::from_static("-")))
+        }),
+        route,
+        start,
+        answered: false,
+    };
 
     let upstream = &route.upstream;
     let cfg = &upstream.config;
@@ -67,7 +91,7 @@ pub async fn proxy(
             with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
         };
         let Some(server) = server else {
-            return Err(ProxyError::NoServer(upstream.set.name.clone()));
+            return Err(log.failed(ProxyError::NoServer(upstream.set.name.clone()), None).0);
         };
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
             Ok(sender) => break (server, sender),
@@ -75,18 +99,19 @@ pub async fn proxy(
                 tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
                 tried.push(server.addr);
             }
-            Err(e) => return Err(ProxyError::Upstream(e)),
+            Err(e) => return Err(log.failed(ProxyError::Upstream(e), None).0),
         }
     };
     let guard = server.begin();
     let sent = tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await;
     let mut resp = match sent {
         Err(_) => {
-            return Err(client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout }.into());
+            let err = client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout };
+            return Err(log.failed(err.into(), None).0);
         }
         Ok(Err(source)) => {
             let source = std::io::Error::other(source);
-            return Err(client::SendError::Failed { addr: server.addr, source }.into());
+            return Err(log.failed(client::SendError::Failed { addr: server.addr, source }.into(), None).0);
         }
         Ok(Ok(r)) => r,
     };
@@ -96,7 +121,13 @@ pub async fn proxy(
         // The server said no (or answered normally): its answer is passed on as it comes,
         // however long (a page, a download, a stream).
         let (mut parts, body) = resp.into_parts();
-        hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
+        if hop::strip(&mut parts.headers).is_err() {
+            return Err(log.failed(ProxyError::UpgradeFailed, None).0);
+        }
+        if let Some(line) = log.taken() {
+            let bytes = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
+            line.write(parts.status.as_u16(), Some(server.addr), start.elapsed(), bytes, true);
+        }
         if !extended_connect {
             // hyper ends an HTTP/1.1 connection whose upgrade did not happen: the answer
             // says so (RFC 9112 section 9.6).
@@ -109,31 +140,50 @@ pub async fn proxy(
     if !lists_websocket(resp.headers()) {
         tracing::warn!(server = %server.addr, upgrade = ?resp.headers().get(header::UPGRADE),
             "server answered a WebSocket upgrade with 101 to another protocol (or none); not tunnelled");
-        return Err(ProxyError::UpgradeFailed);
+        return Err(log.failed(ProxyError::UpgradeFailed, None).0);
+    }
+    if hop::strip(resp.headers_mut()).is_err() {
+        return Err(log.failed(ProxyError::UpgradeFailed, None).0);
     }
     let server_side = hyper::upgrade::on(&mut resp);
     let kill = server.kill.clone();
     let addr = server.addr;
+    let log = log.taken();
+    // What the client is answered: HTTP/2's extended CONNECT gets a 200.
+    let status = if extended_connect { 200 } else { 101 };
     gw.tunnels.spawn(async move {
         let _in_flight = guard;
         let _hold = handover;
-        let (client_io, server_io) = match tokio::join!(client_side, server_side) {
-            (Ok(c), Ok(s)) => (c, s),
+        // Bytes the client got through the tunnel, and whether it ended cleanly.
+        let (to_client, clean) = match tokio::join!(client_side, server_side) {
+            (Ok(client_io), Ok(server_io)) => {
+                let mut client_io = Counted { io: TokioIo::new(client_io), written: 0 };
+                let mut server_io = TokioIo::new(server_io);
+                let clean = tokio::select! {
+                    res = tokio::io::copy_bidirectional(&mut client_io, &mut server_io) => match res {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::debug!(server = %addr, error = %e, "tunnel ended with an error");
+                            false
+                        }
+                    },
+                    () = kill.cancelled() => {
+                        tracing::info!(server = %addr, "tunnel closed: server drained");
+                        false
+                    }
+                };
+                (client_io.written, clean)
+            }
             (c, s) => {
                 tracing::debug!(server = %addr, client_ok = c.is_ok(), server_ok = s.is_ok(), "tunnel could not start");
-                return;
+                (0, false)
             }
         };
-        let (mut client_io, mut server_io) = (TokioIo::new(client_io), TokioIo::new(server_io));
-        tokio::select! {
-            res = tokio::io::copy_bidirectional(&mut client_io, &mut server_io) => {
-                if let Err(e) = res { tracing::debug!(server = %addr, error = %e, "tunnel ended with an error") }
-            }
-            () = kill.cancelled() => tracing::info!(server = %addr, "tunnel closed: server drained"),
+        if let Some(line) = log {
+            line.write(status, Some(addr), start.elapsed(), to_client, clean);
         }
     });
     let (mut parts, _) = resp.into_parts();
-    hop::strip(&mut parts.headers).map_err(|_| ProxyError::UpgradeFailed)?;
     if extended_connect {
         // RFC 8441 section 5: a 2xx answers the CONNECT; the key/accept exchange is h1's.
         parts.status = StatusCode::OK;
@@ -143,6 +193,36 @@ pub async fn proxy(
         parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     Ok(Response::from_parts(parts, RespBody::empty()))
+}
+
+/// A tunnel's client side, counting the bytes written to it (for the access log, however
+/// the tunnel ends: `copy_bidirectional` tells only when both sides closed cleanly).
+struct Counted<T> {
+    io: T,
+    written: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+        this.written += written as u64;
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The HTTP/1.1 Upgrade request the server gets, or why the client's is bad.
