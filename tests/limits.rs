@@ -416,6 +416,7 @@ async fn foreign_codings_and_odd_authorities_never_reach_the_server() {
         ("GET / HTTP/1.1\r\nHost: app.test:abc\r\nConnection: close\r\n\r\n", "port"),
         ("GET / HTTP/1.1\r\nHost: app.test:99999\r\nConnection: close\r\n\r\n", "port"),
         ("GET / HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n", "bracket"),
+        ("GET * HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", "asterisk-form"),
         (
             "POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n\
              7\r\n2\r\nhi\r\n\r\n0\r\n\r\n",
@@ -430,10 +431,13 @@ async fn foreign_codings_and_odd_authorities_never_reach_the_server() {
         assert_eq!(raw_status(&bytes), Some(400), "{why}: {request:?} got {}", String::from_utf8_lossy(&bytes));
     }
     assert_eq!(b.hits(), 0);
-    // The well-formed ones pass.
+    // The well-formed ones pass: the asterisk-form is OPTIONS's (RFC 9112 section 3.2.4).
     let (bytes, _) =
         raw(&gw, b"GET http://app.test:8080/x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
     assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+    let (bytes, _) = raw(&gw, b"OPTIONS * HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!((b.last().method.as_str(), b.last().uri.as_str()), ("OPTIONS", "*"));
 }
 
 /// `response_timeout` counts from the request's last byte sent: an upload slower than it

@@ -193,6 +193,10 @@ fn route_request(
             Some(_) => {}
         }
     }
+    // RFC 9112 section 3.2.4: the asterisk-form is a server-wide OPTIONS's alone.
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return Err((ProxyError::BadRequest("asterisk-form request target outside OPTIONS"), None));
+    }
     let authority_str = authority.to_str().unwrap_or("");
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
         return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
