@@ -184,6 +184,15 @@ async fn a_refused_upgrades_answer_streams() {
     }
     let grown = gw.rss_kib().saturating_sub(rss_before);
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB while 64 MiB passed");
+    // Its access-log line is written once the answer ends (here, its client goes), with
+    // the bytes that went through.
+    drop(c);
+    let line =
+        || gw.logs().lines().find(|l| l.contains("swarmgate::access") && l.contains("path=/feed ")).map(String::from);
+    assert!(wait_until(Duration::from_secs(3), || line().is_some()).await, "{}", gw.logs());
+    let line = line().unwrap();
+    let bytes: u64 = line.split(" bytes=").nth(1).and_then(|b| b.split(' ').next()?.parse().ok()).unwrap();
+    assert!(bytes >= got - (1 << 20) && line.contains("complete=false"), "{line}");
     held.abort();
 }
 
@@ -310,7 +319,9 @@ async fn every_upgrade_has_an_access_log_line() {
             && (bytes(502, "path=/ws ").is_some() || bytes(503, "path=/ws ").is_some())
     };
     assert!(wait_until(Duration::from_secs(3), logged).await, "{}", gw.logs());
-    // The echoes: over 200,000 bytes each way.
+    // The refused one's line waits for its body (3 bytes) to be sent. The echoes: over
+    // 200,000 bytes each way.
+    assert_eq!(bytes(403, "path=/status "), Some(3), "{}", gw.logs());
     assert!(bytes(101, "path=/ws ").unwrap() > 200_000, "{}", gw.logs());
     assert!(bytes(200, "path=/ws ").unwrap() > 200_000, "{}", gw.logs());
 }

@@ -14,8 +14,11 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::Done;
+use std::net::SocketAddr;
+use std::time::Instant;
+
 use super::h1::{Fields, ResponseBody};
+use super::{AccessLog, Done};
 use crate::upstream::server::InFlight;
 
 /// A request body as the client side hands it over.
@@ -194,8 +197,51 @@ pub enum RespBody {
     /// response either way; the end's work was boxed alone before).
     Upstream(Box<UpstreamBody>),
     /// A server's answer to an upgrade it refused, streamed as hyper reads it from the
-    /// upgrade's own connection; the server counts it in flight until it ends.
-    Refused(Incoming, InFlight),
+    /// upgrade's own connection.
+    Refused(Box<RefusedBody>),
+}
+
+/// The body of a refused upgrade's answer: its server counts it in flight, and its
+/// access-log line waits, until it ends (fully sent, failed or dropped).
+pub struct RefusedBody {
+    body: Incoming,
+    _in_flight: InFlight,
+    /// The line, and what it says beside the bytes sent and whether they all were.
+    log: Option<Box<AccessLog>>,
+    status: u16,
+    server: SocketAddr,
+    start: Instant,
+    bytes: u64,
+}
+
+impl RefusedBody {
+    pub(super) fn new(
+        body: Incoming,
+        in_flight: InFlight,
+        log: Option<Box<AccessLog>>,
+        status: u16,
+        server: SocketAddr,
+        start: Instant,
+    ) -> Box<Self> {
+        let mut refused = Box::new(RefusedBody { body, _in_flight: in_flight, log, status, server, start, bytes: 0 });
+        if refused.body.is_end_stream() {
+            // Nothing to stream (e.g. Content-Length: 0): hyper will not poll it.
+            refused.done(true);
+        }
+        refused
+    }
+
+    fn done(&mut self, complete: bool) {
+        if let Some(log) = self.log.take() {
+            log.write(self.status, Some(self.server), self.start.elapsed(), self.bytes, complete);
+        }
+    }
+}
+
+impl Drop for RefusedBody {
+    fn drop(&mut self) {
+        self.done(false);
+    }
 }
 
 impl RespBody {
@@ -203,7 +249,7 @@ impl RespBody {
     pub fn fields(&self) -> Option<&Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.fields()),
-            RespBody::Local(_) | RespBody::Refused(..) => None,
+            RespBody::Local(_) | RespBody::Refused(_) => None,
         }
     }
 
@@ -211,7 +257,7 @@ impl RespBody {
     pub fn take_fields(&mut self) -> Option<Fields> {
         match self {
             RespBody::Upstream(b) => Some(b.inner.take_fields()),
-            RespBody::Local(_) | RespBody::Refused(..) => None,
+            RespBody::Local(_) | RespBody::Refused(_) => None,
         }
     }
 
@@ -283,7 +329,20 @@ impl Body for RespBody {
                 }
                 Poll::Ready(frame)
             }
-            RespBody::Refused(body, _) => Pin::new(body).poll_frame(cx).map_err(std::io::Error::other),
+            RespBody::Refused(r) => {
+                let frame = ready!(Pin::new(&mut r.body).poll_frame(cx));
+                match &frame {
+                    Some(Ok(f)) => {
+                        r.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                        if r.body.is_end_stream() {
+                            r.done(true);
+                        }
+                    }
+                    None => r.done(true),
+                    Some(Err(_)) => r.done(false),
+                }
+                Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
+            }
         }
     }
 
@@ -291,7 +350,7 @@ impl Body for RespBody {
         match self {
             RespBody::Local(b) => b.is_none(),
             RespBody::Upstream(u) => u.inner.is_end_stream(),
-            RespBody::Refused(body, _) => body.is_end_stream(),
+            RespBody::Refused(r) => r.body.is_end_stream(),
         }
     }
 
@@ -299,7 +358,7 @@ impl Body for RespBody {
         match self {
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RespBody::Upstream(u) => u.inner.size_hint(),
-            RespBody::Refused(body, _) => body.size_hint(),
+            RespBody::Refused(r) => r.body.size_hint(),
         }
     }
 }

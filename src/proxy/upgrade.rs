@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::{ClientBody, ReqBody, RespBody};
+use super::body::{ClientBody, RefusedBody, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, with_rng};
 use crate::gateway::Gateway;
@@ -124,16 +124,13 @@ pub async fn proxy(
         if hop::strip(&mut parts.headers).is_err() {
             return Err(log.failed(ProxyError::UpgradeFailed, None).0);
         }
-        if let Some(line) = log.taken() {
-            let bytes = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
-            line.write(parts.status.as_u16(), Some(server.addr), start.elapsed(), bytes, true);
-        }
         if !extended_connect {
             // hyper ends an HTTP/1.1 connection whose upgrade did not happen: the answer
             // says so (RFC 9112 section 9.6).
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        return Ok(Response::from_parts(parts, RespBody::Refused(body, guard)));
+        let body = RefusedBody::new(body, guard, log.taken(), parts.status.as_u16(), server.addr, start);
+        return Ok(Response::from_parts(parts, RespBody::Refused(body)));
     }
     // RFC 9110 section 7.8: a server switches to a protocol the client asked for, here
     // WebSocket. Anything else is not tunnelled.
