@@ -805,6 +805,7 @@ async fn an_h2_stream_whose_client_takes_nothing_is_reset() {
     assert!(released, "a stream its client takes nothing of still holds its server request after {:?}", t.elapsed());
     let (got, error) = drain(resp.into_body(), Duration::ZERO).await;
     assert!(error.is_some() && got < 4 << 20, "the stalled stream was not reset: {got} bytes, error {error:?}");
+    assert_eq!(gw.metric("swarmgate_h2_streams_stalled_total").await, Some(1.0));
     // Other streams are untouched.
     let (got, error) = drain(
         sender.send_request(req2("GET", "app.test", "/big?mb=1").body(empty()).unwrap()).await.unwrap().into_body(),
@@ -827,6 +828,7 @@ async fn an_h2_stream_that_keeps_moving_is_not_reset() {
     let t = Instant::now();
     let (got, error) = drain(resp.into_body(), Duration::from_millis(150)).await;
     assert_eq!((got, error.map(|e| e.to_string())), (256 * 1024, None));
+    assert_eq!(gw.metric("swarmgate_h2_streams_stalled_total").await, Some(0.0));
     assert!(t.elapsed() > Duration::from_secs(2), "read too fast to show anything: {:?}", t.elapsed());
 
     let gw = stall_gateway(dribbling_server(Some(Duration::from_millis(250))).await).await;

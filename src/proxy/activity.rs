@@ -206,6 +206,11 @@ where
     }
 }
 
+/// HTTP/2 streams reset by [`StalledStream`] (`swarmgate_h2_streams_stalled_total`).
+/// Process-wide, as the gateway is: a stream's task has no handle on the gateway's
+/// metrics, and one per stream would be a shared reference count taken per request.
+pub(crate) static STALLED_STREAMS: AtomicU64 = AtomicU64::new(0);
+
 thread_local! {
     /// Set when a response body ([`Tracked`]) is polled: tells [`StalledStream`] that the
     /// task it runs is a stream whose response body has begun (hyper's types for its
@@ -251,7 +256,9 @@ impl<F: Future<Output = ()>> Future for StalledStream<F> {
         };
         if timer.as_mut().poll(cx).is_ready() {
             if !std::mem::take(this.moved) {
-                tracing::info!(stall = ?*this.stall, "HTTP/2 stream reset: neither its client nor its server moved it");
+                // Debug, not info: any client can set this off on every stream it opens.
+                tracing::debug!(stall = ?*this.stall, "HTTP/2 stream reset: neither its client nor its server moved it");
+                STALLED_STREAMS.fetch_add(1, Ordering::Relaxed);
                 return Poll::Ready(());
             }
             timer.as_mut().reset(Instant::now() + *this.stall);

@@ -9,7 +9,7 @@
 //! 6. server choice and the attempt loop with safe retries (503 when none is eligible);
 //! 7. the response streamed back through a body that releases the server and logs.
 
-mod activity;
+pub(crate) mod activity;
 pub mod body;
 pub mod client;
 pub mod error;
