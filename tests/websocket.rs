@@ -401,5 +401,14 @@ async fn a_switch_to_a_protocol_the_client_did_not_ask_for_is_refused() {
         assert!(heads.recv().await.unwrap().contains("\r\nupgrade: websocket\r\n"));
         assert_eq!(raw_status(&raw), Some(502), "101 with Upgrade: {answered:?} passed: {text}");
         assert!(closed, "{text}");
+        // Counted once, as the 502 the client got.
+        let m = gw.metrics().await;
+        let counted: f64 = m
+            .lines()
+            .filter(|l| l.starts_with(r#"swarmgate_responses_total{route="ws.test/""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let as_502 = r#"swarmgate_responses_total{route="ws.test/",upstream="app",status="502"}"#;
+        assert_eq!((counted, metric_value(&m, as_502)), (1.0, Some(1.0)), "{m}");
     }
 }

@@ -116,7 +116,8 @@ pub async fn proxy(
         Ok(Ok(r)) => r,
     };
     gw.metrics.upgrades.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    route.stats.record(resp.status().as_u16(), start.elapsed());
+    // Counted in the route's statistics once the client's answer is settled: the server's
+    // status, or (through `handle`'s `local_error`) the gateway's own when it refuses it.
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server said no (or answered normally): its answer is passed on as it comes,
         // however long (a page, a download, a stream).
@@ -129,6 +130,7 @@ pub async fn proxy(
             // says so (RFC 9112 section 9.6).
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        route.stats.record(parts.status.as_u16(), start.elapsed());
         let body = RefusedBody::new(body, guard, log.taken(), parts.status.as_u16(), server.addr, start);
         return Ok(Response::from_parts(parts, RespBody::Refused(body)));
     }
@@ -142,6 +144,7 @@ pub async fn proxy(
     if hop::strip(resp.headers_mut()).is_err() {
         return Err(log.failed(ProxyError::UpgradeFailed, None).0);
     }
+    route.stats.record(resp.status().as_u16(), start.elapsed());
     let server_side = hyper::upgrade::on(&mut resp);
     let kill = server.kill.clone();
     let addr = server.addr;
