@@ -705,9 +705,9 @@ where
     }
 }
 
-/// Messages echoed through a tunnel, each followed by a quiet spell longer than the
-/// gateway's header_read_timeout and idle_timeout.
-async fn echo_across_quiet_spells<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+/// Messages echoed through a tunnel, each followed by a quiet spell (longer than the
+/// gateway's timeouts under test).
+async fn echo_across_quiet_spells<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, spell: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -717,11 +717,30 @@ where
         ws.send(Message::text(format!("m{i}"))).await.unwrap();
         let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
         assert_eq!(back, Message::text(format!("m{i}")));
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        tokio::time::sleep(spell).await;
     }
     ws.send(Message::text("last")).await.unwrap();
     let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
     assert_eq!(back, Message::text("last"));
+}
+
+/// A WebSocket over an HTTP/2 connection (RFC 8441 extended CONNECT) to the backend's
+/// `/ws` echo.
+async fn h2_websocket(
+    sender: &mut hyper::client::conn::http2::SendRequest<Body>,
+) -> tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>> {
+    let mut req = req2("CONNECT", "app.test", "/ws").header("sec-websocket-version", "13").body(empty()).unwrap();
+    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    sender.ready().await.unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,19 +750,8 @@ async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
     let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
     let mut h2 = H2::over(tls).await;
     assert_eq!(h2.get("app.test", "/").await.status, 200);
-    let mut req = req2("CONNECT", "app.test", "/ws").header("sec-websocket-version", "13").body(empty()).unwrap();
-    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
-    h2.sender.ready().await.unwrap();
-    let mut resp = h2.sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        hyper_util::rt::TokioIo::new(upgraded),
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        None,
-    )
-    .await;
-    echo_across_quiet_spells(&mut ws).await;
+    let mut ws = h2_websocket(&mut h2.sender).await;
+    echo_across_quiet_spells(&mut ws, Duration::from_millis(1300)).await;
 }
 
 /// IDLE with `response_timeout = "1s"`: HTTP/2 streams that nothing moves for 1 s (the
@@ -843,29 +851,11 @@ async fn an_h2_stream_that_keeps_moving_is_not_reset() {
 /// stall bound that resets a stream stuck in its response, do not end it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_websocket_tunnel_is_not_a_stalled_stream() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let b = Backend::start("app").await;
     let gw = stall_gateway(b.addr).await;
     let mut sender = h2_small_window(&gw).await;
-    let mut req = req2("CONNECT", "app.test", "/ws").header("sec-websocket-version", "13").body(empty()).unwrap();
-    req.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
-    sender.ready().await.unwrap();
-    let mut resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        hyper_util::rt::TokioIo::new(upgraded),
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        None,
-    )
-    .await;
-    for i in 0..3 {
-        ws.send(Message::text(format!("m{i}"))).await.unwrap();
-        let back = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("echo").unwrap().unwrap();
-        assert_eq!(back, Message::text(format!("m{i}")), "message {i}");
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-    }
+    let mut ws = h2_websocket(&mut sender).await;
+    echo_across_quiet_spells(&mut ws, Duration::from_millis(2500)).await;
 }
 
 /// In-flight counts (what p2c and drains rely on) come back down when a client gives up.
@@ -905,7 +895,7 @@ async fn an_http1_websocket_tunnel_outlives_the_idle_timeouts() {
     let gw = idle_gateway(&b).await;
     let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async("ws://app.test/ws", tcp).await.unwrap();
-    echo_across_quiet_spells(&mut ws).await;
+    echo_across_quiet_spells(&mut ws, Duration::from_millis(1300)).await;
 }
 
 /// A download that takes longer than the idle timeouts is not idleness.
