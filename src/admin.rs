@@ -371,7 +371,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
         (
             "swarmgate_h2_streams_stalled_total",
             "counter",
-            "HTTP/2 streams reset as neither side moved them for idle_timeout (or the longest response_timeout): a client that takes none of its response.",
+            "HTTP/2 streams reset as neither side moved them for idle_timeout (or a second past the longest response_timeout): a client that takes none of its response.",
             crate::proxy::activity::STALLED_STREAMS.load(Ordering::Relaxed) as i64,
         ),
         (

@@ -340,6 +340,11 @@ fn retire<T: Send + Sync + 'static>(old: Arc<T>) {
     });
 }
 
+/// How much longer than a `response_timeout` an HTTP/2 stream's stall bound is: a server
+/// that goes silent mid-body is the body's own timer's to cut (and counted as the
+/// server's), before the stream is taken for stalled.
+const STALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn proxy_settings(config: &Config) -> ProxySettings {
     ProxySettings {
         trusted_proxies: config.proxy.trusted_proxies.clone(),
@@ -347,7 +352,11 @@ fn proxy_settings(config: &Config) -> ProxySettings {
         https_port: config.listen.https.map(|a| a.port()),
         limits: config.limits.clone(),
         acme_http01: config.acme.as_ref().is_some_and(|a| a.challenge == config::Challenge::Http01),
-        stream_stall: config.upstreams.values().map(|u| u.response_timeout).fold(config.limits.idle_timeout, Ord::max),
+        stream_stall: config
+            .upstreams
+            .values()
+            .map(|u| u.response_timeout + STALL_MARGIN)
+            .fold(config.limits.idle_timeout, Ord::max),
     }
 }
 

@@ -72,8 +72,9 @@ pub struct ProxySettings {
     pub limits: Limits,
     /// Whether `/.well-known/acme-challenge/` is answered by the gateway.
     pub acme_http01: bool,
-    /// An HTTP/2 stream that nothing moves for this long is reset: `idle_timeout`, or the
-    /// longest `response_timeout` when longer (a server may take that long to answer).
+    /// An HTTP/2 stream that nothing moves for this long is reset: `idle_timeout`, or a
+    /// second past the longest `response_timeout` when that is longer (a server may take
+    /// that long to answer).
     pub stream_stall: std::time::Duration,
 }
 

@@ -752,10 +752,12 @@ async fn an_h2_websocket_tunnel_outlives_idle_timeout() {
     assert_eq!(h2.get("app.test", "/").await.status, 200);
     let mut ws = h2_websocket(&mut h2.sender).await;
     echo_across_quiet_spells(&mut ws, Duration::from_millis(1300)).await;
+    // The tunnel is an open stream: its connection was not closed as idle under it.
+    assert_eq!(h2.get("app.test", "/").await.status, 200);
 }
 
-/// IDLE with `response_timeout = "1s"`: HTTP/2 streams that nothing moves for 1 s (the
-/// longer of idle_timeout and the longest response_timeout) are reset.
+/// IDLE with `response_timeout = "1s"`: HTTP/2 streams that nothing moves for 2 s (the
+/// longer of idle_timeout and a second past the longest response_timeout) are reset.
 async fn stall_gateway(server: std::net::SocketAddr) -> Gateway {
     let pki = Pki::new();
     let (crt, key) = pki.leaf(&["app.test"]);
@@ -809,7 +811,7 @@ async fn an_h2_stream_whose_client_takes_nothing_is_reset() {
     assert_eq!(resp.status(), 200);
     assert_eq!(upstream_in_flight(&gw).await, 1, "the download holds its server request");
     let t = Instant::now();
-    let released = wait_until_async(Duration::from_secs(5), || async { upstream_in_flight(&gw).await == 0 }).await;
+    let released = wait_until_async(Duration::from_secs(8), || async { upstream_in_flight(&gw).await == 0 }).await;
     assert!(released, "a stream its client takes nothing of still holds its server request after {:?}", t.elapsed());
     let (got, error) = drain(resp.into_body(), Duration::ZERO).await;
     assert!(error.is_some() && got < 4 << 20, "the stalled stream was not reset: {got} bytes, error {error:?}");
@@ -845,6 +847,21 @@ async fn an_h2_stream_that_keeps_moving_is_not_reset() {
     let resp = sender.send_request(req2("GET", "app.test", "/").body(empty()).unwrap()).await.unwrap();
     let collected = collect(resp).await.unwrap();
     assert_eq!((collected.status, collected.text().as_str()), (200, "still coming"));
+}
+
+/// A server that goes silent mid-body is cut by the body's own response_timeout, and not
+/// taken (or counted) for a stream its client stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_not_counted_as_a_stalled_stream() {
+    let gw = stall_gateway(dribbling_server(None).await).await;
+    let mut sender = h2_small_window(&gw).await;
+    sender.ready().await.unwrap();
+    let resp = sender.send_request(req2("GET", "app.test", "/").body(empty()).unwrap()).await.unwrap();
+    let t = Instant::now();
+    let (got, error) = drain(resp.into_body(), Duration::ZERO).await;
+    assert!(error.is_some() && got == 3, "{got} bytes, error {error:?}");
+    assert!(t.elapsed() < Duration::from_millis(1900), "cut after {:?}", t.elapsed());
+    assert_eq!(gw.metric("swarmgate_h2_streams_stalled_total").await, Some(0.0));
 }
 
 /// A tunnel over HTTP/2 (extended CONNECT) may idle: its quiet spells, longer than the

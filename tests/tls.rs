@@ -128,6 +128,14 @@ async fn host_other_than_sni_is_421() {
     let (r, info) = https_get(s.gw.https, &opts, "x.wild.test", "/").await.unwrap();
     assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(r.status, 421);
+    // HEAD over HTTP/2: the gateway's own answer comes without its text (a body there is a
+    // protocol error for the client), its length as for a GET.
+    let (stream, _) = tls_connect(s.gw.https, &opts).await.unwrap();
+    let mut h2 = H2::over(stream).await;
+    let r = h2.send(req2("HEAD", "x.wild.test", "/").body(empty()).unwrap()).await.expect("HEAD over HTTP/2");
+    let text = "421 misdirected request: TLS server name and Host differ\n";
+    assert_eq!((r.status, r.body.len()), (421, 0));
+    assert_eq!(r.header("content-length"), Some(text.len().to_string().as_str()));
     // Case and port do not count as a difference.
     let (r, _) = https_get(s.gw.https, &opts, "A.Test:443", "/").await.unwrap();
     assert_eq!(r.status, 200);

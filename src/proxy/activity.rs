@@ -8,8 +8,8 @@
 //!   or a slow server, is not idleness); the kernel closes a client that is gone or takes
 //!   none of its response for 90 s (see `listener::UNACKED_TIMEOUT`).
 //! - HTTP/2: closed (GOAWAY) when no stream has been open for `idle_timeout`. A stream
-//!   that neither its client nor its server moves for `idle_timeout` (or the longest
-//!   `response_timeout`, if longer) is reset ([`Streams`]): a client that never opens its
+//!   that neither its client nor its server moves for `idle_timeout` (or a second past the
+//!   longest `response_timeout`, if longer) is reset ([`Streams`]): a client that never opens its
 //!   flow-control window would otherwise hold the stream's server request for good.
 //!
 //! A request counts from its head until its response body is done or dropped (the own
@@ -267,6 +267,18 @@ impl<F: Future<Output = ()>> Future for StalledStream<F> {
             *this.moved = true;
         }
         this.stream.poll(cx)
+    }
+}
+
+/// An HTTP/2 extended CONNECT's connection, for its tunnel to count as an open request
+/// while it lives: the request's own count ends with its (empty) response body, and the
+/// connection would be closed as idle under a busy tunnel.
+#[derive(Clone)]
+pub(super) struct TunnelStream(pub(super) Arc<Activity>);
+
+impl TunnelStream {
+    pub(super) fn open(self) -> RequestGuard {
+        RequestGuard::open(&self.0)
     }
 }
 

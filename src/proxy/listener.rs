@@ -501,6 +501,8 @@ fn tracked_service(
             if req.headers().contains_key(hyper::header::UPGRADE) {
                 req.extensions_mut().insert(handover.clone());
             }
+        } else if req.method() == hyper::Method::CONNECT {
+            req.extensions_mut().insert(super::activity::TunnelStream(Arc::clone(&activity)));
         }
         if req.version() < hyper::Version::HTTP_11 || super::hop::connection_has(req.headers(), "close") {
             activity.set_closing();
@@ -508,9 +510,20 @@ fn tracked_service(
         let held = Arc::clone(&held);
         // HTTP/2 has no reason phrase.
         let h1 = req.version() < hyper::Version::HTTP_2;
+        let head = req.method() == hyper::Method::HEAD;
         async move {
             let (gw, conn) = &*held;
             let mut resp = super::handle(gw, conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
+            if head {
+                // The gateway's own answers carry their text whatever the method; hyper's
+                // HTTP/2 sends a body it is given even for HEAD (a protocol error for the
+                // client, RFC 9110 section 9.3.2). Its length stays, as for a GET.
+                if let super::body::RespBody::Local(Some(text)) = resp.body_mut() {
+                    let length = hyper::header::HeaderValue::from(text.len());
+                    *resp.body_mut() = super::body::RespBody::empty();
+                    resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, length);
+                }
+            }
             if let Some(fields) = resp.body_mut().take_fields() {
                 if let Some(reason) = fields.reason_phrase(resp.status()).filter(|_| h1) {
                     resp.extensions_mut().insert(reason);

@@ -60,6 +60,9 @@ pub async fn proxy(
     let client_side = hyper::upgrade::on(&mut req);
     // HTTP/1.1: the connection becomes the tunnel, which keeps its hold on the listener.
     let handover = req.extensions_mut().remove::<super::listener::Handover>();
+    // HTTP/2: the tunnel is one of the connection's streams, open (for its idle timeout)
+    // until it closes.
+    let stream = req.extensions_mut().remove::<super::activity::TunnelStream>();
     let upstream_req = match build_request(snap, conn, route, &req, authority, extended_connect) {
         Ok(upstream_req) => upstream_req,
         Err(why) => {
@@ -85,19 +88,23 @@ pub async fn proxy(
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let mut tried = Vec::new();
+    let mut failed = None;
     let (server, mut sender) = loop {
         let server = {
             let eligible = upstream.set.eligible();
             with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
         };
         let Some(server) = server else {
-            return Err(log.failed(ProxyError::NoServer(upstream.set.name.clone()), None).0);
+            // None left to try after a failure: that failure (502), not "no server" (503).
+            let err = failed.map_or_else(|| ProxyError::NoServer(upstream.set.name.clone()), ProxyError::Upstream);
+            return Err(log.failed(err, None).0);
         };
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
             Ok(sender) => break (server, sender),
             Err(e) if (tried.len() as u32) < cfg.retries => {
                 tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
                 tried.push(server.addr);
+                failed = Some(e);
             }
             Err(e) => return Err(log.failed(ProxyError::Upstream(e), None).0),
         }
@@ -154,6 +161,7 @@ pub async fn proxy(
     gw.tunnels.spawn(async move {
         let _in_flight = guard;
         let _hold = handover;
+        let _open = stream.map(super::activity::TunnelStream::open);
         // Bytes the client got through the tunnel, and whether it ended cleanly.
         let (to_client, clean) = match tokio::join!(client_side, server_side) {
             (Ok(client_io), Ok(server_io)) => {
