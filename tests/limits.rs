@@ -604,6 +604,72 @@ async fn a_body_broken_mid_stream_is_the_clients_fault() {
     assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
 }
 
+/// A client that goes away partway through its upload, while the gateway holds the body's
+/// start or streams it to the server, is logged and counted as 499 (it got no answer),
+/// not as a malformed request; nor is the server blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_upload_is_499_not_400() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    for (path, length, sent) in [("/held", 10, 3), ("/streamed", 400_000, 200_000)] {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: app.test\r\nContent-Length: {length}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'x'; sent]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    } // dropped: both clients go away
+    let logged = |status: &str, path: &str| {
+        gw.logs()
+            .lines()
+            .any(|l| l.contains("swarmgate::access") && l.contains(&format!("status={status} ")) && l.contains(path))
+    };
+    let both = || logged("499", "path=/held ") && logged("499", "path=/streamed ");
+    assert!(wait_until(Duration::from_secs(3), both).await, "{}", gw.logs());
+    assert!(!logged("400", "path=/"), "{}", gw.logs());
+    let m = gw.metrics().await;
+    let count = |status: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("swarmgate_responses_total{") && l.contains(&format!("status=\"{status}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!((count("499"), count("400")), (2.0, 0.0), "{m}");
+    assert_eq!(metric_value(&m, "swarmgate_upstream_ejections_total{upstream=\"app\"}"), Some(0.0), "{m}");
+}
+
+/// The same over HTTP/2: a client whose connection ends partway through an upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_gone_mid_upload_is_499_not_400() {
+    use futures_util::StreamExt;
+    let b = Backend::start("app").await;
+    let gw = stall_gateway(b.addr).await;
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake::<_, Body>(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    // Three bytes, then the body waits forever.
+    let first = futures_util::stream::once(async {
+        Ok::<_, BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(b"abc")))
+    });
+    let body =
+        http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(first.chain(futures_util::stream::pending())));
+    sender.ready().await.unwrap();
+    let req = req2("POST", "app.test", "/upload").header("content-length", "10").body(body).unwrap();
+    let answer = tokio::spawn(sender.send_request(req));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.abort(); // the connection ends under the upload
+    answer.abort();
+    let logged = |status: &str| {
+        gw.logs().lines().any(|l| {
+            l.contains("swarmgate::access") && l.contains(&format!("status={status} ")) && l.contains("path=/upload ")
+        })
+    };
+    assert!(wait_until(Duration::from_secs(3), || logged("499")).await, "{}", gw.logs());
+    assert!(!logged("400"), "{}", gw.logs());
+}
+
 const IDLE: &str = r#"
 [listen]
 http = "@HTTP@"

@@ -117,6 +117,30 @@ pub enum Prefetched {
     Stalled,
 }
 
+/// Whether a request body's error says its client went away (its connection closed or
+/// reset mid-body, its HTTP/2 stream cancelled) rather than sent something malformed.
+pub fn client_went_away(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe) {
+                return true;
+            }
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::CANCEL) || h2.is_io() {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Reads what the client has already sent of its body, up to `limit` bytes, without
 /// waiting for more than the first frame: a body that ends within it is held (it can be
 /// replayed), a longer one streams on. Waiting for the first frame also catches a

@@ -182,11 +182,6 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
-    /// Whether sending failed because the client's request body did, not the server.
-    pub fn client_body_failed(&self) -> bool {
-        matches!(self, SendError::ClientBody(_))
-    }
-
     /// Whether the server looks broken (counts toward passive ejection).
     pub fn is_server_failure(&self) -> bool {
         !matches!(self, SendError::ResponseTimeout { .. } | SendError::ClientBody(_) | SendError::ClientStalled { .. })

@@ -29,12 +29,24 @@ pub enum ProxyError {
     UpgradeFailed,
     #[error("every attempt in upstream {upstream} failed; last: {last}")]
     Exhausted { upstream: String, last: String },
+    #[error("the client went away while it sent its request body")]
+    ClientClosed,
 }
 
 impl ProxyError {
+    /// The status the access log and the metrics give it: what was sent, or nginx's 499
+    /// for a client that went away before its answer.
+    pub fn logged_status(&self) -> u16 {
+        match self {
+            ProxyError::ClientClosed => 499,
+            _ => self.status().as_u16(),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // ClientClosed: a 400 to a client that is most likely gone (logged as 499).
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
@@ -52,7 +64,7 @@ impl ProxyError {
     /// The body sent to the client: short, stable, and free of internal addresses.
     pub fn body(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) => "400 bad request\n",
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed => "400 bad request\n",
             ProxyError::UriTooLong(_) => "414 request target too long\n",
             ProxyError::BodyTimeout => "408 request body timed out\n",
             ProxyError::UnsupportedCoding => "501 transfer coding not supported\n",

@@ -285,6 +285,10 @@ fn forward(
                 tracing::debug!(after = ?wait, "the client sent none of its request body");
                 return Err(log.failed(ProxyError::BodyTimeout, stats()));
             }
+            Prefetched::Malformed(e) if body::client_went_away(&e) => {
+                tracing::debug!(error = %e, "the client went away while it sent its request body");
+                return Err(log.failed(ProxyError::ClientClosed, stats()));
+            }
             Prefetched::Malformed(e) => {
                 tracing::debug!(error = %e, "malformed request body");
                 return Err(log.failed(ProxyError::BadRequest("malformed body"), stats()));
@@ -483,11 +487,13 @@ fn attempts(
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
                     return Err(ProxyError::BodyTimeout);
                 }
-                Err(client::Failure { error, .. }) if error.client_body_failed() => {
-                    // The client's body broke (bad chunking, cut short) while it streamed to
-                    // the server: the client's fault, not the server's, and nothing to retry.
-                    tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body failed");
-                    return Err(ProxyError::BadRequest("malformed body"));
+                Err(client::Failure { error: SendError::ClientBody(e), .. }) => {
+                    // The client's body broke (bad chunking) or its client went away while it
+                    // streamed to the server: the client's doing, not the server's, and
+                    // nothing to retry.
+                    tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %e, "client body failed");
+                    let gone = body::client_went_away(&e);
+                    return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
                     record_failure(&upstream.set, &server, &error);
@@ -633,7 +639,8 @@ impl Pending<'_> {
     fn failed(&mut self, err: ProxyError, stats: Option<RouteRef>) -> Failure {
         self.answered = true;
         if let Some(log) = self.log.take() {
-            log.write(err.status().as_u16(), None, self.start.elapsed(), 0, true);
+            let status = err.logged_status();
+            log.write(status, None, self.start.elapsed(), 0, status != CLIENT_CLOSED);
         }
         (err, stats)
     }
@@ -719,7 +726,7 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
         500..=599 => tracing::debug!(status = status.as_u16(), error = %err, "request failed"),
         _ => tracing::debug!(status = status.as_u16(), error = %err, "request refused"),
     }
-    stats.stats().record(status.as_u16(), start.elapsed());
+    stats.stats().record(err.logged_status(), start.elapsed());
     let mut resp = text(status, err.body());
     if status == StatusCode::METHOD_NOT_ALLOWED {
         // RFC 9110 section 15.5.6: what the gateway takes (everything but a plain CONNECT).
