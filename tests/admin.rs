@@ -380,9 +380,18 @@ async fn every_request_has_an_access_log_line_refused_failed_or_abandoned() {
     };
     assert!(wait_until(Duration::from_secs(2), || logged("499", "path=/sleep")).await, "{}", gw.logs());
     assert!(logged("200", "path=/ok") && logged("404", "path=/refused"), "{}", gw.logs());
+    // The gateway's own answer is logged with the bytes of its text.
+    let text = "404 no route for this host and path\n";
+    assert!(logged("404", "path=/refused status=404 upstream=\"-\" "), "{}", gw.logs());
+    assert!(
+        gw.logs().lines().any(|l| l.contains("path=/refused ") && l.contains(&format!(" bytes={} ", text.len()))),
+        "{}",
+        gw.logs()
+    );
     let m = gw.metrics().await;
     let abandoned = r#"swarmgate_responses_total{route="app.test/",upstream="app",status="499"}"#;
     assert_eq!(metric_value(&m, abandoned), Some(1.0), "{m}");
+    let b_addr = b.addr;
     drop(b); // a server that is gone: 502, logged with the gateway's status
     let r = get(gw.http, "app.test", "/failed").await;
     assert!(r.status == 502 || r.status == 503, "{}", r.status);
@@ -391,4 +400,9 @@ async fn every_request_has_an_access_log_line_refused_failed_or_abandoned() {
         "{}",
         gw.logs()
     );
+    if r.status == 502 {
+        // The server that failed is named.
+        let named = format!("path=/failed status=502 upstream=\"{}\" ", b_addr);
+        assert!(logged("502", &named), "{}", gw.logs());
+    }
 }

@@ -177,6 +177,18 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// The server it happened with, when it was the server's doing.
+    pub fn server(&self) -> Option<SocketAddr> {
+        match self {
+            SendError::Connect { addr, .. }
+            | SendError::ConnectTimeout { addr, .. }
+            | SendError::Closed { addr, .. }
+            | SendError::Failed { addr, .. }
+            | SendError::ResponseTimeout { addr, .. } => Some(*addr),
+            SendError::ClientStalled { .. } | SendError::ClientBody(_) => None,
+        }
+    }
+
     /// Whether no byte of the request reached the server.
     pub fn nothing_sent(&self) -> bool {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })

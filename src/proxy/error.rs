@@ -28,12 +28,29 @@ pub enum ProxyError {
     #[error("upstream refused the upgrade")]
     UpgradeFailed,
     #[error("every attempt in upstream {upstream} failed; last: {last}")]
-    Exhausted { upstream: String, last: String },
+    Exhausted { upstream: String, last: String, server: Option<std::net::SocketAddr> },
     #[error("the client went away while it sent its request body")]
     ClientClosed,
 }
 
 impl ProxyError {
+    /// The server that failed (the last one tried), for the access log.
+    pub fn server(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ProxyError::Upstream(e) => e.server(),
+            ProxyError::Exhausted { server, .. } => *server,
+            _ => None,
+        }
+    }
+
+    /// The bytes of its answer's body, for the access log (none reach a client that left).
+    pub fn body_bytes(&self) -> u64 {
+        match self {
+            ProxyError::ClientClosed => 0,
+            _ => self.body().len() as u64,
+        }
+    }
+
     /// The status the access log and the metrics give it: what was sent, or nginx's 499
     /// for a client that went away before its answer.
     pub fn logged_status(&self) -> u16 {

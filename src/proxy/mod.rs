@@ -101,7 +101,7 @@ pub fn handle(
         let routed = match route_request(gw, &snap, conn, &req, start) {
             Ok(routed) => routed,
             Err((err, stats)) => {
-                AccessLog::write_own(&req, err.status().as_u16(), start);
+                AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
                 return local_error(&err, &stats.unwrap_or_else(|| unrouted(gw)), start);
             }
         };
@@ -117,11 +117,11 @@ pub fn handle(
             }
             Routed::Acme => {
                 let resp = acme_answer(gw, &req, start).await;
-                AccessLog::write_own(&req, resp.status().as_u16(), start);
+                AccessLog::write_own(&req, resp.status().as_u16(), own_body_bytes(&resp), start);
                 Ok(resp)
             }
             Routed::Answer(resp) => {
-                AccessLog::write_own(&req, resp.status().as_u16(), start);
+                AccessLog::write_own(&req, resp.status().as_u16(), own_body_bytes(&resp), start);
                 Ok(*resp)
             }
         };
@@ -264,7 +264,8 @@ fn forward(
             Ok(forwarding) => forwarding,
             Err(why) => {
                 let err = ProxyError::BadRequest(why);
-                AccessLog::write_own(&Request::from_parts(parts, ()), err.status().as_u16(), start);
+                let (status, bytes) = (err.status().as_u16(), err.body_bytes());
+                AccessLog::write_own(&Request::from_parts(parts, ()), status, bytes, start);
                 return Err((err, stats()));
             }
         };
@@ -462,6 +463,7 @@ fn attempts(
         let idempotent = client::is_idempotent(&head.parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = String::new();
+        let mut last_server = None;
         loop {
             let server = {
                 let eligible = upstream.set.eligible();
@@ -472,7 +474,8 @@ fn attempts(
                         return Err(ProxyError::NoServer(upstream.set.name.clone()));
                     }
                     None => {
-                        return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last: last_error });
+                        let upstream = upstream.set.name.clone();
+                        return Err(ProxyError::Exhausted { upstream, last: last_error, server: last_server });
                     }
                 }
             };
@@ -512,6 +515,7 @@ fn attempts(
                         Some(r) if may_retry => {
                             gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             last_error = error.to_string();
+                            last_server = error.server();
                             body = r;
                         }
                         _ => return Err(ProxyError::Upstream(error)),
@@ -640,7 +644,7 @@ impl Pending<'_> {
         self.answered = true;
         if let Some(log) = self.log.take() {
             let status = err.logged_status();
-            log.write(status, None, self.start.elapsed(), 0, status != CLIENT_CLOSED);
+            log.write(status, err.server(), self.start.elapsed(), err.body_bytes(), status != CLIENT_CLOSED);
         }
         (err, stats)
     }
@@ -670,6 +674,11 @@ impl Pending<'_> {
     }
 }
 
+/// The length of one of the gateway's own answers, for the access log.
+fn own_body_bytes(resp: &Response<RespBody>) -> u64 {
+    http_body::Body::size_hint(resp.body()).exact().unwrap_or(0)
+}
+
 /// nginx's status for a request whose client went away before the answer: in the access
 /// log and the route's counters, never on the wire.
 const CLIENT_CLOSED: u16 = 499;
@@ -678,7 +687,7 @@ impl AccessLog {
     /// A request the gateway answers itself before it has a route or an id: refused
     /// (404, 421, 400...), redirected to HTTPS, an ACME challenge's answer.
     #[inline(never)]
-    fn write_own<B>(req: &Request<B>, status: u16, start: Instant) {
+    fn write_own<B>(req: &Request<B>, status: u16, bytes: u64, start: Instant) {
         if !access_log_enabled() {
             return;
         }
@@ -690,7 +699,7 @@ impl AccessLog {
             path: req.uri().path().to_string(),
             request_id: HeaderValue::from_static("-"),
         };
-        log.write(status, None, start.elapsed(), 0, true);
+        log.write(status, None, start.elapsed(), bytes, true);
     }
 
     fn new(method: &Method, host: &str, path: &str, request_id: HeaderValue) -> Box<Self> {

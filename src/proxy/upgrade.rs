@@ -53,7 +53,7 @@ pub async fn proxy(
         let p = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !p.eq_ignore_ascii_case("websocket") {
             let err = ProxyError::BadRequest("extended CONNECT supports :protocol websocket only");
-            AccessLog::write_own(&req, err.status().as_u16(), start);
+            AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
             return Err(err);
         }
     }
@@ -67,7 +67,7 @@ pub async fn proxy(
         Ok(upstream_req) => upstream_req,
         Err(why) => {
             let err = ProxyError::BadRequest(why);
-            AccessLog::write_own(&req, err.status().as_u16(), start);
+            AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
             return Err(err);
         }
     };
