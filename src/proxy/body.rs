@@ -330,6 +330,19 @@ impl Drop for UpstreamBody {
     }
 }
 
+/// Counts a streamed body's frame into `bytes`; once the body has ended, whether it
+/// was whole (its last frame, or its end) or not (an error).
+fn ended<E>(frame: &Option<Result<Frame<Bytes>, E>>, bytes: &mut u64, at_end: impl FnOnce() -> bool) -> Option<bool> {
+    match frame {
+        Some(Ok(f)) => {
+            *bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+            at_end().then_some(true)
+        }
+        None => Some(true),
+        Some(Err(_)) => Some(false),
+    }
+}
+
 impl Body for RespBody {
     type Data = Bytes;
     type Error = std::io::Error;
@@ -339,31 +352,15 @@ impl Body for RespBody {
             RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream(u) => {
                 let frame = ready!(u.inner.poll_frame(cx));
-                match &frame {
-                    Some(Ok(f)) => {
-                        if let Some(d) = f.data_ref() {
-                            u.bytes += d.len() as u64;
-                        }
-                        if u.inner.is_end_stream() {
-                            u.done(true);
-                        }
-                    }
-                    None => u.done(true),
-                    Some(Err(_)) => u.done(false),
+                if let Some(complete) = ended(&frame, &mut u.bytes, || u.inner.is_end_stream()) {
+                    u.done(complete);
                 }
                 Poll::Ready(frame)
             }
             RespBody::Refused(r) => {
                 let frame = ready!(Pin::new(&mut r.body).poll_frame(cx));
-                match &frame {
-                    Some(Ok(f)) => {
-                        r.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
-                        if r.body.is_end_stream() {
-                            r.done(true);
-                        }
-                    }
-                    None => r.done(true),
-                    Some(Err(_)) => r.done(false),
+                if let Some(complete) = ended(&frame, &mut r.bytes, || r.body.is_end_stream()) {
+                    r.done(complete);
                 }
                 Poll::Ready(frame.map(|f| f.map_err(std::io::Error::other)))
             }

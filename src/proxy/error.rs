@@ -28,7 +28,7 @@ pub enum ProxyError {
     #[error("upstream refused the upgrade")]
     UpgradeFailed,
     #[error("every attempt in upstream {upstream} failed; last: {last}")]
-    Exhausted { upstream: String, last: String, server: Option<std::net::SocketAddr> },
+    Exhausted { upstream: String, last: SendError },
     #[error("the client went away while it sent its request body")]
     ClientClosed,
 }
@@ -37,8 +37,7 @@ impl ProxyError {
     /// The server that failed (the last one tried), for the access log.
     pub fn server(&self) -> Option<std::net::SocketAddr> {
         match self {
-            ProxyError::Upstream(e) => e.server(),
-            ProxyError::Exhausted { server, .. } => *server,
+            ProxyError::Upstream(e) | ProxyError::Exhausted { last: e, .. } => e.server(),
             _ => None,
         }
     }

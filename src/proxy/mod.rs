@@ -101,7 +101,7 @@ pub fn handle(
         let routed = match route_request(gw, &snap, conn, &req, start) {
             Ok(routed) => routed,
             Err((err, stats)) => {
-                AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
+                AccessLog::write_refusal(&req, &err, start);
                 return local_error(&err, &stats.unwrap_or_else(|| unrouted(gw)), start);
             }
         };
@@ -264,8 +264,7 @@ fn forward(
             Ok(forwarding) => forwarding,
             Err(why) => {
                 let err = ProxyError::BadRequest(why);
-                let (status, bytes) = (err.status().as_u16(), err.body_bytes());
-                AccessLog::write_own(&Request::from_parts(parts, ()), status, bytes, start);
+                AccessLog::write_refusal(&Request::from_parts(parts, ()), &err, start);
                 return Err((err, stats()));
             }
         };
@@ -462,20 +461,17 @@ fn attempts(
         let cfg = &upstream.config;
         let idempotent = client::is_idempotent(&head.parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_error = String::new();
-        let mut last_server = None;
+        // The last attempt's failure, once one has failed and another server is tried.
+        let mut last: Option<SendError> = None;
         loop {
             let server = {
                 let eligible = upstream.set.eligible();
                 let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
-                match picked {
-                    Some(s) => s,
-                    None if tried.is_empty() => {
-                        return Err(ProxyError::NoServer(upstream.set.name.clone()));
-                    }
-                    None => {
-                        let upstream = upstream.set.name.clone();
-                        return Err(ProxyError::Exhausted { upstream, last: last_error, server: last_server });
+                match (picked, last.take()) {
+                    (Some(s), _) => s,
+                    (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
+                    (None, Some(last)) => {
+                        return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
                     }
                 }
             };
@@ -514,8 +510,7 @@ fn attempts(
                     match next {
                         Some(r) if may_retry => {
                             gw.metrics.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            last_error = error.to_string();
-                            last_server = error.server();
+                            last = Some(error);
                             body = r;
                         }
                         _ => return Err(ProxyError::Upstream(error)),
@@ -648,21 +643,10 @@ impl Pending<'_> {
         }
         (err, stats)
     }
-}
 
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if !self.answered {
-            self.abandoned();
-        }
-    }
-}
-
-impl Pending<'_> {
     /// Dropped unanswered: the client went away while the request waited on a server (or
     /// on the rest of its own body). Kept out of line: the drop runs in each of
-    /// `forward`'s states, and inline copies of this made that future too large to be
-    /// inlined into `handle`'s.
+    /// `forward`'s states, and needs no copy of this in each.
     #[cold]
     #[inline(never)]
     fn abandoned(&mut self) {
@@ -670,6 +654,14 @@ impl Pending<'_> {
         self.route.stats.record(CLIENT_CLOSED, took);
         if let Some(log) = self.log.take() {
             log.write(CLIENT_CLOSED, None, took, 0, false);
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.abandoned();
         }
     }
 }
@@ -686,6 +678,11 @@ const CLIENT_CLOSED: u16 = 499;
 impl AccessLog {
     /// A request the gateway answers itself before it has a route or an id: refused
     /// (404, 421, 400...), redirected to HTTPS, an ACME challenge's answer.
+    /// [`AccessLog::write_own`] for a refusal.
+    fn write_refusal<B>(req: &Request<B>, err: &ProxyError, start: Instant) {
+        Self::write_own(req, err.logged_status(), err.body_bytes(), start);
+    }
+
     #[inline(never)]
     fn write_own<B>(req: &Request<B>, status: u16, bytes: u64, start: Instant) {
         if !access_log_enabled() {

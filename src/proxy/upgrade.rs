@@ -22,7 +22,7 @@ use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop
 use crate::gateway::Gateway;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
-use crate::upstream::balance;
+use crate::upstream::{InFlight, Server, balance};
 
 /// An HTTP/1.1 request asking to switch to WebSocket (RFC 9110 section 7.8, RFC 6455).
 /// Any other `Upgrade` (h2c, say) is ignored, as RFC 9110 lets a server do: the request is
@@ -53,7 +53,7 @@ pub async fn proxy(
         let p = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !p.eq_ignore_ascii_case("websocket") {
             let err = ProxyError::BadRequest("extended CONNECT supports :protocol websocket only");
-            AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
+            AccessLog::write_refusal(&req, &err, start);
             return Err(err);
         }
     }
@@ -67,7 +67,7 @@ pub async fn proxy(
         Ok(upstream_req) => upstream_req,
         Err(why) => {
             let err = ProxyError::BadRequest(why);
-            AccessLog::write_own(&req, err.status().as_u16(), err.body_bytes(), start);
+            AccessLog::write_refusal(&req, &err, start);
             return Err(err);
         }
     };
@@ -85,42 +85,9 @@ pub async fn proxy(
         answered: false,
     };
 
-    let upstream = &route.upstream;
-    let cfg = &upstream.config;
-    let mut tried = Vec::new();
-    let mut failed = None;
-    let (server, mut sender) = loop {
-        let server = {
-            let eligible = upstream.set.eligible();
-            with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
-        };
-        let Some(server) = server else {
-            // None left to try after a failure: that failure (502), not "no server" (503).
-            let err = failed.map_or_else(|| ProxyError::NoServer(upstream.set.name.clone()), ProxyError::Upstream);
-            return Err(log.failed(err, None).0);
-        };
-        match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
-            Ok(sender) => break (server, sender),
-            Err(e) if (tried.len() as u32) < cfg.retries => {
-                tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
-                tried.push(server.addr);
-                failed = Some(e);
-            }
-            Err(e) => return Err(log.failed(ProxyError::Upstream(e), None).0),
-        }
-    };
-    let guard = server.begin();
-    let sent = tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await;
-    let mut resp = match sent {
-        Err(_) => {
-            let err = client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout };
-            return Err(log.failed(err.into(), None).0);
-        }
-        Ok(Err(source)) => {
-            let source = std::io::Error::other(source);
-            return Err(log.failed(client::SendError::Failed { addr: server.addr, source }.into(), None).0);
-        }
-        Ok(Ok(r)) => r,
+    let (server, guard, mut resp) = match ask(route, upstream_req).await {
+        Ok(asked) => asked,
+        Err(err) => return Err(log.failed(err, None).0),
     };
     gw.metrics.upgrades.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Counted in the route's statistics once the client's answer is settled: the server's
@@ -201,6 +168,47 @@ pub async fn proxy(
         parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     Ok(Response::from_parts(parts, RespBody::empty()))
+}
+
+/// Sends the Upgrade request to a server of `route` (another one, while retries last,
+/// when one refuses the connection) on a connection of its own: the server, its in-flight
+/// guard and its answer's head.
+async fn ask(
+    route: &Route,
+    upstream_req: Request<ReqBody>,
+) -> Result<(Arc<Server>, InFlight, Response<hyper::body::Incoming>), ProxyError> {
+    let upstream = &route.upstream;
+    let cfg = &upstream.config;
+    let mut tried = Vec::new();
+    let mut failed = None;
+    let (server, mut sender) = loop {
+        let server = {
+            let eligible = upstream.set.eligible();
+            with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
+        };
+        let Some(server) = server else {
+            // None left to try after a failure: that failure (502), not "no server" (503).
+            return Err(failed.map_or_else(|| ProxyError::NoServer(upstream.set.name.clone()), ProxyError::Upstream));
+        };
+        match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
+            Ok(sender) => break (server, sender),
+            Err(e) if (tried.len() as u32) < cfg.retries => {
+                tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
+                tried.push(server.addr);
+                failed = Some(e);
+            }
+            Err(e) => return Err(ProxyError::Upstream(e)),
+        }
+    };
+    let guard = server.begin();
+    match tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await {
+        Ok(Ok(resp)) => Ok((server, guard, resp)),
+        Ok(Err(source)) => {
+            let source = std::io::Error::other(source);
+            Err(client::SendError::Failed { addr: server.addr, source }.into())
+        }
+        Err(_) => Err(client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout }.into()),
+    }
 }
 
 /// A tunnel's client side, counting the bytes written to it (for the access log, however
