@@ -44,9 +44,9 @@ impl Histogram {
 
 /// The status codes counted one by one (the rest count by class): what a service answers
 /// most, and the gateway's own answers, so that a rollout's 502, 503 and 504 are told apart.
-pub const CODES: [u16; 28] = [
+pub const CODES: [u16; 29] = [
     200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 414, 421, 429, 431, 499,
-    500, 501, 502, 503, 504,
+    500, 501, 502, 503, 504, 505,
 ];
 /// The status classes, in the order of [`RouteStats::class_counts`].
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];

@@ -161,6 +161,72 @@ async fn oversized_head_is_431_and_long_target_414() {
     assert_eq!(b.last().uri, ok);
 }
 
+/// A head the gateway cannot take as a request gets its own answer (a status and a short
+/// text, then the connection closed), a line in the access log and a count in the
+/// metrics, like every other answer. HTTP/1.2 and on are read as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_head_is_answered_logged_and_counted() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: app.test\r\n\r\n", "u".repeat(70 * 1024));
+    let fields: String = (0..=100).map(|i| format!("X-F{i}: 1\r\n")).collect();
+    let many_fields = format!("GET / HTTP/1.1\r\nHost: app.test\r\n{fields}\r\n");
+    let cases: [(&[u8], u16, &str); 6] = [
+        (b"GET /\x01 HTTP/1.1\r\nHost: app.test\r\n\r\n", 400, "400 bad request\n"),
+        (
+            b"PUT / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
+            400,
+            "400 bad request\n",
+        ),
+        // A TLS ClientHello on the plain port.
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400, "400 bad request\n"),
+        (b"GET / HTTP/2.0\r\nHost: app.test\r\n\r\n", 505, "505 HTTP version not supported\n"),
+        (long_target.as_bytes(), 414, "414 request target too long\n"),
+        (many_fields.as_bytes(), 431, "431 request head too large\n"),
+    ];
+    for (request, status, text) in cases {
+        let (bytes, closed) = raw(&gw, request).await;
+        let answer = String::from_utf8_lossy(&bytes);
+        assert_eq!(raw_status(&bytes), Some(status), "{answer}");
+        assert!(answer.ends_with(&format!("\r\n\r\n{text}")), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(closed, "the connection is closed after the answer");
+    }
+    assert_eq!(b.hits(), 0);
+    let (bytes, _) = raw(&gw, b"GET /later HTTP/1.2\r\nHost: app.test\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!((b.hits(), b.last().uri.as_str()), (1, "/later"));
+
+    let m = gw.metrics().await;
+    for (status, n) in [("400", 3.0), ("414", 1.0), ("431", 1.0), ("505", 1.0)] {
+        let series = format!(r#"swarmgate_responses_total{{route="",upstream="",status="{status}"}}"#);
+        assert_eq!(metric_value(&m, &series), Some(n), "{series}\n{m}");
+    }
+    let logged = |status: u16| {
+        let line = format!("method=- host=- path=- status={status} ");
+        gw.logs().lines().filter(|l| l.contains("swarmgate::access") && l.contains(&line)).count()
+    };
+    assert_eq!([logged(400), logged(414), logged(431), logged(505)], [3, 1, 1, 1], "{}", gw.logs());
+}
+
+/// A client still sending an oversized head when it is refused gets the answer: the
+/// gateway reads and drops the rest for a while before it closes, where closing with
+/// unread bytes would reset the connection under the client's next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_still_coming_gets_its_answer() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let mut c = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    c.write_all(format!("GET /{}", "u".repeat(16 * 1024)).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // refused by now
+    let rest = format!("{} HTTP/1.1\r\nHost: app.test\r\n\r\n", "u".repeat(16 * 1024));
+    c.write_all(rest.as_bytes()).await.expect("the rest of the head is taken");
+    let (bytes, closed) = read_until_close(&mut c, Duration::from_secs(5)).await;
+    assert_eq!(raw_status(&bytes), Some(414), "{}", String::from_utf8_lossy(&bytes));
+    assert!(closed);
+    assert_eq!(b.hits(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_block_others_and_is_cut_off() {
     let b = Backend::start("app").await;

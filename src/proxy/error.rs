@@ -11,6 +11,10 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request target longer than {0} bytes")]
     UriTooLong(usize),
+    #[error("request head over max_header_bytes or 100 fields")]
+    HeadTooLarge,
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
     #[error("the client stopped sending its request body")]
     BodyTimeout,
     #[error("a request body in a transfer coding other than chunked")]
@@ -64,6 +68,8 @@ impl ProxyError {
             // ClientClosed: a 400 to a client that is most likely gone (logged as 499).
             ProxyError::BadRequest(_) | ProxyError::ClientClosed => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::VersionNotSupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -82,6 +88,8 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) | ProxyError::ClientClosed => "400 bad request\n",
             ProxyError::UriTooLong(_) => "414 request target too long\n",
+            ProxyError::HeadTooLarge => "431 request head too large\n",
+            ProxyError::VersionNotSupported => "505 HTTP version not supported\n",
             ProxyError::BodyTimeout => "408 request body timed out\n",
             ProxyError::UnsupportedCoding => "501 transfer coding not supported\n",
             ProxyError::NoRoute => "404 no route for this host and path\n",

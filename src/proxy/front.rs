@@ -28,6 +28,7 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::Conn;
+use super::ProxyError;
 use super::activity::{Activity, Expired, RequestGuard, Watched};
 use super::body::{ClientBody, RespBody};
 use super::forwarded;
@@ -96,6 +97,10 @@ where
                     Parsed::NotOurs => {
                         io.unread(&buf);
                         return Outcome::Hyper;
+                    }
+                    Parsed::Refused(err) => {
+                        refuse(io, &mut buf, ctx, err).await;
+                        return Outcome::Closed;
                     }
                 }
             }
@@ -171,6 +176,9 @@ pub enum Parsed {
     Ours(Request<ClientBody>, Asks, Fields),
     /// A request (or bytes) for hyper.
     NotOurs,
+    /// A head the gateway answers itself and then closes the connection: malformed, over
+    /// `max_header_bytes` or 100 fields, or of an HTTP version other than 1.x.
+    Refused(ProxyError),
 }
 
 /// Parses a request head from the start of `buf`, removing it from `buf` when it is ours.
@@ -189,7 +197,12 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
-        _ => return Parsed::NotOurs,
+        Ok(_) => return Parsed::Refused(too_large(buf, max_head)),
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refused(ProxyError::HeadTooLarge),
+        // HTTP/1.2 and on are read as HTTP/1.1 (RFC 9110 section 2.5), once rewritten.
+        Err(httparse::Error::Version) if later_minor_version(buf) => return parse(buf, max_head),
+        Err(httparse::Error::Version) => return Parsed::Refused(ProxyError::VersionNotSupported),
+        Err(_) => return Parsed::Refused(ProxyError::BadRequest("malformed request head")),
     };
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Parsed::NotOurs;
@@ -204,13 +217,15 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         let start = s.as_ptr() as usize - base;
         raw.slice(start..start + s.len())
     };
-    let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else { return Parsed::NotOurs };
+    let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else {
+        return Parsed::Refused(ProxyError::BadRequest("malformed request target"));
+    };
     // Room for Host and `TE`; a trusted proxy's forwarding fields may grow it.
     let mut headers = HeaderMap::with_capacity(4);
     // For all but `Host`: a request with no other field allocates nothing.
     let mut at = Vec::with_capacity(req.headers.len().saturating_sub(1));
     // What the client asks of the connection, read as the fields go by (no lookups after).
-    let (mut trailers, mut connection, mut length) = (false, hop::ConnectionSays::default(), false);
+    let (mut trailers, mut connection, mut length) = (false, hop::ConnectionSays::default(), None);
     for field in req.headers.iter() {
         let name = field.name.as_bytes();
         if let Some(which) = hop::fixed(name) {
@@ -223,12 +238,12 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
-            // A body (or a second length) is hyper's; `0` is left out like a framing
-            // field (the proxy frames the request itself, see `client::request_framing`).
-            if field.value != b"0" || length {
-                return Parsed::NotOurs;
+            // A length that is none, or lengths that disagree, frame nothing: refused
+            // (RFC 9112 section 6.3) before hyper would read them.
+            match h1::content_length(field.value, length) {
+                Ok(n) => length = Some(n),
+                Err(why) => return Parsed::Refused(ProxyError::BadRequest(why)),
             }
-            length = true;
             continue;
         }
         if name.eq_ignore_ascii_case(b"expect") {
@@ -248,6 +263,11 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             // Too long a name for `HeaderName` (or for `Connection` to name): hyper's.
             return Parsed::NotOurs;
         }
+    }
+    if length.is_some_and(|n| n > 0) {
+        // A body is hyper's; a length of 0 is left out like a framing field (the proxy
+        // frames the request itself, see `client::request_framing`).
+        return Parsed::NotOurs;
     }
     if connection.too_many {
         return Parsed::NotOurs; // hyper's session reads it, and the proxy refuses it (400)
@@ -273,6 +293,68 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     *request.version_mut() = version;
     *request.headers_mut() = headers;
     Parsed::Ours(request, Asks { keep_alive, trailers }, fields)
+}
+
+/// Whether the request line at the start of `buf` names HTTP/1.2 to 1.9, which is then
+/// rewritten in place to HTTP/1.1: the grammar is the same, and the parser takes only
+/// 1.0 and 1.1.
+fn later_minor_version(buf: &mut BytesMut) -> bool {
+    let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let Some(at) = buf[..line].windows(8).position(|w| w == b" HTTP/1.") else { return false };
+    let digit = at + 8;
+    // One digit, then the line's end (or the end of what has come).
+    let one_digit = matches!(buf[..line].get(digit + 1), None | Some(b'\r'));
+    match buf[..line].get(digit) {
+        Some(b'2'..=b'9') if one_digit => {
+            buf[digit] = b'1';
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The refusal of a head over `max_head` bytes: 414 when its request line alone is,
+/// else 431.
+fn too_large(buf: &[u8], max_head: usize) -> ProxyError {
+    let line = &buf[..buf.len().min(max_head)];
+    if line.contains(&b'\n') { ProxyError::HeadTooLarge } else { ProxyError::UriTooLong(max_head) }
+}
+
+/// How long a refused client's further bytes are read and dropped before its connection
+/// closes (see [`refuse`]).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Answers a head the reader refused (see [`Parsed::Refused`]) and closes the connection:
+/// where such a head ends, and so where a next request would begin, cannot be known.
+///
+/// Closing with bytes unread would reset the connection, and a client still sending its
+/// head could lose the answer under its next write; so, once the answer is out, what the
+/// client sends is read and dropped until it closes, for [`LINGER`] at most.
+#[cold]
+async fn refuse<I>(io: &mut Watched<I>, buf: &mut BytesMut, ctx: &Ctx<'_>, err: ProxyError)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let resp = super::refuse_head(&ctx.shared.gw, &err);
+    let asks = Asks { keep_alive: false, trailers: false };
+    if let Err(e) = write_response(io, resp, &Method::GET, Version::HTTP_11, asks).await {
+        tracing::debug!(error = %e, "writing a refusal to the client failed");
+        return;
+    }
+    let _ = io.shutdown().await;
+    let drop_the_rest = async {
+        loop {
+            buf.clear();
+            if !matches!(read_more(io, buf).await, Ok(1..)) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = drop_the_rest => {}
+        () = tokio::time::sleep(LINGER) => {}
+        () = ctx.shared.shutdown.cancelled() => {}
+    }
 }
 
 /// One request and its response. `true`: the connection may carry the next request.
@@ -610,7 +692,7 @@ mod tests {
         match p {
             Parsed::Ours(r, asks, _) => (r, asks.keep_alive),
             Parsed::Partial => panic!("partial"),
-            Parsed::NotOurs => panic!("not ours"),
+            Parsed::NotOurs | Parsed::Refused(_) => panic!("not ours"),
         }
     }
 
@@ -672,27 +754,84 @@ mod tests {
     }
 
     #[test]
-    fn bodies_upgrades_and_bad_heads_go_to_hyper_untouched() {
+    fn bodies_and_upgrades_go_to_hyper_untouched() {
         for raw in [
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
-            "GET / HTTP/2.0\r\n\r\n",
-            "GET /\x01 HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(raw.as_bytes());
             assert!(matches!(parse(&mut buf, 8192), Parsed::NotOurs), "{raw:?} was taken");
             assert_eq!(&buf[..], raw.as_bytes(), "{raw:?} was consumed");
         }
-        // Over the head limit, whole or not yet whole.
+    }
+
+    /// The status the reader refuses `raw` with, if it does.
+    fn refused(raw: &[u8], max_head: usize) -> Option<u16> {
+        match parse(&mut BytesMut::from(raw), max_head) {
+            Parsed::Refused(err) => Some(err.status().as_u16()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn bad_heads_are_refused_with_their_status() {
+        for (raw, status) in [
+            (&b"GET / HTTP/2.0\r\n\r\n"[..], 505),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+            (b"GET / HTTP/3.0\r\n\r\n", 505),
+            (b"GET / HTTP/1.10\r\n\r\n", 400), // not a version at all
+            (b"GET /\x01 HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n", 400),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400), // a TLS ClientHello
+            (b"GET http://[::1/ HTTP/1.1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\nh", 400),
+        ] {
+            assert_eq!(refused(raw, 8192), Some(status), "{:?}", String::from_utf8_lossy(raw));
+        }
+        // Over the head limit, whole or not yet whole: 431; the request line alone: 414.
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300));
-        assert!(matches!(parse(&mut BytesMut::from(big.as_bytes()), 256), Parsed::NotOurs));
-        assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..280]), 256), Parsed::NotOurs));
+        assert_eq!(refused(big.as_bytes(), 256), Some(431));
+        assert_eq!(refused(&big.as_bytes()[..280], 256), Some(431));
         assert!(matches!(parse(&mut BytesMut::from(&big.as_bytes()[..200]), 256), Parsed::Partial));
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(300));
+        assert_eq!(refused(long.as_bytes(), 256), Some(414));
+        assert_eq!(refused(&long.as_bytes()[..260], 256), Some(414));
+        let many: String = (0..=h1::MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(refused(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), 8192), Some(431));
+    }
+
+    #[test]
+    fn a_length_of_zero_however_written_is_no_body() {
+        for cl in ["0", "0, 0", "0\r\nContent-Length: 00"] {
+            let raw = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}\r\n\r\n");
+            let (parsed, _) = parse_all(&raw);
+            assert_eq!(all_fields(&parsed[0]), [("host".to_owned(), b"x".to_vec())], "{cl:?}");
+        }
+    }
+
+    #[test]
+    fn later_minor_versions_are_read_as_http_1_1() {
+        for raw in ["GET /a HTTP/1.2\r\nHost: x\r\n\r\n", "GET /a HTTP/1.9\nHost: x\n\n"] {
+            let (parsed, _) = parse_all(raw);
+            let (r, keep) = ours(&parsed[0]);
+            assert_eq!((r.uri().path(), r.version(), keep), ("/a", Version::HTTP_11, true), "{raw:?}");
+        }
+        // Still partial after the version: the rest is read as 1.1 once it comes.
+        let mut buf = BytesMut::from(&b"GET /a HTTP/1.3"[..]);
+        assert!(matches!(parse(&mut buf, 8192), Parsed::Partial));
+        buf.extend_from_slice(b"\r\nHost: x\r\n\r\n");
+        assert!(matches!(parse(&mut buf, 8192), Parsed::Ours(..)));
+    }
+
+    #[test]
+    fn too_many_connection_names_and_overlong_names_go_to_hyper() {
         // A Connection naming more fields than a message may have (hyper's session then
         // reads it, and the proxy refuses it).
         let names: Vec<String> = (0..=hop::MAX_NAMED).map(|i| format!("x-{i}")).collect();

@@ -421,7 +421,7 @@ impl Noted {
 
 /// `length` (from earlier fields) and a `Content-Length` value (possibly a list)
 /// together: repeated or listed values must agree (RFC 9110 section 8.6).
-fn content_length(value: &[u8], mut length: Option<u64>) -> Result<u64, &'static str> {
+pub(super) fn content_length(value: &[u8], mut length: Option<u64>) -> Result<u64, &'static str> {
     // Bytes, not text: only ASCII digits and spaces count (a no-break space is no space).
     for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
         if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {

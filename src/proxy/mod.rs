@@ -742,6 +742,28 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
     resp
 }
 
+/// The answer to a head the HTTP/1.1 reader refused before it made a request of it (see
+/// `front::Parsed::Refused`): counted with the unrouted requests and logged with `-` for
+/// what it could not tell.
+#[cold]
+pub(super) fn refuse_head(gw: &Arc<Gateway>, err: &ProxyError) -> Response<RespBody> {
+    if access_log_enabled() {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = %"-",
+            host = %"-",
+            path = %"-",
+            status = err.logged_status(),
+            upstream = "-",
+            duration_ms = 0.0,
+            bytes = err.body_bytes(),
+            complete = true,
+            request_id = "-",
+        );
+    }
+    local_error(err, &unrouted(gw), Instant::now())
+}
+
 /// A short plain-text answer of the gateway's own.
 pub fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::text(body));
