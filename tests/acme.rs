@@ -445,14 +445,64 @@ fn an_account_stored_in_the_clear_proves_nothing_about_the_key() {
     while gw.log_text().matches("cannot decrypt").count() < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let warned = wait_for(Duration::from_secs(10), || {
+        gw.log_text().contains("values stored in the clear stay so").then_some(())
+    });
     let log = gw.log_text();
     assert!(log.matches("cannot decrypt").count() >= 2, "read at start and by the order attempt:\n{log}");
+    assert!(warned.is_some(), "{log}");
     gw.stop();
     let aside = std::fs::read_dir(&certs)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"));
     assert_eq!(aside.count(), 0, "nothing moved aside");
     assert_eq!(pebble.orders(), 1, "nothing ordered");
+    // Nor is the account sealed with a key that a sealed value does not open with.
+    assert_eq!(sealed_files(&s.path().join("acme/accounts")), (0, 1));
+}
+
+/// Files under `dir` (not set aside), as (sealed, in the clear).
+fn sealed_files(dir: &Path) -> (usize, usize) {
+    let files: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().contains(".corrupt-"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let sealed = files.iter().filter(|f| f.starts_with(b"swarmgate-sealed-v1\n")).count();
+    (sealed, files.len() - sealed)
+}
+
+/// What was stored before `SWARMGATE_ACME_STORAGE_KEY` was set (the account, which is
+/// never written again, a certificate and who ordered it) is sealed once the gateway
+/// starts with the key, without a new order, and opens at the next start.
+#[test]
+fn values_stored_before_the_key_was_set_are_sealed_when_it_is() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw1.log");
+    let (serial, _, _) = peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
+    gw.stop();
+    let dirs = ["accounts", "certs", "orders"].map(|d| s.path().join("acme").join(d));
+    assert_eq!(dirs.each_ref().map(|d| sealed_files(d)), [(0, 1); 3], "all in the clear at first");
+
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &[key]);
+    let all_sealed =
+        wait_for(Duration::from_secs(20), || (dirs.each_ref().map(|d| sealed_files(d)) == [(1, 0); 3]).then_some(()));
+    assert!(all_sealed.is_some(), "{:?}\n{}", dirs.each_ref().map(|d| sealed_files(d)), gw.log_text());
+    assert_eq!(gw.log_text().matches("is now encrypted with SWARMGATE_ACME_STORAGE_KEY").count(), 3);
+    assert_eq!(peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(5))).0, serial);
+    gw.stop();
+
+    // They open: the next start serves the same certificate with no new order.
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw3.log"), &[key]);
+    assert_eq!(peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(10))).0, serial);
+    let log = gw.log_text();
+    assert!(!log.contains("cannot decrypt") && !log.contains("in the clear"), "{log}");
+    assert_eq!(pebble.orders(), 1);
 }
 
 #[test]

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use super::Challenges;
 use super::cluster::{ClusterPublisher, RedisStorage, RemoteAnswers, is_redis_url};
 use super::responder::{Answer, LocalPublisher, Publisher};
-use super::storage::{DirStorage, Event, Lease, Storage, StorageError, StoreCounters, unix_ms};
+use super::storage::{DirStorage, Event, Lease, Sealing, Storage, StorageError, StoreCounters, unix_ms};
 use crate::config::{self, Challenge, Config, HostPattern};
 use crate::tls::{CertInfo, CertResolver, CertSource, CertStore};
 
@@ -444,7 +444,11 @@ impl State {
             self.mgr.challenges.set_remote(ctx.remote.clone());
             self.listen(&ctx);
             stored = ctx.load_all(&wanted.names).await;
-            self.ctx = Some(Arc::new(ctx));
+            let ctx = Arc::new(ctx);
+            if ctx.storage_key.is_some() {
+                tokio::spawn(Arc::clone(&ctx).seal_the_clear());
+            }
+            self.ctx = Some(ctx);
         }
         let Some(ctx) = self.ctx.clone() else { return };
         self.entries.retain(|name, _| wanted.names.contains(name));
@@ -893,6 +897,71 @@ impl Ctx {
     fn issued_elsewhere(&self, l: &Loaded) -> bool {
         let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
         l.meta.as_ref().and_then(|m| m.directory.as_deref()).is_some_and(|d| !same(d, &self.directory))
+    }
+
+    /// Seals what was stored before `SWARMGATE_ACME_STORAGE_KEY` was set: the account,
+    /// which is never written again, and certificates (with who ordered them), which would
+    /// stay in the clear until their renewal.
+    ///
+    /// Only when no sealed value fails to open: one that does suggests this is the wrong
+    /// key, and the account sealed with it would seem to prove the key right (then a
+    /// certificate sealed with the right one would be set aside as corrupt). Each value is
+    /// rewritten under the lease its writers take (`account`, `order-NAME`), read again
+    /// there, so a value written meanwhile is never replaced by an older one; a value
+    /// whose lease is busy is left to the write its holder is about to make.
+    async fn seal_the_clear(self: Arc<Self>) {
+        let mut keys = vec![self.account_key.clone()];
+        for (prefix, suffix) in [("certs/", ".pem"), ("orders/", ".json")] {
+            match self.storage.list(prefix).await {
+                Ok(found) => keys.extend(found.into_iter().filter(|k| k.ends_with(suffix))),
+                Err(e) => {
+                    tracing::debug!("ACME storage not checked for values in the clear: {e}");
+                    return;
+                }
+            }
+        }
+        let mut clear = Vec::new();
+        for key in keys {
+            match self.storage.sealing(&key).await {
+                Ok(Some(Sealing::Clear)) => clear.push(key),
+                Ok(Some(Sealing::DoesNotOpen)) => {
+                    let file = self.storage.locate(&key);
+                    tracing::warn!(%file, "values stored in the clear stay so: this one does not decrypt with {}",
+                        super::seal::KEY_VAR);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("ACME storage not checked for values in the clear: {e}");
+                    return;
+                }
+            }
+        }
+        for key in clear {
+            let lease = match key.strip_prefix("certs/").or_else(|| key.strip_prefix("orders/")) {
+                Some(file) => format!("order-{}", file.trim_end_matches(".pem").trim_end_matches(".json")),
+                None => "account".to_string(),
+            };
+            let Ok(Some(lease)) = self.storage.lock(&lease, self.storage.lease_ttl()).await else { continue };
+            let sealed = async {
+                if self.storage.sealing(&key).await? != Some(Sealing::Clear) {
+                    return Ok(false);
+                }
+                let Some(value) = self.storage.get(&key).await? else { return Ok(false) };
+                self.storage.put_fenced(&key, &value, lease.token).await.map(|()| true)
+            };
+            match sealed.await {
+                Ok(true) => tracing::info!(file = %self.storage.locate(&key),
+                    "ACME value stored in the clear is now encrypted with {}", super::seal::KEY_VAR),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(file = %self.storage.locate(&key), "cannot encrypt a value stored in the clear: {e}")
+                }
+            }
+            if let Err(e) = self.storage.unlock(&lease).await {
+                tracing::debug!("cannot release a lease after sealing: {e}");
+            }
+        }
     }
 
     /// Every stored certificate by name; files that are not one are moved aside.

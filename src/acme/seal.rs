@@ -9,8 +9,9 @@
 //! - Value: `swarmgate-sealed-v1\n` + 12-byte random nonce + ciphertext and tag; the
 //!   storage key is the associated data, so a sealed value moved to another key (another
 //!   name's certificate) does not open.
-//! - A value without the prefix (written before the variable was set) is read as it is
-//!   and sealed at its next write. A sealed value that does not open is
+//! - A value without the prefix (written before the variable was set) is read as it is,
+//!   and sealed when the ACME manager starts with the key (see `Ctx::seal_the_clear` in
+//!   `manager`), or else at its next write. A sealed value that does not open is
 //!   `StorageError::Sealed`: another key, or an altered value. The ACME manager tells the
 //!   two apart by the account: a certificate that does not open while the sealed account
 //!   does is corrupt and set aside; with a wrong key the account does not open and nothing
@@ -24,7 +25,7 @@ use async_trait::async_trait;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::storage::{Event, Lease, Storage, StorageError};
+use super::storage::{Event, Lease, Sealing, Storage, StorageError};
 
 /// The environment variable holding the storage key.
 pub const KEY_VAR: &str = "SWARMGATE_ACME_STORAGE_KEY";
@@ -179,11 +180,12 @@ impl Storage for Sealed {
         self.inner.rename(key, to).await
     }
 
-    async fn opens_sealed(&self, key: &str) -> Result<bool, StorageError> {
-        Ok(match self.inner.get(key).await? {
-            Some(v) => v.starts_with(MAGIC) && self.open(key, v).is_ok(),
-            None => false,
-        })
+    async fn sealing(&self, key: &str) -> Result<Option<Sealing>, StorageError> {
+        Ok(self.inner.get(key).await?.map(|v| match v.starts_with(MAGIC) {
+            false => Sealing::Clear,
+            true if self.open(key, v).is_ok() => Sealing::Opens,
+            true => Sealing::DoesNotOpen,
+        }))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {

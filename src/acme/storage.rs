@@ -102,6 +102,17 @@ impl StoreCounters {
     }
 }
 
+/// How a store that seals keeps a value (see `seal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing {
+    /// In the clear: stored before the store's key was set.
+    Clear,
+    /// Sealed, and opens with the store's key.
+    Opens,
+    /// Sealed with another key, or altered.
+    DoesNotOpen,
+}
+
 /// The ACME manager's view of a store (a directory, or Redis shared by every replica).
 #[async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -137,10 +148,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Moves the value at `key` to `to` as it is stored, whole or not at all (a file set
     /// aside); false when there was none.
     async fn rename(&self, key: &str, to: &str) -> Result<bool, StorageError>;
-    /// Whether the value at `key` is sealed and opens with this store's key (see `seal`);
-    /// false for a store that does not seal.
-    async fn opens_sealed(&self, _key: &str) -> Result<bool, StorageError> {
-        Ok(false)
+    /// How the value at `key` is kept by a store that seals (see `seal`); `None` when
+    /// there is no value or the store does not seal.
+    async fn sealing(&self, _key: &str) -> Result<Option<Sealing>, StorageError> {
+        Ok(None)
+    }
+    /// Whether the value at `key` is sealed and opens with this store's key; false for a
+    /// store that does not seal.
+    async fn opens_sealed(&self, key: &str) -> Result<bool, StorageError> {
+        Ok(self.sealing(key).await? == Some(Sealing::Opens))
     }
     /// Every key starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
