@@ -199,9 +199,19 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
         Ok(_) => return Parsed::Refused(too_large(buf, max_head)),
         Err(httparse::Error::TooManyHeaders) => return Parsed::Refused(ProxyError::HeadTooLarge),
-        // HTTP/1.2 and on are read as HTTP/1.1 (RFC 9110 section 2.5), once rewritten.
-        Err(httparse::Error::Version) if later_minor_version(buf) => return parse(buf, max_head),
-        Err(httparse::Error::Version) => return Parsed::Refused(ProxyError::VersionNotSupported),
+        Err(httparse::Error::Version) => {
+            return match version_of(buf) {
+                // Read as HTTP/1.1 (RFC 9110 section 2.5), once rewritten so.
+                Version1x::Later(at) => {
+                    buf[at] = b'1';
+                    parse(buf, max_head)
+                }
+                Version1x::Other => Parsed::Refused(ProxyError::VersionNotSupported),
+                Version1x::NoVersion => Parsed::Refused(ProxyError::BadRequest("malformed request line")),
+                Version1x::Incomplete if buf.len() < max_head => Parsed::Partial,
+                Version1x::Incomplete => Parsed::Refused(too_large(buf, max_head)),
+            };
+        }
         Err(_) => return Parsed::Refused(ProxyError::BadRequest("malformed request head")),
     };
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
@@ -240,7 +250,7 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         if name.eq_ignore_ascii_case(b"content-length") {
             // A length that is none, or lengths that disagree, frame nothing: refused
             // (RFC 9112 section 6.3) before hyper would read them.
-            match h1::content_length(field.value, length) {
+            match request_length(field.value, length) {
                 Ok(n) => length = Some(n),
                 Err(why) => return Parsed::Refused(ProxyError::BadRequest(why)),
             }
@@ -295,28 +305,58 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     Parsed::Ours(request, Asks { keep_alive, trailers }, fields)
 }
 
-/// Whether the request line at the start of `buf` names HTTP/1.2 to 1.9, which is then
-/// rewritten in place to HTTP/1.1: the grammar is the same, and the parser takes only
-/// 1.0 and 1.1.
-fn later_minor_version(buf: &mut BytesMut) -> bool {
-    let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-    let Some(at) = buf[..line].windows(8).position(|w| w == b" HTTP/1.") else { return false };
-    let digit = at + 8;
-    // One digit, then the line's end (or the end of what has come).
-    let one_digit = matches!(buf[..line].get(digit + 1), None | Some(b'\r'));
-    match buf[..line].get(digit) {
-        Some(b'2'..=b'9') if one_digit => {
-            buf[digit] = b'1';
-            true
-        }
-        _ => false,
+/// A request's `Content-Length`, with those before it, as hyper (which reads request
+/// bodies) takes it: digits, no list; when repeated, equal; at most `i64::MAX`.
+fn request_length(value: &[u8], before: Option<u64>) -> Result<u64, &'static str> {
+    if value.contains(&b',') {
+        return Err("a list as content-length");
     }
+    match h1::content_length(value, before)? {
+        n if n > i64::MAX as u64 => Err("content-length too large"),
+        n => Ok(n),
+    }
+}
+
+/// What the request line's version says, when the parser takes it for neither HTTP/1.0
+/// nor HTTP/1.1.
+enum Version1x {
+    /// HTTP/1.2 to 1.9: its minor digit is at this index.
+    Later(usize),
+    /// A well-formed version of another major number (`HTTP/2.0`, the HTTP/2 preface).
+    Other,
+    /// No version at all (`http/1.1`, `HTTP/1.10`, `FOO/1.1`): a malformed line.
+    NoVersion,
+    /// The line has not ended yet.
+    Incomplete,
+}
+
+/// The version at the end of the request line at the start of `buf` (after the empty
+/// lines a client may send first, RFC 9112 section 2.2).
+fn version_of(buf: &[u8]) -> Version1x {
+    let start = request_line_start(buf);
+    let Some(len) = buf[start..].iter().position(|&b| b == b'\n') else { return Version1x::Incomplete };
+    let line = buf[start..start + len].strip_suffix(b"\r").unwrap_or(&buf[start..start + len]);
+    let from = line.iter().rposition(|&b| b == b' ').map_or(0, |i| i + 1);
+    match line[from..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Version1x::Later(start + from + 7),
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() && major != b'1' =>
+        {
+            Version1x::Other
+        }
+        _ => Version1x::NoVersion,
+    }
+}
+
+/// Where the request line begins: after any empty lines.
+fn request_line_start(buf: &[u8]) -> usize {
+    buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len())
 }
 
 /// The refusal of a head over `max_head` bytes: 414 when its request line alone is,
 /// else 431.
 fn too_large(buf: &[u8], max_head: usize) -> ProxyError {
-    let line = &buf[..buf.len().min(max_head)];
+    let line = &buf[request_line_start(buf)..buf.len().min(max_head)];
     if line.contains(&b'\n') { ProxyError::HeadTooLarge } else { ProxyError::UriTooLong(max_head) }
 }
 
@@ -337,7 +377,10 @@ where
 {
     let resp = super::refuse_head(&ctx.shared.gw, &err);
     let asks = Asks { keep_alive: false, trailers: false };
-    if let Err(e) = write_response(io, resp, &Method::GET, Version::HTTP_11, asks).await {
+    // The answer to a HEAD has no content (RFC 9110 section 9.3.2), even this one.
+    let head = buf[request_line_start(buf)..].starts_with(b"HEAD ");
+    let method = if head { Method::HEAD } else { Method::GET };
+    if let Err(e) = write_response(io, resp, &method, Version::HTTP_11, asks).await {
         tracing::debug!(error = %e, "writing a refusal to the client failed");
         return;
     }
@@ -790,6 +833,20 @@ mod tests {
             (b"GET http://[::1/ HTTP/1.1\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello", 400),
+            // Lists, even of one length, are refused: hyper, which reads bodies, takes none.
+            (b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 0, 0\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            // Not a version: 400, not 505.
+            (b"GET / http/1.1\r\n\r\n", 400),
+            (b"GET / FOO/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.a\r\n\r\n", 400),
+            (b"GET / HTTP/1.20\r\n\r\n", 400),
+            (b"GET / HTTP/12.0\r\n\r\n", 400),
+            (b"GET / HTTP/1.2 HTTP/1.1\r\n\r\n", 400),
+            (b"GET / x HTTP/1.2\r\n\r\n", 400),
+            (b"\r\nGET / HTTP/2.0\r\n\r\n", 505),
             (b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\nh", 400),
         ] {
@@ -803,13 +860,16 @@ mod tests {
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(300));
         assert_eq!(refused(long.as_bytes(), 256), Some(414));
         assert_eq!(refused(&long.as_bytes()[..260], 256), Some(414));
+        assert_eq!(refused(format!("\r\n{long}").as_bytes(), 256), Some(414));
+        let long = format!("GET /{} HTTP/1.2\r\n", "a".repeat(300));
+        assert_eq!(refused(long.as_bytes(), 256), Some(414));
         let many: String = (0..=h1::MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         assert_eq!(refused(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), 8192), Some(431));
     }
 
     #[test]
     fn a_length_of_zero_however_written_is_no_body() {
-        for cl in ["0", "0, 0", "0\r\nContent-Length: 00"] {
+        for cl in ["0", "0\r\nContent-Length: 00"] {
             let raw = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}\r\n\r\n");
             let (parsed, _) = parse_all(&raw);
             assert_eq!(all_fields(&parsed[0]), [("host".to_owned(), b"x".to_vec())], "{cl:?}");
@@ -818,7 +878,11 @@ mod tests {
 
     #[test]
     fn later_minor_versions_are_read_as_http_1_1() {
-        for raw in ["GET /a HTTP/1.2\r\nHost: x\r\n\r\n", "GET /a HTTP/1.9\nHost: x\n\n"] {
+        for raw in [
+            "GET /a HTTP/1.2\r\nHost: x\r\n\r\n",
+            "GET /a HTTP/1.9\nHost: x\n\n",
+            "\r\n\r\nGET /a HTTP/1.2\r\nHost: x\r\n\r\n",
+        ] {
             let (parsed, _) = parse_all(raw);
             let (r, keep) = ours(&parsed[0]);
             assert_eq!((r.uri().path(), r.version(), keep), ("/a", Version::HTTP_11, true), "{raw:?}");

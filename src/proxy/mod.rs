@@ -743,8 +743,8 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
 }
 
 /// The answer to a head the HTTP/1.1 reader refused before it made a request of it (see
-/// `front::Parsed::Refused`): counted with the unrouted requests and logged with `-` for
-/// what it could not tell.
+/// `front::Parsed::Refused`): counted with the unrouted requests, and in the access log
+/// with `-` for what it could not tell.
 #[cold]
 pub(super) fn refuse_head(gw: &Arc<Gateway>, err: &ProxyError) -> Response<RespBody> {
     if access_log_enabled() {
@@ -761,7 +761,11 @@ pub(super) fn refuse_head(gw: &Arc<Gateway>, err: &ProxyError) -> Response<RespB
             request_id = "-",
         );
     }
-    local_error(err, &unrouted(gw), Instant::now())
+    // At debug whatever its status: what a client sends is no failure of the gateway's
+    // (and a scanner's 505s would take the warnings of servers failing).
+    tracing::debug!(status = err.status().as_u16(), error = %err, "request head refused");
+    gw.metrics.unrouted.record(err.logged_status(), Duration::ZERO);
+    text(err.status(), err.body())
 }
 
 /// A short plain-text answer of the gateway's own.
