@@ -202,14 +202,14 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Err(httparse::Error::Version) => {
             return match version_of(buf) {
                 // Read as HTTP/1.1 (RFC 9110 section 2.5), once rewritten so.
-                Version1x::Later(at) => {
+                LineVersion::Later(at) => {
                     buf[at] = b'1';
                     parse(buf, max_head)
                 }
-                Version1x::Other => Parsed::Refused(ProxyError::VersionNotSupported),
-                Version1x::NoVersion => Parsed::Refused(ProxyError::BadRequest("malformed request line")),
-                Version1x::Incomplete if buf.len() < max_head => Parsed::Partial,
-                Version1x::Incomplete => Parsed::Refused(too_large(buf, max_head)),
+                LineVersion::Other => Parsed::Refused(ProxyError::VersionNotSupported),
+                LineVersion::NoVersion => Parsed::Refused(ProxyError::BadRequest("malformed request line")),
+                LineVersion::Incomplete if buf.len() < max_head => Parsed::Partial,
+                LineVersion::Incomplete => Parsed::Refused(too_large(buf, max_head)),
             };
         }
         Err(_) => return Parsed::Refused(ProxyError::BadRequest("malformed request head")),
@@ -319,7 +319,7 @@ fn request_length(value: &[u8], before: Option<u64>) -> Result<u64, &'static str
 
 /// What the request line's version says, when the parser takes it for neither HTTP/1.0
 /// nor HTTP/1.1.
-enum Version1x {
+enum LineVersion {
     /// HTTP/1.2 to 1.9: its minor digit is at this index.
     Later(usize),
     /// A well-formed version of another major number (`HTTP/2.0`, the HTTP/2 preface).
@@ -332,19 +332,19 @@ enum Version1x {
 
 /// The version at the end of the request line at the start of `buf` (after the empty
 /// lines a client may send first, RFC 9112 section 2.2).
-fn version_of(buf: &[u8]) -> Version1x {
+fn version_of(buf: &[u8]) -> LineVersion {
     let start = request_line_start(buf);
-    let Some(len) = buf[start..].iter().position(|&b| b == b'\n') else { return Version1x::Incomplete };
+    let Some(len) = buf[start..].iter().position(|&b| b == b'\n') else { return LineVersion::Incomplete };
     let line = buf[start..start + len].strip_suffix(b"\r").unwrap_or(&buf[start..start + len]);
     let from = line.iter().rposition(|&b| b == b' ').map_or(0, |i| i + 1);
     match line[from..] {
-        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Version1x::Later(start + from + 7),
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => LineVersion::Later(start + from + 7),
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
             if major.is_ascii_digit() && minor.is_ascii_digit() && major != b'1' =>
         {
-            Version1x::Other
+            LineVersion::Other
         }
-        _ => Version1x::NoVersion,
+        _ => LineVersion::NoVersion,
     }
 }
 
