@@ -244,3 +244,26 @@ async fn a_dead_server_does_not_flood_the_log() {
     assert_eq!(all, 200, "each failed request is logged once, at warn or debug");
     assert_eq!(gw.metric(r#"swarmgate_responses_total{route="*/",upstream="app",status="502"}"#).await, Some(200.0));
 }
+
+/// Replicas that died before the config or DNS caught up refuse connections: each such
+/// attempt sent nothing and waited for nothing, so it does not count against `retries`,
+/// and however many of them a request meets first, it reaches the live server. (Ejection
+/// takes each dead one out after its first refusal; the first requests meet them all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connects_do_not_use_up_the_retries() {
+    let live = Backend::start("live").await;
+    let listeners: Vec<std::net::TcpListener> =
+        (0..30).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let mut servers: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    drop(listeners); // every one of these ports refuses from now on
+    servers.push(live.addr);
+    let gw = gateway(&servers, 1).await;
+    let mut c = H1::connect(gw.http).await;
+    for i in 0..10 {
+        let r = c.send(req("POST", "app.test", &format!("/post/{i}")).body(full("once")).unwrap()).await.unwrap();
+        assert_eq!(r.status, 200, "POST {i}: {}", r.text());
+    }
+    assert_eq!(live.hits(), 10);
+    let refused = gw.metric(r#"swarmgate_upstream_connect_errors_total{upstream="app"}"#).await.unwrap_or(0.0);
+    assert!(refused >= 2.0, "the dead servers were met first: {refused} refused connects");
+}

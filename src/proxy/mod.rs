@@ -461,6 +461,11 @@ fn attempts(
         let cfg = &upstream.config;
         let idempotent = client::is_idempotent(&head.parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
+        // Failed attempts that count against `retries`. A refused connect does not (when
+        // retries are on at all): nothing was sent and nothing waited for, so the dead
+        // replicas of a service rolling out cannot use up the budget while a server not
+        // yet tried remains (each is tried once per request at most).
+        let mut charged: u32 = 0;
         // The last attempt's failure, once one has failed and another server is tried.
         let mut last: Option<SendError> = None;
         loop {
@@ -476,7 +481,7 @@ fn attempts(
                 }
             };
             let guard = server.begin();
-            let replay = if idempotent && (tried.len() as u32) < cfg.retries { body.replay() } else { None };
+            let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
                     record_success(&server);
@@ -498,7 +503,10 @@ fn attempts(
                     record_failure(&upstream.set, &server, &error);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
-                    let may_retry = (tried.len() as u32) <= cfg.retries;
+                    if cfg.retries == 0 || !matches!(error, SendError::Connect { .. }) {
+                        charged += 1;
+                    }
+                    let may_retry = charged <= cfg.retries;
                     // Unsent: nothing reached the server, any method may go elsewhere. Sent (or
                     // maybe sent): only an idempotent request with a held body, and not after a
                     // response timeout (that would multiply the wait).
