@@ -453,6 +453,27 @@ async fn a_server_closing_an_idle_connection_as_the_request_goes_out_fails_no_re
     assert_eq!(connections.load(Ordering::SeqCst), 4, "the POST went on a new connection");
 }
 
+/// A server seen to close idle connections sooner than the 2 s a POST's connection may
+/// have idled (here: a GET sent again after it closed one idle for 500 ms) gets POSTs only
+/// on connections idle for under half that, or on new ones: none is lost to its closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_seen_to_close_idle_connections_soon_loses_no_post() {
+    let (addr, connections, _) = closes_idle_connections_on_the_next_request(Duration::from_millis(300), b"").await;
+    let gw = gateway(addr).await; // one server, retries = 0
+    let mut c = H1::connect(gw.http).await;
+    assert_eq!(c.get("app.test", "/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.get("app.test", "/again").await.status, 200, "sent again on a new connection");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(450)).await; // under 2 s, over the server's 300 ms
+        let body = format!("order {i}");
+        let r = c.send(req("POST", "app.test", "/order").body(full(body.clone())).unwrap()).await.unwrap();
+        assert_eq!((r.status, r.text()), (200, body), "POST {i}");
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 5, "each POST went on a new connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_server_began_to_answer_is_not_sent_again() {
     // The server starts an answer on the stale connection, then closes: it did see the

@@ -40,8 +40,9 @@ const MAX_IDLE: usize = 512;
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 /// A request that may not be sent twice (see [`send`]) takes only a connection idle for
-/// less than this: well under the shortest keep-alive timeouts servers use (5 s), so the
-/// server does not close it just as the request goes out.
+/// less than this: under the keep-alive timeouts servers use by default (5 s and more),
+/// so the server does not close it just as the request goes out; less for a server seen
+/// to close sooner (see [`Pool::unreplayable_idle_age`]).
 const UNREPLAYABLE_IDLE_AGE: Duration = Duration::from_secs(2);
 /// How often [`Pool::sweep`] should run.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -61,6 +62,10 @@ pub struct Pool {
     /// Raised by [`Pool::clear`]: connections taken before it are closed when their
     /// response ends, not kept (the server is going away).
     epoch: AtomicU64,
+    /// The shortest idle time, in microseconds, after which the server was found to have
+    /// closed a kept connection (`u64::MAX` until it has): its keep-alive timeout, or
+    /// less (see [`Pool::closed_after`]).
+    closes_after_us: AtomicU64,
 }
 
 /// Idle sockets, since when, and the room their next response's first read gets (see
@@ -70,7 +75,7 @@ type Shard = Vec<(TcpStream, Instant, usize)>;
 impl Default for Pool {
     fn default() -> Self {
         let shards = (0..super::workers::count()).map(|_| Mutex::default()).collect();
-        Pool { shards, epoch: AtomicU64::new(0) }
+        Pool { shards, epoch: AtomicU64::new(0), closes_after_us: AtomicU64::new(u64::MAX) }
     }
 }
 
@@ -101,9 +106,9 @@ impl Pool {
     }
 
     /// An idle connection idle for less than `max_idle`, the most recently used first
-    /// (warm, least likely closed by the server), with the pool's epoch. Older ones stay
-    /// for requests that may take them.
-    fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize)>, u64) {
+    /// (warm, least likely closed by the server), with its read room and idle time, and
+    /// the pool's epoch. Older ones stay for requests that may take them.
+    fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize, Duration)>, u64) {
         let epoch = self.epoch.load(Relaxed);
         let mut shard = self.lock();
         while let Some((socket, since, room)) = shard.pop() {
@@ -114,10 +119,32 @@ impl Pool {
                 break;
             }
             if reusable(&socket, idle) {
-                return (Some((socket, room)), epoch);
+                return (Some((socket, room, idle)), epoch);
+            }
+            if idle < MAX_IDLE_AGE {
+                self.closed_after(idle);
             }
         }
         (None, epoch)
+    }
+
+    /// Notes that the server closed a connection kept idle for `idle` (or had by then):
+    /// it closes idle connections that soon, or sooner.
+    fn closed_after(&self, idle: Duration) {
+        let us = u64::try_from(idle.as_micros()).unwrap_or(u64::MAX);
+        self.closes_after_us.fetch_min(us, Relaxed);
+    }
+
+    /// How long a connection may have idled and still take a request that may not be
+    /// sent twice: [`UNREPLAYABLE_IDLE_AGE`], or half the shortest idle time after which
+    /// this server was found to have closed one. A server whose keep-alive timeout is
+    /// short (a second, say), or that closes after a response without saying so, would
+    /// otherwise close connections just as such requests go out on them: they would fail.
+    fn unreplayable_idle_age(&self) -> Duration {
+        match self.closes_after_us.load(Relaxed) {
+            u64::MAX => UNREPLAYABLE_IDLE_AGE,
+            us => Duration::from_micros(us / 2).min(UNREPLAYABLE_IDLE_AGE),
+        }
     }
 
     /// Keeps a connection whose last response (of `body` bytes) has ended `now`, taken
@@ -136,7 +163,14 @@ impl Pool {
     /// to reuse. Run on every worker, every [`SWEEP_EVERY`].
     pub fn sweep(&self) {
         let now = Instant::now();
-        self.lock().retain(|(socket, since, _)| reusable(socket, now.saturating_duration_since(*since)));
+        self.lock().retain(|(socket, since, _)| {
+            let idle = now.saturating_duration_since(*since);
+            let keep = reusable(socket, idle);
+            if !keep && idle < MAX_IDLE_AGE {
+                self.closed_after(idle);
+            }
+            keep
+        });
     }
 
     /// Closes every idle connection; those in use are closed when their response ends.
@@ -299,18 +333,22 @@ pub fn send(
             (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) if data.len() <= INLINE_BODY
         );
         let replayable = is_idempotent(&request.parts.method) && (inline || matches!(body, ReqBody::Empty));
-        let mut max_idle = if replayable { MAX_IDLE_AGE } else { UNREPLAYABLE_IDLE_AGE };
+        let mut max_idle = if replayable { MAX_IDLE_AGE } else { pool.unreplayable_idle_age() };
         loop {
             let (pooled, epoch) = pool.take(now, max_idle);
             let reused = pooled.is_some();
+            // How long the connection idled: a server that turns out to have closed it
+            // closes idle connections that soon.
+            let idle = pooled.as_ref().map_or(Duration::ZERO, |p| p.2);
             let (mut io, room) = match pooled {
                 // One that may not be sent twice asks the kernel too: a server that closed
                 // the connection just now would lose it (the others are sent again).
-                Some((io, _)) if !replayable && !open_now(&io) => {
+                Some((io, _, idle)) if !replayable && !open_now(&io) => {
+                    pool.closed_after(idle);
                     drop(io);
                     continue;
                 }
-                Some(pooled) => pooled,
+                Some((io, room, _)) => (io, room),
                 // A server removed after its drain timeout gets nothing more: the request
                 // goes back unsent (its pool was emptied when the drain began).
                 None if kill.is_cancelled() => {
@@ -357,15 +395,26 @@ pub fn send(
                 }
                 // A pooled connection the server closed a moment ago: nothing left, try the
                 // next idle (or a new) one.
-                Ok(Err(Broke::Server(_))) if !wrote && reused => continue,
+                Ok(Err(Broke::Server(_))) if !wrote && reused => {
+                    pool.closed_after(idle);
+                    continue;
+                }
                 // Written on a reused connection the server ended without a byte of an
                 // answer; the body is still whole (empty, or it went with the head). Once, on
                 // a new connection (a connection's matter, not a retry: `retries` is about
                 // other servers).
                 Ok(Err(Broke::Server(e))) if reused && replayable && !heard => {
                     tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
+                    pool.closed_after(idle);
                     max_idle = Duration::ZERO;
                     continue;
+                }
+                // One that may not be sent twice, written on a reused connection the server
+                // ended unanswered: lost (the server may have taken it), and a sign of how
+                // soon this server closes idle connections.
+                Ok(Err(Broke::Server(source))) if reused && !heard => {
+                    pool.closed_after(idle);
+                    SendError::Failed { addr, source }
                 }
                 Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
                 Ok(Err(Broke::Server(source))) => SendError::Failed { addr, source },
