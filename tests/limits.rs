@@ -439,6 +439,32 @@ async fn a_stopped_server_gives_502_or_503_quickly() {
     assert!(metric_value(&m, "swarmgate_upstream_connect_errors_total{upstream=\"app\"}").unwrap() >= 1.0, "{m}");
 }
 
+/// A server that takes connections and answers nothing (hung) times out every request it
+/// gets: after three in a row it is ejected like a failing one, and the requests go to
+/// the server that answers, where without ejection about half of them would wait
+/// `response_timeout` for a 504, for as long as it hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_is_ejected_after_three_timeouts() {
+    let live = Backend::start("live").await;
+    // Never accepted: the kernel completes the connections, and nothing ever answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let servers = format!("\"{}\", \"{}\"", live.addr, hung.local_addr().unwrap());
+    let gw = Gateway::builder(CONFIG).var("SERVERS", servers).var("HRT", "1s").var("MAXCONN", 1000).start().await;
+    let mut timeouts = 0;
+    for i in 0..40 {
+        let r = get(gw.http, "app.test", &format!("/{i}")).await;
+        match r.status {
+            200 => {}
+            504 => timeouts += 1,
+            s => panic!("request {i}: {s}"),
+        }
+    }
+    assert_eq!(timeouts, 3, "three timeouts, then ejected (its back-off, 1 s, outlasts the rest)");
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#), Some(1.0), "{m}");
+    drop(hung);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_is_retried_on_another_server() {
     let live = Backend::start("live").await;

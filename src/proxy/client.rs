@@ -228,9 +228,12 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
-    /// Whether the server looks broken (counts toward passive ejection).
+    /// Whether the server looks broken (counts toward passive ejection). A response
+    /// timeout does: a server that accepts connections and answers nothing (hung, or
+    /// overloaded past `response_timeout`) times out every request it gets; one slow
+    /// endpoint among answering ones is never three failures in a row.
     pub fn is_server_failure(&self) -> bool {
-        !matches!(self, SendError::ResponseTimeout { .. } | SendError::ClientBody(_) | SendError::ClientStalled { .. })
+        !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. })
     }
 }
 

@@ -541,7 +541,8 @@ fn record_success(server: &Arc<Server>) {
 }
 
 /// Passive ejection: a refused or timed-out connect ejects at once (the container is
-/// gone); other failures after three in a row. The back-off doubles per ejection in a
+/// gone); other failures (a reset, no answer within `response_timeout`) after three in a
+/// row. The back-off doubles per ejection in a
 /// row, from 1 s up to 30 s.
 fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
     use std::sync::atomic::Ordering::Relaxed;
