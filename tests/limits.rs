@@ -465,6 +465,26 @@ async fn a_hung_server_is_ejected_after_three_timeouts() {
     drop(hung);
 }
 
+/// Slow requests sent together time out together: from a server that answers the
+/// requests sent after them, they are no sign of a hung server, and eject nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_timing_out_together_do_not_eject_a_server_that_answers() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let gw = gateway_with(&[&a, &b], "1s", 1000).await; // response_timeout 700 ms
+    let http = gw.http;
+    let slow: Vec<_> =
+        (0..8).map(|_| tokio::spawn(async move { get(http, "app.test", "/sleep?ms=1500").await })).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..20 {
+        assert_eq!(get(gw.http, "app.test", &format!("/{i}")).await.status, 200);
+    }
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 504);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#), Some(0.0), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_is_retried_on_another_server() {
     let live = Backend::start("live").await;

@@ -480,11 +480,11 @@ fn attempts(
                     }
                 }
             };
-            let guard = server.begin();
+            let (guard, nth) = server.begin_nth();
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
-                    record_success(&server);
+                    record_success(&server, nth);
                     return Ok((sent, guard));
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
@@ -500,7 +500,7 @@ fn attempts(
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
-                    record_failure(&upstream.set, &server, &error);
+                    record_failure(&upstream.set, &server, &error, nth);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
                     if cfg.retries == 0 || !matches!(error, SendError::Connect { .. }) {
@@ -529,9 +529,14 @@ fn attempts(
     }
 }
 
-fn record_success(server: &Arc<Server>) {
+/// A response from `server` to its `nth` request: failures in a row end.
+fn record_success(server: &Arc<Server>, nth: u64) {
     use std::sync::atomic::Ordering::Relaxed;
-    // Loads first: the common case (nothing to reset) writes no shared cache line.
+    // Beside `begin`'s counts, written for each request anyway.
+    if server.answered.load(Relaxed) < nth {
+        server.answered.store(nth, Relaxed);
+    }
+    // Loads first: the common case (nothing to reset) writes no other line.
     if server.consecutive_failures.load(Relaxed) != 0 {
         server.consecutive_failures.store(0, Relaxed);
     }
@@ -540,13 +545,18 @@ fn record_success(server: &Arc<Server>) {
     }
 }
 
-/// Passive ejection: a refused or timed-out connect ejects at once (the container is
-/// gone); other failures (a reset, no answer within `response_timeout`) after three in a
-/// row. The back-off doubles per ejection in a
-/// row, from 1 s up to 30 s.
-fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError) {
+/// Passive ejection of `server` after a failure of its `nth` request: a refused or
+/// timed-out connect ejects at once (the container is gone); other failures (a reset, no
+/// answer within `response_timeout`) after three in a row. The back-off doubles per
+/// ejection in a row, from 1 s up to 30 s. A response timeout of a request sent before
+/// one the server has answered since is not counted: slow requests sent together time
+/// out together, from a server that answers the others.
+fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, nth: u64) {
     use std::sync::atomic::Ordering::Relaxed;
     if !err.is_server_failure() {
+        return;
+    }
+    if matches!(err, SendError::ResponseTimeout { .. }) && server.answered.load(Relaxed) > nth {
         return;
     }
     if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) {
@@ -858,7 +868,7 @@ mod tests {
         let out = || server.is_ejected(tokio::time::Instant::now());
         // A refused connect ejects at once; each ejection in a row doubles the back-off.
         for expected_secs in [1u64, 2, 4] {
-            record_failure(&set, &server, &refused(addr));
+            record_failure(&set, &server, &refused(addr), 0);
             assert!(out(), "ejected after a refused connect");
             tokio::time::sleep(Duration::from_millis(expected_secs * 1000 - 10)).await;
             assert!(out(), "still ejected just before {expected_secs}s");
@@ -868,17 +878,17 @@ mod tests {
         }
         // Other failures need three in a row.
         let reset = SendError::Closed { addr, source: closed_error().await };
-        record_success(&server);
-        record_failure(&set, &server, &reset);
-        record_failure(&set, &server, &reset);
+        record_success(&server, 0);
+        record_failure(&set, &server, &reset, 0);
+        record_failure(&set, &server, &reset, 0);
         assert!(!out());
-        record_failure(&set, &server, &reset);
+        record_failure(&set, &server, &reset, 0);
         assert!(out());
         // After a success the back-off starts again from 1 s.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         tokio::task::yield_now().await;
-        record_success(&server);
-        record_failure(&set, &server, &refused(addr));
+        record_success(&server, 0);
+        record_failure(&set, &server, &refused(addr), 0);
         tokio::time::sleep(Duration::from_millis(1010)).await;
         tokio::task::yield_now().await;
         assert!(!out(), "back-off restarted at 1s after a success");
@@ -890,17 +900,38 @@ mod tests {
         // Every server ejected: they stay eligible, and each failed try must not log,
         // count and time a new ejection (a flood at thousands of requests a second).
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr));
+        record_failure(&set, &server, &refused(addr), 0);
         for _ in 0..100 {
-            record_failure(&set, &server, &refused(addr));
+            record_failure(&set, &server, &refused(addr), 0);
         }
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
         assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
         // Its back-off ran out: the next failure ejects it again, for twice as long.
         tokio::time::sleep(Duration::from_millis(1010)).await;
-        record_failure(&set, &server, &refused(addr));
+        record_failure(&set, &server, &refused(addr), 0);
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_count_toward_ejection_unless_a_later_request_was_answered() {
+        let (set, server, addr) = one_server();
+        let timeout = SendError::ResponseTimeout { addr, after: Duration::from_secs(5) };
+        let out = || server.is_ejected(tokio::time::Instant::now());
+        // Slow requests 1 to 3 sent together; 4, sent after them, answered first.
+        let nths: Vec<u64> = (0..4).map(|_| server.begin_nth().1).collect();
+        record_success(&server, nths[3]);
+        for &nth in &nths[..3] {
+            record_failure(&set, &server, &timeout, nth);
+        }
+        assert!(!out(), "a server that answers is not ejected for its slow requests");
+        // A hung server answers nothing after them: three in a row eject it.
+        let nths: Vec<u64> = (0..3).map(|_| server.begin_nth().1).collect();
+        for (i, &nth) in nths.iter().enumerate() {
+            assert!(!out(), "not before the third ({i})");
+            record_failure(&set, &server, &timeout, nth);
+        }
+        assert!(out(), "three timeouts in a row, nothing answered since");
     }
 
     /// An error like a closed connection gives.

@@ -53,6 +53,9 @@ pub struct Server {
     in_flight: AtomicUsize,
     /// Requests sent to this server since it appeared.
     pub requests: AtomicU64,
+    /// The number (counted by `requests`) of the latest request whose response came
+    /// back: a response timeout of a request sent before it is no sign of a hung server.
+    pub(crate) answered: AtomicU64,
     /// Consecutive connect failures or resets (passive ejection).
     pub(crate) consecutive_failures: AtomicU32,
     /// How many times it was ejected in a row; grows the back-off.
@@ -78,6 +81,7 @@ impl Server {
             state: AtomicU8::new(state as u8),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -113,9 +117,14 @@ impl Server {
 
     /// Counts a request or tunnel until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.begin_nth().0
+    }
+
+    /// [`Server::begin`], and the request's number among those sent to this server.
+    pub fn begin_nth(self: &Arc<Self>) -> (InFlight, u64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        let nth = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        (InFlight(Arc::clone(self)), nth)
     }
 }
 
