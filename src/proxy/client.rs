@@ -64,9 +64,19 @@ pub struct Pool {
     epoch: AtomicU64,
     /// The shortest idle time, in microseconds, after which the server was found to have
     /// closed a kept connection (`u64::MAX` until it has): its keep-alive timeout, or
-    /// less (see [`Pool::closed_after`]).
+    /// less (see [`Pool::closed_after`]). It grows back as time passes without another
+    /// such close (see [`Pool::closes_after`]).
     closes_after_us: AtomicU64,
+    /// When it was last noted, in milliseconds after `born`.
+    noted_ms: AtomicU64,
+    born: Instant,
 }
+
+/// How fast what was learned of a server's closing grows back without a new close seen:
+/// a 32nd of the time passed (a close seen right after an answer, say a restart's, is
+/// forgotten within about two minutes; a server that keeps closing soon keeps being seen
+/// to, by the pool's sweep).
+const RELAX: u64 = 32;
 
 /// Idle sockets, since when, and the room their next response's first read gets (see
 /// [`h1::first_read_room`]), most recently used last.
@@ -75,7 +85,13 @@ type Shard = Vec<(TcpStream, Instant, usize)>;
 impl Default for Pool {
     fn default() -> Self {
         let shards = (0..super::workers::count()).map(|_| Mutex::default()).collect();
-        Pool { shards, epoch: AtomicU64::new(0), closes_after_us: AtomicU64::new(u64::MAX) }
+        Pool {
+            shards,
+            epoch: AtomicU64::new(0),
+            closes_after_us: AtomicU64::new(u64::MAX),
+            noted_ms: AtomicU64::new(0),
+            born: Instant::now(),
+        }
     }
 }
 
@@ -122,26 +138,44 @@ impl Pool {
                 return (Some((socket, room, idle)), epoch);
             }
             if idle < MAX_IDLE_AGE {
-                self.closed_after(idle);
+                self.closed_after(idle, now);
             }
         }
         (None, epoch)
     }
 
-    /// Notes that the server closed a connection kept idle for `idle` (or had by then):
-    /// it closes idle connections that soon, or sooner.
-    fn closed_after(&self, idle: Duration) {
+    /// Notes, `now`, that the server closed a connection kept idle for `idle` (or had by
+    /// then): it closes idle connections that soon, or sooner. (Two stores, not one
+    /// update: two closes noted at once may keep the larger; the next close corrects it.)
+    fn closed_after(&self, idle: Duration, now: Instant) {
         let us = u64::try_from(idle.as_micros()).unwrap_or(u64::MAX);
-        self.closes_after_us.fetch_min(us, Relaxed);
+        self.closes_after_us.store(self.closes_after(now).min(us), Relaxed);
+        self.noted_ms.store(self.ms(now), Relaxed);
     }
 
-    /// How long a connection may have idled and still take a request that may not be
-    /// sent twice: [`UNREPLAYABLE_IDLE_AGE`], or half the shortest idle time after which
-    /// this server was found to have closed one. A server whose keep-alive timeout is
-    /// short (a second, say), or that closes after a response without saying so, would
-    /// otherwise close connections just as such requests go out on them: they would fail.
-    fn unreplayable_idle_age(&self) -> Duration {
+    /// The shortest idle time after which the server was seen to close a connection, in
+    /// microseconds, grown back by a [`RELAX`]th of the time since (`u64::MAX`: never).
+    fn closes_after(&self, now: Instant) -> u64 {
         match self.closes_after_us.load(Relaxed) {
+            u64::MAX => u64::MAX,
+            us => {
+                let since_ms = self.ms(now).saturating_sub(self.noted_ms.load(Relaxed));
+                us.saturating_add(since_ms.saturating_mul(1000) / RELAX)
+            }
+        }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long a connection may have idled, `now`, and still take a request that may not
+    /// be sent twice: [`UNREPLAYABLE_IDLE_AGE`], or half the time after which this server
+    /// was seen to close one (see [`Pool::closes_after`]). A server whose keep-alive
+    /// timeout is short (a second, say), or that closes after a response without saying
+    /// so, would otherwise close connections just as such requests go out on them.
+    fn unreplayable_idle_age(&self, now: Instant) -> Duration {
+        match self.closes_after(now) {
             u64::MAX => UNREPLAYABLE_IDLE_AGE,
             us => Duration::from_micros(us / 2).min(UNREPLAYABLE_IDLE_AGE),
         }
@@ -167,7 +201,7 @@ impl Pool {
             let idle = now.saturating_duration_since(*since);
             let keep = reusable(socket, idle);
             if !keep && idle < MAX_IDLE_AGE {
-                self.closed_after(idle);
+                self.closed_after(idle, now);
             }
             keep
         });
@@ -336,7 +370,7 @@ pub fn send(
             (ReqBody::Held { data: Some(data), trailers: None }, Framing::Length(_)) if data.len() <= INLINE_BODY
         );
         let replayable = is_idempotent(&request.parts.method) && (inline || matches!(body, ReqBody::Empty));
-        let mut max_idle = if replayable { MAX_IDLE_AGE } else { pool.unreplayable_idle_age() };
+        let mut max_idle = if replayable { MAX_IDLE_AGE } else { pool.unreplayable_idle_age(now) };
         loop {
             let (pooled, epoch) = pool.take(now, max_idle);
             let reused = pooled.is_some();
@@ -347,7 +381,7 @@ pub fn send(
                 // One that may not be sent twice asks the kernel too: a server that closed
                 // the connection just now would lose it (the others are sent again).
                 Some((io, _, idle)) if !replayable && !open_now(&io) => {
-                    pool.closed_after(idle);
+                    pool.closed_after(idle, now);
                     drop(io);
                     continue;
                 }
@@ -399,7 +433,7 @@ pub fn send(
                 // A pooled connection the server closed a moment ago: nothing left, try the
                 // next idle (or a new) one.
                 Ok(Err(Broke::Server(_))) if !wrote && reused => {
-                    pool.closed_after(idle);
+                    pool.closed_after(idle, now);
                     continue;
                 }
                 // Written on a reused connection the server ended without a byte of an
@@ -408,7 +442,7 @@ pub fn send(
                 // other servers).
                 Ok(Err(Broke::Server(e))) if reused && replayable && !heard => {
                     tracing::debug!(server = %addr, error = %e, "a reused connection ended unanswered; sending again on a new one");
-                    pool.closed_after(idle);
+                    pool.closed_after(idle, now);
                     max_idle = Duration::ZERO;
                     continue;
                 }
@@ -416,7 +450,7 @@ pub fn send(
                 // ended unanswered: lost (the server may have taken it), and a sign of how
                 // soon this server closes idle connections.
                 Ok(Err(Broke::Server(source))) if reused && !heard => {
-                    pool.closed_after(idle);
+                    pool.closed_after(idle, now);
                     SendError::Failed { addr, source }
                 }
                 Ok(Err(Broke::Server(source))) if !wrote => SendError::Closed { addr, source },
@@ -590,6 +624,26 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     use super::*;
+
+    #[test]
+    fn what_is_learned_of_a_servers_closing_sets_the_reuse_age_and_grows_back() {
+        let pool = Pool::default();
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(pool.unreplayable_idle_age(t0), UNREPLAYABLE_IDLE_AGE, "nothing seen yet");
+        pool.closed_after(Duration::from_millis(10), t0);
+        assert_eq!(pool.unreplayable_idle_age(t0), Duration::from_millis(5));
+        // A later, longer close changes nothing.
+        pool.closed_after(Duration::from_millis(900), t0);
+        assert_eq!(pool.unreplayable_idle_age(t0), Duration::from_millis(5));
+        // Without another, it grows back (a 32nd of the time passed), up to the usual age.
+        assert_eq!(pool.unreplayable_idle_age(secs(32)), Duration::from_millis(505));
+        assert_eq!(pool.unreplayable_idle_age(secs(600)), UNREPLAYABLE_IDLE_AGE);
+        // A new close sets it from where it had grown to.
+        pool.closed_after(Duration::from_millis(400), secs(64));
+        assert_eq!(pool.unreplayable_idle_age(secs(64)), Duration::from_millis(200));
+        assert_eq!(pool.unreplayable_idle_age(secs(96)), Duration::from_millis(700));
+    }
 
     #[tokio::test]
     async fn the_kernel_knows_of_a_close_before_the_sockets_readiness_does() {
