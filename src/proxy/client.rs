@@ -72,10 +72,12 @@ pub struct Pool {
     born: Instant,
 }
 
-/// How fast what was learned of a server's closing grows back without a new close seen:
-/// a 32nd of the time passed (a close seen right after an answer, say a restart's, is
-/// forgotten within about two minutes; a server that keeps closing soon keeps being seen
-/// to, by the pool's sweep).
+/// What was learned of a server's closing holds this long after the last close seen, and
+/// then grows back by a [`RELAX`]th of the time passed. A server that keeps closing idle
+/// connections soon is seen to at least once a second, by the pool's sweep, so what was
+/// learned of it holds; the closes of a one-time event (a restart at the same address)
+/// are forgotten within about two minutes.
+const HOLD: Duration = Duration::from_secs(10);
 const RELAX: u64 = 32;
 
 /// Idle sockets, since when, and the room their next response's first read gets (see
@@ -154,13 +156,15 @@ impl Pool {
     }
 
     /// The shortest idle time after which the server was seen to close a connection, in
-    /// microseconds, grown back by a [`RELAX`]th of the time since (`u64::MAX`: never).
+    /// microseconds, grown back by a [`RELAX`]th of the time since, past [`HOLD`]
+    /// (`u64::MAX`: never seen).
     fn closes_after(&self, now: Instant) -> u64 {
         match self.closes_after_us.load(Relaxed) {
             u64::MAX => u64::MAX,
             us => {
                 let since_ms = self.ms(now).saturating_sub(self.noted_ms.load(Relaxed));
-                us.saturating_add(since_ms.saturating_mul(1000) / RELAX)
+                let grown_ms = since_ms.saturating_sub(HOLD.as_millis() as u64);
+                us.saturating_add(grown_ms.saturating_mul(1000) / RELAX)
             }
         }
     }
@@ -636,13 +640,18 @@ mod tests {
         // A later, longer close changes nothing.
         pool.closed_after(Duration::from_millis(900), t0);
         assert_eq!(pool.unreplayable_idle_age(t0), Duration::from_millis(5));
-        // Without another, it grows back (a 32nd of the time passed), up to the usual age.
-        assert_eq!(pool.unreplayable_idle_age(secs(32)), Duration::from_millis(505));
+        // Without another, it holds for 10 s, then grows back (a 32nd of the time
+        // passed), up to the usual age.
+        assert_eq!(pool.unreplayable_idle_age(secs(10)), Duration::from_millis(5));
+        assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
         assert_eq!(pool.unreplayable_idle_age(secs(600)), UNREPLAYABLE_IDLE_AGE);
+        // A close seen again holds it: a sweep finding one idle for 300 ms, 9 s on.
+        pool.closed_after(Duration::from_millis(300), secs(9));
+        assert_eq!(pool.unreplayable_idle_age(secs(18)), Duration::from_millis(5));
         // A new close sets it from where it had grown to.
-        pool.closed_after(Duration::from_millis(400), secs(64));
-        assert_eq!(pool.unreplayable_idle_age(secs(64)), Duration::from_millis(200));
-        assert_eq!(pool.unreplayable_idle_age(secs(96)), Duration::from_millis(700));
+        pool.closed_after(Duration::from_millis(400), secs(83));
+        assert_eq!(pool.unreplayable_idle_age(secs(83)), Duration::from_millis(200));
+        assert_eq!(pool.unreplayable_idle_age(secs(125)), Duration::from_millis(700));
     }
 
     #[tokio::test]
