@@ -4,10 +4,10 @@
 //! read buffer, handled, and its response written straight to the socket: no session,
 //! channel or buffer lives between requests, and an idle connection holds no buffer.
 //!
-//! Any other request (a body to stream, an upgrade, 100-continue), and any head this
-//! reader does not accept (malformed, over `max_header_bytes`, over 100 fields), goes
-//! with the bytes read so far to a hyper session, which answers it (a 400 or 431 for a
-//! bad head) and serves the connection until it idles (see `listener::serving`). The
+//! Any other request (a body to stream, an upgrade, 100-continue) goes with the bytes
+//! read so far to a hyper session, which serves the connection until it idles (see
+//! `listener::serving`). A head that is no request (malformed, over `max_header_bytes`
+//! or 100 fields, another HTTP version) is answered here (see [`refuse`]). The
 //! grammar both accept is RFC 9112's, and responses are written as hyper wrote them: in
 //! the client's version (HTTP/1.0 or 1.1), framed by the response's `Content-Length` or
 //! its body's exact size, else chunked (HTTP/1.1) or until close (HTTP/1.0); `Date`
@@ -36,6 +36,8 @@ use super::h1::{self, FieldAt, Fields, Framing};
 use super::hop::{self, Fixed};
 use super::listener::{PARK_AFTER, Shared};
 
+/// The longest request target `Uri` takes is one byte under this.
+const URI_MAX: usize = u16::MAX as usize - 1;
 /// Room made in the read buffer before a read (a head may grow it to `max_header_bytes`).
 const READ_SIZE: usize = 4096;
 /// Body data up to this size is copied behind the head or chunk line, for one write;
@@ -227,6 +229,9 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         let start = s.as_ptr() as usize - base;
         raw.slice(start..start + s.len())
     };
+    if target.len() >= URI_MAX {
+        return Parsed::Refused(ProxyError::UriTooLong(URI_MAX - 1));
+    }
     let Ok(uri) = Uri::from_maybe_shared(slice(target.as_bytes())) else {
         return Parsed::Refused(ProxyError::BadRequest("malformed request target"));
     };
@@ -356,7 +361,8 @@ fn request_line_start(buf: &[u8]) -> usize {
 /// The refusal of a head over `max_head` bytes: 414 when its request line alone is,
 /// else 431.
 fn too_large(buf: &[u8], max_head: usize) -> ProxyError {
-    let line = &buf[request_line_start(buf)..buf.len().min(max_head)];
+    let end = buf.len().min(max_head);
+    let line = &buf[request_line_start(buf).min(end)..end];
     if line.contains(&b'\n') { ProxyError::HeadTooLarge } else { ProxyError::UriTooLong(max_head) }
 }
 
@@ -861,6 +867,14 @@ mod tests {
         assert_eq!(refused(long.as_bytes(), 256), Some(414));
         assert_eq!(refused(&long.as_bytes()[..260], 256), Some(414));
         assert_eq!(refused(format!("\r\n{long}").as_bytes(), 256), Some(414));
+        // Empty lines past the limit (the request line never began): no panic, 414.
+        assert_eq!(refused(&[b'\n'; 300], 256), Some(414));
+        assert_eq!(refused(&[b'\n'; 300], 299), Some(414));
+        let late = [&[b'\n'; 300][..], b"GET / HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(refused(&late, 256), Some(414));
+        // A target longer than a `Uri` takes, in a head limit that allows it: 414.
+        let huge = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(70_000));
+        assert_eq!(refused(huge.as_bytes(), 1 << 20), Some(414));
         let long = format!("GET /{} HTTP/1.2\r\n", "a".repeat(300));
         assert_eq!(refused(long.as_bytes(), 256), Some(414));
         let many: String = (0..=h1::MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
