@@ -473,6 +473,38 @@ fn sealed_files(dir: &Path) -> (usize, usize) {
     (sealed, files.len() - sealed)
 }
 
+/// A replica without `SWARMGATE_ACME_STORAGE_KEY` (as during a rollout that brings the
+/// key in) cannot read sealed values: it reports them, and neither moves them aside as
+/// corrupt nor orders again (a new account, new certificates).
+#[test]
+fn sealed_values_read_without_the_key_are_not_set_aside() {
+    let s = Setup::new();
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &[key]);
+    drop(expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
+    gw.stop();
+    let gw = s.gateway(&config, "gw2.log"); // no key
+    let said = wait_for(Duration::from_secs(20), || {
+        let log = gw.log_text();
+        (log.matches("is not set here").count() >= 2).then_some(())
+    });
+    let log = gw.log_text();
+    assert!(said.is_some(), "the certificate at start and the account when ordering:\n{log}");
+    gw.stop();
+    for dir in ["accounts", "certs"] {
+        assert_eq!(sealed_files(&s.path().join("acme").join(dir)), (1, 0), "{dir}: kept as it was");
+        let aside = std::fs::read_dir(s.path().join("acme").join(dir))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"))
+            .count();
+        assert_eq!(aside, 0, "{dir}: nothing moved aside\n{log}");
+    }
+    assert_eq!(pebble.orders(), 1, "nothing ordered again");
+}
+
 /// What was stored before `SWARMGATE_ACME_STORAGE_KEY` was set (the account, which is
 /// never written again, a certificate and who ordered it) is sealed once the gateway
 /// starts with the key, without a new order, and opens at the next start.

@@ -445,7 +445,9 @@ impl State {
             self.listen(&ctx);
             stored = ctx.load_all(&wanted.names).await;
             let ctx = Arc::new(ctx);
-            if ctx.storage_key.is_some() {
+            // Not in a store replicas share: while the key reaches them one by one (a
+            // rollout), those without it could not read what this one sealed.
+            if ctx.storage_key.is_some() && !ctx.storage.shared() {
                 tokio::spawn(Arc::clone(&ctx).seal_the_clear());
             }
             self.ctx = Some(ctx);
@@ -899,6 +901,17 @@ impl Ctx {
         l.meta.as_ref().and_then(|m| m.directory.as_deref()).is_some_and(|d| !same(d, &self.directory))
     }
 
+    /// A sealed value read without `SWARMGATE_ACME_STORAGE_KEY` (another replica has it,
+    /// this one does not, as during a rollout that brings it in): an error like a store
+    /// that cannot be read, never a corrupt value to set aside.
+    fn sealed_without_key(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        if self.storage_key.is_none() && super::seal::is_sealed(bytes) {
+            let file = self.storage.locate(key);
+            return Err(StorageError::Sealed(format!("{file}: sealed, and {} is not set here", super::seal::KEY_VAR)));
+        }
+        Ok(())
+    }
+
     /// Seals what was stored before `SWARMGATE_ACME_STORAGE_KEY` was set: the account,
     /// which is never written again, and certificates (with who ordered them), which would
     /// stay in the clear until their renewal.
@@ -908,7 +921,9 @@ impl Ctx {
     /// certificate sealed with the right one would be set aside as corrupt). Each value is
     /// rewritten under the lease its writers take (`account`, `order-NAME`), read again
     /// there, so a value written meanwhile is never replaced by an older one; a value
-    /// whose lease is busy is left to the write its holder is about to make.
+    /// whose lease is busy is left as it is (sealed at its next write).
+    ///
+    /// Only for a store of this replica's own (a directory): see where it is started.
     async fn seal_the_clear(self: Arc<Self>) {
         let mut keys = vec![self.account_key.clone()];
         for (prefix, suffix) in [("certs/", ".pem"), ("orders/", ".json")] {
@@ -1010,6 +1025,7 @@ impl Ctx {
         let Some(bytes) = self.storage.get(&key).await? else {
             return Ok(None);
         };
+        self.sealed_without_key(&key, &bytes)?;
         match parse_bundle(&bytes, name, self.storage.locate(&key)) {
             Ok(mut l) => {
                 if let Ok(Some(meta)) = self.storage.get(&meta_key(name)).await {
@@ -1122,6 +1138,7 @@ impl Ctx {
             Ok(None) => return Ok(None),
             Err(e) => return Err(store_failure(e)),
         };
+        self.sealed_without_key(&self.account_key, &bytes).map_err(store_failure)?;
         match serde_json::from_slice::<AccountCredentials>(&bytes) {
             Ok(creds) => self
                 .builder()

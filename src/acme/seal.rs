@@ -32,6 +32,12 @@ pub const KEY_VAR: &str = "SWARMGATE_ACME_STORAGE_KEY";
 /// Shortest value accepted for [`KEY_VAR`].
 pub const MIN_KEY_CHARS: usize = 32;
 const MAGIC: &[u8] = b"swarmgate-sealed-v1\n";
+
+/// Whether a stored value is sealed (whatever the key), for a store read without a key:
+/// such a value is not corrupt, and must not be set aside.
+pub fn is_sealed(stored: &[u8]) -> bool {
+    stored.starts_with(MAGIC)
+}
 const SALT: &[u8] = b"swarmgate acme storage";
 const INFO: &[u8] = b"swarmgate-acme-storage-v1 aes-256-gcm";
 
