@@ -459,9 +459,12 @@ async fn a_hung_server_is_ejected_after_three_timeouts() {
             s => panic!("request {i}: {s}"),
         }
     }
-    assert_eq!(timeouts, 3, "three timeouts, then ejected (its back-off, 1 s, outlasts the rest)");
+    // Three, then ejected; its back-off (1 s) outlasts the rest on any but a very slow
+    // machine, where it may come back for a few more before its next ejection.
+    assert!((3..=6).contains(&timeouts), "{timeouts} timeouts of 40 (about half without ejection)");
     let m = gw.metrics().await;
-    assert_eq!(metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#), Some(1.0), "{m}");
+    let ejections = metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
+    assert!((1.0..=2.0).contains(&ejections), "{m}");
     drop(hung);
 }
 

@@ -412,3 +412,27 @@ async fn a_switch_to_a_protocol_the_client_did_not_ask_for_is_refused() {
         assert_eq!((counted, metric_value(&m, as_502)), (1.0, Some(1.0)), "{m}");
     }
 }
+
+/// An upgrade that meets dead replicas first (refusing connections) goes on to a live
+/// one: refused connects do not use up `retries` (default 2), as for other requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
+    let b = Backend::start("app").await;
+    let listeners: Vec<std::net::TcpListener> =
+        (0..30).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let mut servers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    drop(listeners); // every one of these ports refuses from now on
+    servers.push(b.addr.to_string());
+    let config = CONFIG.replace("servers = [\"@B@\"]", &format!("servers = [\"{}\"]", servers.join("\", \"")));
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["ws.test"]);
+    let gw = Gateway::builder(&config).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
+    for i in 0..5 {
+        let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://ws.test/ws?n={i}"), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+        assert_eq!(resp.status(), 101);
+        ws.close(None).await.unwrap();
+    }
+}

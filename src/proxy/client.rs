@@ -62,14 +62,34 @@ pub struct Pool {
     /// Raised by [`Pool::clear`]: connections taken before it are closed when their
     /// response ends, not kept (the server is going away).
     epoch: AtomicU64,
-    /// The shortest idle time, in microseconds, after which the server was found to have
-    /// closed a kept connection (`u64::MAX` until it has): its keep-alive timeout, or
-    /// less (see [`Pool::closed_after`]). It grows back as time passes without another
-    /// such close (see [`Pool::closes_after`]).
-    closes_after_us: AtomicU64,
-    /// When it was last noted, in milliseconds after `born`.
-    noted_ms: AtomicU64,
+    /// What was learned of the server's closing, in one word so that it changes whole
+    /// (see [`closing`]): the shortest idle time after which it was found to close a kept
+    /// connection (its keep-alive timeout, or less; see [`Pool::closed_after`]), and when
+    /// that was last seen.
+    closing: AtomicU64,
     born: Instant,
+}
+
+/// The learned close time of a server never seen to close a connection soon.
+const NEVER: u32 = u32::MAX;
+
+/// [`Pool::closing`]'s word: the close time in microseconds (high half), when it was
+/// last seen in hundredths of a second after the pool was made (low half).
+fn closing(us: u32, at: u32) -> u64 {
+    (u64::from(us) << 32) | u64::from(at)
+}
+
+/// The close time in `word` as of `at`: held for [`HOLD`] after it was last seen, then
+/// grown back by a [`RELAX`]th of the time passed, up to where it no longer matters.
+fn grown(word: u64, at: u32) -> u32 {
+    let (us, seen) = ((word >> 32) as u32, word as u32);
+    if us == NEVER {
+        return NEVER;
+    }
+    let since_ms = u64::from(at.wrapping_sub(seen)) * 10;
+    let grown_us = since_ms.saturating_sub(HOLD.as_millis() as u64) * 1000 / RELAX;
+    let ceiling = (2 * UNREPLAYABLE_IDLE_AGE).as_micros() as u64;
+    u64::from(us).saturating_add(grown_us).min(ceiling) as u32
 }
 
 /// What was learned of a server's closing holds this long after the last close seen, and
@@ -87,13 +107,7 @@ type Shard = Vec<(TcpStream, Instant, usize)>;
 impl Default for Pool {
     fn default() -> Self {
         let shards = (0..super::workers::count()).map(|_| Mutex::default()).collect();
-        Pool {
-            shards,
-            epoch: AtomicU64::new(0),
-            closes_after_us: AtomicU64::new(u64::MAX),
-            noted_ms: AtomicU64::new(0),
-            born: Instant::now(),
-        }
+        Pool { shards, epoch: AtomicU64::new(0), closing: AtomicU64::new(closing(NEVER, 0)), born: Instant::now() }
     }
 }
 
@@ -147,30 +161,28 @@ impl Pool {
     }
 
     /// Notes, `now`, that the server closed a connection kept idle for `idle` (or had by
-    /// then): it closes idle connections that soon, or sooner. (Two stores, not one
-    /// update: two closes noted at once may keep the larger; the next close corrects it.)
+    /// then): it closes idle connections that soon, or sooner. A close after 4 s or more
+    /// has no bearing on the reuse age (at most 2 s), and is not noted: a server closing
+    /// at its usual keep-alive timeout lets what a one-time event taught grow back.
     fn closed_after(&self, idle: Duration, now: Instant) {
-        let us = u64::try_from(idle.as_micros()).unwrap_or(u64::MAX);
-        self.closes_after_us.store(self.closes_after(now).min(us), Relaxed);
-        self.noted_ms.store(self.ms(now), Relaxed);
+        if idle >= 2 * UNREPLAYABLE_IDLE_AGE {
+            return;
+        }
+        let us = u32::try_from(idle.as_micros()).unwrap_or(NEVER);
+        let at = self.centis(now);
+        let _ = self.closing.fetch_update(Relaxed, Relaxed, |word| Some(closing(grown(word, at).min(us), at)));
     }
 
     /// The shortest idle time after which the server was seen to close a connection, in
-    /// microseconds, grown back by a [`RELAX`]th of the time since, past [`HOLD`]
-    /// (`u64::MAX`: never seen).
-    fn closes_after(&self, now: Instant) -> u64 {
-        match self.closes_after_us.load(Relaxed) {
-            u64::MAX => u64::MAX,
-            us => {
-                let since_ms = self.ms(now).saturating_sub(self.noted_ms.load(Relaxed));
-                let grown_ms = since_ms.saturating_sub(HOLD.as_millis() as u64);
-                us.saturating_add(grown_ms.saturating_mul(1000) / RELAX)
-            }
-        }
+    /// microseconds, grown back since (see [`grown`]); `None`: never seen.
+    fn closes_after(&self, now: Instant) -> Option<u32> {
+        Some(grown(self.closing.load(Relaxed), self.centis(now))).filter(|&us| us != NEVER)
     }
 
-    fn ms(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
+    /// `now` in hundredths of a second after the pool was made, wrapping after 497 days
+    /// (only differences of it are used).
+    fn centis(&self, now: Instant) -> u32 {
+        (now.saturating_duration_since(self.born).as_millis() / 10) as u32
     }
 
     /// How long a connection may have idled, `now`, and still take a request that may not
@@ -180,8 +192,8 @@ impl Pool {
     /// so, would otherwise close connections just as such requests go out on them.
     fn unreplayable_idle_age(&self, now: Instant) -> Duration {
         match self.closes_after(now) {
-            u64::MAX => UNREPLAYABLE_IDLE_AGE,
-            us => Duration::from_micros(us / 2).min(UNREPLAYABLE_IDLE_AGE),
+            None => UNREPLAYABLE_IDLE_AGE,
+            Some(us) => Duration::from_micros(u64::from(us / 2)).min(UNREPLAYABLE_IDLE_AGE),
         }
     }
 
@@ -266,10 +278,15 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
+    /// A connect the server's host refused at once (nothing listens: a replica gone).
+    pub fn refused(&self) -> bool {
+        matches!(self, SendError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
+
     /// Whether the server looks broken (counts toward passive ejection). A response
     /// timeout does: a server that accepts connections and answers nothing (hung, or
-    /// overloaded past `response_timeout`) times out every request it gets; one slow
-    /// endpoint among answering ones is never three failures in a row.
+    /// overloaded past `response_timeout`) times out every request it gets (a timeout of
+    /// a request sent before one it answered is not counted: see `proxy::record_failure`).
     pub fn is_server_failure(&self) -> bool {
         !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. })
     }
@@ -353,7 +370,8 @@ pub(super) fn is_idempotent(m: &Method) -> bool {
 /// with no response. A request that may be sent twice (idempotent, its body empty or
 /// held in the head's write) is then sent once more, on a new connection to the same
 /// server; one that may not takes only a connection idle for less than
-/// [`UNREPLAYABLE_IDLE_AGE`].
+/// [`UNREPLAYABLE_IDLE_AGE`], or less for a server seen to close sooner
+/// ([`Pool::unreplayable_idle_age`]).
 #[allow(clippy::manual_async_fn)] // arguments kept once, not twice (see `proxy::handle`)
 pub fn send(
     server: &Arc<Server>,
@@ -375,7 +393,11 @@ pub fn send(
         );
         let replayable = is_idempotent(&request.parts.method) && (inline || matches!(body, ReqBody::Empty));
         let mut max_idle = if replayable { MAX_IDLE_AGE } else { pool.unreplayable_idle_age(now) };
+        let mut first = true;
         loop {
+            // A later try (the connection found closed) reads the clock again: one put
+            // back since would seem idle for no time.
+            let now = if std::mem::take(&mut first) { now } else { Instant::now() };
             let (pooled, epoch) = pool.take(now, max_idle);
             let reused = pooled.is_some();
             // How long the connection idled: a server that turns out to have closed it
@@ -645,6 +667,9 @@ mod tests {
         assert_eq!(pool.unreplayable_idle_age(secs(10)), Duration::from_millis(5));
         assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
         assert_eq!(pool.unreplayable_idle_age(secs(600)), UNREPLAYABLE_IDLE_AGE);
+        // A close at a usual keep-alive timeout (5 s) is not noted: it does not hold it.
+        pool.closed_after(Duration::from_secs(5), secs(9));
+        assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
         // A close seen again holds it: a sweep finding one idle for 300 ms, 9 s on.
         pool.closed_after(Duration::from_millis(300), secs(9));
         assert_eq!(pool.unreplayable_idle_age(secs(18)), Duration::from_millis(5));

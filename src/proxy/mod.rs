@@ -464,7 +464,9 @@ fn attempts(
         // Failed attempts that count against `retries`. A refused connect does not (when
         // retries are on at all): nothing was sent and nothing waited for, so the dead
         // replicas of a service rolling out cannot use up the budget while a server not
-        // yet tried remains (each is tried once per request at most).
+        // yet tried remains (each is tried once per request at most). Other connect
+        // failures do: an unreachable host can take seconds to say so, and a local
+        // shortage (ports, descriptors) would fail on every server alike.
         let mut charged: u32 = 0;
         // The last attempt's failure, once one has failed and another server is tried.
         let mut last: Option<SendError> = None;
@@ -503,7 +505,7 @@ fn attempts(
                     record_failure(&upstream.set, &server, &error, nth);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
-                    if cfg.retries == 0 || !matches!(error, SendError::Connect { .. }) {
+                    if cfg.retries == 0 || !error.refused() {
                         charged += 1;
                     }
                     let may_retry = charged <= cfg.retries;
@@ -533,9 +535,7 @@ fn attempts(
 fn record_success(server: &Arc<Server>, nth: u64) {
     use std::sync::atomic::Ordering::Relaxed;
     // Beside `begin`'s counts, written for each request anyway.
-    if server.answered.load(Relaxed) < nth {
-        server.answered.store(nth, Relaxed);
-    }
+    server.answered.fetch_max(nth, Relaxed);
     // Loads first: the common case (nothing to reset) writes no other line.
     if server.consecutive_failures.load(Relaxed) != 0 {
         server.consecutive_failures.store(0, Relaxed);

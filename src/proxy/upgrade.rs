@@ -180,6 +180,8 @@ async fn ask(
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let mut tried = Vec::new();
+    // Failed connects that count against `retries`: not refused ones (see `attempts`).
+    let mut charged = 0u32;
     let mut failed = None;
     let (server, mut sender) = loop {
         let server = {
@@ -192,12 +194,17 @@ async fn ask(
         };
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
             Ok(sender) => break (server, sender),
-            Err(e) if (tried.len() as u32) < cfg.retries => {
+            Err(e) => {
+                if cfg.retries == 0 || !e.refused() {
+                    charged += 1;
+                }
+                if charged > cfg.retries {
+                    return Err(ProxyError::Upstream(e));
+                }
                 tracing::debug!(server = %server.addr, error = %e, "upgrade connect failed; trying another server");
                 tried.push(server.addr);
                 failed = Some(e);
             }
-            Err(e) => return Err(ProxyError::Upstream(e)),
         }
     };
     let guard = server.begin();

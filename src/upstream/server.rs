@@ -53,8 +53,8 @@ pub struct Server {
     in_flight: AtomicUsize,
     /// Requests sent to this server since it appeared.
     pub requests: AtomicU64,
-    /// The number (counted by `requests`) of the latest request whose response came
-    /// back: a response timeout of a request sent before it is no sign of a hung server.
+    /// The highest number (counted by `requests`) of a request whose response came back:
+    /// a response timeout of a request sent before it is no sign of a hung server.
     pub(crate) answered: AtomicU64,
     /// Consecutive connect failures or resets (passive ejection).
     pub(crate) consecutive_failures: AtomicU32,
