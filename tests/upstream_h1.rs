@@ -472,6 +472,9 @@ async fn a_server_seen_to_close_idle_connections_soon_loses_no_post() {
         assert_eq!((r.status, r.text()), (200, body), "POST {i}");
     }
     assert_eq!(connections.load(Ordering::SeqCst), 5, "each POST went on a new connection");
+    // Each made way for its own: the pool does not grow by one per POST.
+    let v: serde_json::Value = serde_json::from_slice(&gw.admin_get("/upstreams").await.body).unwrap();
+    assert_eq!(v["upstreams"][0]["servers"][0]["idle_connections"], 1, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,13 @@ pub struct Pool {
     born: Instant,
 }
 
+/// Hundredths of a second from `seen` to `at`; 0 when `at` is the earlier (a request's
+/// clock, read as it began, behind a close noted since by another worker).
+fn since(at: u32, seen: u32) -> u32 {
+    let d = at.wrapping_sub(seen);
+    if d > u32::MAX / 2 { 0 } else { d }
+}
+
 /// The learned close time of a server never seen to close a connection soon.
 const NEVER: u32 = u32::MAX;
 
@@ -86,7 +93,7 @@ fn grown(word: u64, at: u32) -> u32 {
     if us == NEVER {
         return NEVER;
     }
-    let since_ms = u64::from(at.wrapping_sub(seen)) * 10;
+    let since_ms = u64::from(since(at, seen)) * 10;
     let grown_us = since_ms.saturating_sub(HOLD.as_millis() as u64) * 1000 / RELAX;
     let ceiling = (2 * UNREPLAYABLE_IDLE_AGE).as_micros() as u64;
     u64::from(us).saturating_add(grown_us).min(ceiling) as u32
@@ -146,8 +153,11 @@ impl Pool {
         while let Some((socket, since, room)) = shard.pop() {
             let idle = now.saturating_duration_since(since);
             if idle >= max_idle && idle < MAX_IDLE_AGE {
-                // The most recent is too old for this request: so are the others.
-                shard.push((socket, since, room));
+                // The most recent is too old for this request (one that may not be sent
+                // twice), and so are the others. It makes way for the connection the
+                // request opens instead: kept, the pool would grow by one per such request
+                // (hundreds of idle connections on a server seen to close soon).
+                drop(socket);
                 break;
             }
             if reusable(&socket, idle) {
@@ -170,7 +180,11 @@ impl Pool {
         }
         let us = u32::try_from(idle.as_micros()).unwrap_or(NEVER);
         let at = self.centis(now);
-        let _ = self.closing.fetch_update(Relaxed, Relaxed, |word| Some(closing(grown(word, at).min(us), at)));
+        let _ = self.closing.fetch_update(Relaxed, Relaxed, |word| {
+            // Noted as of the later of the two times (see `since`).
+            let seen = if since(at, word as u32) == 0 { word as u32 } else { at };
+            Some(closing(grown(word, at).min(us), seen))
+        });
     }
 
     /// The shortest idle time after which the server was seen to close a connection, in
@@ -667,6 +681,10 @@ mod tests {
         assert_eq!(pool.unreplayable_idle_age(secs(10)), Duration::from_millis(5));
         assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
         assert_eq!(pool.unreplayable_idle_age(secs(600)), UNREPLAYABLE_IDLE_AGE);
+        // A request's clock behind the last close noted: no growth, not the ceiling.
+        let other = Pool::default();
+        other.closed_after(Duration::from_millis(10), secs(1));
+        assert_eq!(other.unreplayable_idle_age(secs(1) - Duration::from_millis(20)), Duration::from_millis(5));
         // A close at a usual keep-alive timeout (5 s) is not noted: it does not hold it.
         pool.closed_after(Duration::from_secs(5), secs(9));
         assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
