@@ -341,6 +341,10 @@ fn version_of(buf: &[u8]) -> LineVersion {
     let start = request_line_start(buf);
     let Some(len) = buf[start..].iter().position(|&b| b == b'\n') else { return LineVersion::Incomplete };
     let line = buf[start..start + len].strip_suffix(b"\r").unwrap_or(&buf[start..start + len]);
+    // method SP target SP version: a line of any other shape has no version to speak of.
+    if line.split(|&b| b == b' ').filter(|part| !part.is_empty()).count() != 3 {
+        return LineVersion::NoVersion;
+    }
     let from = line.iter().rposition(|&b| b == b' ').map_or(0, |i| i + 1);
     match line[from..] {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => LineVersion::Later(start + from + 7),
@@ -852,6 +856,7 @@ mod tests {
             (b"GET / HTTP/12.0\r\n\r\n", 400),
             (b"GET / HTTP/1.2 HTTP/1.1\r\n\r\n", 400),
             (b"GET / x HTTP/1.2\r\n\r\n", 400),
+            (b"GET /a b HTTP/2.0\r\n\r\n", 400),
             (b"\r\nGET / HTTP/2.0\r\n\r\n", 505),
             (b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\nh", 400),
