@@ -70,30 +70,26 @@ pub struct Pool {
     born: Instant,
 }
 
-/// Hundredths of a second from `seen` to `at`; 0 when `at` is the earlier (a request's
-/// clock, read as it began, behind a close noted since by another worker).
-fn since(at: u32, seen: u32) -> u32 {
-    let d = at.wrapping_sub(seen);
-    if d > u32::MAX / 2 { 0 } else { d }
-}
+/// The learned close time of a server never seen to close a connection soon (above the
+/// ceiling [`grown`] keeps to, 4 s in microseconds).
+const NEVER: u32 = (1 << 22) - 1;
 
-/// The learned close time of a server never seen to close a connection soon.
-const NEVER: u32 = u32::MAX;
-
-/// [`Pool::closing`]'s word: the close time in microseconds (high half), when it was
-/// last seen in hundredths of a second after the pool was made (low half).
-fn closing(us: u32, at: u32) -> u64 {
-    (u64::from(us) << 32) | u64::from(at)
+/// [`Pool::closing`]'s word: the close time in microseconds (22 bits, up to [`NEVER`]),
+/// and when it was last seen in milliseconds after the pool was made (the other 42 bits:
+/// 139 years).
+fn closing(us: u32, at: u64) -> u64 {
+    (u64::from(us.min(NEVER)) << 42) | (at & ((1 << 42) - 1))
 }
 
 /// The close time in `word` as of `at`: held for [`HOLD`] after it was last seen, then
-/// grown back by a [`RELAX`]th of the time passed, up to where it no longer matters.
-fn grown(word: u64, at: u32) -> u32 {
-    let (us, seen) = ((word >> 32) as u32, word as u32);
+/// grown back by a [`RELAX`]th of the time passed, up to where it no longer matters. A
+/// request's clock, read as it began, may be behind a close noted since: no time passed.
+fn grown(word: u64, at: u64) -> u32 {
+    let (us, seen) = ((word >> 42) as u32, word & ((1 << 42) - 1));
     if us == NEVER {
         return NEVER;
     }
-    let since_ms = u64::from(since(at, seen)) * 10;
+    let since_ms = at.saturating_sub(seen);
     let grown_us = since_ms.saturating_sub(HOLD.as_millis() as u64) * 1000 / RELAX;
     let ceiling = (2 * UNREPLAYABLE_IDLE_AGE).as_micros() as u64;
     u64::from(us).saturating_add(grown_us).min(ceiling) as u32
@@ -150,14 +146,21 @@ impl Pool {
     fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize, Duration)>, u64) {
         let epoch = self.epoch.load(Relaxed);
         let mut shard = self.lock();
-        while let Some((socket, since, room)) = shard.pop() {
-            let idle = now.saturating_duration_since(since);
+        while let Some((socket, idle_since, room)) = shard.pop() {
+            let idle = now.saturating_duration_since(idle_since);
+            if max_idle.is_zero() {
+                // A new connection asked for (a request sent again): the pool is kept.
+                shard.push((socket, idle_since, room));
+                break;
+            }
             if idle >= max_idle && idle < MAX_IDLE_AGE {
                 // The most recent is too old for this request (one that may not be sent
                 // twice), and so are the others. It makes way for the connection the
                 // request opens instead: kept, the pool would grow by one per such request
                 // (hundreds of idle connections on a server seen to close soon).
-                drop(socket);
+                if !still_open(&socket) {
+                    self.closed_after(idle, now);
+                }
                 break;
             }
             if reusable(&socket, idle) {
@@ -179,24 +182,29 @@ impl Pool {
             return;
         }
         let us = u32::try_from(idle.as_micros()).unwrap_or(NEVER);
-        let at = self.centis(now);
+        let at = self.ms(now);
         let _ = self.closing.fetch_update(Relaxed, Relaxed, |word| {
-            // Noted as of the later of the two times (see `since`).
-            let seen = if since(at, word as u32) == 0 { word as u32 } else { at };
-            Some(closing(grown(word, at).min(us), seen))
+            let learned = grown(word, at);
+            // A close much later than what was learned (a server back from a restart with
+            // a 2 s keep-alive, say) neither lowers nor holds it: it grows on towards the
+            // server's own time. The sweep sees a close up to a second late.
+            if learned != NEVER && u64::from(us) > u64::from(learned) + SWEEP_EVERY.as_micros() as u64 {
+                return None;
+            }
+            let seen = (word & ((1 << 42) - 1)).max(at);
+            Some(closing(learned.min(us), seen))
         });
     }
 
     /// The shortest idle time after which the server was seen to close a connection, in
     /// microseconds, grown back since (see [`grown`]); `None`: never seen.
     fn closes_after(&self, now: Instant) -> Option<u32> {
-        Some(grown(self.closing.load(Relaxed), self.centis(now))).filter(|&us| us != NEVER)
+        Some(grown(self.closing.load(Relaxed), self.ms(now))).filter(|&us| us != NEVER)
     }
 
-    /// `now` in hundredths of a second after the pool was made, wrapping after 497 days
-    /// (only differences of it are used).
-    fn centis(&self, now: Instant) -> u32 {
-        (now.saturating_duration_since(self.born).as_millis() / 10) as u32
+    /// `now` in milliseconds after the pool was made.
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// How long a connection may have idled, `now`, and still take a request that may not
@@ -396,8 +404,9 @@ pub fn send(
 ) -> impl Future<Output = Result<Sent, Failure>> {
     async move {
         let (addr, pool, kill) = (server.addr, &server.pool, &server.kill);
-        // One reading of the clock for the deadline and the pool's idle ages. (tokio's clock
-        // is this one, except under test-util's paused time, which no test sending uses.)
+        // One reading of the clock for the first try's deadline and the pool's idle ages
+        // (a later try reads it again). (tokio's clock is this one, except under
+        // test-util's paused time, which no test sending uses.)
         let now = Instant::now();
         let framing = request_framing(request.parts, &body);
         // A small held body leaves in the head's write (and stays in `body` for handing back).
@@ -685,6 +694,15 @@ mod tests {
         let other = Pool::default();
         other.closed_after(Duration::from_millis(10), secs(1));
         assert_eq!(other.unreplayable_idle_age(secs(1) - Duration::from_millis(20)), Duration::from_millis(5));
+        // Closes far later than what was learned (a 2.5 s keep-alive after a restart
+        // taught 10 ms) neither hold nor lower it: it grows on to the server's own time.
+        let restarted = Pool::default();
+        restarted.closed_after(Duration::from_millis(10), t0);
+        for s in 5..=120 {
+            restarted.closed_after(Duration::from_millis(2500), secs(s));
+        }
+        let age = restarted.unreplayable_idle_age(secs(120));
+        assert!(age >= Duration::from_millis(700) && age <= Duration::from_millis(1300), "{age:?}");
         // A close at a usual keep-alive timeout (5 s) is not noted: it does not hold it.
         pool.closed_after(Duration::from_secs(5), secs(9));
         assert_eq!(pool.unreplayable_idle_age(secs(42)), Duration::from_millis(505));
