@@ -435,4 +435,8 @@ async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
         assert_eq!(resp.status(), 101);
         ws.close(None).await.unwrap();
     }
+    // Each refused connect ejected its server, as for any request.
+    let m = gw.metrics().await;
+    let ejected = metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
+    assert!(ejected >= 1.0, "{m}");
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{ClientBody, RefusedBody, ReqBody, RespBody};
 use super::error::ProxyError;
-use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, with_rng};
+use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, record_failure, with_rng};
 use crate::gateway::Gateway;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
@@ -195,6 +195,9 @@ async fn ask(
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
             Ok(sender) => break (server, sender),
             Err(e) => {
+                // A failed connect ejects its server, as for any request (the number is
+                // for response timeouts only).
+                record_failure(&upstream.set, &server, &e, 0);
                 if cfg.retries == 0 || !e.refused() {
                     charged += 1;
                 }
