@@ -18,6 +18,8 @@ use acme_support::cluster::{Redis, set_acme};
 use acme_support::*;
 
 const APP: &str = "app.swarmgate.test";
+/// A `SWARMGATE_ACME_STORAGE_KEY` for the tests that seal.
+const STORAGE_KEY: &str = "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=";
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -207,7 +209,7 @@ fn rediss_with_a_password_from_the_environment_and_sealed_keys_restart_reuses_ev
         Some((tls_dir.join("redis.crt"), tls_dir.join("redis.key"))),
     );
     let url = format!("rediss://:{password}@localhost:{}/2", redis.port);
-    let storage_key = "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=";
+    let storage_key = STORAGE_KEY;
     let ca_file = tls_dir.join("ca.pem").display().to_string();
     let env = [
         ("SWARMGATE_ACME_STORAGE", url.as_str()),
@@ -379,7 +381,7 @@ fn corrupt_and_foreign_storage_files_are_set_aside() {
 #[test]
 fn a_sealed_certificate_that_no_longer_decrypts_is_set_aside_and_ordered_again() {
     let s = Setup::new();
-    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
     let plan = s.plan(None);
     let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
     let pebble = plan.start();
@@ -393,12 +395,7 @@ fn a_sealed_certificate_that_no_longer_decrypts_is_set_aside_and_ordered_again()
     let last = sealed.len() - 1;
     sealed[last] ^= 1; // the tag no longer matches
     std::fs::write(&file, &sealed).unwrap();
-    let set_aside = || {
-        std::fs::read_dir(&certs)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"))
-            .count()
-    };
+    let set_aside = || set_aside_files(&certs);
 
     // Another key: the account does not decrypt either.
     let wrong = ("SWARMGATE_ACME_STORAGE_KEY", "YW5vdGhlciBrZXksIDMyIGJ5dGVzIGxvbmcsIHRvbyE=");
@@ -439,7 +436,7 @@ fn an_account_stored_in_the_clear_proves_nothing_about_the_key() {
     sealed.extend_from_slice(&[7u8; 60]);
     std::fs::write(certs.join(format!("{APP}.pem")), &sealed).unwrap();
 
-    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
     let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &[key]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while gw.log_text().matches("cannot decrypt").count() < 2 && Instant::now() < deadline {
@@ -452,13 +449,18 @@ fn an_account_stored_in_the_clear_proves_nothing_about_the_key() {
     assert!(log.matches("cannot decrypt").count() >= 2, "read at start and by the order attempt:\n{log}");
     assert!(warned.is_some(), "{log}");
     gw.stop();
-    let aside = std::fs::read_dir(&certs)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"));
-    assert_eq!(aside.count(), 0, "nothing moved aside");
+    assert_eq!(set_aside_files(&certs), 0, "nothing moved aside");
     assert_eq!(pebble.orders(), 1, "nothing ordered");
     // Nor is the account sealed with a key that a sealed value does not open with.
     assert_eq!(sealed_files(&s.path().join("acme/accounts")), (0, 1));
+}
+
+/// Files moved aside under `dir` (`NAME.corrupt-TIME`).
+fn set_aside_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"))
+        .count()
 }
 
 /// Files under `dir` (not set aside), as (sealed, in the clear).
@@ -479,7 +481,7 @@ fn sealed_files(dir: &Path) -> (usize, usize) {
 #[test]
 fn sealed_values_read_without_the_key_are_not_set_aside() {
     let s = Setup::new();
-    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
     let plan = s.plan(None);
     let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
     let pebble = plan.start();
@@ -496,11 +498,7 @@ fn sealed_values_read_without_the_key_are_not_set_aside() {
     gw.stop();
     for dir in ["accounts", "certs"] {
         assert_eq!(sealed_files(&s.path().join("acme").join(dir)), (1, 0), "{dir}: kept as it was");
-        let aside = std::fs::read_dir(s.path().join("acme").join(dir))
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".corrupt-"))
-            .count();
-        assert_eq!(aside, 0, "{dir}: nothing moved aside\n{log}");
+        assert_eq!(set_aside_files(&s.path().join("acme").join(dir)), 0, "{dir}: nothing moved aside\n{log}");
     }
     assert_eq!(pebble.orders(), 1, "nothing ordered again");
 }
@@ -520,7 +518,7 @@ fn values_stored_before_the_key_was_set_are_sealed_when_it_is() {
     let dirs = ["accounts", "certs", "orders"].map(|d| s.path().join("acme").join(d));
     assert_eq!(dirs.each_ref().map(|d| sealed_files(d)), [(0, 1); 3], "all in the clear at first");
 
-    let key = ("SWARMGATE_ACME_STORAGE_KEY", "c3dhcm1nYXRlIHRlc3Qga2V5IDMyIGJ5dGVzIGxvbmc=");
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
     let gw = Gateway::start_env(&config, s.ports, s.path().join("gw2.log"), &[key]);
     let all_sealed =
         wait_for(Duration::from_secs(20), || (dirs.each_ref().map(|d| sealed_files(d)) == [(1, 0); 3]).then_some(()));

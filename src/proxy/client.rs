@@ -78,14 +78,17 @@ const NEVER: u32 = (1 << 22) - 1;
 /// and when it was last seen in milliseconds after the pool was made (the other 42 bits:
 /// 139 years).
 fn closing(us: u32, at: u64) -> u64 {
-    (u64::from(us.min(NEVER)) << 42) | (at & ((1 << 42) - 1))
+    (u64::from(us.min(NEVER)) << 42) | (at & SEEN)
 }
+
+/// [`closing`]'s time bits.
+const SEEN: u64 = (1 << 42) - 1;
 
 /// The close time in `word` as of `at`: held for [`HOLD`] after it was last seen, then
 /// grown back by a [`RELAX`]th of the time passed, up to where it no longer matters. A
 /// request's clock, read as it began, may be behind a close noted since: no time passed.
 fn grown(word: u64, at: u64) -> u32 {
-    let (us, seen) = ((word >> 42) as u32, word & ((1 << 42) - 1));
+    let (us, seen) = ((word >> 42) as u32, word & SEEN);
     if us == NEVER {
         return NEVER;
     }
@@ -145,14 +148,13 @@ impl Pool {
     /// the pool's epoch. Older ones stay for requests that may take them.
     fn take(&self, now: Instant, max_idle: Duration) -> (Option<(TcpStream, usize, Duration)>, u64) {
         let epoch = self.epoch.load(Relaxed);
+        if max_idle.is_zero() {
+            // A new connection asked for (a request sent again): the pool is left as it is.
+            return (None, epoch);
+        }
         let mut shard = self.lock();
         while let Some((socket, idle_since, room)) = shard.pop() {
             let idle = now.saturating_duration_since(idle_since);
-            if max_idle.is_zero() {
-                // A new connection asked for (a request sent again): the pool is kept.
-                shard.push((socket, idle_since, room));
-                break;
-            }
             if idle >= max_idle && idle < MAX_IDLE_AGE {
                 // The most recent is too old for this request (one that may not be sent
                 // twice), and so are the others. It makes way for the connection the
@@ -191,7 +193,7 @@ impl Pool {
             if learned != NEVER && u64::from(us) > u64::from(learned) + SWEEP_EVERY.as_micros() as u64 {
                 return None;
             }
-            let seen = (word & ((1 << 42) - 1)).max(at);
+            let seen = (word & SEEN).max(at);
             Some(closing(learned.min(us), seen))
         });
     }
@@ -300,9 +302,15 @@ impl SendError {
         matches!(self, SendError::Connect { .. } | SendError::ConnectTimeout { .. } | SendError::Closed { .. })
     }
 
-    /// A connect the server's host refused at once (nothing listens: a replica gone).
-    pub fn refused(&self) -> bool {
-        matches!(self, SendError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused)
+    /// Whether this failed attempt counts against `retries`. A connect refused at once does
+    /// not (unless retries are off): nothing was sent and nothing waited for, so the dead
+    /// replicas of a service rolling out cannot use up the budget while a server not yet
+    /// tried remains. Other connect failures do: an unreachable host can take seconds to
+    /// say so, and a local shortage (ports, descriptors) would fail on every server alike.
+    pub fn uses_a_retry(&self, retries: u32) -> bool {
+        let refused =
+            matches!(self, SendError::Connect { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused);
+        retries == 0 || !refused
     }
 
     /// Whether the server looks broken (counts toward passive ejection). A response

@@ -461,12 +461,8 @@ fn attempts(
         let cfg = &upstream.config;
         let idempotent = client::is_idempotent(&head.parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
-        // Failed attempts that count against `retries`. A refused connect does not (when
-        // retries are on at all): nothing was sent and nothing waited for, so the dead
-        // replicas of a service rolling out cannot use up the budget while a server not
-        // yet tried remains (each is tried once per request at most). Other connect
-        // failures do: an unreachable host can take seconds to say so, and a local
-        // shortage (ports, descriptors) would fail on every server alike.
+        // Failed attempts that count against `retries` (see `SendError::uses_a_retry`;
+        // each server is tried once per request at most).
         let mut charged: u32 = 0;
         // The last attempt's failure, once one has failed and another server is tried.
         let mut last: Option<SendError> = None;
@@ -505,7 +501,7 @@ fn attempts(
                     record_failure(&upstream.set, &server, &error, nth);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
-                    if cfg.retries == 0 || !error.refused() {
+                    if error.uses_a_retry(cfg.retries) {
                         charged += 1;
                     }
                     let may_retry = charged <= cfg.retries;
@@ -723,19 +719,33 @@ impl AccessLog {
     }
 
     pub fn write(&self, status: u16, upstream: Option<SocketAddr>, took: Duration, bytes: u64, complete: bool) {
-        tracing::info!(
-            target: ACCESS_TARGET,
-            method = %self.method,
-            host = %self.host,
-            path = %self.path,
-            status,
-            upstream = upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
-            duration_ms = took.as_secs_f64() * 1000.0,
-            bytes,
-            complete,
-            request_id = self.request_id.to_str().unwrap_or("-"),
-        );
+        let (method, request_id) = (self.method.as_str(), self.request_id.to_str().unwrap_or("-"));
+        access_line([method, &self.host, &self.path, request_id], status, upstream, took, bytes, complete);
     }
+}
+
+/// The access log's one line format: method, host, path and request id (`-` where
+/// unknown), then the outcome.
+fn access_line(
+    [method, host, path, request_id]: [&str; 4],
+    status: u16,
+    upstream: Option<SocketAddr>,
+    took: Duration,
+    bytes: u64,
+    complete: bool,
+) {
+    tracing::info!(
+        target: ACCESS_TARGET,
+        method = %method,
+        host = %host,
+        path = %path,
+        status,
+        upstream = upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+        duration_ms = took.as_secs_f64() * 1000.0,
+        bytes,
+        complete,
+        request_id,
+    );
 }
 
 /// Warnings of failed requests let through: with a server down under load, one a second
@@ -767,18 +777,7 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
 #[cold]
 pub(super) fn refuse_head(gw: &Arc<Gateway>, err: &ProxyError) -> Response<RespBody> {
     if access_log_enabled() {
-        tracing::info!(
-            target: ACCESS_TARGET,
-            method = %"-",
-            host = %"-",
-            path = %"-",
-            status = err.logged_status(),
-            upstream = "-",
-            duration_ms = 0.0,
-            bytes = err.body_bytes(),
-            complete = true,
-            request_id = "-",
-        );
+        access_line(["-"; 4], err.logged_status(), None, Duration::ZERO, err.body_bytes(), true);
     }
     // At debug whatever its status: what a client sends is no failure of the gateway's
     // (and a scanner's 505s would take the warnings of servers failing).

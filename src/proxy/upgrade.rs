@@ -180,7 +180,7 @@ async fn ask(
     let upstream = &route.upstream;
     let cfg = &upstream.config;
     let mut tried = Vec::new();
-    // Failed connects that count against `retries`: not refused ones (see `attempts`).
+    // Failed connects that count against `retries` (see `SendError::uses_a_retry`).
     let mut charged = 0u32;
     let mut failed = None;
     let (server, mut sender) = loop {
@@ -198,7 +198,7 @@ async fn ask(
                 // A failed connect ejects its server, as for any request (the number is
                 // for response timeouts only).
                 record_failure(&upstream.set, &server, &e, 0);
-                if cfg.retries == 0 || !e.refused() {
+                if e.uses_a_retry(cfg.retries) {
                     charged += 1;
                 }
                 if charged > cfg.retries {
