@@ -375,19 +375,27 @@ fn corrupt_and_foreign_storage_files_are_set_aside() {
     assert_eq!(gw.admin("/readyz").0, 200);
 }
 
+/// A store with the account and a certificate for APP, sealed with [`STORAGE_KEY`] by a
+/// gateway since stopped: its set-up, config, Pebble and the certificate's serial.
+fn sealed_store() -> (Setup, PathBuf, Pebble, String) {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
+    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &[key]);
+    let (serial, _, _) = peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
+    gw.stop();
+    (s, config, pebble, serial)
+}
+
 /// A sealed certificate that no longer decrypts (altered on disk) while the account
 /// decrypts with the same key is corrupt: it is set aside and the name ordered again. With
 /// another key nothing decrypts, so nothing is set aside and nothing ordered.
 #[test]
 fn a_sealed_certificate_that_no_longer_decrypts_is_set_aside_and_ordered_again() {
-    let s = Setup::new();
+    let (s, config, pebble, serial) = sealed_store();
     let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
-    let plan = s.plan(None);
-    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
-    let pebble = plan.start();
-    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &[key]);
-    let (serial, _, _) = peer_leaf(&expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
-    gw.stop();
     let certs = s.path().join("acme/certs");
     let file = certs.join(format!("{APP}.pem"));
     let mut sealed = std::fs::read(&file).unwrap();
@@ -480,14 +488,7 @@ fn sealed_files(dir: &Path) -> (usize, usize) {
 /// corrupt nor orders again (a new account, new certificates).
 #[test]
 fn sealed_values_read_without_the_key_are_not_set_aside() {
-    let s = Setup::new();
-    let key = ("SWARMGATE_ACME_STORAGE_KEY", STORAGE_KEY);
-    let plan = s.plan(None);
-    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
-    let pebble = plan.start();
-    let gw = Gateway::start_env(&config, s.ports, s.path().join("gw1.log"), &[key]);
-    drop(expect_cert(&gw, &pebble, APP, Duration::from_secs(30)));
-    gw.stop();
+    let (s, config, pebble, _) = sealed_store();
     let gw = s.gateway(&config, "gw2.log"); // no key
     let said = wait_for(Duration::from_secs(20), || {
         let log = gw.log_text();
