@@ -468,6 +468,55 @@ async fn a_hung_server_is_ejected_after_three_timeouts() {
     drop(hung);
 }
 
+/// After its back-off a hung server gets one trial request, not its share: each failed
+/// trial costs one request a `response_timeout` and ejects it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_gets_one_trial_request_per_back_off() {
+    let live = Backend::start("live").await;
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let servers = format!("\"{}\", \"{}\"", live.addr, hung.local_addr().unwrap());
+    let gw = Gateway::builder(CONFIG).var("SERVERS", servers).var("HRT", "1s").var("MAXCONN", 1000).start().await;
+    let ejections = |m: &str| metric_value(m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
+    // One client until three timeouts in a row eject the hung server.
+    let mut timeouts = 0;
+    while timeouts < 3 {
+        match get(gw.http, "app.test", "/").await.status {
+            200 => {}
+            504 => timeouts += 1,
+            s => panic!("{s}"),
+        }
+    }
+    let first = ejections(&gw.metrics().await);
+    assert_eq!(first, 1.0);
+    // Four clients for 2.5 s: the 1 s back-off ends within them, and so does its trial's
+    // timeout (700 ms). A server back with its share would get requests from all four.
+    let http = gw.http;
+    let until = Instant::now() + Duration::from_millis(2500);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut timeouts = 0;
+                while Instant::now() < until {
+                    match get(http, "app.test", "/").await.status {
+                        200 => {}
+                        504 => timeouts += 1,
+                        s => panic!("{s}"),
+                    }
+                }
+                timeouts
+            })
+        })
+        .collect();
+    let mut timeouts = 0;
+    for c in clients {
+        timeouts += c.await.unwrap();
+    }
+    let trials = ejections(&gw.metrics().await) - first;
+    assert!(trials >= 1.0, "no trial in 2.5 s after a 1 s back-off");
+    assert_eq!(f64::from(timeouts), trials, "{timeouts} timeouts for {trials} failed trials");
+    drop(hung);
+}
+
 /// Slow requests sent together time out together: from a server that answers the
 /// requests sent after them, they are no sign of a hung server, and eject nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -467,14 +467,19 @@ fn attempts(
         // The last attempt's failure, once one has failed and another server is tried.
         let mut last: Option<SendError> = None;
         loop {
-            let server = {
-                let eligible = upstream.set.eligible();
-                let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
-                match (picked, last.take()) {
-                    (Some(s), _) => s,
-                    (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
-                    (None, Some(last)) => {
-                        return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
+            // An ejected server due for a trial takes this request; else the balancer picks.
+            let trial = upstream.set.claim_trial(&tried);
+            let server = match &trial {
+                Some(trial) => Arc::clone(trial.server()),
+                None => {
+                    let eligible = upstream.set.eligible();
+                    let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
+                    match (picked, last.take()) {
+                        (Some(s), _) => s,
+                        (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
+                        (None, Some(last)) => {
+                            return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
+                        }
                     }
                 }
             };
@@ -482,7 +487,7 @@ fn attempts(
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
-                    record_success(&server, nth);
+                    record_success(&upstream.set, &server, nth, trial.is_some());
                     return Ok((sent, guard));
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
@@ -498,7 +503,7 @@ fn attempts(
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
-                    record_failure(&upstream.set, &server, &error, nth);
+                    record_failure(&upstream.set, &server, &error, nth, trial.is_some());
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
                     if error.uses_a_retry(cfg.retries) {
@@ -527,8 +532,9 @@ fn attempts(
     }
 }
 
-/// A response from `server` to its `nth` request: failures in a row end.
-fn record_success(server: &Arc<Server>, nth: u64) {
+/// A response from `server` to its `nth` request: failures in a row end, and so does the
+/// server's ejection when the request was its trial.
+fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: bool) {
     use std::sync::atomic::Ordering::Relaxed;
     // Beside `begin`'s counts, written for each request anyway.
     server.answered.fetch_max(nth, Relaxed);
@@ -536,18 +542,20 @@ fn record_success(server: &Arc<Server>, nth: u64) {
     if server.consecutive_failures.load(Relaxed) != 0 {
         server.consecutive_failures.store(0, Relaxed);
     }
-    if server.ejections.load(Relaxed) != 0 {
-        server.ejections.store(0, Relaxed);
+    // (The ejections in a row, which grow the back-off, end with the ejection.)
+    if trial && set.end_ejection(server) {
+        tracing::info!(upstream = %set.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
     }
 }
 
 /// Passive ejection of `server` after a failure of its `nth` request: a refused or
 /// timed-out connect ejects at once (the container is gone); other failures (a reset, no
 /// answer within `response_timeout`) after three in a row. The back-off doubles per
-/// ejection in a row, from 1 s up to 30 s. A response timeout of a request sent before
-/// one the server has answered since is not counted: slow requests sent together time
-/// out together, from a server that answers the others.
-fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, nth: u64) {
+/// ejection in a row, from 1 s up to 30 s; after it, one request at a time tries the
+/// server, and the trial's failure ejects it again. A response timeout of a request sent
+/// before one the server has answered since is not counted: slow requests sent together
+/// time out together, from a server that answers the others.
+fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, nth: u64, trial: bool) {
     use std::sync::atomic::Ordering::Relaxed;
     if !err.is_server_failure() {
         return;
@@ -555,20 +563,22 @@ fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, n
     if matches!(err, SendError::ResponseTimeout { .. }) && server.answered.load(Relaxed) > nth {
         return;
     }
-    if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) {
+    let connect = matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. });
+    if connect {
         set.stats.connect_errors.fetch_add(1, Relaxed);
     }
-    if server.is_ejected(tokio::time::Instant::now()) {
-        // Tried while ejected (every server of its upstream is): its back-off runs on.
+    if server.is_ejected() && !trial {
+        // Sent before its ejection, or while every server of its upstream is ejected: the
+        // ejection runs on, and its trial decides.
         return;
     }
     let failures = server.consecutive_failures.fetch_add(1, Relaxed) + 1;
-    let threshold = if matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. }) { 1 } else { 3 };
+    let threshold = if connect || trial { 1 } else { 3 };
     if failures >= threshold {
         server.consecutive_failures.store(0, Relaxed);
         let n = server.ejections.fetch_add(1, Relaxed).min(5);
         let backoff = Duration::from_secs(1 << n).min(Duration::from_secs(30));
-        tracing::warn!(upstream = %set.name, server = %server.addr, error = %err, ?backoff, "server ejected");
+        tracing::warn!(upstream = %set.name, server = %server.addr, error = %err, ?backoff, trial, "server ejected");
         set.eject(server, backoff);
     }
 }
@@ -859,39 +869,74 @@ mod tests {
         (set, server, addr)
     }
 
+    /// Lets paused time run `ms` on, and the tasks woken by it run.
+    async fn wait(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::task::yield_now().await;
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn ejection_backoff_doubles_and_success_resets_it() {
+    async fn ejection_backoff_doubles_until_a_trial_is_answered() {
         let (set, server, addr) = one_server();
         assert_eq!(server.state(), ServerState::Healthy);
-        // (Looked at on the server: with every server ejected, all stay eligible.)
-        let out = || server.is_ejected(tokio::time::Instant::now());
-        // A refused connect ejects at once; each ejection in a row doubles the back-off.
-        for expected_secs in [1u64, 2, 4] {
-            record_failure(&set, &server, &refused(addr), 0);
-            assert!(out(), "ejected after a refused connect");
-            tokio::time::sleep(Duration::from_millis(expected_secs * 1000 - 10)).await;
-            assert!(out(), "still ejected just before {expected_secs}s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            tokio::task::yield_now().await;
-            assert!(!out(), "back after {expected_secs}s");
+        // A refused connect ejects at once; after each back-off one request tries the
+        // server, and that trial's failure ejects it again, for twice as long.
+        record_failure(&set, &server, &refused(addr), 0, false);
+        for backoff_ms in [1000u64, 2000, 4000] {
+            assert!(server.is_ejected());
+            wait(backoff_ms - 10).await;
+            assert!(set.claim_trial(&[]).is_none(), "no trial before {backoff_ms} ms");
+            wait(20).await;
+            let trial = set.claim_trial(&[]);
+            assert!(trial.is_some(), "a trial once the {backoff_ms} ms back-off is over");
+            assert!(set.claim_trial(&[]).is_none(), "one trial at a time");
+            // Requests sent before, or while every server is ejected, change nothing.
+            record_success(&set, &server, 0, false);
+            record_failure(&set, &server, &refused(addr), 0, false);
+            assert!(server.is_ejected() && set.claim_trial(&[]).is_none());
+            record_failure(&set, &server, &refused(addr), 0, true);
+            drop(trial);
+            assert!(set.claim_trial(&[]).is_none(), "a failed trial is not offered again before its back-off");
         }
-        // Other failures need three in a row.
+        // The back-off is 8 s now; its trial is answered, which ends the ejection.
+        wait(8010).await;
+        let trial = set.claim_trial(&[]);
+        assert!(trial.is_some());
+        record_success(&set, &server, 0, true);
+        drop(trial);
+        assert!(!server.is_ejected());
+        assert!(set.claim_trial(&[]).is_none(), "nothing to try once back");
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 4);
+        // Other failures need three in a row; the back-off starts again from 1 s.
         let reset = SendError::Closed { addr, source: closed_error().await };
-        record_success(&server, 0);
-        record_failure(&set, &server, &reset, 0);
-        record_failure(&set, &server, &reset, 0);
-        assert!(!out());
-        record_failure(&set, &server, &reset, 0);
-        assert!(out());
-        // After a success the back-off starts again from 1 s.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        tokio::task::yield_now().await;
-        record_success(&server, 0);
-        record_failure(&set, &server, &refused(addr), 0);
-        tokio::time::sleep(Duration::from_millis(1010)).await;
-        tokio::task::yield_now().await;
-        assert!(!out(), "back-off restarted at 1s after a success");
-        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 5);
+        record_failure(&set, &server, &reset, 0, false);
+        record_failure(&set, &server, &reset, 0, false);
+        assert!(!server.is_ejected());
+        record_failure(&set, &server, &reset, 0, false);
+        assert!(server.is_ejected());
+        wait(1010).await;
+        assert!(set.claim_trial(&[]).is_some(), "back-off restarted at 1 s after the answered trial");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_ended_without_an_outcome_is_offered_again() {
+        let (set, server, addr) = one_server();
+        record_failure(&set, &server, &refused(addr), 0, false);
+        wait(1010).await;
+        // Not to a request that already tried the server; it stays offered.
+        assert!(set.claim_trial(&[addr]).is_none());
+        let trial = set.claim_trial(&[]);
+        assert!(trial.is_some());
+        // The client went away, or the failure was not the server's (a stalled body).
+        let stalled = SendError::ClientStalled { after: Duration::from_secs(1) };
+        record_failure(&set, &server, &stalled, 0, true);
+        drop(trial);
+        assert!(server.is_ejected());
+        assert!(set.claim_trial(&[]).is_some(), "offered again at once");
+        // A server draining (or found unhealthy) meanwhile is never tried.
+        drop(set.claim_trial(&[]));
+        set.reconcile(&[]);
+        assert!(set.claim_trial(&[]).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -899,16 +944,19 @@ mod tests {
         // Every server ejected: they stay eligible, and each failed try must not log,
         // count and time a new ejection (a flood at thousands of requests a second).
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr), 0);
+        record_failure(&set, &server, &refused(addr), 0, false);
         for _ in 0..100 {
-            record_failure(&set, &server, &refused(addr), 0);
+            record_failure(&set, &server, &refused(addr), 0, false);
         }
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
         assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
-        // Its back-off ran out: the next failure ejects it again, for twice as long.
-        tokio::time::sleep(Duration::from_millis(1010)).await;
-        record_failure(&set, &server, &refused(addr), 0);
+        // Its back-off ran out: only its trial's failure ejects it again.
+        wait(1010).await;
+        record_failure(&set, &server, &refused(addr), 0, false);
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let trial = set.claim_trial(&[]);
+        record_failure(&set, &server, &refused(addr), 0, trial.is_some());
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
@@ -916,19 +964,19 @@ mod tests {
     async fn timeouts_count_toward_ejection_unless_a_later_request_was_answered() {
         let (set, server, addr) = one_server();
         let timeout = SendError::ResponseTimeout { addr, after: Duration::from_secs(5) };
-        let out = || server.is_ejected(tokio::time::Instant::now());
+        let out = || server.is_ejected();
         // Slow requests 1 to 3 sent together; 4, sent after them, answered first.
         let nths: Vec<u64> = (0..4).map(|_| server.begin_nth().1).collect();
-        record_success(&server, nths[3]);
+        record_success(&set, &server, nths[3], false);
         for &nth in &nths[..3] {
-            record_failure(&set, &server, &timeout, nth);
+            record_failure(&set, &server, &timeout, nth, false);
         }
         assert!(!out(), "a server that answers is not ejected for its slow requests");
         // A hung server answers nothing after them: three in a row eject it.
         let nths: Vec<u64> = (0..3).map(|_| server.begin_nth().1).collect();
         for (i, &nth) in nths.iter().enumerate() {
             assert!(!out(), "not before the third ({i})");
-            record_failure(&set, &server, &timeout, nth);
+            record_failure(&set, &server, &timeout, nth, false);
         }
         assert!(out(), "three timeouts in a row, nothing answered since");
     }

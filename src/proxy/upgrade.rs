@@ -197,7 +197,7 @@ async fn ask(
             Err(e) => {
                 // A failed connect ejects its server, as for any request (the number is
                 // for response timeouts only).
-                record_failure(&upstream.set, &server, &e, 0);
+                record_failure(&upstream.set, &server, &e, 0, false);
                 if e.uses_a_retry(cfg.retries) {
                     charged += 1;
                 }

@@ -58,10 +58,14 @@ pub struct Server {
     pub(crate) answered: AtomicU64,
     /// Consecutive connect failures or resets (passive ejection).
     pub(crate) consecutive_failures: AtomicU32,
-    /// How many times it was ejected in a row; grows the back-off.
+    /// How many times it was ejected in a row (failed trials); grows the back-off, and
+    /// is reset when the ejection ends.
     pub(crate) ejections: AtomicU32,
-    /// Ejected until this many milliseconds after `born` (0 = not ejected). Tokio's clock,
-    /// so back-off is testable with paused time.
+    /// 0 when not ejected; else the end of the ejection's back-off, in milliseconds after
+    /// `born` (tokio's clock, so back-off is testable with paused time). The ejection
+    /// outlasts its back-off: after it one request at a time tries the server (a trial,
+    /// see `ServerSet::claim_trial`), and the first trial it answers ends the ejection.
+    /// Each ejection's value is its own, so it also names the ejection.
     pub(crate) ejected_until_ms: AtomicU64,
     pub(crate) born: Instant,
     /// Drains started so far: a drain's task acts only while it is the latest one (a
@@ -109,10 +113,9 @@ impl Server {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Whether passive ejection currently keeps it out.
-    pub fn is_ejected(&self, now: Instant) -> bool {
-        let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && (now.saturating_duration_since(self.born).as_millis() as u64) < until
+    /// Whether passive ejection keeps it out (back-off over or not: until a trial succeeds).
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) != 0
     }
 
     /// Counts a request or tunnel until the guard drops.

@@ -52,7 +52,35 @@ pub struct ServerSet {
     /// False from the start of a DNS upstream until its first lookup has come back (with
     /// servers, nothing or an error): until then its emptiness says nothing.
     looked_up: AtomicBool,
+    /// Ejected servers whose back-off is over, each waiting for one request to try it,
+    /// with the ejection it was offered for (its `ejected_until_ms`): an entry that has
+    /// outlived its ejection is passed over.
+    trials: Mutex<Vec<(Arc<Server>, u64)>>,
+    /// Whether `trials` may have an entry: the one look each request takes.
+    trial_offered: AtomicBool,
     pub stats: SetStats,
+}
+
+/// A request's claim on trying an ejected server. Ended by the request's outcome (a
+/// response ends the ejection, a failure ejects it again); dropped without one (the
+/// client went away, or the failure was not the server's), it offers the trial again.
+#[derive(Debug)]
+pub struct Trial<'a> {
+    set: &'a ServerSet,
+    server: Arc<Server>,
+    ejection: u64,
+}
+
+impl Trial<'_> {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+}
+
+impl Drop for Trial<'_> {
+    fn drop(&mut self) {
+        self.set.offer_trial(&self.server, self.ejection);
+    }
 }
 
 /// What a reconcile did, for logs and tests.
@@ -72,6 +100,8 @@ impl ServerSet {
             settings: ArcSwap::from_pointee(settings),
             update: Mutex::new(HashSet::new()),
             looked_up: AtomicBool::new(true),
+            trials: Mutex::new(Vec::new()),
+            trial_offered: AtomicBool::new(false),
             stats: SetStats::default(),
         })
     }
@@ -225,15 +255,17 @@ impl ServerSet {
         tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
     }
 
-    /// Ends a passive ejection of `server` (a health check it passed: it answers now).
-    pub fn end_ejection(&self, server: &Arc<Server>) {
+    /// Ends a passive ejection of `server` (it answered a trial request or passed a health
+    /// check). Returns whether it was ejected.
+    pub fn end_ejection(&self, server: &Arc<Server>) -> bool {
         if server.ejected_until_ms.load(Ordering::Relaxed) == 0 {
-            return;
+            return false;
         }
         let _g = self.lock();
         server.ejected_until_ms.store(0, Ordering::Relaxed);
         server.ejections.store(0, Ordering::Relaxed);
         self.refresh_eligible_locked();
+        true
     }
 
     /// Sets a server's health state (health checker). Returns whether it changed.
@@ -250,23 +282,63 @@ impl ServerSet {
         true
     }
 
-    /// Passive ejection: keeps `server` out for `for_how_long`; it comes back by itself.
+    /// Passive ejection: keeps `server` out for `for_how_long` (its back-off), then offers
+    /// it to one request at a time until one is answered (see [`ServerSet::claim_trial`]).
     pub fn eject(self: &Arc<Self>, server: &Arc<Server>, for_how_long: Duration) {
-        {
+        let ejection = {
             let _g = self.lock();
-            let until = server.born.elapsed() + for_how_long;
-            server.ejected_until_ms.store(until.as_millis().max(1) as u64, Ordering::Relaxed);
+            let until = (server.born.elapsed() + for_how_long).as_millis().max(1) as u64;
+            // The value names the ejection for `offer_trial`: should an older ejection's
+            // timer ever match it, it fires at this back-off's end all the same.
+            server.ejected_until_ms.store(until, Ordering::Relaxed);
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             self.refresh_eligible_locked();
-        }
+            until
+        };
         let set = Arc::clone(self);
+        let server = Arc::clone(server);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 tokio::time::sleep(for_how_long).await;
-                let _g = set.lock();
-                set.refresh_eligible_locked();
+                set.offer_trial(&server, ejection);
             });
         }
+    }
+
+    /// Offers `server` for a trial request, if `ejection` is still its ejection.
+    fn offer_trial(&self, server: &Arc<Server>, ejection: u64) {
+        if server.ejected_until_ms.load(Ordering::Relaxed) != ejection {
+            return;
+        }
+        let mut trials = self.trials.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !trials.iter().any(|(s, _)| Arc::ptr_eq(s, server)) {
+            trials.push((Arc::clone(server), ejection));
+        }
+        self.trial_offered.store(true, Ordering::Release);
+    }
+
+    /// A trial of an ejected server whose back-off is over, for a request that has not
+    /// tried it yet: the server gets this one request, not its share, until it answers
+    /// one. A hung server so costs one `response_timeout` per back-off, not a share's.
+    /// Checked before each pick; one atomic load while no trial is offered.
+    #[inline]
+    pub fn claim_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
+        if !self.trial_offered.load(Ordering::Acquire) {
+            return None;
+        }
+        self.claim_offered_trial(tried)
+    }
+
+    fn claim_offered_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
+        let mut trials = self.trials.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Passed over for good: ejections ended (or renewed) since, and servers no longer
+        // healthy (draining ones go; a health check ends an unhealthy one's ejection).
+        trials.retain(|(s, ejection)| {
+            s.ejected_until_ms.load(Ordering::Relaxed) == *ejection && s.state() == ServerState::Healthy
+        });
+        let claimed = trials.iter().position(|(s, _)| !tried.contains(&s.addr)).map(|i| trials.swap_remove(i));
+        self.trial_offered.store(!trials.is_empty(), Ordering::Release);
+        claimed.map(|(server, ejection)| Trial { set: self, server, ejection })
     }
 
     /// Healthy servers that are not ejected; or, when every healthy server is ejected,
@@ -275,11 +347,9 @@ impl ServerSet {
     /// ejected while they boot just as the old ones go away, and a request is better tried
     /// (and retried on another server) than answered 503 while one of them already serves.
     fn refresh_eligible_locked(&self) {
-        let now = Instant::now();
         let all = self.all.load();
         let healthy = |s: &&Arc<Server>| s.state() == ServerState::Healthy;
-        let mut eligible: Vec<Arc<Server>> =
-            all.iter().filter(healthy).filter(|s| !s.is_ejected(now)).cloned().collect();
+        let mut eligible: Vec<Arc<Server>> = all.iter().filter(healthy).filter(|s| !s.is_ejected()).cloned().collect();
         if eligible.is_empty() {
             eligible = all.iter().filter(healthy).cloned().collect();
         }
@@ -288,11 +358,10 @@ impl ServerSet {
 
     /// Counts by state, for metrics: (pending, healthy, unhealthy, draining, ejected).
     pub fn counts(&self) -> [usize; 5] {
-        let now = Instant::now();
         let mut c = [0; 5];
         for s in self.all.load().iter() {
             c[s.state() as usize] += 1;
-            if s.is_ejected(now) {
+            if s.is_ejected() {
                 c[4] += 1;
             }
         }
@@ -413,8 +482,8 @@ mod tests {
         let second = Arc::clone(&s.all()[1]);
         assert!(s.set_health(&second, true));
         assert_eq!(addrs(&s.eligible()), [addr(2)]);
-        s.end_ejection(&server);
-        assert!(!server.is_ejected(Instant::now()));
+        assert!(s.end_ejection(&server));
+        assert!(!server.is_ejected());
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2)]);
     }
 
@@ -435,12 +504,17 @@ mod tests {
         // The last one out too: all stay eligible rather than none.
         s.eject(&all[2], Duration::from_secs(2));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
-        // The first ejection ends: the others are out again.
+        // The first ejection's trial is answered: the others are out again.
         tokio::time::sleep(Duration::from_millis(1001)).await;
         tokio::task::yield_now().await;
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)], "a back-off's end alone brings none back");
+        let trial = s.claim_trial(&[]).map(|t| Arc::clone(t.server()));
+        assert_eq!(trial.map(|t| t.addr), Some(addr(1)));
+        assert!(s.end_ejection(&all[0]));
         assert_eq!(addrs(&s.eligible()), [addr(1)]);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         tokio::task::yield_now().await;
+        assert!(s.end_ejection(&all[2]));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(3)]);
         // Draining and unhealthy servers are never brought back this way.
         s.reconcile(&[addr(2)]);
