@@ -183,6 +183,7 @@ fn upstreams_json(gw: &Gateway) -> String {
     let snap = gw.snapshot();
     let mut names: Vec<&String> = snap.upstreams.keys().collect();
     names.sort();
+    let now = tokio::time::Instant::now();
     let list: Vec<serde_json::Value> = names
         .into_iter()
         .filter_map(|n| snap.upstreams.get(n))
@@ -202,6 +203,7 @@ fn upstreams_json(gw: &Gateway) -> String {
                         },
                         "pending": s.state() == crate::upstream::ServerState::Pending,
                         "ejected": s.is_ejected(),
+                        "awaiting_trial": s.awaits_trial(now),
                         "in_flight": s.in_flight(),
                         "requests": s.requests.load(Ordering::Relaxed),
                         "idle_connections": s.pool.idle_count(),

@@ -460,8 +460,8 @@ async fn a_hung_server_is_ejected_after_three_timeouts() {
         }
     }
     // Three, then ejected; its back-off (1 s) outlasts the rest on any but a very slow
-    // machine, where it may come back for a few more before its next ejection.
-    assert!((3..=6).contains(&timeouts), "{timeouts} timeouts of 40 (about half without ejection)");
+    // machine, where one trial request may meet it once more.
+    assert!((3..=4).contains(&timeouts), "{timeouts} timeouts of 40 (about half without ejection)");
     let m = gw.metrics().await;
     let ejections = metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
     assert!((1.0..=2.0).contains(&ejections), "{m}");
@@ -511,9 +511,10 @@ async fn a_hung_server_gets_one_trial_request_per_back_off() {
     for c in clients {
         timeouts += c.await.unwrap();
     }
+    // One trial: it fails at about 1.7 s, and the next back-off (2 s) outlasts the window.
     let trials = ejections(&gw.metrics().await) - first;
-    assert!(trials >= 1.0, "no trial in 2.5 s after a 1 s back-off");
-    assert_eq!(f64::from(timeouts), trials, "{timeouts} timeouts for {trials} failed trials");
+    assert_eq!(trials, 1.0, "failed trials in 2.5 s after a 1 s back-off");
+    assert_eq!(timeouts, 1, "{timeouts} timeouts for one failed trial");
     drop(hung);
 }
 

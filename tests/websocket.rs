@@ -440,3 +440,39 @@ async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
     let ejected = metric_value(&m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
     assert!(ejected >= 1.0, "{m}");
 }
+
+/// A server ejected in an upstream that only upgrades reach is tried by an upgrade once
+/// its back-off is over, and is back when it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_tries_an_ejected_server_after_its_back_off() {
+    let live = Backend::start("live").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = CONFIG.replace("servers = [\"@B@\"]", &format!("servers = [\"{}\", \"{dead}\"]", live.addr));
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["ws.test"]);
+    let gw = Gateway::builder(&config).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
+    let upgrade = |i: usize| async move {
+        let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://ws.test/ws?n={i}"), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+        assert_eq!(resp.status(), 101);
+        ws.close(None).await.unwrap();
+    };
+    let ejected = |r: Resp| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let servers = v["upstreams"][0]["servers"].as_array().unwrap().clone();
+        servers.iter().find(|s| s["address"] == dead.to_string()).map(|s| s["ejected"] == true).unwrap()
+    };
+    let mut i = 0;
+    while !ejected(gw.admin_get("/upstreams").await) {
+        assert!(i < 60, "the refusing server was never tried");
+        upgrade(i).await;
+        i += 1;
+    }
+    let back = Backend::start_at("back", dead).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    upgrade(100).await; // the trial: it goes to the server back at that port
+    assert_eq!(back.hits(), 1);
+    assert!(!ejected(gw.admin_get("/upstreams").await), "answered its trial: back in rotation");
+}

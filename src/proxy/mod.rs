@@ -36,7 +36,7 @@ use crate::metrics::RouteStats;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::Throttle;
-use crate::upstream::{InFlight, Server, ServerSet, balance};
+use crate::upstream::{InFlight, Server, ServerSet, Trial, balance};
 use body::{ClientBody, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
 use error::ProxyError;
@@ -468,6 +468,8 @@ fn attempts(
         let mut last: Option<SendError> = None;
         loop {
             // An ejected server due for a trial takes this request; else the balancer picks.
+            // The trial's outcome is recorded before it drops (at the end of this turn), or
+            // it is offered again as if it had none.
             let trial = upstream.set.claim_trial(&tried);
             let server = match &trial {
                 Some(trial) => Arc::clone(trial.server()),
@@ -487,7 +489,7 @@ fn attempts(
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
-                    record_success(&upstream.set, &server, nth, trial.is_some());
+                    record_success(&upstream.set, &server, nth, trial.as_ref());
                     return Ok((sent, guard));
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
@@ -503,7 +505,7 @@ fn attempts(
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
-                    record_failure(&upstream.set, &server, &error, nth, trial.is_some());
+                    record_failure(&upstream.set, &server, &error, nth, trial.as_ref());
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
                     if error.uses_a_retry(cfg.retries) {
@@ -534,7 +536,7 @@ fn attempts(
 
 /// A response from `server` to its `nth` request: failures in a row end, and so does the
 /// server's ejection when the request was its trial.
-fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: bool) {
+pub(crate) fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: Option<&Trial<'_>>) {
     use std::sync::atomic::Ordering::Relaxed;
     // Beside `begin`'s counts, written for each request anyway.
     server.answered.fetch_max(nth, Relaxed);
@@ -543,7 +545,7 @@ fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: bool) 
         server.consecutive_failures.store(0, Relaxed);
     }
     // (The ejections in a row, which grow the back-off, end with the ejection.)
-    if trial && set.end_ejection(server) {
+    if trial.is_some_and(Trial::is_current) && set.end_ejection(server) {
         tracing::info!(upstream = %set.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
     }
 }
@@ -555,8 +557,15 @@ fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: bool) 
 /// server, and the trial's failure ejects it again. A response timeout of a request sent
 /// before one the server has answered since is not counted: slow requests sent together
 /// time out together, from a server that answers the others.
-fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, nth: u64, trial: bool) {
+pub(crate) fn record_failure(
+    set: &Arc<ServerSet>,
+    server: &Arc<Server>,
+    err: &SendError,
+    nth: u64,
+    trial: Option<&Trial<'_>>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
+    let trial = trial.is_some_and(Trial::is_current);
     if !err.is_server_failure() {
         return;
     }
@@ -881,7 +890,7 @@ mod tests {
         assert_eq!(server.state(), ServerState::Healthy);
         // A refused connect ejects at once; after each back-off one request tries the
         // server, and that trial's failure ejects it again, for twice as long.
-        record_failure(&set, &server, &refused(addr), 0, false);
+        record_failure(&set, &server, &refused(addr), 0, None);
         for backoff_ms in [1000u64, 2000, 4000] {
             assert!(server.is_ejected());
             wait(backoff_ms - 10).await;
@@ -891,10 +900,10 @@ mod tests {
             assert!(trial.is_some(), "a trial once the {backoff_ms} ms back-off is over");
             assert!(set.claim_trial(&[]).is_none(), "one trial at a time");
             // Requests sent before, or while every server is ejected, change nothing.
-            record_success(&set, &server, 0, false);
-            record_failure(&set, &server, &refused(addr), 0, false);
+            record_success(&set, &server, 0, None);
+            record_failure(&set, &server, &refused(addr), 0, None);
             assert!(server.is_ejected() && set.claim_trial(&[]).is_none());
-            record_failure(&set, &server, &refused(addr), 0, true);
+            record_failure(&set, &server, &refused(addr), 0, trial.as_ref());
             drop(trial);
             assert!(set.claim_trial(&[]).is_none(), "a failed trial is not offered again before its back-off");
         }
@@ -902,17 +911,17 @@ mod tests {
         wait(8010).await;
         let trial = set.claim_trial(&[]);
         assert!(trial.is_some());
-        record_success(&set, &server, 0, true);
+        record_success(&set, &server, 0, trial.as_ref());
         drop(trial);
         assert!(!server.is_ejected());
         assert!(set.claim_trial(&[]).is_none(), "nothing to try once back");
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 4);
         // Other failures need three in a row; the back-off starts again from 1 s.
         let reset = SendError::Closed { addr, source: closed_error().await };
-        record_failure(&set, &server, &reset, 0, false);
-        record_failure(&set, &server, &reset, 0, false);
+        record_failure(&set, &server, &reset, 0, None);
+        record_failure(&set, &server, &reset, 0, None);
         assert!(!server.is_ejected());
-        record_failure(&set, &server, &reset, 0, false);
+        record_failure(&set, &server, &reset, 0, None);
         assert!(server.is_ejected());
         wait(1010).await;
         assert!(set.claim_trial(&[]).is_some(), "back-off restarted at 1 s after the answered trial");
@@ -921,7 +930,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_trial_ended_without_an_outcome_is_offered_again() {
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr), 0, false);
+        record_failure(&set, &server, &refused(addr), 0, None);
         wait(1010).await;
         // Not to a request that already tried the server; it stays offered.
         assert!(set.claim_trial(&[addr]).is_none());
@@ -929,7 +938,7 @@ mod tests {
         assert!(trial.is_some());
         // The client went away, or the failure was not the server's (a stalled body).
         let stalled = SendError::ClientStalled { after: Duration::from_secs(1) };
-        record_failure(&set, &server, &stalled, 0, true);
+        record_failure(&set, &server, &stalled, 0, trial.as_ref());
         drop(trial);
         assert!(server.is_ejected());
         assert!(set.claim_trial(&[]).is_some(), "offered again at once");
@@ -944,19 +953,19 @@ mod tests {
         // Every server ejected: they stay eligible, and each failed try must not log,
         // count and time a new ejection (a flood at thousands of requests a second).
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr), 0, false);
+        record_failure(&set, &server, &refused(addr), 0, None);
         for _ in 0..100 {
-            record_failure(&set, &server, &refused(addr), 0, false);
+            record_failure(&set, &server, &refused(addr), 0, None);
         }
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
         assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
         // Its back-off ran out: only its trial's failure ejects it again.
         wait(1010).await;
-        record_failure(&set, &server, &refused(addr), 0, false);
+        record_failure(&set, &server, &refused(addr), 0, None);
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         let trial = set.claim_trial(&[]);
-        record_failure(&set, &server, &refused(addr), 0, trial.is_some());
+        record_failure(&set, &server, &refused(addr), 0, trial.as_ref());
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
@@ -967,16 +976,16 @@ mod tests {
         let out = || server.is_ejected();
         // Slow requests 1 to 3 sent together; 4, sent after them, answered first.
         let nths: Vec<u64> = (0..4).map(|_| server.begin_nth().1).collect();
-        record_success(&set, &server, nths[3], false);
+        record_success(&set, &server, nths[3], None);
         for &nth in &nths[..3] {
-            record_failure(&set, &server, &timeout, nth, false);
+            record_failure(&set, &server, &timeout, nth, None);
         }
         assert!(!out(), "a server that answers is not ejected for its slow requests");
         // A hung server answers nothing after them: three in a row eject it.
         let nths: Vec<u64> = (0..3).map(|_| server.begin_nth().1).collect();
         for (i, &nth) in nths.iter().enumerate() {
             assert!(!out(), "not before the third ({i})");
-            record_failure(&set, &server, &timeout, nth, false);
+            record_failure(&set, &server, &timeout, nth, None);
         }
         assert!(out(), "three timeouts in a row, nothing answered since");
     }

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{ClientBody, RefusedBody, ReqBody, RespBody};
 use super::error::ProxyError;
-use super::{AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, record_failure, with_rng};
+use super::{
+    AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, record_failure, record_success, with_rng,
+};
 use crate::gateway::Gateway;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
@@ -172,32 +174,36 @@ pub async fn proxy(
 
 /// Sends the Upgrade request to a server of `route` (another one, while retries last,
 /// when one refuses the connection) on a connection of its own: the server, its in-flight
-/// guard and its answer's head.
+/// guard and its answer's head. Outcomes count toward passive ejection as any request's
+/// do, and an ejected server due for a trial may take the request.
 async fn ask(
     route: &Route,
     upstream_req: Request<ReqBody>,
 ) -> Result<(Arc<Server>, InFlight, Response<hyper::body::Incoming>), ProxyError> {
     let upstream = &route.upstream;
+    let set = &upstream.set;
     let cfg = &upstream.config;
     let mut tried = Vec::new();
     // Failed connects that count against `retries` (see `SendError::uses_a_retry`).
     let mut charged = 0u32;
     let mut failed = None;
-    let (server, mut sender) = loop {
-        let server = {
-            let eligible = upstream.set.eligible();
-            with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
+    let (server, mut sender, trial) = loop {
+        let trial = set.claim_trial(&tried);
+        let server = match &trial {
+            Some(trial) => Some(Arc::clone(trial.server())),
+            None => {
+                let eligible = set.eligible();
+                with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
+            }
         };
         let Some(server) = server else {
             // None left to try after a failure: that failure (502), not "no server" (503).
-            return Err(failed.map_or_else(|| ProxyError::NoServer(upstream.set.name.clone()), ProxyError::Upstream));
+            return Err(failed.map_or_else(|| ProxyError::NoServer(set.name.clone()), ProxyError::Upstream));
         };
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
-            Ok(sender) => break (server, sender),
+            Ok(sender) => break (server, sender, trial),
             Err(e) => {
-                // A failed connect ejects its server, as for any request (the number is
-                // for response timeouts only).
-                record_failure(&upstream.set, &server, &e, 0, false);
+                record_failure(set, &server, &e, 0, trial.as_ref());
                 if e.uses_a_retry(cfg.retries) {
                     charged += 1;
                 }
@@ -210,15 +216,17 @@ async fn ask(
             }
         }
     };
-    let guard = server.begin();
-    match tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await {
-        Ok(Ok(resp)) => Ok((server, guard, resp)),
-        Ok(Err(source)) => {
-            let source = std::io::Error::other(source);
-            Err(client::SendError::Failed { addr: server.addr, source }.into())
+    let (guard, nth) = server.begin_nth();
+    let error = match tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await {
+        Ok(Ok(resp)) => {
+            record_success(set, &server, nth, trial.as_ref());
+            return Ok((server, guard, resp));
         }
-        Err(_) => Err(client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout }.into()),
-    }
+        Ok(Err(source)) => client::SendError::Failed { addr: server.addr, source: std::io::Error::other(source) },
+        Err(_) => client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout },
+    };
+    record_failure(set, &server, &error, nth, trial.as_ref());
+    Err(error.into())
 }
 
 /// A tunnel's client side, counting the bytes written to it (for the access log, however

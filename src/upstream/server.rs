@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -65,8 +65,10 @@ pub struct Server {
     /// `born` (tokio's clock, so back-off is testable with paused time). The ejection
     /// outlasts its back-off: after it one request at a time tries the server (a trial,
     /// see `ServerSet::claim_trial`), and the first trial it answers ends the ejection.
-    /// Each ejection's value is its own, so it also names the ejection.
+    /// The value also names the ejection: the next one ends its back-off later.
     pub(crate) ejected_until_ms: AtomicU64,
+    /// A request is trying it (see `ServerSet::claim_trial`).
+    pub(crate) on_trial: AtomicBool,
     pub(crate) born: Instant,
     /// Drains started so far: a drain's task acts only while it is the latest one (a
     /// server back and drained again has a new task and a new deadline).
@@ -89,6 +91,7 @@ impl Server {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            on_trial: AtomicBool::new(false),
             born: Instant::now(),
             drains: AtomicU64::new(0),
             pool: Pool::default(),
@@ -116,6 +119,17 @@ impl Server {
     /// Whether passive ejection keeps it out (back-off over or not: until a trial succeeds).
     pub fn is_ejected(&self) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether it is ejected with its back-off over: the next request may try it.
+    pub fn awaits_trial(&self, now: Instant) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && self.ms_at(now) >= until
+    }
+
+    /// `now` on the clock of `ejected_until_ms`.
+    pub(crate) fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.born).as_millis() as u64
     }
 
     /// Counts a request or tunnel until the guard drops.

@@ -7,8 +7,8 @@
 //! - a vanished address starts draining: no new requests, idle connections closed at
 //!   once, in-flight work gets up to `drain_timeout`, then it is forgotten.
 //!
-//! The hot path reads `eligible` with one atomic load; every change rebuilds it under
-//! `update`, so readers never see a half-applied change.
+//! The hot path reads `eligible` with one atomic load (and `trial_due` with another);
+//! every change rebuilds it under `update`, so readers never see a half-applied change.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -52,22 +52,21 @@ pub struct ServerSet {
     /// False from the start of a DNS upstream until its first lookup has come back (with
     /// servers, nothing or an error): until then its emptiness says nothing.
     looked_up: AtomicBool,
-    /// Ejected servers whose back-off is over, each waiting for one request to try it,
-    /// with the ejection it was offered for (its `ejected_until_ms`): an entry that has
-    /// outlived its ejection is passed over.
-    trials: Mutex<Vec<(Arc<Server>, u64)>>,
-    /// Whether `trials` may have an entry: the one look each request takes.
-    trial_offered: AtomicBool,
+    /// Set when a server may be due for a trial (a back-off ended, a trial ended without
+    /// an outcome, a change of the set); cleared by the request that then finds none.
+    trial_due: AtomicBool,
     pub stats: SetStats,
 }
 
-/// A request's claim on trying an ejected server. Ended by the request's outcome (a
-/// response ends the ejection, a failure ejects it again); dropped without one (the
-/// client went away, or the failure was not the server's), it offers the trial again.
+/// A request's claim on trying an ejected server whose back-off is over. Its outcome is
+/// the request's: a response ends the ejection, a server failure ejects it again; dropped
+/// without one (the client went away, or the failure was not the server's), the server
+/// is due for a trial again.
 #[derive(Debug)]
 pub struct Trial<'a> {
     set: &'a ServerSet,
     server: Arc<Server>,
+    /// The ejection tried (its `ejected_until_ms`).
     ejection: u64,
 }
 
@@ -75,11 +74,20 @@ impl Trial<'_> {
     pub fn server(&self) -> &Arc<Server> {
         &self.server
     }
+
+    /// Whether the ejection tried is still the server's: not ended (a health check) or
+    /// renewed meanwhile, so this request's outcome decides it.
+    pub fn is_current(&self) -> bool {
+        self.server.ejected_until_ms.load(Ordering::SeqCst) == self.ejection
+    }
 }
 
 impl Drop for Trial<'_> {
     fn drop(&mut self) {
-        self.set.offer_trial(&self.server, self.ejection);
+        self.server.on_trial.store(false, Ordering::SeqCst);
+        if self.is_current() {
+            self.set.trial_due.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -100,8 +108,7 @@ impl ServerSet {
             settings: ArcSwap::from_pointee(settings),
             update: Mutex::new(HashSet::new()),
             looked_up: AtomicBool::new(true),
-            trials: Mutex::new(Vec::new()),
-            trial_offered: AtomicBool::new(false),
+            trial_due: AtomicBool::new(false),
             stats: SetStats::default(),
         })
     }
@@ -262,7 +269,7 @@ impl ServerSet {
             return false;
         }
         let _g = self.lock();
-        server.ejected_until_ms.store(0, Ordering::Relaxed);
+        server.ejected_until_ms.store(0, Ordering::SeqCst);
         server.ejections.store(0, Ordering::Relaxed);
         self.refresh_eligible_locked();
         true
@@ -282,63 +289,64 @@ impl ServerSet {
         true
     }
 
-    /// Passive ejection: keeps `server` out for `for_how_long` (its back-off), then offers
-    /// it to one request at a time until one is answered (see [`ServerSet::claim_trial`]).
+    /// Passive ejection: keeps `server` out for `for_how_long` (its back-off), then lets
+    /// one request at a time try it until one is answered (see [`ServerSet::claim_trial`]).
     pub fn eject(self: &Arc<Self>, server: &Arc<Server>, for_how_long: Duration) {
-        let ejection = {
+        {
             let _g = self.lock();
-            let until = (server.born.elapsed() + for_how_long).as_millis().max(1) as u64;
-            // The value names the ejection for `offer_trial`: should an older ejection's
-            // timer ever match it, it fires at this back-off's end all the same.
-            server.ejected_until_ms.store(until, Ordering::Relaxed);
+            let until = server.born.elapsed() + for_how_long;
+            server.ejected_until_ms.store(until.as_millis().max(1) as u64, Ordering::SeqCst);
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             self.refresh_eligible_locked();
-            until
-        };
+        }
         let set = Arc::clone(self);
-        let server = Arc::clone(server);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 tokio::time::sleep(for_how_long).await;
-                set.offer_trial(&server, ejection);
+                set.trial_due.store(true, Ordering::SeqCst);
             });
         }
     }
 
-    /// Offers `server` for a trial request, if `ejection` is still its ejection.
-    fn offer_trial(&self, server: &Arc<Server>, ejection: u64) {
-        if server.ejected_until_ms.load(Ordering::Relaxed) != ejection {
-            return;
-        }
-        let mut trials = self.trials.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !trials.iter().any(|(s, _)| Arc::ptr_eq(s, server)) {
-            trials.push((Arc::clone(server), ejection));
-        }
-        self.trial_offered.store(true, Ordering::Release);
-    }
-
-    /// A trial of an ejected server whose back-off is over, for a request that has not
-    /// tried it yet: the server gets this one request, not its share, until it answers
-    /// one. A hung server so costs one `response_timeout` per back-off, not a share's.
-    /// Checked before each pick; one atomic load while no trial is offered.
+    /// A trial of an ejected server whose back-off is over (healthy, not on trial, not
+    /// tried by this request): the server gets this one request, not its share, until it
+    /// answers one, so a hung server costs one `response_timeout` per back-off. Looked
+    /// at before each pick: one atomic load unless a server may be due.
     #[inline]
     pub fn claim_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
-        if !self.trial_offered.load(Ordering::Acquire) {
+        if !self.trial_due.load(Ordering::Relaxed) {
             return None;
         }
-        self.claim_offered_trial(tried)
+        self.claim_due_trial(tried)
     }
 
-    fn claim_offered_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
-        let mut trials = self.trials.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Passed over for good: ejections ended (or renewed) since, and servers no longer
-        // healthy (draining ones go; a health check ends an unhealthy one's ejection).
-        trials.retain(|(s, ejection)| {
-            s.ejected_until_ms.load(Ordering::Relaxed) == *ejection && s.state() == ServerState::Healthy
-        });
-        let claimed = trials.iter().position(|(s, _)| !tried.contains(&s.addr)).map(|i| trials.swap_remove(i));
-        self.trial_offered.store(!trials.is_empty(), Ordering::Release);
-        claimed.map(|(server, ejection)| Trial { set: self, server, ejection })
+    #[cold]
+    fn claim_due_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
+        // Cleared before looking: whatever makes a server due after this sets it again.
+        self.trial_due.store(false, Ordering::SeqCst);
+        let now = Instant::now();
+        let mut claimed = None;
+        let mut due_left = false;
+        for s in self.all.load().iter() {
+            let ejection = s.ejected_until_ms.load(Ordering::SeqCst);
+            if ejection == 0 || s.state() != ServerState::Healthy || s.on_trial.load(Ordering::SeqCst) {
+                // Not ejected; out anyway (a change of state sets `trial_due`); or tried now.
+                continue;
+            }
+            if s.ms_at(now) < ejection {
+                continue; // its back-off's end sets `trial_due`
+            }
+            let free = claimed.is_none() && !tried.contains(&s.addr);
+            if free && s.on_trial.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                claimed = Some(Trial { set: self, server: Arc::clone(s), ejection });
+            } else {
+                due_left = true;
+            }
+        }
+        if due_left {
+            self.trial_due.store(true, Ordering::SeqCst);
+        }
+        claimed
     }
 
     /// Healthy servers that are not ejected; or, when every healthy server is ejected,
@@ -350,6 +358,11 @@ impl ServerSet {
         let all = self.all.load();
         let healthy = |s: &&Arc<Server>| s.state() == ServerState::Healthy;
         let mut eligible: Vec<Arc<Server>> = all.iter().filter(healthy).filter(|s| !s.is_ejected()).cloned().collect();
+        if eligible.len() < all.iter().filter(healthy).count() {
+            // An ejected server may have become healthy again (back before its drain
+            // finished, health checks switched off) after its back-off ended.
+            self.trial_due.store(true, Ordering::SeqCst);
+        }
         if eligible.is_empty() {
             eligible = all.iter().filter(healthy).cloned().collect();
         }
@@ -504,20 +517,44 @@ mod tests {
         // The last one out too: all stay eligible rather than none.
         s.eject(&all[2], Duration::from_secs(2));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
-        // The first ejection's trial is answered: the others are out again.
+        // A back-off's end alone brings none back: a trial request must be answered.
+        let due = |tried: &[SocketAddr]| s.claim_trial(tried).map(|t| t.server().addr);
         tokio::time::sleep(Duration::from_millis(1001)).await;
         tokio::task::yield_now().await;
-        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)], "a back-off's end alone brings none back");
-        let trial = s.claim_trial(&[]).map(|t| Arc::clone(t.server()));
-        assert_eq!(trial.map(|t| t.addr), Some(addr(1)));
-        assert!(s.end_ejection(&all[0]));
-        assert_eq!(addrs(&s.eligible()), [addr(1)]);
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
+        assert_eq!(due(&[]), Some(addr(1)), "the first back-off is over");
+        {
+            let trial = s.claim_trial(&[]);
+            assert_eq!(trial.as_ref().map(|t| t.server().addr), Some(addr(1)));
+            assert_eq!(due(&[]), None, "one trial of a server at a time");
+            assert!(s.end_ejection(&all[0]));
+        }
+        assert_eq!(addrs(&s.eligible()), [addr(1)], "answered: back; the others are out again");
+        assert_eq!(due(&[]), None);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         tokio::task::yield_now().await;
+        assert_eq!(due(&[addr(3)]), None, "not to a request that tried it");
+        assert_eq!(due(&[]), Some(addr(3)), "the 2 s back-off is over; the 4 s one is not");
         assert!(s.end_ejection(&all[2]));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(3)]);
         // Draining and unhealthy servers are never brought back this way.
         s.reconcile(&[addr(2)]);
         assert_eq!(addrs(&s.eligible()), [addr(2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_back_from_draining_after_its_back_off_is_tried() {
+        let s = set(false);
+        s.reconcile(&[addr(1), addr(2)]);
+        let first = Arc::clone(&s.all()[0]);
+        s.eject(&first, Duration::from_secs(1));
+        let stuck = first.begin(); // keeps its drain going
+        s.reconcile(&[addr(2)]);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(s.claim_trial(&[]).is_none(), "a draining server is never tried");
+        s.reconcile(&[addr(1), addr(2)]);
+        assert_eq!(addrs(&s.eligible()), [addr(2)], "still ejected");
+        assert_eq!(s.claim_trial(&[]).map(|t| t.server().addr), Some(addr(1)), "tried once back");
+        drop(stuck);
     }
 }

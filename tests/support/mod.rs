@@ -808,7 +808,15 @@ impl Backend {
 
     /// A backend that waits `delay` before every answer.
     pub async fn start_with_delay(name: &str, delay: Duration) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), name, delay)
+    }
+
+    /// A backend at `addr` (a port that refused until now).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
+        Backend::serve(TcpListener::bind(addr).await.unwrap(), name, Duration::ZERO)
+    }
+
+    fn serve(listener: TcpListener, name: &str, delay: Duration) -> Backend {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState { delay: Mutex::new(delay), ..Default::default() });
         let stop = CancellationToken::new();
