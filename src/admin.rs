@@ -188,6 +188,7 @@ fn upstreams_json(gw: &Gateway) -> String {
         .into_iter()
         .filter_map(|n| snap.upstreams.get(n))
         .map(|u| {
+            u.set.settle_answered_trials();
             let servers: Vec<serde_json::Value> = u
                 .set
                 .all()

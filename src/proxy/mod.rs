@@ -36,7 +36,7 @@ use crate::metrics::RouteStats;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::Throttle;
-use crate::upstream::{InFlight, Server, ServerSet, Trial, balance};
+use crate::upstream::{InFlight, Server, ServerSet, balance};
 use body::{ClientBody, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
 use error::ProxyError;
@@ -468,16 +468,14 @@ fn attempts(
         let mut last: Option<SendError> = None;
         loop {
             // An ejected server due for a trial takes this request; else the balancer picks.
-            // The trial's outcome is recorded before it drops (at the end of this turn), or
-            // it is offered again as if it had none.
-            let trial = upstream.set.claim_trial(&tried);
-            let server = match &trial {
-                Some(trial) => Arc::clone(trial.server()),
+            let trial_time = cfg.connect_timeout + cfg.response_timeout;
+            let (server, trial) = match upstream.set.claim_trial(&tried, trial_time) {
+                Some(server) => (server, true),
                 None => {
                     let eligible = upstream.set.eligible();
                     let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
                     match (picked, last.take()) {
-                        (Some(s), _) => s,
+                        (Some(s), _) => (s, false),
                         (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
                         (None, Some(last)) => {
                             return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
@@ -486,13 +484,17 @@ fn attempts(
                 }
             };
             let (guard, nth) = server.begin_nth();
+            if trial {
+                upstream.set.begin_trial(&server, nth);
+            }
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
-                    record_success(&upstream.set, &server, nth, trial.as_ref());
+                    record_success(&upstream.set, &server, nth);
                     return Ok((sent, guard));
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
+                    upstream.set.trial_found_nothing(&server, nth);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
                     return Err(ProxyError::BodyTimeout);
                 }
@@ -500,12 +502,13 @@ fn attempts(
                     // The client's body broke (bad chunking) or its client went away while it
                     // streamed to the server: the client's doing, not the server's, and
                     // nothing to retry.
+                    upstream.set.trial_found_nothing(&server, nth);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %e, "client body failed");
                     let gone = body::client_went_away(&e);
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
-                    record_failure(&upstream.set, &server, &error, nth, trial.as_ref());
+                    record_failure(&upstream.set, &server, &error, nth);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
                     if error.uses_a_retry(cfg.retries) {
@@ -534,9 +537,11 @@ fn attempts(
     }
 }
 
-/// A response from `server` to its `nth` request: failures in a row end, and so does the
-/// server's ejection when the request was its trial.
-pub(crate) fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, trial: Option<&Trial<'_>>) {
+/// A response from `server` to its `nth` request: failures in a row end, and an ejection
+/// whose trial this was ends with the next request (see `ServerSet::trial_answered`).
+/// No call: one here would move the response the caller holds (some 200 bytes a request).
+#[inline]
+pub(crate) fn record_success(set: &ServerSet, server: &Server, nth: u64) {
     use std::sync::atomic::Ordering::Relaxed;
     // Beside `begin`'s counts, written for each request anyway.
     server.answered.fetch_max(nth, Relaxed);
@@ -544,10 +549,7 @@ pub(crate) fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, tr
     if server.consecutive_failures.load(Relaxed) != 0 {
         server.consecutive_failures.store(0, Relaxed);
     }
-    // (The ejections in a row, which grow the back-off, end with the ejection.)
-    if trial.is_some_and(Trial::is_current) && set.end_ejection(server) {
-        tracing::info!(upstream = %set.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
-    }
+    set.trial_answered(server, nth);
 }
 
 /// Passive ejection of `server` after a failure of its `nth` request: a refused or
@@ -557,21 +559,15 @@ pub(crate) fn record_success(set: &ServerSet, server: &Arc<Server>, nth: u64, tr
 /// server, and the trial's failure ejects it again. A response timeout of a request sent
 /// before one the server has answered since is not counted: slow requests sent together
 /// time out together, from a server that answers the others.
-pub(crate) fn record_failure(
-    set: &Arc<ServerSet>,
-    server: &Arc<Server>,
-    err: &SendError,
-    nth: u64,
-    trial: Option<&Trial<'_>>,
-) {
+pub(crate) fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &SendError, nth: u64) {
     use std::sync::atomic::Ordering::Relaxed;
-    let trial = trial.is_some_and(Trial::is_current);
-    if !err.is_server_failure() {
+    let not_the_servers = !err.is_server_failure()
+        || matches!(err, SendError::ResponseTimeout { .. }) && server.answered.load(Relaxed) > nth;
+    if not_the_servers {
+        set.trial_found_nothing(server, nth);
         return;
     }
-    if matches!(err, SendError::ResponseTimeout { .. }) && server.answered.load(Relaxed) > nth {
-        return;
-    }
+    let trial = set.trial_failed(server, nth);
     let connect = matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. });
     if connect {
         set.stats.connect_errors.fetch_add(1, Relaxed);
@@ -601,6 +597,7 @@ fn respond(
 ) -> Response<RespBody> {
     // The head came without its hop-by-hop fields (`h1::parse_head`).
     let (parts, body) = sent.response.into_parts();
+
     let status = parts.status;
     let done = Done { epoch: sent.epoch, guard, route, status, start, log };
     Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, done)))
@@ -884,68 +881,92 @@ mod tests {
         tokio::task::yield_now().await;
     }
 
+    /// A request that claims a trial of the one server of `set`, if one is due (held for
+    /// 5 s): its number.
+    fn claim(set: &Arc<ServerSet>, tried: &[SocketAddr]) -> Option<u64> {
+        set.claim_trial(tried, Duration::from_secs(5)).map(|server| {
+            let nth = server.begin_nth().1;
+            set.begin_trial(&server, nth);
+            nth
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn ejection_backoff_doubles_until_a_trial_is_answered() {
         let (set, server, addr) = one_server();
         assert_eq!(server.state(), ServerState::Healthy);
+        let before = server.begin_nth().1; // on the wire when the server is ejected
         // A refused connect ejects at once; after each back-off one request tries the
         // server, and that trial's failure ejects it again, for twice as long.
-        record_failure(&set, &server, &refused(addr), 0, None);
+        record_failure(&set, &server, &refused(addr), 0);
         for backoff_ms in [1000u64, 2000, 4000] {
             assert!(server.is_ejected());
             wait(backoff_ms - 10).await;
-            assert!(set.claim_trial(&[]).is_none(), "no trial before {backoff_ms} ms");
+            assert!(claim(&set, &[]).is_none(), "no trial before {backoff_ms} ms");
             wait(20).await;
-            let trial = set.claim_trial(&[]);
+            let trial = claim(&set, &[]);
             assert!(trial.is_some(), "a trial once the {backoff_ms} ms back-off is over");
-            assert!(set.claim_trial(&[]).is_none(), "one trial at a time");
-            // Requests sent before, or while every server is ejected, change nothing.
-            record_success(&set, &server, 0, None);
-            record_failure(&set, &server, &refused(addr), 0, None);
-            assert!(server.is_ejected() && set.claim_trial(&[]).is_none());
-            record_failure(&set, &server, &refused(addr), 0, trial.as_ref());
-            drop(trial);
-            assert!(set.claim_trial(&[]).is_none(), "a failed trial is not offered again before its back-off");
+            assert!(claim(&set, &[]).is_none(), "one trial at a time");
+            // Requests sent before (or while every server is ejected) change nothing.
+            record_success(&set, &server, before);
+            record_failure(&set, &server, &refused(addr), before);
+            assert!(server.is_ejected() && claim(&set, &[]).is_none());
+            record_failure(&set, &server, &refused(addr), trial.unwrap_or(0));
+            assert!(claim(&set, &[]).is_none(), "a failed trial is not offered again before its back-off");
         }
-        // The back-off is 8 s now; its trial is answered, which ends the ejection.
+        // The back-off is 8 s now; its trial is answered, which ends the ejection at the
+        // next request's look.
         wait(8010).await;
-        let trial = set.claim_trial(&[]);
+        let trial = claim(&set, &[]);
         assert!(trial.is_some());
-        record_success(&set, &server, 0, trial.as_ref());
-        drop(trial);
+        record_success(&set, &server, trial.unwrap_or(0));
+        assert!(claim(&set, &[]).is_none(), "nothing to try once back");
         assert!(!server.is_ejected());
-        assert!(set.claim_trial(&[]).is_none(), "nothing to try once back");
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 4);
         // Other failures need three in a row; the back-off starts again from 1 s.
         let reset = SendError::Closed { addr, source: closed_error().await };
-        record_failure(&set, &server, &reset, 0, None);
-        record_failure(&set, &server, &reset, 0, None);
+        record_failure(&set, &server, &reset, 0);
+        record_failure(&set, &server, &reset, 0);
         assert!(!server.is_ejected());
-        record_failure(&set, &server, &reset, 0, None);
+        record_failure(&set, &server, &reset, 0);
         assert!(server.is_ejected());
         wait(1010).await;
-        assert!(set.claim_trial(&[]).is_some(), "back-off restarted at 1 s after the answered trial");
+        assert!(claim(&set, &[]).is_some(), "back-off restarted at 1 s after the answered trial");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_trial_ended_without_an_outcome_is_offered_again() {
+    async fn a_trial_that_finds_nothing_out_is_given_back_and_an_unsettled_one_lapses() {
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr), 0, None);
+        record_failure(&set, &server, &refused(addr), 0);
         wait(1010).await;
-        // Not to a request that already tried the server; it stays offered.
-        assert!(set.claim_trial(&[addr]).is_none());
-        let trial = set.claim_trial(&[]);
+        // Not to a request that already tried the server; it stays due.
+        assert!(claim(&set, &[addr]).is_none());
+        let trial = claim(&set, &[]);
         assert!(trial.is_some());
-        // The client went away, or the failure was not the server's (a stalled body).
+        // The failure was not the server's (a stalled client body): given back.
         let stalled = SendError::ClientStalled { after: Duration::from_secs(1) };
-        record_failure(&set, &server, &stalled, 0, trial.as_ref());
-        drop(trial);
+        record_failure(&set, &server, &stalled, trial.unwrap_or(0));
         assert!(server.is_ejected());
-        assert!(set.claim_trial(&[]).is_some(), "offered again at once");
+        let again = claim(&set, &[]);
+        assert!(again.is_some(), "due again at once");
+        // A claim never settled (its request dropped) holds for its time, then lapses;
+        // an answer to a request sent before the next trial then decides nothing.
+        wait(4900).await;
+        assert!(claim(&set, &[]).is_none(), "claimed for 5 s");
+        wait(200).await;
+        let third = claim(&set, &[]);
+        assert!(third.is_some(), "lapsed after 5 s");
+        record_success(&set, &server, again.unwrap_or(0));
+        assert!(claim(&set, &[]).is_none());
+        assert!(server.is_ejected(), "answered, but sent before the trial now running");
+        record_success(&set, &server, third.unwrap_or(0));
+        assert!(claim(&set, &[]).is_none());
+        assert!(!server.is_ejected());
         // A server draining (or found unhealthy) meanwhile is never tried.
-        drop(set.claim_trial(&[]));
+        record_failure(&set, &server, &refused(addr), 0);
+        wait(1010).await;
         set.reconcile(&[]);
-        assert!(set.claim_trial(&[]).is_none());
+        assert!(claim(&set, &[]).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -953,19 +974,20 @@ mod tests {
         // Every server ejected: they stay eligible, and each failed try must not log,
         // count and time a new ejection (a flood at thousands of requests a second).
         let (set, server, addr) = one_server();
-        record_failure(&set, &server, &refused(addr), 0, None);
+        record_failure(&set, &server, &refused(addr), 0);
         for _ in 0..100 {
-            record_failure(&set, &server, &refused(addr), 0, None);
+            record_failure(&set, &server, &refused(addr), 0);
         }
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
         assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
         // Its back-off ran out: only its trial's failure ejects it again.
         wait(1010).await;
-        record_failure(&set, &server, &refused(addr), 0, None);
+        record_failure(&set, &server, &refused(addr), 0);
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
-        let trial = set.claim_trial(&[]);
-        record_failure(&set, &server, &refused(addr), 0, trial.as_ref());
+        let trial = claim(&set, &[]);
+        assert!(trial.is_some());
+        record_failure(&set, &server, &refused(addr), trial.unwrap_or(0));
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
@@ -976,16 +998,16 @@ mod tests {
         let out = || server.is_ejected();
         // Slow requests 1 to 3 sent together; 4, sent after them, answered first.
         let nths: Vec<u64> = (0..4).map(|_| server.begin_nth().1).collect();
-        record_success(&set, &server, nths[3], None);
+        record_success(&set, &server, nths[3]);
         for &nth in &nths[..3] {
-            record_failure(&set, &server, &timeout, nth, None);
+            record_failure(&set, &server, &timeout, nth);
         }
         assert!(!out(), "a server that answers is not ejected for its slow requests");
         // A hung server answers nothing after them: three in a row eject it.
         let nths: Vec<u64> = (0..3).map(|_| server.begin_nth().1).collect();
         for (i, &nth) in nths.iter().enumerate() {
             assert!(!out(), "not before the third ({i})");
-            record_failure(&set, &server, &timeout, nth, None);
+            record_failure(&set, &server, &timeout, nth);
         }
         assert!(out(), "three timeouts in a row, nothing answered since");
     }

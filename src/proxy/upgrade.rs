@@ -187,23 +187,26 @@ async fn ask(
     // Failed connects that count against `retries` (see `SendError::uses_a_retry`).
     let mut charged = 0u32;
     let mut failed = None;
-    let (server, mut sender, trial) = loop {
-        let trial = set.claim_trial(&tried);
-        let server = match &trial {
-            Some(trial) => Some(Arc::clone(trial.server())),
+    let (server, mut sender, guard, nth) = loop {
+        let (server, trial) = match set.claim_trial(&tried, cfg.connect_timeout + cfg.response_timeout) {
+            Some(server) => (Some(server), true),
             None => {
                 let eligible = set.eligible();
-                with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned()
+                (with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned(), false)
             }
         };
         let Some(server) = server else {
             // None left to try after a failure: that failure (502), not "no server" (503).
             return Err(failed.map_or_else(|| ProxyError::NoServer(set.name.clone()), ProxyError::Upstream));
         };
+        let (guard, nth) = server.begin_nth();
+        if trial {
+            set.begin_trial(&server, nth);
+        }
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
-            Ok(sender) => break (server, sender, trial),
+            Ok(sender) => break (server, sender, guard, nth),
             Err(e) => {
-                record_failure(set, &server, &e, 0, trial.as_ref());
+                record_failure(set, &server, &e, nth);
                 if e.uses_a_retry(cfg.retries) {
                     charged += 1;
                 }
@@ -216,16 +219,15 @@ async fn ask(
             }
         }
     };
-    let (guard, nth) = server.begin_nth();
     let error = match tokio::time::timeout(cfg.response_timeout, sender.send_request(upstream_req)).await {
         Ok(Ok(resp)) => {
-            record_success(set, &server, nth, trial.as_ref());
+            record_success(set, &server, nth);
             return Ok((server, guard, resp));
         }
         Ok(Err(source)) => client::SendError::Failed { addr: server.addr, source: std::io::Error::other(source) },
         Err(_) => client::SendError::ResponseTimeout { addr: server.addr, after: cfg.response_timeout },
     };
-    record_failure(set, &server, &error, nth, trial.as_ref());
+    record_failure(set, &server, &error, nth);
     Err(error.into())
 }
 

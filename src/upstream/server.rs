@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -67,8 +67,11 @@ pub struct Server {
     /// see `ServerSet::claim_trial`), and the first trial it answers ends the ejection.
     /// The value also names the ejection: the next one ends its back-off later.
     pub(crate) ejected_until_ms: AtomicU64,
-    /// A request is trying it (see `ServerSet::claim_trial`).
-    pub(crate) on_trial: AtomicBool,
+    /// While a request is trying it (see `ServerSet::claim_trial`): when that claim
+    /// lapses, on the clock of `ejected_until_ms`; else 0.
+    pub(crate) trial_claim: AtomicU64,
+    /// The number (counted by `requests`) of the request trying it; 0 for none.
+    pub(crate) trial_nth: AtomicU64,
     pub(crate) born: Instant,
     /// Drains started so far: a drain's task acts only while it is the latest one (a
     /// server back and drained again has a new task and a new deadline).
@@ -91,7 +94,8 @@ impl Server {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
-            on_trial: AtomicBool::new(false),
+            trial_claim: AtomicU64::new(0),
+            trial_nth: AtomicU64::new(0),
             born: Instant::now(),
             drains: AtomicU64::new(0),
             pool: Pool::default(),

@@ -52,43 +52,10 @@ pub struct ServerSet {
     /// False from the start of a DNS upstream until its first lookup has come back (with
     /// servers, nothing or an error): until then its emptiness says nothing.
     looked_up: AtomicBool,
-    /// Set when a server may be due for a trial (a back-off ended, a trial ended without
-    /// an outcome, a change of the set); cleared by the request that then finds none.
+    /// Set when a server may be due for a trial (a back-off ended, a claim given back or
+    /// lapsed, a change of the set); cleared by the request that then finds none.
     trial_due: AtomicBool,
     pub stats: SetStats,
-}
-
-/// A request's claim on trying an ejected server whose back-off is over. Its outcome is
-/// the request's: a response ends the ejection, a server failure ejects it again; dropped
-/// without one (the client went away, or the failure was not the server's), the server
-/// is due for a trial again.
-#[derive(Debug)]
-pub struct Trial<'a> {
-    set: &'a ServerSet,
-    server: Arc<Server>,
-    /// The ejection tried (its `ejected_until_ms`).
-    ejection: u64,
-}
-
-impl Trial<'_> {
-    pub fn server(&self) -> &Arc<Server> {
-        &self.server
-    }
-
-    /// Whether the ejection tried is still the server's: not ended (a health check) or
-    /// renewed meanwhile, so this request's outcome decides it.
-    pub fn is_current(&self) -> bool {
-        self.server.ejected_until_ms.load(Ordering::SeqCst) == self.ejection
-    }
-}
-
-impl Drop for Trial<'_> {
-    fn drop(&mut self) {
-        self.server.on_trial.store(false, Ordering::SeqCst);
-        if self.is_current() {
-            self.set.trial_due.store(true, Ordering::SeqCst);
-        }
-    }
 }
 
 /// What a reconcile did, for logs and tests.
@@ -264,12 +231,14 @@ impl ServerSet {
 
     /// Ends a passive ejection of `server` (it answered a trial request or passed a health
     /// check). Returns whether it was ejected.
-    pub fn end_ejection(&self, server: &Arc<Server>) -> bool {
+    pub fn end_ejection(&self, server: &Server) -> bool {
         if server.ejected_until_ms.load(Ordering::Relaxed) == 0 {
             return false;
         }
         let _g = self.lock();
         server.ejected_until_ms.store(0, Ordering::SeqCst);
+        server.trial_claim.store(0, Ordering::SeqCst);
+        server.trial_nth.store(0, Ordering::SeqCst);
         server.ejections.store(0, Ordering::Relaxed);
         self.refresh_eligible_locked();
         true
@@ -296,32 +265,33 @@ impl ServerSet {
             let _g = self.lock();
             let until = server.born.elapsed() + for_how_long;
             server.ejected_until_ms.store(until.as_millis().max(1) as u64, Ordering::SeqCst);
+            server.trial_claim.store(0, Ordering::SeqCst);
+            server.trial_nth.store(0, Ordering::SeqCst);
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             self.refresh_eligible_locked();
         }
-        let set = Arc::clone(self);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                tokio::time::sleep(for_how_long).await;
-                set.trial_due.store(true, Ordering::SeqCst);
-            });
-        }
+        self.due_after(for_how_long);
     }
 
-    /// A trial of an ejected server whose back-off is over (healthy, not on trial, not
-    /// tried by this request): the server gets this one request, not its share, until it
-    /// answers one, so a hung server costs one `response_timeout` per back-off. Looked
-    /// at before each pick: one atomic load unless a server may be due.
+    /// A trial of an ejected server whose back-off is over (healthy, not claimed by
+    /// another request, not tried by this one): the server gets this one request, not its
+    /// share, until it answers one, so a hung server costs one `response_timeout` per
+    /// back-off. The request, numbered `nth` by [`Server::begin_nth`], names itself the
+    /// trial with [`ServerSet::begin_trial`]; its outcome settles it (see
+    /// `proxy::record_success`, `proxy::record_failure`). The claim holds for `time` (what
+    /// the request may take: its connect and response timeouts); then the server is due
+    /// again whatever became of the request. Looked at before each pick: one atomic load
+    /// unless a server may be due.
     #[inline]
-    pub fn claim_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
-        if !self.trial_due.load(Ordering::Relaxed) {
+    pub fn claim_trial(self: &Arc<Self>, tried: &[SocketAddr], time: Duration) -> Option<Arc<Server>> {
+        if !self.trial_due.load(Ordering::Acquire) {
             return None;
         }
-        self.claim_due_trial(tried)
+        self.claim_due_trial(tried, time)
     }
 
     #[cold]
-    fn claim_due_trial(&self, tried: &[SocketAddr]) -> Option<Trial<'_>> {
+    fn claim_due_trial(self: &Arc<Self>, tried: &[SocketAddr], time: Duration) -> Option<Arc<Server>> {
         // Cleared before looking: whatever makes a server due after this sets it again.
         self.trial_due.store(false, Ordering::SeqCst);
         let now = Instant::now();
@@ -329,16 +299,22 @@ impl ServerSet {
         let mut due_left = false;
         for s in self.all.load().iter() {
             let ejection = s.ejected_until_ms.load(Ordering::SeqCst);
-            if ejection == 0 || s.state() != ServerState::Healthy || s.on_trial.load(Ordering::SeqCst) {
-                // Not ejected; out anyway (a change of state sets `trial_due`); or tried now.
+            if ejection == 0 || s.state() != ServerState::Healthy {
+                // Not ejected; or out anyway (a change of state sets `trial_due`).
                 continue;
             }
-            if s.ms_at(now) < ejection {
-                continue; // its back-off's end sets `trial_due`
+            if self.end_answered_trial(s) {
+                continue;
             }
+            let (claim, at) = (s.trial_claim.load(Ordering::SeqCst), s.ms_at(now));
+            if at < ejection || at < claim {
+                continue; // its back-off, or a request's claim, runs: their ends set `trial_due`
+            }
+            let until = at.saturating_add(time.as_millis() as u64).max(claim + 1);
             let free = claimed.is_none() && !tried.contains(&s.addr);
-            if free && s.on_trial.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                claimed = Some(Trial { set: self, server: Arc::clone(s), ejection });
+            if free && s.trial_claim.compare_exchange(claim, until, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                s.trial_nth.store(0, Ordering::SeqCst);
+                claimed = Some(Arc::clone(s));
             } else {
                 due_left = true;
             }
@@ -346,7 +322,73 @@ impl ServerSet {
         if due_left {
             self.trial_due.store(true, Ordering::SeqCst);
         }
+        if claimed.is_some() {
+            self.due_after(time);
+        }
         claimed
+    }
+
+    /// Ends the ejection of `server` if its trial (or a request sent after it) was
+    /// answered; whether it did.
+    fn end_answered_trial(&self, server: &Server) -> bool {
+        let trial = server.trial_nth.load(Ordering::SeqCst);
+        if trial == 0 || server.answered.load(Ordering::SeqCst) < trial {
+            return false;
+        }
+        if self.end_ejection(server) {
+            tracing::info!(upstream = %self.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
+        }
+        true
+    }
+
+    /// Ends the ejections whose trials were answered (done by the next request otherwise):
+    /// for reports of the servers' states.
+    pub fn settle_answered_trials(&self) {
+        if self.trial_due.load(Ordering::Acquire) {
+            for s in self.all.load().iter() {
+                self.end_answered_trial(s);
+            }
+        }
+    }
+
+    /// The claimed trial of `server` is its request number `nth`.
+    pub fn begin_trial(&self, server: &Server, nth: u64) {
+        server.trial_nth.store(nth, Ordering::SeqCst);
+    }
+
+    /// A server failure of request `nth`: whether it was the server's trial (then settled).
+    pub fn trial_failed(&self, server: &Server, nth: u64) -> bool {
+        nth != 0 && server.trial_nth.compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+    }
+
+    /// Request `nth` found nothing out about `server` (the client went away, or its failure
+    /// was not the server's): if it was the trial, the server is due for another at once.
+    pub fn trial_found_nothing(&self, server: &Server, nth: u64) {
+        if nth != 0 && server.trial_nth.compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            server.trial_claim.store(0, Ordering::SeqCst);
+            self.trial_due.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Request `nth` was answered by `server` (after its `answered` was raised): if it
+    /// was the server's trial, the next request ends the ejection (see `claim_due_trial`;
+    /// a store here, so that no call sits between a response and its return).
+    #[inline]
+    pub fn trial_answered(&self, server: &Server, nth: u64) {
+        if server.trial_nth.load(Ordering::Relaxed) == nth {
+            self.trial_due.store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks trials due after `time` (a back-off or a claim ends then).
+    fn due_after(self: &Arc<Self>, time: Duration) {
+        let set = Arc::clone(self);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(time).await;
+                set.trial_due.store(true, Ordering::SeqCst);
+            });
+        }
     }
 
     /// Healthy servers that are not ejected; or, when every healthy server is ejected,
@@ -371,6 +413,7 @@ impl ServerSet {
 
     /// Counts by state, for metrics: (pending, healthy, unhealthy, draining, ejected).
     pub fn counts(&self) -> [usize; 5] {
+        self.settle_answered_trials();
         let mut c = [0; 5];
         for s in self.all.load().iter() {
             c[s.state() as usize] += 1;
@@ -518,17 +561,14 @@ mod tests {
         s.eject(&all[2], Duration::from_secs(2));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
         // A back-off's end alone brings none back: a trial request must be answered.
-        let due = |tried: &[SocketAddr]| s.claim_trial(tried).map(|t| t.server().addr);
+        let due = |tried: &[SocketAddr]| s.claim_trial(tried, Duration::from_secs(5)).map(|server| server.addr);
         tokio::time::sleep(Duration::from_millis(1001)).await;
         tokio::task::yield_now().await;
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
         assert_eq!(due(&[]), Some(addr(1)), "the first back-off is over");
-        {
-            let trial = s.claim_trial(&[]);
-            assert_eq!(trial.as_ref().map(|t| t.server().addr), Some(addr(1)));
-            assert_eq!(due(&[]), None, "one trial of a server at a time");
-            assert!(s.end_ejection(&all[0]));
-        }
+        // (That claim of the first server holds: no second trial of it meanwhile.)
+        assert_eq!(due(&[]), None, "one trial of a server at a time");
+        assert!(s.end_ejection(&all[0]));
         assert_eq!(addrs(&s.eligible()), [addr(1)], "answered: back; the others are out again");
         assert_eq!(due(&[]), None);
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -545,16 +585,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_back_from_draining_after_its_back_off_is_tried() {
         let s = set(false);
+        let due = |tried: &[SocketAddr]| s.claim_trial(tried, Duration::from_secs(5)).map(|server| server.addr);
         s.reconcile(&[addr(1), addr(2)]);
         let first = Arc::clone(&s.all()[0]);
         s.eject(&first, Duration::from_secs(1));
         let stuck = first.begin(); // keeps its drain going
         s.reconcile(&[addr(2)]);
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(s.claim_trial(&[]).is_none(), "a draining server is never tried");
+        assert_eq!(due(&[]), None, "a draining server is never tried");
         s.reconcile(&[addr(1), addr(2)]);
         assert_eq!(addrs(&s.eligible()), [addr(2)], "still ejected");
-        assert_eq!(s.claim_trial(&[]).map(|t| t.server().addr), Some(addr(1)), "tried once back");
+        assert_eq!(due(&[]), Some(addr(1)), "tried once back");
         drop(stuck);
     }
 }
