@@ -468,8 +468,7 @@ fn attempts(
         let mut last: Option<SendError> = None;
         loop {
             // An ejected server due for a trial takes this request; else the balancer picks.
-            let trial_time = cfg.connect_timeout + cfg.response_timeout;
-            let (server, trial) = match upstream.set.claim_trial(&tried, trial_time) {
+            let (server, trial) = match upstream.set.claim_trial(&tried) {
                 Some(server) => (server, true),
                 None => {
                     let eligible = upstream.set.eligible();
@@ -484,9 +483,8 @@ fn attempts(
                 }
             };
             let (guard, nth) = server.begin_nth();
-            if trial {
-                upstream.set.begin_trial(&server, nth);
-            }
+            // Held to the end of this attempt, whatever ends it.
+            let _trial = trial.then(|| upstream.set.begin_trial(&server, nth));
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
             match client::send(&server, head, body, cfg.connect_timeout, cfg.response_timeout).await {
                 Ok(sent) => {
@@ -494,7 +492,6 @@ fn attempts(
                     return Ok((sent, guard));
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
-                    upstream.set.trial_found_nothing(&server, nth);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
                     return Err(ProxyError::BodyTimeout);
                 }
@@ -502,7 +499,6 @@ fn attempts(
                     // The client's body broke (bad chunking) or its client went away while it
                     // streamed to the server: the client's doing, not the server's, and
                     // nothing to retry.
-                    upstream.set.trial_found_nothing(&server, nth);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %e, "client body failed");
                     let gone = body::client_went_away(&e);
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
@@ -564,7 +560,6 @@ pub(crate) fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &S
     let not_the_servers = !err.is_server_failure()
         || matches!(err, SendError::ResponseTimeout { .. }) && server.answered.load(Relaxed) > nth;
     if not_the_servers {
-        set.trial_found_nothing(server, nth);
         return;
     }
     let trial = set.trial_failed(server, nth);
@@ -860,7 +855,7 @@ async fn acme_answer(gw: &Gateway, req: &Request<ClientBody>, start: Instant) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::{ServerState, SetSettings};
+    use crate::upstream::{ServerState, SetSettings, TrialGuard};
 
     fn refused(addr: SocketAddr) -> SendError {
         SendError::Connect { addr, source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) }
@@ -881,14 +876,21 @@ mod tests {
         tokio::task::yield_now().await;
     }
 
-    /// A request that claims a trial of the one server of `set`, if one is due (held for
-    /// 5 s): its number.
-    fn claim(set: &Arc<ServerSet>, tried: &[SocketAddr]) -> Option<u64> {
-        set.claim_trial(tried, Duration::from_secs(5)).map(|server| {
-            let nth = server.begin_nth().1;
-            set.begin_trial(&server, nth);
-            nth
-        })
+    /// A request that takes the trial of the one server of `set`, if one is due: its
+    /// number and its hold on the trial (0 and none when none is due).
+    fn claim<'a>(set: &'a Arc<ServerSet>, tried: &[SocketAddr]) -> (u64, Option<TrialGuard<'a>>) {
+        match set.claim_trial(tried) {
+            Some(server) => {
+                let nth = server.begin_nth().1;
+                (nth, Some(set.begin_trial(&server, nth)))
+            }
+            None => (0, None),
+        }
+    }
+
+    /// Whether a trial of the one server of `set` is due (the looking request ends).
+    fn due(set: &Arc<ServerSet>) -> bool {
+        claim(set, &[]).1.is_some()
     }
 
     #[tokio::test(start_paused = true)]
@@ -902,25 +904,26 @@ mod tests {
         for backoff_ms in [1000u64, 2000, 4000] {
             assert!(server.is_ejected());
             wait(backoff_ms - 10).await;
-            assert!(claim(&set, &[]).is_none(), "no trial before {backoff_ms} ms");
+            assert!(!due(&set), "no trial before {backoff_ms} ms");
             wait(20).await;
-            let trial = claim(&set, &[]);
-            assert!(trial.is_some(), "a trial once the {backoff_ms} ms back-off is over");
-            assert!(claim(&set, &[]).is_none(), "one trial at a time");
+            let (trial, hold) = claim(&set, &[]);
+            assert!(hold.is_some(), "a trial once the {backoff_ms} ms back-off is over");
+            assert!(!due(&set), "one trial at a time");
             // Requests sent before (or while every server is ejected) change nothing.
             record_success(&set, &server, before);
             record_failure(&set, &server, &refused(addr), before);
-            assert!(server.is_ejected() && claim(&set, &[]).is_none());
-            record_failure(&set, &server, &refused(addr), trial.unwrap_or(0));
-            assert!(claim(&set, &[]).is_none(), "a failed trial is not offered again before its back-off");
+            assert!(server.is_ejected() && !due(&set));
+            record_failure(&set, &server, &refused(addr), trial);
+            drop(hold);
+            assert!(!due(&set), "a failed trial is not offered again before its back-off");
         }
         // The back-off is 8 s now; its trial is answered, which ends the ejection at the
         // next request's look.
         wait(8010).await;
-        let trial = claim(&set, &[]);
-        assert!(trial.is_some());
-        record_success(&set, &server, trial.unwrap_or(0));
-        assert!(claim(&set, &[]).is_none(), "nothing to try once back");
+        let (trial, hold) = claim(&set, &[]);
+        record_success(&set, &server, trial);
+        drop(hold);
+        assert!(!due(&set), "nothing to try once back");
         assert!(!server.is_ejected());
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 4);
         // Other failures need three in a row; the back-off starts again from 1 s.
@@ -931,42 +934,59 @@ mod tests {
         record_failure(&set, &server, &reset, 0);
         assert!(server.is_ejected());
         wait(1010).await;
-        assert!(claim(&set, &[]).is_some(), "back-off restarted at 1 s after the answered trial");
+        assert!(due(&set), "back-off restarted at 1 s after the answered trial");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_trial_that_finds_nothing_out_is_given_back_and_an_unsettled_one_lapses() {
+    async fn a_trial_that_finds_nothing_out_is_due_again_when_its_request_ends() {
         let (set, server, addr) = one_server();
         record_failure(&set, &server, &refused(addr), 0);
         wait(1010).await;
         // Not to a request that already tried the server; it stays due.
-        assert!(claim(&set, &[addr]).is_none());
-        let trial = claim(&set, &[]);
-        assert!(trial.is_some());
-        // The failure was not the server's (a stalled client body): given back.
+        assert!(claim(&set, &[addr]).1.is_none());
+        let (trial, hold) = claim(&set, &[]);
+        assert!(hold.is_some());
+        // The failure was not the server's (a stalled client body), or the request was
+        // dropped: the trial is over when its request ends, and due again.
         let stalled = SendError::ClientStalled { after: Duration::from_secs(1) };
-        record_failure(&set, &server, &stalled, trial.unwrap_or(0));
+        record_failure(&set, &server, &stalled, trial);
+        assert!(!due(&set), "held while its request lasts");
+        drop(hold);
         assert!(server.is_ejected());
-        let again = claim(&set, &[]);
-        assert!(again.is_some(), "due again at once");
-        // A claim never settled (its request dropped) holds for its time, then lapses;
-        // an answer to a request sent before the next trial then decides nothing.
-        wait(4900).await;
-        assert!(claim(&set, &[]).is_none(), "claimed for 5 s");
-        wait(200).await;
-        let third = claim(&set, &[]);
-        assert!(third.is_some(), "lapsed after 5 s");
-        record_success(&set, &server, again.unwrap_or(0));
-        assert!(claim(&set, &[]).is_none());
-        assert!(server.is_ejected(), "answered, but sent before the trial now running");
-        record_success(&set, &server, third.unwrap_or(0));
-        assert!(claim(&set, &[]).is_none());
+        let (second, hold) = claim(&set, &[]);
+        assert!(hold.is_some(), "due again at once");
+        drop(hold);
+        // An answer to it comes late: a request sent with or after the first trial was
+        // answered, so the ejection ends.
+        record_success(&set, &server, second);
+        assert!(!due(&set));
         assert!(!server.is_ejected());
         // A server draining (or found unhealthy) meanwhile is never tried.
         record_failure(&set, &server, &refused(addr), 0);
         wait(1010).await;
         set.reconcile(&[]);
-        assert!(claim(&set, &[]).is_none());
+        assert!(!due(&set));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_answered_with_every_server_ejected_ends_the_ejection() {
+        // Every server ejected: all stay eligible, and requests go to them anyway. One
+        // sent with or after the trial and answered shows the server works.
+        let (set, server, addr) = one_server();
+        record_failure(&set, &server, &refused(addr), 0);
+        wait(1010).await;
+        let (trial, hold) = claim(&set, &[]);
+        assert!(hold.is_some());
+        let later = server.begin_nth().1; // picked from the eligible (all ejected)
+        record_success(&set, &server, later);
+        // The trial times out, answered later requests notwithstanding: nothing against
+        // the server, and the next look ends the ejection.
+        let timeout = SendError::ResponseTimeout { addr, after: Duration::from_secs(5) };
+        record_failure(&set, &server, &timeout, trial);
+        drop(hold);
+        assert!(!due(&set));
+        assert!(!server.is_ejected());
+        assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -981,13 +1001,14 @@ mod tests {
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(set.stats.connect_errors.load(std::sync::atomic::Ordering::Relaxed), 101);
         assert_eq!(set.eligible().len(), 1, "the only server stays eligible");
-        // Its back-off ran out: only its trial's failure ejects it again.
+        // Its back-off ran out: only its trial's failure ejects it again; a reset too.
         wait(1010).await;
         record_failure(&set, &server, &refused(addr), 0);
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
-        let trial = claim(&set, &[]);
-        assert!(trial.is_some());
-        record_failure(&set, &server, &refused(addr), trial.unwrap_or(0));
+        let (trial, hold) = claim(&set, &[]);
+        assert!(hold.is_some());
+        let reset = SendError::Closed { addr, source: closed_error().await };
+        record_failure(&set, &server, &reset, trial);
         assert_eq!(set.stats.ejections.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 

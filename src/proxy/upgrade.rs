@@ -187,8 +187,8 @@ async fn ask(
     // Failed connects that count against `retries` (see `SendError::uses_a_retry`).
     let mut charged = 0u32;
     let mut failed = None;
-    let (server, mut sender, guard, nth) = loop {
-        let (server, trial) = match set.claim_trial(&tried, cfg.connect_timeout + cfg.response_timeout) {
+    let (server, mut sender, guard, nth, _trial) = loop {
+        let (server, trial) = match set.claim_trial(&tried) {
             Some(server) => (Some(server), true),
             None => {
                 let eligible = set.eligible();
@@ -200,11 +200,9 @@ async fn ask(
             return Err(failed.map_or_else(|| ProxyError::NoServer(set.name.clone()), ProxyError::Upstream));
         };
         let (guard, nth) = server.begin_nth();
-        if trial {
-            set.begin_trial(&server, nth);
-        }
+        let trial = trial.then(|| set.begin_trial(&server, nth));
         match client::open(server.addr, cfg.connect_timeout, &server.kill).await {
-            Ok(sender) => break (server, sender, guard, nth),
+            Ok(sender) => break (server, sender, guard, nth, trial),
             Err(e) => {
                 record_failure(set, &server, &e, nth);
                 if e.uses_a_retry(cfg.retries) {

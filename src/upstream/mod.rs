@@ -14,7 +14,7 @@ mod tasks;
 use std::sync::Arc;
 
 pub use server::{InFlight, Server, ServerState};
-pub use set::{ServerSet, SetSettings};
+pub use set::{ServerSet, SetSettings, TrialGuard};
 pub use tasks::{Tasks, start_tasks};
 
 use crate::config::UpstreamConfig;

@@ -67,11 +67,12 @@ pub struct Server {
     /// see `ServerSet::claim_trial`), and the first trial it answers ends the ejection.
     /// The value also names the ejection: the next one ends its back-off later.
     pub(crate) ejected_until_ms: AtomicU64,
-    /// While a request is trying it (see `ServerSet::claim_trial`): when that claim
-    /// lapses, on the clock of `ejected_until_ms`; else 0.
-    pub(crate) trial_claim: AtomicU64,
-    /// The number (counted by `requests`) of the request trying it; 0 for none.
-    pub(crate) trial_nth: AtomicU64,
+    /// The number (counted by `requests`) of the request trying it while ejected (see
+    /// `ServerSet::claim_trial`); 0 for none.
+    pub(crate) trial: AtomicU64,
+    /// The number of the first request that tried it in this ejection (0 for none): an
+    /// answer to it or to any request sent after it ends the ejection.
+    pub(crate) first_trial: AtomicU64,
     pub(crate) born: Instant,
     /// Drains started so far: a drain's task acts only while it is the latest one (a
     /// server back and drained again has a new task and a new deadline).
@@ -94,8 +95,8 @@ impl Server {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
-            trial_claim: AtomicU64::new(0),
-            trial_nth: AtomicU64::new(0),
+            trial: AtomicU64::new(0),
+            first_trial: AtomicU64::new(0),
             born: Instant::now(),
             drains: AtomicU64::new(0),
             pool: Pool::default(),

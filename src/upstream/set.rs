@@ -52,10 +52,32 @@ pub struct ServerSet {
     /// False from the start of a DNS upstream until its first lookup has come back (with
     /// servers, nothing or an error): until then its emptiness says nothing.
     looked_up: AtomicBool,
-    /// Set when a server may be due for a trial (a back-off ended, a claim given back or
-    /// lapsed, a change of the set); cleared by the request that then finds none.
+    /// Set when a server may be due for a trial or its trial was answered (a back-off
+    /// ended, a trial ended, a change of the set); cleared by the request that then looks.
     trial_due: AtomicBool,
     pub stats: SetStats,
+}
+
+/// `Server::trial` between a request's claim and its `begin_trial`.
+const CLAIMED: u64 = u64::MAX;
+
+/// A request's hold on the trial of an ejected server. When it drops with the trial still
+/// its own (no server failure settled it), the server is due again: the next request
+/// ends the ejection if the trial was answered, or tries the server in its turn.
+#[derive(Debug)]
+pub struct TrialGuard<'a> {
+    set: &'a ServerSet,
+    server: Arc<Server>,
+    nth: u64,
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        let trial = &self.server.trial;
+        if trial.compare_exchange(self.nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            self.set.trial_due.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// What a reconcile did, for logs and tests.
@@ -236,9 +258,16 @@ impl ServerSet {
             return false;
         }
         let _g = self.lock();
+        self.end_ejection_locked(server)
+    }
+
+    fn end_ejection_locked(&self, server: &Server) -> bool {
+        if server.ejected_until_ms.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
         server.ejected_until_ms.store(0, Ordering::SeqCst);
-        server.trial_claim.store(0, Ordering::SeqCst);
-        server.trial_nth.store(0, Ordering::SeqCst);
+        server.trial.store(0, Ordering::SeqCst);
+        server.first_trial.store(0, Ordering::SeqCst);
         server.ejections.store(0, Ordering::Relaxed);
         self.refresh_eligible_locked();
         true
@@ -265,35 +294,42 @@ impl ServerSet {
             let _g = self.lock();
             let until = server.born.elapsed() + for_how_long;
             server.ejected_until_ms.store(until.as_millis().max(1) as u64, Ordering::SeqCst);
-            server.trial_claim.store(0, Ordering::SeqCst);
-            server.trial_nth.store(0, Ordering::SeqCst);
+            server.trial.store(0, Ordering::SeqCst);
+            server.first_trial.store(0, Ordering::SeqCst);
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             self.refresh_eligible_locked();
         }
-        self.due_after(for_how_long);
+        let set = Arc::clone(self);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                tokio::time::sleep(for_how_long).await;
+                set.trial_due.store(true, Ordering::SeqCst);
+            });
+        }
     }
 
-    /// A trial of an ejected server whose back-off is over (healthy, not claimed by
-    /// another request, not tried by this one): the server gets this one request, not its
-    /// share, until it answers one, so a hung server costs one `response_timeout` per
-    /// back-off. The request, numbered `nth` by [`Server::begin_nth`], names itself the
-    /// trial with [`ServerSet::begin_trial`]; its outcome settles it (see
-    /// `proxy::record_success`, `proxy::record_failure`). The claim holds for `time` (what
-    /// the request may take: its connect and response timeouts); then the server is due
-    /// again whatever became of the request. Looked at before each pick: one atomic load
-    /// unless a server may be due.
+    /// A trial of an ejected server whose back-off is over (healthy, not being tried, not
+    /// tried by this request): the server gets this one request, not its share, until one
+    /// is answered, so a hung server costs one `response_timeout` per back-off. The
+    /// request, numbered `nth` by [`Server::begin_nth`], takes the trial with
+    /// [`ServerSet::begin_trial`] and holds it until it ends; its outcome settles it (see
+    /// `proxy::record_success`, `proxy::record_failure`). Looked at before each pick: one
+    /// atomic load unless a server may be due.
     #[inline]
-    pub fn claim_trial(self: &Arc<Self>, tried: &[SocketAddr], time: Duration) -> Option<Arc<Server>> {
+    pub fn claim_trial(&self, tried: &[SocketAddr]) -> Option<Arc<Server>> {
         if !self.trial_due.load(Ordering::Acquire) {
             return None;
         }
-        self.claim_due_trial(tried, time)
+        self.claim_due_trial(tried)
     }
 
     #[cold]
-    fn claim_due_trial(self: &Arc<Self>, tried: &[SocketAddr], time: Duration) -> Option<Arc<Server>> {
-        // Cleared before looking: whatever makes a server due after this sets it again.
-        self.trial_due.store(false, Ordering::SeqCst);
+    fn claim_due_trial(&self, tried: &[SocketAddr]) -> Option<Arc<Server>> {
+        // Under the lock, so no ejection starts or ends while one is looked at.
+        let _g = self.lock();
+        // Cleared before looking (and what was written before it was set is seen):
+        // whatever makes a server due after this sets it again.
+        self.trial_due.swap(false, Ordering::AcqRel);
         let now = Instant::now();
         let mut claimed = None;
         let mut due_left = false;
@@ -303,17 +339,18 @@ impl ServerSet {
                 // Not ejected; or out anyway (a change of state sets `trial_due`).
                 continue;
             }
-            if self.end_answered_trial(s) {
+            let first = s.first_trial.load(Ordering::SeqCst);
+            if first != 0 && s.answered.load(Ordering::SeqCst) >= first {
+                // Its first trial, or a request sent after it, was answered.
+                self.end_ejection_locked(s);
+                tracing::info!(upstream = %self.name, server = %s.addr, "ejected server answered a trial request; back in rotation");
                 continue;
             }
-            let (claim, at) = (s.trial_claim.load(Ordering::SeqCst), s.ms_at(now));
-            if at < ejection || at < claim {
-                continue; // its back-off, or a request's claim, runs: their ends set `trial_due`
+            if s.ms_at(now) < ejection || s.trial.load(Ordering::SeqCst) != 0 {
+                continue; // its back-off runs, or a request tries it: their ends set `trial_due`
             }
-            let until = at.saturating_add(time.as_millis() as u64).max(claim + 1);
-            let free = claimed.is_none() && !tried.contains(&s.addr);
-            if free && s.trial_claim.compare_exchange(claim, until, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                s.trial_nth.store(0, Ordering::SeqCst);
+            if claimed.is_none() && !tried.contains(&s.addr) {
+                s.trial.store(CLAIMED, Ordering::SeqCst);
                 claimed = Some(Arc::clone(s));
             } else {
                 due_left = true;
@@ -322,72 +359,47 @@ impl ServerSet {
         if due_left {
             self.trial_due.store(true, Ordering::SeqCst);
         }
-        if claimed.is_some() {
-            self.due_after(time);
-        }
         claimed
-    }
-
-    /// Ends the ejection of `server` if its trial (or a request sent after it) was
-    /// answered; whether it did.
-    fn end_answered_trial(&self, server: &Server) -> bool {
-        let trial = server.trial_nth.load(Ordering::SeqCst);
-        if trial == 0 || server.answered.load(Ordering::SeqCst) < trial {
-            return false;
-        }
-        if self.end_ejection(server) {
-            tracing::info!(upstream = %self.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
-        }
-        true
     }
 
     /// Ends the ejections whose trials were answered (done by the next request otherwise):
     /// for reports of the servers' states.
     pub fn settle_answered_trials(&self) {
         if self.trial_due.load(Ordering::Acquire) {
+            let _g = self.lock();
             for s in self.all.load().iter() {
-                self.end_answered_trial(s);
+                let first = s.first_trial.load(Ordering::SeqCst);
+                if first != 0 && s.answered.load(Ordering::SeqCst) >= first {
+                    self.end_ejection_locked(s);
+                }
             }
         }
     }
 
-    /// The claimed trial of `server` is its request number `nth`.
-    pub fn begin_trial(&self, server: &Server, nth: u64) {
-        server.trial_nth.store(nth, Ordering::SeqCst);
+    /// Request `nth` takes the trial of `server` claimed for it: the trial is its own
+    /// until the returned guard drops.
+    pub fn begin_trial<'a>(&'a self, server: &Arc<Server>, nth: u64) -> TrialGuard<'a> {
+        server.trial.store(nth, Ordering::SeqCst);
+        let _ = server.first_trial.compare_exchange(0, nth, Ordering::SeqCst, Ordering::SeqCst);
+        TrialGuard { set: self, server: Arc::clone(server), nth }
     }
 
-    /// A server failure of request `nth`: whether it was the server's trial (then settled).
+    /// A server failure of request `nth`: whether it was the server's trial (then over).
     pub fn trial_failed(&self, server: &Server, nth: u64) -> bool {
-        nth != 0 && server.trial_nth.compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        nth != 0
+            && server.trial.load(Ordering::Relaxed) == nth
+            && server.trial.compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 
-    /// Request `nth` found nothing out about `server` (the client went away, or its failure
-    /// was not the server's): if it was the trial, the server is due for another at once.
-    pub fn trial_found_nothing(&self, server: &Server, nth: u64) {
-        if nth != 0 && server.trial_nth.compare_exchange(nth, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-            server.trial_claim.store(0, Ordering::SeqCst);
-            self.trial_due.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// Request `nth` was answered by `server` (after its `answered` was raised): if it
-    /// was the server's trial, the next request ends the ejection (see `claim_due_trial`;
-    /// a store here, so that no call sits between a response and its return).
+    /// Request `nth` was answered by `server` (after its `answered` was raised): if the
+    /// server is ejected and it was sent with or after its first trial, the next request
+    /// ends the ejection (see `claim_due_trial`; a store here, so that no call sits
+    /// between a response and its return).
     #[inline]
     pub fn trial_answered(&self, server: &Server, nth: u64) {
-        if server.trial_nth.load(Ordering::Relaxed) == nth {
+        let first = server.first_trial.load(Ordering::Relaxed);
+        if first != 0 && nth >= first {
             self.trial_due.store(true, Ordering::Release);
-        }
-    }
-
-    /// Marks trials due after `time` (a back-off or a claim ends then).
-    fn due_after(self: &Arc<Self>, time: Duration) {
-        let set = Arc::clone(self);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                tokio::time::sleep(time).await;
-                set.trial_due.store(true, Ordering::SeqCst);
-            });
         }
     }
 
@@ -561,12 +573,12 @@ mod tests {
         s.eject(&all[2], Duration::from_secs(2));
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
         // A back-off's end alone brings none back: a trial request must be answered.
-        let due = |tried: &[SocketAddr]| s.claim_trial(tried, Duration::from_secs(5)).map(|server| server.addr);
+        let due = |tried: &[SocketAddr]| s.claim_trial(tried).map(|server| server.addr);
         tokio::time::sleep(Duration::from_millis(1001)).await;
         tokio::task::yield_now().await;
         assert_eq!(addrs(&s.eligible()), [addr(1), addr(2), addr(3)]);
         assert_eq!(due(&[]), Some(addr(1)), "the first back-off is over");
-        // (That claim of the first server holds: no second trial of it meanwhile.)
+        // (That claim of the first server holds: no request took it up, none ended it.)
         assert_eq!(due(&[]), None, "one trial of a server at a time");
         assert!(s.end_ejection(&all[0]));
         assert_eq!(addrs(&s.eligible()), [addr(1)], "answered: back; the others are out again");
@@ -585,7 +597,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_back_from_draining_after_its_back_off_is_tried() {
         let s = set(false);
-        let due = |tried: &[SocketAddr]| s.claim_trial(tried, Duration::from_secs(5)).map(|server| server.addr);
+        let due = |tried: &[SocketAddr]| s.claim_trial(tried).map(|server| server.addr);
         s.reconcile(&[addr(1), addr(2)]);
         let first = Arc::clone(&s.all()[0]);
         s.eject(&first, Duration::from_secs(1));
