@@ -413,6 +413,24 @@ async fn a_switch_to_a_protocol_the_client_did_not_ask_for_is_refused() {
     }
 }
 
+/// A gateway routing `ws.test` to `servers`.
+async fn gateway_to(servers: &[String]) -> Gateway {
+    let config = CONFIG.replace("servers = [\"@B@\"]", &format!("servers = [\"{}\"]", servers.join("\", \"")));
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["ws.test"]);
+    Gateway::builder(&config).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await
+}
+
+/// A WebSocket upgrade through the gateway at `http` to the echo service, closed at once.
+async fn echo_upgrade(http: std::net::SocketAddr, i: usize) {
+    let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://ws.test/ws?n={i}"), tcp)
+        .await
+        .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+    assert_eq!(resp.status(), 101);
+    ws.close(None).await.unwrap();
+}
+
 /// An upgrade that meets dead replicas first (refusing connections) goes on to a live
 /// one: refused connects do not use up `retries` (default 2), as for other requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,17 +441,9 @@ async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
     let mut servers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     drop(listeners); // every one of these ports refuses from now on
     servers.push(b.addr.to_string());
-    let config = CONFIG.replace("servers = [\"@B@\"]", &format!("servers = [\"{}\"]", servers.join("\", \"")));
-    let pki = Pki::new();
-    let (crt, key) = pki.leaf(&["ws.test"]);
-    let gw = Gateway::builder(&config).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
+    let gw = gateway_to(&servers).await;
     for i in 0..5 {
-        let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://ws.test/ws?n={i}"), tcp)
-            .await
-            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
-        assert_eq!(resp.status(), 101);
-        ws.close(None).await.unwrap();
+        echo_upgrade(gw.http, i).await;
     }
     // Each refused connect ejected its server, as for any request.
     let m = gw.metrics().await;
@@ -447,18 +457,7 @@ async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
 async fn an_upgrade_tries_an_ejected_server_after_its_back_off() {
     let live = Backend::start("live").await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let config = CONFIG.replace("servers = [\"@B@\"]", &format!("servers = [\"{}\", \"{dead}\"]", live.addr));
-    let pki = Pki::new();
-    let (crt, key) = pki.leaf(&["ws.test"]);
-    let gw = Gateway::builder(&config).file("certs/ws.crt", crt).file("certs/ws.key", key).start().await;
-    let upgrade = |i: usize| async move {
-        let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://ws.test/ws?n={i}"), tcp)
-            .await
-            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
-        assert_eq!(resp.status(), 101);
-        ws.close(None).await.unwrap();
-    };
+    let gw = gateway_to(&[live.addr.to_string(), dead.to_string()]).await;
     let ejected = |r: Resp| {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let servers = v["upstreams"][0]["servers"].as_array().unwrap().clone();
@@ -467,12 +466,12 @@ async fn an_upgrade_tries_an_ejected_server_after_its_back_off() {
     let mut i = 0;
     while !ejected(gw.admin_get("/upstreams").await) {
         assert!(i < 60, "the refusing server was never tried");
-        upgrade(i).await;
+        echo_upgrade(gw.http, i).await;
         i += 1;
     }
     let back = Backend::start_at("back", dead).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    upgrade(100).await; // the trial: it goes to the server back at that port
+    echo_upgrade(gw.http, 100).await; // the trial: it goes to the server back at that port
     assert_eq!(back.hits(), 1);
     assert!(!ejected(gw.admin_get("/upstreams").await), "answered its trial: back in rotation");
 }
