@@ -592,7 +592,6 @@ fn respond(
 ) -> Response<RespBody> {
     // The head came without its hop-by-hop fields (`h1::parse_head`).
     let (parts, body) = sent.response.into_parts();
-
     let status = parts.status;
     let done = Done { epoch: sent.epoch, guard, route, status, start, log };
     Response::from_parts(parts, RespBody::Upstream(UpstreamBody::new(body, done)))
