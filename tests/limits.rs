@@ -439,17 +439,23 @@ async fn a_stopped_server_gives_502_or_503_quickly() {
     assert!(metric_value(&m, "swarmgate_upstream_connect_errors_total{upstream=\"app\"}").unwrap() >= 1.0, "{m}");
 }
 
+/// A server that answers, a hung one (never accepted: the kernel completes the
+/// connections, and nothing ever answers), and a gateway to both.
+async fn live_and_hung() -> (Backend, std::net::TcpListener, Gateway) {
+    let live = Backend::start("live").await;
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let servers = format!("\"{}\", \"{}\"", live.addr, hung.local_addr().unwrap());
+    let gw = Gateway::builder(CONFIG).var("SERVERS", servers).var("HRT", "1s").var("MAXCONN", 1000).start().await;
+    (live, hung, gw)
+}
+
 /// A server that takes connections and answers nothing (hung) times out every request it
 /// gets: after three in a row it is ejected like a failing one, and the requests go to
 /// the server that answers, where without ejection about half of them would wait
 /// `response_timeout` for a 504, for as long as it hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_is_ejected_after_three_timeouts() {
-    let live = Backend::start("live").await;
-    // Never accepted: the kernel completes the connections, and nothing ever answers.
-    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let servers = format!("\"{}\", \"{}\"", live.addr, hung.local_addr().unwrap());
-    let gw = Gateway::builder(CONFIG).var("SERVERS", servers).var("HRT", "1s").var("MAXCONN", 1000).start().await;
+    let (_live, hung, gw) = live_and_hung().await;
     let mut timeouts = 0;
     for i in 0..40 {
         let r = get(gw.http, "app.test", &format!("/{i}")).await;
@@ -472,10 +478,7 @@ async fn a_hung_server_is_ejected_after_three_timeouts() {
 /// trial costs one request a `response_timeout` and ejects it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_gets_one_trial_request_per_back_off() {
-    let live = Backend::start("live").await;
-    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let servers = format!("\"{}\", \"{}\"", live.addr, hung.local_addr().unwrap());
-    let gw = Gateway::builder(CONFIG).var("SERVERS", servers).var("HRT", "1s").var("MAXCONN", 1000).start().await;
+    let (_live, hung, gw) = live_and_hung().await;
     let ejections = |m: &str| metric_value(m, r#"swarmgate_upstream_ejections_total{upstream="app"}"#).unwrap_or(0.0);
     // One client until three timeouts in a row eject the hung server.
     let mut timeouts = 0;

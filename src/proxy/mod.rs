@@ -36,7 +36,7 @@ use crate::metrics::RouteStats;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::Throttle;
-use crate::upstream::{InFlight, Server, ServerSet, balance};
+use crate::upstream::{InFlight, Server, ServerSet, Upstream, balance};
 use body::{ClientBody, Prefetched, ReqBody, RespBody, UpstreamBody};
 use client::SendError;
 use error::ProxyError;
@@ -467,19 +467,11 @@ fn attempts(
         // The last attempt's failure, once one has failed and another server is tried.
         let mut last: Option<SendError> = None;
         loop {
-            // An ejected server due for a trial takes this request; else the balancer picks.
-            let (server, trial) = match upstream.set.claim_trial(&tried) {
-                Some(server) => (server, true),
-                None => {
-                    let eligible = upstream.set.eligible();
-                    let picked = with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned();
-                    match (picked, last.take()) {
-                        (Some(s), _) => (s, false),
-                        (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
-                        (None, Some(last)) => {
-                            return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
-                        }
-                    }
+            let (server, trial) = match (choose(upstream, &tried), last.take()) {
+                (Some(chosen), _) => chosen,
+                (None, None) => return Err(ProxyError::NoServer(upstream.set.name.clone())),
+                (None, Some(last)) => {
+                    return Err(ProxyError::Exhausted { upstream: upstream.set.name.clone(), last });
                 }
             };
             let (guard, nth) = server.begin_nth();
@@ -531,6 +523,17 @@ fn attempts(
             }
         }
     }
+}
+
+/// The server for a request's next attempt, other than those it `tried`: an ejected one
+/// due for a trial (then `true`), else the balancer's pick among the eligible.
+#[inline]
+pub(crate) fn choose(upstream: &Upstream, tried: &[SocketAddr]) -> Option<(Arc<Server>, bool)> {
+    if let Some(server) = upstream.set.claim_trial(tried) {
+        return Some((server, true));
+    }
+    let eligible = upstream.set.eligible();
+    with_rng(|rng| balance::pick(upstream.config.balance, &eligible, tried, rng)).map(|s| (Arc::clone(s), false))
 }
 
 /// A response from `server` to its `nth` request: failures in a row end, and an ejection

@@ -19,12 +19,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::body::{ClientBody, RefusedBody, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::{
-    AccessLog, Conn, Pending, access_log_enabled, client, forwarded, hop, record_failure, record_success, with_rng,
+    AccessLog, Conn, Pending, access_log_enabled, choose, client, forwarded, hop, record_failure, record_success,
+    with_rng,
 };
 use crate::gateway::Gateway;
 use crate::route;
 use crate::snapshot::{Route, Snapshot};
-use crate::upstream::{InFlight, Server, balance};
+use crate::upstream::{InFlight, Server};
 
 /// An HTTP/1.1 request asking to switch to WebSocket (RFC 9110 section 7.8, RFC 6455).
 /// Any other `Upgrade` (h2c, say) is ignored, as RFC 9110 lets a server do: the request is
@@ -188,14 +189,7 @@ async fn ask(
     let mut charged = 0u32;
     let mut failed = None;
     let (server, mut sender, guard, nth, _trial) = loop {
-        let (server, trial) = match set.claim_trial(&tried) {
-            Some(server) => (Some(server), true),
-            None => {
-                let eligible = set.eligible();
-                (with_rng(|rng| balance::pick(cfg.balance, &eligible, &tried, rng)).cloned(), false)
-            }
-        };
-        let Some(server) = server else {
+        let Some((server, trial)) = choose(upstream, &tried) else {
             // None left to try after a failure: that failure (502), not "no server" (503).
             return Err(failed.map_or_else(|| ProxyError::NoServer(set.name.clone()), ProxyError::Upstream));
         };

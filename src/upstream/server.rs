@@ -65,7 +65,6 @@ pub struct Server {
     /// `born` (tokio's clock, so back-off is testable with paused time). The ejection
     /// outlasts its back-off: after it one request at a time tries the server (a trial,
     /// see `ServerSet::claim_trial`), and the first trial it answers ends the ejection.
-    /// The value also names the ejection: the next one ends its back-off later.
     pub(crate) ejected_until_ms: AtomicU64,
     /// The number (counted by `requests`) of the request trying it while ejected (see
     /// `ServerSet::claim_trial`); 0 for none.

@@ -339,11 +339,7 @@ impl ServerSet {
                 // Not ejected; or out anyway (a change of state sets `trial_due`).
                 continue;
             }
-            let first = s.first_trial.load(Ordering::SeqCst);
-            if first != 0 && s.answered.load(Ordering::SeqCst) >= first {
-                // Its first trial, or a request sent after it, was answered.
-                self.end_ejection_locked(s);
-                tracing::info!(upstream = %self.name, server = %s.addr, "ejected server answered a trial request; back in rotation");
+            if self.end_answered_trial_locked(s) {
                 continue;
             }
             if s.ms_at(now) < ejection || s.trial.load(Ordering::SeqCst) != 0 {
@@ -368,12 +364,20 @@ impl ServerSet {
         if self.trial_due.load(Ordering::Acquire) {
             let _g = self.lock();
             for s in self.all.load().iter() {
-                let first = s.first_trial.load(Ordering::SeqCst);
-                if first != 0 && s.answered.load(Ordering::SeqCst) >= first {
-                    self.end_ejection_locked(s);
-                }
+                self.end_answered_trial_locked(s);
             }
         }
+    }
+
+    /// Ends the ejection of `server` if its first trial, or a request sent after it, was
+    /// answered; whether it did.
+    fn end_answered_trial_locked(&self, server: &Server) -> bool {
+        let first = server.first_trial.load(Ordering::SeqCst);
+        if first == 0 || server.answered.load(Ordering::SeqCst) < first || !self.end_ejection_locked(server) {
+            return false;
+        }
+        tracing::info!(upstream = %self.name, server = %server.addr, "ejected server answered a trial request; back in rotation");
+        true
     }
 
     /// Request `nth` takes the trial of `server` claimed for it: the trial is its own
