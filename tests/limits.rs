@@ -214,6 +214,39 @@ async fn a_bad_head_is_answered_logged_and_counted() {
     assert!(!gw.logs().lines().any(|l| l.contains("WARN") && l.contains("request failed")), "{}", gw.logs());
 }
 
+/// A bad head behind a request with a body (which a hyper session serves, and so reads
+/// the heads after it) gets hyper's answer, and is logged and counted all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_head_behind_a_request_with_a_body_is_logged_and_counted() {
+    let b = Backend::start("app").await;
+    let gw = gateway(&b).await;
+    let post = "POST /first HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\n\r\nhi";
+    let fields: String = (0..=100).map(|i| format!("X-F{i}: 1\r\n")).collect();
+    let cases = [
+        ("GET /\x01 HTTP/1.1\r\nHost: app.test\r\n\r\n".to_string(), 400),
+        ("GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n".to_string(), 400),
+        (format!("GET / HTTP/1.1\r\nHost: app.test\r\n{fields}\r\n"), 431),
+    ];
+    for (bad, status) in &cases {
+        let (bytes, closed) = raw(&gw, format!("{post}{bad}").as_bytes()).await;
+        let answer = String::from_utf8_lossy(&bytes);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "the request before it is served: {answer}");
+        let second = answer.match_indices("HTTP/1.1 ").nth(1).map(|(i, _)| &answer[i..]);
+        assert!(second.is_some_and(|r| r.starts_with(&format!("HTTP/1.1 {status} "))), "{answer}");
+        assert!(closed, "the connection is closed after the answer");
+    }
+    assert_eq!(b.hits(), cases.len());
+    let m = gw.metrics().await;
+    for status in [400, 431] {
+        let n = cases.iter().filter(|c| c.1 == status).count();
+        let series = format!(r#"swarmgate_responses_total{{route="",upstream="",status="{status}"}}"#);
+        assert_eq!(metric_value(&m, &series), Some(n as f64), "{series}\n{m}");
+        let line = format!("method=- host=- path=- status={status} ");
+        let logged = gw.logs().lines().filter(|l| l.contains("swarmgate::access") && l.contains(&line)).count();
+        assert_eq!(logged, n, "{status}\n{}", gw.logs());
+    }
+}
+
 /// A client still sending an oversized head when it is refused gets the answer: the
 /// gateway reads and drops the rest for a while before it closes, where closing with
 /// unread bytes would reset the connection under the client's next write.

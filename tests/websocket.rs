@@ -456,7 +456,11 @@ async fn an_upgrade_meeting_dead_replicas_first_reaches_a_live_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_tries_an_ejected_server_after_its_back_off() {
     let live = Backend::start("live").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Bound but not listening: connects to it are refused, and no other socket can take
+    // the port before the server comes back on it.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = reserved.local_addr().unwrap();
     let gw = gateway_to(&[live.addr.to_string(), dead.to_string()]).await;
     let ejected = |r: Resp| {
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -469,7 +473,7 @@ async fn an_upgrade_tries_an_ejected_server_after_its_back_off() {
         echo_upgrade(gw.http, i).await;
         i += 1;
     }
-    let back = Backend::start_at("back", dead).await;
+    let back = Backend::start_on("back", reserved);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     echo_upgrade(gw.http, 100).await; // the trial: it goes to the server back at that port
     assert_eq!(back.hits(), 1);

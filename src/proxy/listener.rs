@@ -434,7 +434,7 @@ where
                 Some(requests) => break (requests, res),
                 None => {
                     if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection ended with an error");
+                        session_failed(shared, &e);
                     }
                     return Session::Over(handover);
                 }
@@ -443,7 +443,7 @@ where
                 activity.set_parking(false);
                 Pin::new(&mut session).graceful_shutdown();
                 if let Err(e) = (&mut session).await {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+                    session_failed(shared, &e);
                 }
                 return Session::Over(handover);
             }
@@ -464,6 +464,9 @@ where
         }
     };
     activity.set_parking(false);
+    if let Err(e) = &result {
+        session_failed(shared, e);
+    }
     // A request that slipped in while parking was answered with `Connection: close`;
     // an upgraded session has no socket to give back.
     if result.is_err() || activity.requests() != requests {
@@ -475,6 +478,33 @@ where
         io.unread(&parts.read_buf);
     }
     Session::Back(io) // the rest of the session (its read buffer included) is freed here
+}
+
+/// A hyper session's end with an error. A head it could not read (one that came while
+/// the session served the connection) hyper answers itself, with an empty body, before
+/// its session ends with the parse error: logged and counted here as the reader's own
+/// refusals are.
+#[cold]
+fn session_failed(shared: &Shared, e: &hyper::Error) {
+    match hyper_refusal(e) {
+        Some(status) => super::head_refused(&shared.gw, status, 0, e),
+        None => tracing::debug!(error = %e, "client connection ended with an error"),
+    }
+}
+
+/// The status hyper answered a head with, when its session ended on one it could not
+/// read (hyper's `on_error`: 431 for a head over the limit, 414 for a URI over its own
+/// 64 KiB, 400 for the rest); `None` for other errors, and for an HTTP/2 preface, which
+/// hyper closes unanswered.
+fn hyper_refusal(e: &hyper::Error) -> Option<u16> {
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return None;
+    }
+    if !e.is_parse_too_large() {
+        return Some(400);
+    }
+    // hyper's two kinds of "too large" differ only in their text.
+    Some(if e.to_string() == "URI too long" { 414 } else { 431 })
 }
 
 /// The proxy service, counting each request in `activity` until its response body ends.
@@ -610,5 +640,49 @@ mod tests {
             assert_eq!(socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"), KEEPALIVE_PROBES);
             assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), Some(UNACKED_TIMEOUT));
         }
+    }
+
+    /// What hyper's session answers `head` with, and the status `hyper_refusal` reads
+    /// from the error it ends with.
+    async fn hyper_answer(head: Vec<u8>) -> (String, Option<u16>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server, mut client) = tokio::io::duplex(256 * 1024);
+        let service = service_fn(|_req| async { Ok::<_, Infallible>(hyper::Response::new(String::new())) });
+        let session = http1::Builder::new().max_buf_size(256 * 1024).serve_connection(TokioIo::new(server), service);
+        let talk = async {
+            client.write_all(&head).await.expect("write");
+            client.shutdown().await.expect("shutdown"); // a good head's session ends at its end
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.expect("read");
+            answer
+        };
+        let (ended, answer) = tokio::join!(session, talk);
+        let status = ended.err().and_then(|e| hyper_refusal(&e));
+        (String::from_utf8_lossy(&answer).into_owned(), status)
+    }
+
+    #[tokio::test]
+    async fn the_status_of_hyper_s_answer_to_a_bad_head_is_known() {
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(70 * 1024));
+        let fields: String = (0..=100).map(|i| format!("X-F{i}: 1\r\n")).collect();
+        let cases = [
+            (b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 400),
+            (b"GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n".to_vec(), 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), 0),
+            (long_uri.into_bytes(), 414),
+            (format!("GET / HTTP/1.1\r\n{fields}\r\n").into_bytes(), 431),
+        ];
+        for (head, status) in cases {
+            let (answer, read) = hyper_answer(head).await;
+            if status == 0 {
+                assert_eq!(read, None, "no refusal for a good head: {answer}");
+                continue;
+            }
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+            assert_eq!(read, Some(status), "{answer}");
+        }
+        // An HTTP/2 preface: closed unanswered, so nothing to log.
+        let (answer, read) = hyper_answer(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()).await;
+        assert_eq!((answer.as_str(), read), ("", None));
     }
 }

@@ -789,14 +789,21 @@ fn local_error(err: &ProxyError, stats: &RouteRef, start: Instant) -> Response<R
 /// with `-` for what it could not tell.
 #[cold]
 pub(super) fn refuse_head(gw: &Arc<Gateway>, err: &ProxyError) -> Response<RespBody> {
+    head_refused(gw, err.logged_status(), err.body_bytes(), err);
+    text(err.status(), err.body())
+}
+
+/// Logs and counts a refused head: in the access log with `-` for what could not be told,
+/// in the metrics with the unrouted requests.
+#[cold]
+pub(super) fn head_refused(gw: &Gateway, status: u16, bytes: u64, err: &dyn std::fmt::Display) {
     if access_log_enabled() {
-        access_line(["-"; 4], err.logged_status(), None, Duration::ZERO, err.body_bytes(), true);
+        access_line(["-"; 4], status, None, Duration::ZERO, bytes, true);
     }
     // At debug whatever its status: what a client sends is no failure of the gateway's
     // (and a scanner's 505s would take the warnings of servers failing).
-    tracing::debug!(status = err.status().as_u16(), error = %err, "request head refused");
-    gw.metrics.unrouted.record(err.logged_status(), Duration::ZERO);
-    text(err.status(), err.body())
+    tracing::debug!(status, error = %err, "request head refused");
+    gw.metrics.unrouted.record(status, Duration::ZERO);
 }
 
 /// A short plain-text answer of the gateway's own.

@@ -812,8 +812,9 @@ impl Backend {
     }
 
     /// A backend at `addr` (a port that refused until now).
-    pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
-        Backend::serve(TcpListener::bind(addr).await.unwrap(), name, Duration::ZERO)
+    /// A backend listening on a socket the test bound (and kept) beforehand.
+    pub fn start_on(name: &str, socket: tokio::net::TcpSocket) -> Backend {
+        Backend::serve(socket.listen(1024).unwrap(), name, Duration::ZERO)
     }
 
     fn serve(listener: TcpListener, name: &str, delay: Duration) -> Backend {
