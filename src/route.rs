@@ -178,12 +178,86 @@ pub fn strip_prefix<'p>(path: &'p str, prefix: &str) -> std::borrow::Cow<'p, str
     }
 }
 
+/// Whether `path` has a dot-segment: `.` or `..`, each dot also written `%2e`. Such a
+/// path names another one (RFC 3986 section 5.2.4), and a server that resolves it would
+/// serve what a prefix route never let through (`/api/../internal`), so routing sees it
+/// resolved ([`remove_dot_segments`]). Asked of every request: one pass, no allocation.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| dots(segment).is_some())
+}
+
+/// 1 for a `.` segment, 2 for `..` (each dot perhaps `%2e` or `%2E`), else `None`.
+fn dots(segment: &str) -> Option<u8> {
+    let mut rest = segment.as_bytes();
+    if !matches!(rest.first(), Some(b'.' | b'%')) {
+        return None;
+    }
+    let mut n = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return None,
+        };
+        n += 1;
+    }
+    (n <= 2).then_some(n)
+}
+
+/// `path` with its dot-segments resolved (RFC 3986 section 5.2.4): `.` goes, `..` takes
+/// the segment before it with it (none above the root), and a path ending in either ends
+/// in `/`. `/a/./b` is `/a/b`, `/a/b/..` is `/a/`, `/api/%2e%2e/internal` is `/internal`.
+pub fn remove_dot_segments(path: &str) -> String {
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match dots(segment) {
+            None => kept.push(segment),
+            Some(n) => {
+                if n == 2 {
+                    kept.pop();
+                }
+                if last {
+                    kept.push("");
+                }
+            }
+        }
+    }
+    format!("/{}", kept.join("/"))
+}
+
 /// A shared handle is what the proxy stores.
 pub type SharedRouter<R> = Arc<Router<R>>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_and_resolved() {
+        let cases = [
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/api/../internal", "/internal"),
+            ("/api/%2e%2e/internal", "/internal"),
+            ("/api/.%2E/internal", "/internal"),
+            ("/x/../api/y", "/api/y"),
+            ("/..", "/"),
+            ("/../../a", "/a"),
+            ("/a/../", "/"),
+            ("/a//../b", "/a/b"),
+            ("/.", "/"),
+        ];
+        for (path, resolved) in cases {
+            assert!(has_dot_segment(path), "{path}");
+            assert_eq!(remove_dot_segments(path), resolved, "{path}");
+        }
+        for path in ["/", "", "*", "/a/b", "/.well-known/x", "/a/...", "/a..b/c", "/%2e%2e%2e", "/a.", "/%2ex", "/%2"] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 
     fn router() -> Router<&'static str> {
         let mut r = Router::default();

@@ -150,6 +150,22 @@ async fn strip_path_sends_the_rest_and_the_prefix_header() {
     assert!(!s.fhir.last().has("x-forwarded-prefix"));
 }
 
+/// A path with dot-segments is routed as the path they name, and sent on so: a prefix
+/// route cannot be left (`/fhir/../x` is not the fhir route's) or entered sideways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_resolved_before_routing() {
+    let s = setup().await;
+    assert_eq!(who(&s, "a.example.test", "/fhir/../internal").await, "exact");
+    assert_eq!(who(&s, "a.example.test", "/fhir/%2e%2E/internal?q=1").await, "exact");
+    assert_eq!(who(&s, "a.example.test", "/x/../fhir/Patient/./1").await, "fhir");
+    assert_eq!(who(&s, "a.example.test", "/strip/a/../../fhir").await, "fhir");
+    assert_eq!(who(&s, "a.example.test", "/strip/./b/..").await, "strip");
+    let paths = |b: &Backend| b.requests().into_iter().map(|r| r.uri).collect::<Vec<_>>();
+    assert_eq!(paths(&s.exact), ["/internal", "/internal?q=1"]);
+    assert_eq!(paths(&s.fhir), ["/fhir/Patient/1", "/fhir"]);
+    assert_eq!(paths(&s.strip), ["/"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_is_404_with_a_short_text_body() {
     let s = setup().await;
