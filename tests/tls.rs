@@ -236,6 +236,55 @@ async fn plain_http_is_redirected_to_https() {
     );
 }
 
+/// `Host: name:80` names the default port: the redirect's URL names none (behind a port
+/// mapping the HTTPS listener's own port would be unreachable). A client's own claim to
+/// have come over https is no reason not to redirect it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_for_port_80_names_no_port_and_untrusted_claims_do_not_stop_it() {
+    let s = setup("1.2", true).await;
+    let r = get(s.gw.http, "a.test:80", "/p").await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://a.test/p"));
+    let claims = [("x-forwarded-proto", "https"), ("forwarded", "for=192.0.2.1;proto=https")];
+    for (name, value) in claims {
+        let r = send(s.gw.http, req("GET", "a.test", "/q").header(name, value).body(empty()).unwrap()).await;
+        assert_eq!((r.status, r.header("location")), (308, Some("https://a.test/q")), "{name}");
+    }
+    assert_eq!(s.b.hits(), 0);
+}
+
+/// A load balancer in `trusted_proxies` that ends TLS itself sends plain HTTP saying it
+/// was reached over https: proxied, not redirected (which would loop), and the service
+/// told the public URL, its port following from the scheme the balancer gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_ending_tls_is_not_redirected() {
+    let s = setup_with("1.2", true, &[("SWARMGATE_PROXY_TRUSTED_PROXIES", "127.0.0.1/32")]).await;
+    let said = [
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=192.0.2.1;proto=http, for=192.0.2.9;host=\"a.test:8443\";proto=https"),
+    ];
+    for (name, value) in said {
+        let r = send(s.gw.http, req("GET", "a.test", "/q").header(name, value).body(empty()).unwrap()).await;
+        assert_eq!(r.status, 200, "{name}: {:?}", r.header("location"));
+    }
+    let seen: Vec<_> =
+        s.b.requests()
+            .into_iter()
+            .map(|r| {
+                let h = |n: &str| r.header(n).unwrap_or("-").to_string();
+                (h("x-forwarded-proto"), h("x-forwarded-host"), h("x-forwarded-port"))
+            })
+            .collect();
+    let want = |proto: &str, host: &str, port: &str| (proto.to_string(), host.to_string(), port.to_string());
+    assert_eq!(seen, [want("https", "a.test", "443"), want("https", "a.test:8443", "8443")]);
+    // The balancer's plain-HTTP requests are still redirected.
+    let r =
+        send(s.gw.http, req("GET", "a.test", "/q").header("x-forwarded-proto", "http").body(empty()).unwrap()).await;
+    assert_eq!(r.status, 308);
+    let r = get(s.gw.http, "a.test", "/q").await;
+    assert_eq!(r.status, 308);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_off_proxies_plain_http() {
     let s = setup("1.2", false).await;

@@ -198,14 +198,25 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         };
         let value = if xff { chain(headers, &X_FORWARDED_FOR, ip) } else { ip };
         fields.push((&X_FORWARDED_FOR, value));
+        // The public URL is the one the peer says it was reached at, where it says so;
+        // a fact it leaves out follows from those it gives (its own `Forwarded` element,
+        // a port from its host or its scheme), so that the fields never disagree.
+        let said = if proto || host || fwd { Said::of(headers) } else { Said::default() };
         if !proto {
-            fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto)));
+            let value = said.proto.map_or(f.proto, |https| if https { "https" } else { "http" });
+            fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(value)));
         }
-        if !host && !f.host.is_empty() {
-            fields.push((&X_FORWARDED_HOST, f.host.clone()));
+        if !host {
+            match &said.host {
+                Some(h) => fields.push((&X_FORWARDED_HOST, h.clone())),
+                None if !f.host.is_empty() => fields.push((&X_FORWARDED_HOST, f.host.clone())),
+                None => {}
+            }
         }
         if !port_present {
-            fields.push((&X_FORWARDED_PORT, port));
+            let host_port = said.host.as_ref().and_then(|h| h.to_str().ok()).and_then(crate::route::authority_port);
+            let scheme_port = said.proto.map(|https| if https { 443 } else { 80 });
+            fields.push((&X_FORWARDED_PORT, host_port.or(scheme_port).map_or(port, port_value)));
         }
         if let Some(p) = f.prefix {
             let outer = if prefix { headers.remove(&X_FORWARDED_PREFIX) } else { None };
@@ -253,6 +264,79 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         }
     };
     Forwarding { fields, request_id }
+}
+
+/// What a trusted peer said of the request it was sent: the scheme (`true` for https) and
+/// the host, from its `X-Forwarded-Proto` and `-Host`, else from its own (the last)
+/// `Forwarded` element. Values that are no scheme or no host are not heard.
+#[derive(Debug, Default)]
+pub struct Said {
+    pub proto: Option<bool>,
+    pub host: Option<HeaderValue>,
+}
+
+impl Said {
+    pub fn of(headers: &HeaderMap) -> Said {
+        // A list's last member is the one its nearest proxy added.
+        let last = |name: &HeaderName| {
+            let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
+            Some(value.rsplit(',').next().unwrap_or(value).trim())
+        };
+        let element = headers.get_all(FORWARDED).iter().next_back().and_then(|v| v.to_str().ok()).map(last_element);
+        let element = element.unwrap_or_default();
+        let proto = last(&X_FORWARDED_PROTO).or(element.proto.as_deref());
+        let host = headers.get(&X_FORWARDED_HOST).and_then(|v| v.to_str().ok()).or(element.host.as_deref());
+        Said {
+            proto: proto.and_then(|p| match p.to_ascii_lowercase().as_str() {
+                "https" => Some(true),
+                "http" => Some(false),
+                _ => None,
+            }),
+            host: host
+                .filter(|h| !h.is_empty() && super::valid_authority(h))
+                .and_then(|h| HeaderValue::from_str(h).ok()),
+        }
+    }
+}
+
+/// The `proto` and `host` parameters of the last element of a `Forwarded` value (RFC
+/// 7239 section 4), unquoted.
+fn last_element(value: &str) -> Element {
+    // Elements are split at commas outside quoted strings.
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => start = i + 1,
+            _ => {}
+        }
+    }
+    let mut element = Element::default();
+    for pair in value[start..].split(';') {
+        let Some((name, v)) = pair.split_once('=') else { continue };
+        let v = v.trim();
+        let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+            None => v.to_string(),
+        };
+        match name.trim().to_ascii_lowercase().as_str() {
+            "proto" => element.proto = Some(v),
+            "host" => element.host = Some(v),
+            _ => {}
+        }
+    }
+    element
+}
+
+/// A `Forwarded` element's `proto` and `host`, as written.
+#[derive(Debug, Default)]
+struct Element {
+    proto: Option<String>,
+    host: Option<String>,
 }
 
 /// Rewrites the forwarding fields in `headers` itself; returns the request id in use.
@@ -444,6 +528,48 @@ mod tests {
         assert_eq!(h[FORWARDED], "for=192.0.2.7;host=fhir.example.org;proto=https");
         assert_ne!(id, "spoofed");
         assert_eq!(id.len(), 32);
+    }
+
+    /// A trusted peer's facts complete each other: what it leaves out follows from what it
+    /// gives, never from the gateway's own listener.
+    #[test]
+    fn a_trusted_peer_s_missing_facts_follow_from_those_it_gives() {
+        let peer = PeerValues::new(IpAddr::from([10, 0, 0, 2]));
+        let ours = HeaderValue::from_static("gw.internal");
+        let case = |given: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in given {
+                h.append(
+                    HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+                    HeaderValue::from_str(value).expect("a value"),
+                );
+            }
+            apply(&mut h, &Facts { proto: "http", port: 80, ..facts(&peer, true, &ours, None) });
+            let get = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+            [get(&X_FORWARDED_PROTO), get(&X_FORWARDED_HOST), get(&X_FORWARDED_PORT)]
+        };
+        assert_eq!(case(&[("x-forwarded-proto", "https")]), ["https", "gw.internal", "443"]);
+        assert_eq!(case(&[("x-forwarded-host", "pub.example.org:8443")]), ["http", "pub.example.org:8443", "8443"]);
+        assert_eq!(
+            case(&[("x-forwarded-proto", "https"), ("x-forwarded-host", "pub.example.org")]),
+            ["https", "pub.example.org", "443"]
+        );
+        assert_eq!(
+            case(&[("x-forwarded-proto", "https"), ("x-forwarded-port", "8443")]),
+            ["https", "gw.internal", "8443"]
+        );
+        // Its own `Forwarded` element (the last), quoted or not.
+        let element = "for=1.2.3.4;host=evil;proto=http, for=10.9.9.9;Host=\"pub.example.org:444\";PROTO=HTTPS";
+        assert_eq!(case(&[("forwarded", element)]), ["https", "pub.example.org:444", "444"]);
+        assert_eq!(
+            case(&[("forwarded", "for=10.9.9.9;host=pub.example.org;proto=https")]),
+            ["https", "pub.example.org", "443"]
+        );
+        // X-Forwarded-* win over its element; what is no scheme or host is not heard.
+        assert_eq!(case(&[("forwarded", "proto=https"), ("x-forwarded-proto", "http")]), ["http", "gw.internal", "80"]);
+        assert_eq!(case(&[("forwarded", "proto=ftp;host=\"a b\"")]), ["http", "gw.internal", "80"]);
+        // Nothing said: the gateway's own facts.
+        assert_eq!(case(&[]), ["http", "gw.internal", "80"]);
     }
 
     #[test]

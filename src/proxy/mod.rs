@@ -228,7 +228,10 @@ fn route_request(
         if snap.proxy.acme_http01 && req.uri().path().starts_with(crate::acme::HTTP01_PREFIX) {
             return Ok(Routed::Acme);
         }
-        if snap.proxy.redirect_https {
+        // Not a request a trusted proxy says it took over HTTPS: that would loop.
+        let came_over_https =
+            || snap.proxy.is_trusted(conn.peer.ip()) && forwarded::Said::of(req.headers()).proto == Some(true);
+        if snap.proxy.redirect_https && !came_over_https() {
             if let Some(port) = snap.proxy.https_port {
                 return Ok(Routed::Answer(Box::new(redirect(gw, req, authority_str, port, start))));
             }
@@ -370,7 +373,7 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
 /// `host[:port]`: the characters RFC 3986 allows in a reg-name or IP literal (so no
 /// userinfo, which RFC 9110 section 4.2.4 makes an error), and a port, if any, of digits
 /// up to 65535. One pass over the bytes: asked of every request.
-fn valid_authority(s: &str) -> bool {
+pub(super) fn valid_authority(s: &str) -> bool {
     /// The bytes of a reg-name or an IPv4 address, and the `:` before a port (an IP
     /// literal's brackets are looked at apart).
     const HOST: [bool; 256] = {
@@ -838,7 +841,8 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
 }
 
 /// 308 to the same URL over https; the port is the HTTPS listener's when the client
-/// named a port (development), else the scheme's default (the usual :80 -> :443).
+/// named a port other than 80 (development: `localhost:8080`), else the scheme's default
+/// (the usual :80 -> :443, which behind a port mapping is the only one right).
 fn redirect(
     gw: &Gateway,
     req: &Request<ClientBody>,
@@ -847,10 +851,10 @@ fn redirect(
     start: Instant,
 ) -> Response<RespBody> {
     let host = route::strip_port(authority);
-    let port = if route::authority_port(authority).is_some() && https_port != 443 {
-        format!(":{https_port}")
-    } else {
-        String::new()
+    // `:80` named is the default named: the default it is over https too.
+    let port = match route::authority_port(authority) {
+        Some(named) if named != 80 && https_port != 443 => format!(":{https_port}"),
+        _ => String::new(),
     };
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = format!("https://{host}{port}{target}");
