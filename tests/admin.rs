@@ -319,15 +319,20 @@ async fn drain_with_the_token_stops_new_requests() {
         assert_eq!(h.await.unwrap().status, 200);
     }
     assert_eq!(a.hits(), a_before);
-    // Once idle, a drained server is forgotten.
+    // Once idle, a drained server is still shown, draining, while the config lists it:
+    // the operator sees what is held out.
+    let mut idle =
+        vec![(a.addr.to_string(), "draining".to_string(), 0), (b.addr.to_string(), "healthy".to_string(), 0)];
+    idle.sort(); // as `servers` lists them
     assert!(
-        wait_until_async(Duration::from_secs(3), || async {
-            servers(&gw).await == [(b.addr.to_string(), "healthy".to_string(), 0)]
-        })
-        .await,
+        wait_until_async(Duration::from_secs(3), || async { servers(&gw).await == idle }).await,
         "{:?}",
         servers(&gw).await
     );
+    assert!(wait_until(Duration::from_secs(3), || gw.logs().contains("server drained; held out while listed")).await);
+    assert_eq!(servers(&gw).await, idle);
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, r#"swarmgate_upstream_servers{upstream="app",state="draining"}"#), Some(1.0));
     // With every server drained there is nothing to send to.
     let r = admin_post(gw.admin, &format!("/upstreams/app/drain?server={}", b.addr), Some("s3cret-token")).await;
     assert_eq!(r.status, 200);

@@ -164,6 +164,11 @@ impl ServerSet {
         let mut next: Vec<Arc<Server>> = Vec::with_capacity(wanted.len() + current.len());
         let mut present = HashSet::new();
         for s in current.iter() {
+            // A drain that has finished (an operator's, kept while listed): forgotten
+            // once its address is no longer held out; an address coming back is new.
+            if s.kill.is_cancelled() && !held.contains(&s.addr) {
+                continue;
+            }
             present.insert(s.addr);
             if wanted.contains(&s.addr) {
                 if s.state() == ServerState::Draining {
@@ -239,13 +244,19 @@ impl ServerSet {
                 break;
             }
         }
-        let _g = self.lock();
+        let held = self.lock();
         if superseded() {
             server.idle.notify_one();
             return;
         }
         server.kill.cancel();
         server.pool.clear();
+        if held.contains(&server.addr) {
+            // Drained by an operator and still listed: it stays in the set, `draining`,
+            // for `/upstreams` and the metrics to show, until the source stops listing it.
+            tracing::info!(upstream = %self.name, server = %server.addr, "server drained; held out while listed");
+            return;
+        }
         let next: Vec<Arc<Server>> = self.all.load().iter().filter(|s| !Arc::ptr_eq(s, &server)).cloned().collect();
         self.all.store(Arc::new(next));
         tracing::info!(upstream = %self.name, server = %server.addr, "server drained and removed");
@@ -476,18 +487,25 @@ mod tests {
     async fn an_admin_drain_sticks_while_the_source_lists_the_server() {
         let s = set(false);
         s.reconcile(&[addr(1), addr(2)]);
+        let drained = Arc::clone(&s.all()[1]);
         assert!(s.drain(addr(2)));
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(s.all().len(), 1, "drained and idle: forgotten");
+        // Drained and idle: its connections are closed, and it is still shown, draining.
+        assert!(drained.kill.is_cancelled());
+        assert_eq!(addrs(&s.all()), [addr(1), addr(2)]);
+        assert_eq!(s.all()[1].state(), ServerState::Draining);
         // The next reload or DNS answer still lists it: it stays out.
         let r = s.reconcile(&[addr(1), addr(2)]);
         assert!(r.added.is_empty(), "{r:?}");
-        assert_eq!(s.eligible().iter().map(|s| s.addr).collect::<Vec<_>>(), vec![addr(1)]);
+        assert_eq!(addrs(&s.eligible()), [addr(1)]);
+        assert_eq!(addrs(&s.all()), [addr(1), addr(2)]);
         // Once the source stops listing it, it is forgotten; coming back, it is new.
         s.reconcile(&[addr(1)]);
+        assert_eq!(addrs(&s.all()), [addr(1)]);
         let r = s.reconcile(&[addr(1), addr(2)]);
         assert_eq!(r.added, vec![addr(2)]);
         assert_eq!(s.eligible().len(), 2);
+        assert!(!Arc::ptr_eq(&s.all()[1], &drained), "a new server, not the drained one");
     }
 
     #[tokio::test(start_paused = true)]
