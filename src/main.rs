@@ -9,6 +9,14 @@ use std::process::ExitCode;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
+
+/// A line to stderr; one that cannot be written is lost rather than a panic (`eprintln!`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 use swarmgate::cli::{Cli, Command};
 use swarmgate::lifecycle::{self, exit};
 use swarmgate::{config, tls};
@@ -30,7 +38,7 @@ fn main() -> ExitCode {
                         if json {
                             tracing::error!(location = %p.location, "{}", p.message);
                         } else {
-                            eprintln!("{p}");
+                            say!("{p}");
                         }
                     }
                     tracing::error!(problems = problems.len(), "invalid configuration; not starting");
@@ -48,9 +56,9 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
         Ok(c) => c,
         Err(problems) => {
             for p in &problems {
-                eprintln!("{p}");
+                say!("{p}");
             }
-            eprintln!("{} problem(s) in {}", problems.len(), cli.config.display());
+            say!("{} problem(s) in {}", problems.len(), cli.config.display());
             return exit::INVALID_CONFIG;
         }
     };
@@ -58,14 +66,14 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
         Ok(s) => s,
         Err(errors) => {
             for e in &errors {
-                eprintln!("{e}");
+                say!("{e}");
             }
-            eprintln!("{} problem(s) with certificates in {}", errors.len(), config.tls.certs_dir.display());
+            say!("{} problem(s) with certificates in {}", errors.len(), config.tls.certs_dir.display());
             return exit::INVALID_CONFIG;
         }
     };
     if let Err(e) = swarmgate::gateway::check_acme(&config, &statics) {
-        eprintln!("{e}");
+        say!("{e}");
         return exit::INVALID_CONFIG;
     }
     let mut out = config.summary();

@@ -28,6 +28,9 @@ pub fn init(env: &BTreeMap<String, String>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a closed pipe) is lost, and that is
+        // all: reporting it would write to stderr too, and `eprintln!` panics there.
+        .log_internal_errors(false)
         .with_target(true)
         .with_ansi(ansi);
     let result = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };

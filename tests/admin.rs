@@ -158,23 +158,6 @@ async fn metrics_families_move_with_traffic() {
     assert_eq!(metric_value(&m, r#"swarmgate_upstream_connect_errors_total{upstream="app"}"#), Some(1.0), "{m}");
 }
 
-async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn upstreams(r: &Resp) -> serde_json::Value {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/json"));

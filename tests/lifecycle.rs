@@ -33,6 +33,29 @@ async fn start(delay: &str) -> (Gateway, Backend) {
     (gw, b)
 }
 
+/// Logs that cannot be written (stderr a pipe nobody reads any more) lose the logs, not
+/// the gateway: it goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_stop_the_gateway() {
+    let b = Backend::start("app").await;
+    let (mut child, ports, _dir) =
+        Gateway::builder(CONFIG).var("B", b.addr).var("DELAY", "0s").spawn_with_stderr_closed();
+    let up = wait_until_async(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(ports.http).await.is_ok()
+    })
+    .await;
+    assert!(up, "the gateway never listened: {:?}", child.try_wait());
+    for i in 0..20 {
+        let r = get(ports.http, "app.test", &format!("/{i}")).await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    assert_eq!(b.hits(), 20);
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "the gateway exited with its logs undeliverable");
+}
+
 async fn readyz(gw: &Gateway) -> Option<(u16, String)> {
     let fut = async {
         let s = tokio::net::TcpStream::connect(gw.admin).await.ok()?;

@@ -960,23 +960,6 @@ async fn a_stalled_tls_handshake_is_cut_off() {
     assert_eq!(after - before, 1.0);
 }
 
-async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Messages echoed through a tunnel, each followed by a quiet spell (longer than the
 /// gateway's timeouts under test).
 async fn echo_across_quiet_spells<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, spell: Duration)

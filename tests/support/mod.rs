@@ -315,6 +315,24 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// [`wait_until`] with a condition that has to await.
+pub async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The gateway process
 // ---------------------------------------------------------------------------------------
@@ -424,6 +442,25 @@ impl GatewayBuilder {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Spawns `swarmgate run` with its stderr a pipe whose reading end is already closed
+    /// (a log collector gone): every log line it writes fails. The directory it runs in
+    /// lives as long as the returned `TempDir`.
+    pub fn spawn_with_stderr_closed(self) -> (Child, Ports, tempfile::TempDir) {
+        self.write_files();
+        let ports = Ports::pick();
+        let text = substitute(&self.config, &ports, self.dir.path(), &self.vars);
+        std::fs::write(self.dir.path().join(CONFIG_FILE), text).unwrap();
+        let mut child = self
+            .command(&["run", "--config", CONFIG_FILE])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn swarmgate");
+        drop(child.stderr.take());
+        (child, ports, self.dir)
     }
 
     /// Runs `swarmgate run` and waits for it to exit by itself (for start-up failures).
