@@ -179,6 +179,33 @@ async fn underscore_spellings_of_the_forwarding_fields_never_reach_the_server() 
     }
 }
 
+/// Other fields servers read as the client's address or scheme (`X-Real-IP`, Rack's
+/// `X-Forwarded-Ssl: on`...) never come from a client; a trusted peer's are kept. On both
+/// readers (a request without a body, and one hyper reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_claims_of_address_or_scheme_come_only_from_trusted_peers() {
+    let claims = [
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-scheme", "https"),
+        ("front-end-https", "on"),
+    ];
+    let sent: String = claims.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+    for trusted in ["", "\"127.0.0.0/8\""] {
+        let (gw, b) = gateway(trusted).await;
+        for (start, end) in [("GET / HTTP/1.1", ""), ("POST / HTTP/1.1", "Content-Length: 2\r\n")] {
+            let body = if end.is_empty() { "" } else { "ok" };
+            let request = format!("{start}\r\nHost: app.test\r\n{sent}{end}Connection: close\r\n\r\n{body}");
+            assert_eq!(raw(&gw, &request).await.status, 200);
+            let seen = b.last();
+            for (name, value) in claims {
+                let want = if trusted.is_empty() { None } else { Some(value) };
+                assert_eq!(seen.header(name), want, "{name} ({start}, trusted {trusted:?}): {:?}", seen.headers);
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_new_for_every_request() {
     let (gw, b) = gateway("").await;

@@ -142,13 +142,25 @@ const NAME_BYTES: [&[u8]; 7] = [
     b"x-request-id",
 ];
 
-/// Whether a field called `name` (any case) is one this module reads and writes. Asked
-/// of every field a client sends: the first byte (`x` or `f`, which few other names
-/// begin with) is looked at first.
+/// Fields this module does not write that servers read as the same facts: the client's
+/// address (`X-Real-IP`, what many frameworks take when it is there) and the scheme
+/// (Rack's `X-Forwarded-Ssl: on` and `X-Forwarded-Scheme`, `Front-End-Https: on`).
+/// Kept from a trusted peer, removed from anyone else: a client could otherwise tell a
+/// service it came over https, or from another address.
+const CLAIM_BYTES: [&[u8]; 4] = [b"x-real-ip", b"x-forwarded-ssl", b"x-forwarded-scheme", b"front-end-https"];
+
+/// Whether a field called `name` (any case) is one this module reads and writes, or a
+/// claim of the same facts ([`CLAIM_BYTES`]). Asked of every field a client sends: the
+/// first byte (`x` or `f`, which few other names begin with) is looked at first.
 #[inline]
 pub fn is_forwarding(name: &[u8]) -> bool {
     name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
-        && NAME_BYTES.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
+        && NAME_BYTES.iter().chain(&CLAIM_BYTES).any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
+}
+
+/// Whether `name` is one of [`CLAIM_BYTES`].
+fn is_claim(name: &[u8]) -> bool {
+    CLAIM_BYTES.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
 }
 
 /// Whether `name` is one of those fields spelt with `_` for `-` (`X_Forwarded_For`).
@@ -158,9 +170,12 @@ pub fn is_forwarding(name: &[u8]) -> bool {
 #[inline]
 pub fn is_lookalike(name: &[u8]) -> bool {
     let alike = |ours: &u8, theirs: &u8| *ours == theirs.to_ascii_lowercase() || (*ours == b'-' && *theirs == b'_');
-    // `Forwarded` has no `-`; the others begin with `x`.
-    name.first().is_some_and(|&b| b | 0x20 == b'x')
-        && NAME_BYTES.iter().any(|n| n.len() == name.len() && n.iter().zip(name).all(|(o, t)| alike(o, t)))
+    // `Forwarded` has no `-`; the others begin with `x` or `f`.
+    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
+        && NAME_BYTES
+            .iter()
+            .chain(&CLAIM_BYTES)
+            .any(|n| n.len() == name.len() && n.iter().zip(name).all(|(o, t)| alike(o, t)))
         && name.contains(&b'_')
 }
 
@@ -171,15 +186,15 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
     // One pass over the names: most requests carry none of these, and then the map is
     // left alone.
     let mut present = [false; NAMES.len()];
-    let mut lookalikes = Vec::new();
+    let mut removed = Vec::new();
     for name in headers.keys() {
         if let Some(i) = NAMES.iter().position(|n| *n == name) {
             present[i] = true;
-        } else if is_lookalike(name.as_str().as_bytes()) {
-            lookalikes.push(name.clone());
+        } else if is_lookalike(name.as_str().as_bytes()) || (!f.trusted && is_claim(name.as_str().as_bytes())) {
+            removed.push(name.clone());
         }
     }
-    for name in &lookalikes {
+    for name in &removed {
         headers.remove(name);
     }
     let [xff, proto, host, port_present, prefix, fwd, id_present] = present;
@@ -508,6 +523,28 @@ mod tests {
         h.insert("accept", HeaderValue::from_static("*/*"));
         let fw = forwarding(&mut h, &facts(&peer, false, &host, None));
         assert_eq!((h.len(), fw.fields.len()), (1, 6));
+    }
+
+    #[test]
+    fn other_claims_of_the_same_facts_are_heard_only_from_a_trusted_peer() {
+        let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
+        let host = HeaderValue::from_static("fhir.example.org");
+        let claims = ["X-Real-IP", "x-forwarded-ssl", "X-Forwarded-Scheme", "Front-End-Https"];
+        for name in claims {
+            assert!(is_forwarding(name.as_bytes()), "{name}");
+            assert!(is_lookalike(name.replace('-', "_").as_bytes()), "{name}");
+        }
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            for name in claims {
+                h.insert(HeaderName::from_bytes(name.as_bytes()).expect("a name"), HeaderValue::from_static("on"));
+            }
+            h.insert("accept", HeaderValue::from_static("*/*"));
+            apply(&mut h, &facts(&peer, trusted, &host, None));
+            let kept: Vec<&str> = claims.iter().copied().filter(|n| h.contains_key(*n)).collect();
+            assert_eq!(kept, if trusted { &claims[..] } else { &[] }, "trusted: {trusted}");
+            assert!(h.contains_key("accept"));
+        }
     }
 
     #[test]
