@@ -215,6 +215,18 @@ async fn absolute_form_target_routes_by_its_authority() {
     let seen = s.fhir.last();
     assert_eq!(seen.uri, "/fhir/x?y=1", "origin-form towards the server");
     assert_eq!(seen.header("host"), Some("a.example.test"));
+    // A URL of another scheme names nothing the gateway serves.
+    for target in ["ftp://a.example.test/fhir/x", "ws://a.example.test/fhir/x"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a.example.test\r\nConnection: close\r\n\r\n");
+        let (raw, _) = raw_exchange(s.gw.http, request.as_bytes(), Duration::from_secs(5)).await;
+        let r = parse_raw(&raw);
+        assert_eq!((r.status, &r.body[..]), (400, &b"400 bad request\n"[..]), "{target}");
+    }
+    assert_eq!(s.fhir.hits(), 1);
+    // The scheme's case does not matter (RFC 3986 section 3.1).
+    let request = b"GET HTTP://a.example.test/fhir/y HTTP/1.1\r\nHost: a.example.test\r\nConnection: close\r\n\r\n";
+    let (raw, _) = raw_exchange(s.gw.http, request, Duration::from_secs(5)).await;
+    assert_eq!(parse_raw(&raw).status, 200, "{}", String::from_utf8_lossy(&raw));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

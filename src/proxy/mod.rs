@@ -357,6 +357,12 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
         if req.uri().scheme().is_none() && req.method() != Method::CONNECT {
             return Err(ProxyError::BadRequest("authority-form request target"));
         }
+        // An `ftp://` URL, say, names nothing the gateway serves.
+        if let Some(scheme) = req.uri().scheme_str() {
+            if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                return Err(ProxyError::BadRequest("a request target of a scheme other than http or https"));
+            }
+        }
         if !valid_authority(auth.as_str()) {
             return Err(ProxyError::BadRequest("invalid authority"));
         }
