@@ -349,7 +349,8 @@ fn both_traffic_listeners_off_is_a_problem() {
     let out = Gateway::builder("\n[listen]\nhttp = \"\"\nhttps = \"off\"\nadmin = \"@ADMIN@\"\n").check();
     assert_eq!(out.code, Some(1));
     let first = out.stderr.lines().next().unwrap();
-    assert!(first.starts_with("swarmgate.toml:2:"), "{}", out.stderr);
+    // At the value that turned the last one off.
+    assert!(first.starts_with("swarmgate.toml:3:8:"), "{}", out.stderr);
     assert!(first.ends_with(": [listen]: at least one of http and https must be set"), "{}", out.stderr);
 }
 

@@ -254,10 +254,10 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let listen = read_listen(&section(root, "listen"));
     let runtime = {
         let t = section(root, "runtime");
-        let workers = t.u64("workers", 0);
+        let (workers, workers_at) = t.u64_with_origin("workers", 0);
         // One worker thread per core is the design; a thousand is a typo, not a plan.
         if workers > 1024 {
-            t.source().problem(&Origin::Default(t.span()), "[runtime].workers must be at most 1024 (0: one per core)");
+            t.source().problem(&workers_at, "[runtime].workers must be at most 1024 (0: one per core)");
         }
         let workers = workers.min(1024) as usize;
         t.finish();
@@ -274,25 +274,30 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
 }
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
-    let addr = |key: &'static str, default: &str| -> Option<SocketAddr> {
-        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(as_str(raw)?))
+    let addr = |key: &'static str, default: &str| -> (Option<SocketAddr>, Origin) {
+        t.get_with_origin(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(as_str(raw)?))
     };
-    let listen = Listen {
-        http: addr("http", "0.0.0.0:80"),
-        https: addr("https", "0.0.0.0:443"),
-        admin: addr("admin", "127.0.0.1:9901"),
-    };
-    if listen.http.is_none() && listen.https.is_none() {
-        t.source().problem(&Origin::Default(t.span()), "[listen]: at least one of http and https must be set");
+    let (http, http_at) = addr("http", "0.0.0.0:80");
+    let (https, https_at) = addr("https", "0.0.0.0:443");
+    let (admin, admin_at) = addr("admin", "127.0.0.1:9901");
+    // Both are on by default, so both were turned off by a key: the environment's, if one
+    // did, is the likelier slip.
+    if http.is_none() && https.is_none() {
+        let at =
+            if matches!(https_at, Origin::Env(_)) && !matches!(http_at, Origin::Env(_)) { &https_at } else { &http_at };
+        t.source().problem(at, "[listen]: at least one of http and https must be set");
     }
-    let bound: Vec<SocketAddr> = [listen.http, listen.https, listen.admin].into_iter().flatten().collect();
-    for (i, a) in bound.iter().enumerate() {
-        if a.port() != 0 && bound[..i].contains(a) {
-            t.source().problem(&Origin::Default(t.span()), format!("[listen]: {a} is used by two listeners"));
+    let bound: Vec<(SocketAddr, &Origin)> = [(http, &http_at), (https, &https_at), (admin, &admin_at)]
+        .into_iter()
+        .filter_map(|(a, at)| Some((a?, at)))
+        .collect();
+    for (i, (a, at)) in bound.iter().enumerate() {
+        if a.port() != 0 && bound[..i].iter().any(|(b, _)| b == a) {
+            t.source().problem(at, format!("[listen]: {a} is used by two listeners"));
         }
     }
     t.finish();
-    listen
+    Listen { http, https, admin }
 }
 
 /// `""` or `"off"` turns a listener off.
@@ -334,33 +339,39 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 const MAX_HEADER_BYTES: usize = 1 << 20;
 
 fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
+    let (header_read_timeout, header_read_timeout_at) =
+        t.duration_with_origin("header_read_timeout", Duration::from_secs(30));
+    let (max_header_bytes, max_header_bytes_at) = t.u64_with_origin("max_header_bytes", 64 * 1024);
+    let (max_uri_bytes, max_uri_bytes_at) = t.u64_with_origin("max_uri_bytes", 8 * 1024);
+    let (idle_timeout, idle_timeout_at) = t.duration_with_origin("idle_timeout", Duration::from_secs(120));
+    let (max_connections, max_connections_at) = t.u64_with_origin("max_connections", 100_000);
     let limits = Limits {
-        header_read_timeout: t.duration("header_read_timeout", Duration::from_secs(30)),
-        max_header_bytes: t.u64("max_header_bytes", 64 * 1024) as usize,
-        max_uri_bytes: t.u64("max_uri_bytes", 8 * 1024) as usize,
-        idle_timeout: t.duration("idle_timeout", Duration::from_secs(120)),
-        max_connections: t.u64("max_connections", 100_000) as usize,
+        header_read_timeout,
+        max_header_bytes: max_header_bytes as usize,
+        max_uri_bytes: max_uri_bytes as usize,
+        idle_timeout,
+        max_connections: max_connections as usize,
         retry_body_bytes: t.u64("retry_body_bytes", 64 * 1024) as usize,
         tls_handshake_timeout: t.duration("tls_handshake_timeout", Duration::from_secs(10)),
     };
-    let at = Origin::Default(t.span());
+    let problem = |at: &Origin, message: &str| t.source().problem(at, message);
     if limits.header_read_timeout.is_zero() {
-        t.source().problem(&at, "[limits].header_read_timeout must be more than 0");
+        problem(&header_read_timeout_at, "[limits].header_read_timeout must be more than 0");
     }
     // Bounded above: a head is held whole while it is read, HTTP/2's header list limit is
     // a u32, and the own HTTP/1.1 reader keeps u32 spans of it.
     if !(8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
-        t.source().problem(&at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
+        problem(&max_header_bytes_at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
     }
     if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
-        t.source().problem(&at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
+        problem(&max_uri_bytes_at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
     }
     if limits.max_connections == 0 {
-        t.source().problem(&at, "[limits].max_connections must be more than 0");
+        problem(&max_connections_at, "[limits].max_connections must be more than 0");
     }
     // A parked connection keeps the time it has left in milliseconds as a u32.
     if limits.idle_timeout.as_millis() > u128::from(u32::MAX) {
-        t.source().problem(&at, "[limits].idle_timeout must be at most 49 days");
+        problem(&idle_timeout_at, "[limits].idle_timeout must be at most 49 days");
     }
     t.finish();
     limits
@@ -393,13 +404,13 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     if !(directory.starts_with("https://") || directory.starts_with("http://")) {
         t.source().problem(&dir_origin, format!("[acme].directory: {directory:?} is not an http(s) URL"));
     }
-    let contact = t.get("contact", Vec::new(), |raw| match raw {
+    let (contact, contact_at) = t.get_with_origin("contact", Vec::new(), |raw| match raw {
         reader::Raw::Toml(toml::de::DeValue::Array(_)) => reader::as_list(raw),
         other => Ok(vec![as_str(other)?.to_string()]),
     });
     for c in &contact {
         if !c.starts_with("mailto:") {
-            t.source().problem(&Origin::Default(t.span()), format!("[acme].contact: {c:?} must start with mailto:"));
+            t.source().problem(&contact_at, format!("[acme].contact: {c:?} must start with mailto:"));
         }
     }
     let challenge = t.get("challenge", Challenge::Http01, |raw| match as_str(raw)? {
@@ -532,16 +543,18 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             _ => t.source().problem(&dns_origin, format!("{}: servers and dns both given; use one", t.name)),
         }
     }
-    // Only when nothing was listed: unparsable entries were reported above.
+    // Only when nothing was listed: unparsable entries were reported above. At the key
+    // that emptied the list, if one did; else at the table.
     if listed == 0 && dns_text.is_empty() {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name),
-        );
+        let at = match (&servers_origin, &dns_origin) {
+            (Origin::Default(_), Origin::Env(_) | Origin::File(_)) => &dns_origin,
+            _ => &servers_origin,
+        };
+        t.source().problem(at, format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name));
     }
-    let resolve_every = t.duration("resolve_every", Duration::from_secs(2));
+    let (resolve_every, resolve_every_at) = t.duration_with_origin("resolve_every", Duration::from_secs(2));
     if resolve_every < Duration::from_millis(100) {
-        t.source().problem(&Origin::Default(t.span()), format!("{}.resolve_every must be at least 100ms", t.name));
+        t.source().problem(&resolve_every_at, format!("{}.resolve_every must be at least 100ms", t.name));
     }
     let balance = t.get("balance", Balance::Random, |raw| match as_str(raw)? {
         "random" => Ok(Balance::Random),
@@ -557,15 +570,11 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         }
         let health = HealthConfig {
             path,
-            interval: h.duration("interval", Duration::from_secs(2)),
-            timeout: h.duration("timeout", Duration::from_secs(1)),
+            interval: more_than_0(&h, "interval", Duration::from_secs(2)),
+            timeout: more_than_0(&h, "timeout", Duration::from_secs(1)),
             healthy_after: checks_in_a_row(&h, "healthy_after", 1),
             unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
         };
-        if health.interval.is_zero() || health.timeout.is_zero() {
-            h.source()
-                .problem(&Origin::Default(h.span()), format!("{}: interval and timeout must be more than 0", h.name));
-        }
         h.finish();
         health
     });
@@ -577,26 +586,29 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         balance,
         health,
         retries: t.u64("retries", 2).min(100) as u32,
-        connect_timeout: t.duration("connect_timeout", Duration::from_secs(2)),
-        response_timeout: t.duration("response_timeout", Duration::from_secs(60)),
+        connect_timeout: more_than_0(t, "connect_timeout", Duration::from_secs(2)),
+        response_timeout: more_than_0(t, "response_timeout", Duration::from_secs(60)),
     };
-    if upstream.connect_timeout.is_zero() || upstream.response_timeout.is_zero() {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            format!("{}: connect_timeout and response_timeout must be more than 0", t.name),
-        );
-    }
     t.finish();
     upstream
 }
 
 /// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row (0 is taken as 1).
 fn checks_in_a_row(h: &Table<'_, '_, '_>, key: &'static str, default: u64) -> u32 {
-    let n = h.u64(key, default);
+    let (n, at) = h.u64_with_origin(key, default);
     if n > 1000 {
-        h.source().problem(&Origin::Default(h.span()), format!("{}.{key} must be at most 1000", h.name));
+        h.source().problem(&at, format!("{}.{key} must be at most 1000", h.name));
     }
     n.clamp(1, 1000) as u32
+}
+
+/// A duration that must be more than 0 (a timeout or an interval), reported at its key.
+fn more_than_0(t: &Table<'_, '_, '_>, key: &'static str, default: Duration) -> Duration {
+    let (d, at) = t.duration_with_origin(key, default);
+    if d.is_zero() {
+        t.source().problem(&at, format!("{}.{key} must be more than 0", t.name));
+    }
+    d
 }
 
 fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
@@ -936,6 +948,105 @@ mod tests {
         ] {
             let problems = upstream_problems(&upstream, more);
             assert!(problems.iter().any(|p| p.contains(says)), "{upstream} {more}: {problems:#?}");
+        }
+    }
+
+    /// A config whose one route goes to `[upstream.u]`, which ends the text (more keys of
+    /// it can follow).
+    const ONE_UPSTREAM: &str =
+        "[[route]]\nhost = \"a.test\"\nupstream = \"u\"\n[upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+
+    /// The problems of `text` with `env`, as `check` prints them.
+    fn problems(text: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match parse(Path::new("t.toml"), text, &env) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// `t.toml:LINE:COL` of what follows the first `needle` in `text`.
+    fn after(text: &str, needle: &str) -> String {
+        let offset = text.find(needle).unwrap() + needle.len();
+        let line = text[..offset].matches('\n').count() + 1;
+        let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("t.toml:{line}:{col}")
+    }
+
+    #[test]
+    fn range_problems_point_at_the_key_or_the_variable() {
+        let up = ONE_UPSTREAM;
+        let no_https = format!("[listen]\nhttps = \"\"\n{up}");
+        let same_port = format!("[listen]\nhttp = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:1\"\n{up}");
+        let workers = format!("[runtime]\nworkers = 5000\n{up}");
+        let limits = format!("[limits]\nmax_connections = 0\nidle_timeout = \"50d\"\n{up}");
+        let contact = format!("[acme]\ncontact = \"ops@example.org\"\n{up}");
+        let health = format!("{up}health = {{ interval = \"0\" }}\nconnect_timeout = \"0\"\n");
+        for (text, env, expected) in [
+            (
+                up.to_string(),
+                vec![("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "10")],
+                vec!["env SWARMGATE_LIMITS_MAX_HEADER_BYTES: [limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)".to_string()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_LIMITS_HEADER_READ_TIMEOUT", "0")],
+                vec!["env SWARMGATE_LIMITS_HEADER_READ_TIMEOUT: [limits].header_read_timeout must be more than 0".into()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_UPSTREAM_U_RESOLVE_EVERY", "10ms")],
+                vec!["env SWARMGATE_UPSTREAM_U_RESOLVE_EVERY: [upstream.u].resolve_every must be at least 100ms".into()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_UPSTREAM_U_SERVERS", "")],
+                vec![r#"env SWARMGATE_UPSTREAM_U_SERVERS: [upstream.u]: needs servers = ["IP:PORT", ...] or dns = "NAME:PORT""#.into()],
+            ),
+            (
+                no_https.clone(),
+                vec![("SWARMGATE_LISTEN_HTTP", "")],
+                vec!["env SWARMGATE_LISTEN_HTTP: [listen]: at least one of http and https must be set".into()],
+            ),
+            (
+                same_port.clone(),
+                vec![],
+                vec![format!("{}: [listen]: 127.0.0.1:1 is used by two listeners", after(&same_port, "admin = "))],
+            ),
+            (
+                workers.clone(),
+                vec![],
+                vec![format!("{}: [runtime].workers must be at most 1024 (0: one per core)", after(&workers, "workers = "))],
+            ),
+            (
+                limits.clone(),
+                vec![],
+                vec![
+                    format!("{}: [limits].max_connections must be more than 0", after(&limits, "max_connections = ")),
+                    format!("{}: [limits].idle_timeout must be at most 49 days", after(&limits, "idle_timeout = ")),
+                ],
+            ),
+            (
+                contact.clone(),
+                vec![],
+                vec![format!(
+                    "{}: [acme].contact: \"ops@example.org\" must start with mailto:",
+                    after(&contact, "contact = ")
+                )],
+            ),
+            (
+                health.clone(),
+                vec![],
+                vec![
+                    format!("{}: [upstream.u].health.interval must be more than 0", after(&health, "interval = ")),
+                    format!("{}: [upstream.u].connect_timeout must be more than 0", after(&health, "connect_timeout = ")),
+                ],
+            ),
+        ] {
+            let found = problems(&text, &env);
+            for e in &expected {
+                assert!(found.contains(e), "{env:?} {text}\nmissing {e:?} in {found:#?}");
+            }
         }
     }
 
