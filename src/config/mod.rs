@@ -360,10 +360,13 @@ fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
     }
     // Bounded above: a head is held whole while it is read, HTTP/2's header list limit is
     // a u32, and the own HTTP/1.1 reader keeps u32 spans of it.
-    if !(8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
+    let header_ok = (8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes);
+    if !header_ok {
         problem(&max_header_bytes_at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
     }
-    if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
+    // Against a bad max_header_bytes only the bound it would have had: one mistake, one problem.
+    let uri_bound = if header_ok { limits.max_header_bytes } else { MAX_HEADER_BYTES };
+    if limits.max_uri_bytes < 64 || limits.max_uri_bytes > uri_bound {
         problem(&max_uri_bytes_at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
     }
     if limits.max_connections == 0 {
@@ -904,6 +907,23 @@ mod tests {
         assert_eq!(limits_problems("idle_timeout = \"49d\""), Vec::<String>::new());
         let refused = limits_problems("idle_timeout = \"50d\"");
         assert!(refused.iter().any(|p| p.contains("idle_timeout must be at most 49 days")), "{refused:#?}");
+    }
+
+    #[test]
+    fn a_bad_max_header_bytes_is_one_problem() {
+        for env in [[("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "10")], [("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "2000000")]] {
+            assert_eq!(
+                problems(ONE_UPSTREAM, &env),
+                [
+                    "env SWARMGATE_LIMITS_MAX_HEADER_BYTES: [limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)"
+                ]
+            );
+        }
+        // A max_uri_bytes that is wrong on its own is still reported.
+        let text = format!("[limits]\nmax_header_bytes = 10\nmax_uri_bytes = 2000000\n{ONE_UPSTREAM}");
+        let found = problems(&text, &[]);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[1].ends_with("max_uri_bytes must be between 64 and max_header_bytes"), "{found:#?}");
     }
 
     #[test]
