@@ -312,8 +312,7 @@ fn parse_listen_addr(text: &str) -> Result<Option<SocketAddr>, String> {
 }
 
 fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
-    let trusted_proxies =
-        t.get("trusted_proxies", Vec::new(), |raw| reader::as_list(raw)?.iter().map(|s| parse_cidr(s)).collect());
+    let trusted_proxies = each_of_list(t, "trusted_proxies", parse_cidr);
     let proxy = Proxy {
         trusted_proxies,
         redirect_https: t.bool("redirect_https", true),
@@ -322,6 +321,22 @@ fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
     };
     t.finish();
     proxy
+}
+
+/// A list whose entries are each read by `parse`: every bad entry is its own problem (at
+/// the list, in the file or the variable), and is left out.
+fn each_of_list<T>(t: &Table<'_, '_, '_>, key: &'static str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+    let (items, at) = t.list(key);
+    items
+        .iter()
+        .filter_map(|s| match parse(s) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                t.source().problem(&at, format!("{}.{key}: {e}", t.name));
+                None
+            }
+        })
+        .collect()
 }
 
 /// A CIDR, or a bare address meaning just that host.
@@ -474,11 +489,8 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
 }
 
 fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
-    let nameservers = t.get("nameservers", Vec::new(), |raw| {
-        reader::as_list(raw)?
-            .iter()
-            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:PORT address")))
-            .collect()
+    let nameservers = each_of_list(t, "nameservers", |s| {
+        s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:PORT address"))
     });
     t.finish();
     Discovery { nameservers }
@@ -924,6 +936,36 @@ mod tests {
         let found = problems(&text, &[]);
         assert_eq!(found.len(), 2, "{found:#?}");
         assert!(found[1].ends_with("max_uri_bytes must be between 64 and max_header_bytes"), "{found:#?}");
+    }
+
+    #[test]
+    fn every_bad_entry_of_a_list_is_reported() {
+        let text = format!(
+            "[proxy]\ntrusted_proxies = [\"garbage1\", \"10.0.0.0/8\", \"garbage2\"]\n\
+             [discovery]\nnameservers = [\"ns1\", \"ns2\"]\n{ONE_UPSTREAM}"
+        );
+        let (proxies, nameservers) = (after(&text, "trusted_proxies = "), after(&text, "nameservers = "));
+        assert_eq!(
+            problems(&text, &[]),
+            [
+                format!(
+                    "{proxies}: [proxy].trusted_proxies: \"garbage1\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
+                ),
+                format!(
+                    "{proxies}: [proxy].trusted_proxies: \"garbage2\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
+                ),
+                format!("{nameservers}: [discovery].nameservers: \"ns1\" is not an IP:PORT address"),
+                format!("{nameservers}: [discovery].nameservers: \"ns2\" is not an IP:PORT address"),
+            ]
+        );
+        let env = [("SWARMGATE_PROXY_TRUSTED_PROXIES", "garbage1, 10.0.0.1,garbage2")];
+        assert_eq!(
+            problems(ONE_UPSTREAM, &env),
+            [
+                "env SWARMGATE_PROXY_TRUSTED_PROXIES: [proxy].trusted_proxies: \"garbage1\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address",
+                "env SWARMGATE_PROXY_TRUSTED_PROXIES: [proxy].trusted_proxies: \"garbage2\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address",
+            ]
+        );
     }
 
     #[test]
