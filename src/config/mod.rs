@@ -608,10 +608,12 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     upstream
 }
 
-/// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row (0 is taken as 1).
+/// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row.
 fn checks_in_a_row(h: &Table<'_, '_, '_>, key: &'static str, default: u64) -> u32 {
     let (n, at) = h.u64_with_origin(key, default);
-    if n > 1000 {
+    if n == 0 {
+        h.source().problem(&at, format!("{}.{key} must be at least 1 (checks in a row, 1 to 1000)", h.name));
+    } else if n > 1000 {
         h.source().problem(&at, format!("{}.{key} must be at most 1000", h.name));
     }
     n.clamp(1, 1000) as u32
@@ -995,12 +997,14 @@ mod tests {
     fn out_of_range_upstream_and_runtime_values_are_refused() {
         let ok = "servers = [\"127.0.0.1:8080\"]";
         assert_eq!(upstream_problems(ok, ""), Vec::<String>::new());
-        let checked = format!("{ok}\nhealth = {{ healthy_after = 1000, unhealthy_after = 0 }}");
+        let checked = format!("{ok}\nhealth = {{ healthy_after = 1000, unhealthy_after = 1 }}");
         assert_eq!(upstream_problems(&checked, ""), Vec::<String>::new());
         for (upstream, more, says) in [
             // Once taken `as u32`: 4294967296 became 0, a server passing every check unhealthy.
             (format!("{ok}\nhealth = {{ unhealthy_after = 4294967296 }}"), "", "unhealthy_after must be at most 1000"),
             (format!("{ok}\nhealth = {{ healthy_after = 1001 }}"), "", "healthy_after must be at most 1000"),
+            (format!("{ok}\nhealth = {{ healthy_after = 0 }}"), "", "healthy_after must be at least 1"),
+            (format!("{ok}\nhealth = {{ unhealthy_after = 0 }}"), "", "unhealthy_after must be at least 1"),
             // Once the list was silently ignored.
             (format!("{ok}\ndns = \"tasks.u:8080\""), "", "servers and dns both given"),
             ("servers = [\"127.0.0.1:0\"]".to_string(), "", "has port 0"),
