@@ -576,23 +576,7 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         "p2c" => Ok(Balance::P2c),
         other => Err(format!("{other:?} is not a balancer (\"random\" or \"p2c\")")),
     });
-    let health = t.table("health").map(|(h, span)| {
-        let env_prefix = format!("SWARMGATE_UPSTREAM_{}_HEALTH_", name.to_ascii_uppercase().replace('-', "_"));
-        let h = Table::new(t.source(), Some(h), span, Some(env_prefix), format!("{}.health", t.name));
-        let (path, path_origin) = h.string("path", "/health");
-        if !path.starts_with('/') {
-            h.source().problem(&path_origin, format!("{}.path must start with /", h.name));
-        }
-        let health = HealthConfig {
-            path,
-            interval: more_than_0(&h, "interval", Duration::from_secs(2)),
-            timeout: more_than_0(&h, "timeout", Duration::from_secs(1)),
-            healthy_after: checks_in_a_row(&h, "healthy_after", 1),
-            unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
-        };
-        h.finish();
-        health
-    });
+    let health = read_health(t, name);
     let upstream = UpstreamConfig {
         name: name.to_string(),
         servers,
@@ -606,6 +590,40 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
     };
     t.finish();
     upstream
+}
+
+/// The keys of an upstream's `health` table.
+const HEALTH_KEYS: [&str; 5] = ["path", "interval", "timeout", "healthy_after", "unhealthy_after"];
+
+/// An upstream's `health` table. Its keys have environment forms like every scalar,
+/// `SWARMGATE_UPSTREAM_<NAME>_HEALTH_<KEY>`; one set where the file has no `health` turns
+/// checks on with the defaults for the rest, as `SWARMGATE_ACME_*` does for `[acme]`.
+fn read_health(t: &Table<'_, '_, '_>, name: &str) -> Option<HealthConfig> {
+    let env_prefix = format!("SWARMGATE_UPSTREAM_{}_HEALTH_", name.to_ascii_uppercase().replace('-', "_"));
+    let (table, span) = match t.table("health") {
+        Some((h, span)) => (Some(h), span),
+        None => (None, t.span()),
+    };
+    let env = &t.source().env;
+    if table.is_none()
+        && !HEALTH_KEYS.iter().any(|k| env.contains_key(&format!("{env_prefix}{}", k.to_ascii_uppercase())))
+    {
+        return None;
+    }
+    let h = Table::new(t.source(), table, span, Some(env_prefix), format!("{}.health", t.name));
+    let (path, path_origin) = h.string("path", "/health");
+    if !path.starts_with('/') {
+        h.source().problem(&path_origin, format!("{}.path must start with /", h.name));
+    }
+    let health = HealthConfig {
+        path,
+        interval: more_than_0(&h, "interval", Duration::from_secs(2)),
+        timeout: more_than_0(&h, "timeout", Duration::from_secs(1)),
+        healthy_after: checks_in_a_row(&h, "healthy_after", 1),
+        unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
+    };
+    h.finish();
+    Some(health)
 }
 
 /// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row.
@@ -1131,6 +1149,36 @@ mod tests {
         let u = &c.upstreams["u"];
         assert!(u.dns.is_none());
         assert_eq!(u.servers, ["127.0.0.1:9000".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn health_keys_have_environment_forms_with_or_without_a_health_table() {
+        let checked = format!("{ONE_UPSTREAM}health = {{ path = \"/health\", interval = \"5s\" }}\n");
+        for text in [ONE_UPSTREAM.to_string(), checked] {
+            let env = BTreeMap::from([
+                ("SWARMGATE_UPSTREAM_U_HEALTH_PATH".to_string(), "/ready".to_string()),
+                ("SWARMGATE_UPSTREAM_U_HEALTH_UNHEALTHY_AFTER".to_string(), "3".to_string()),
+            ]);
+            let c = parse(Path::new("t.toml"), &text, &env).unwrap();
+            let health = c.upstreams["u"].health.clone().unwrap();
+            assert_eq!(
+                (health.path.as_str(), health.unhealthy_after, health.healthy_after),
+                ("/ready", 3, 1),
+                "{text}"
+            );
+        }
+        let c = parse(Path::new("t.toml"), ONE_UPSTREAM, &BTreeMap::new()).unwrap();
+        assert_eq!(c.upstreams["u"].health, None, "no variable, no table: no checks");
+        assert_eq!(
+            problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_U_HEALTH_INTERVAL", "0")]),
+            ["env SWARMGATE_UPSTREAM_U_HEALTH_INTERVAL: [upstream.u].health.interval must be more than 0"]
+        );
+        assert_eq!(
+            problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_U_HEALTH_PORT", "1")]),
+            [
+                "env SWARMGATE_UPSTREAM_U_HEALTH_PORT: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"
+            ]
+        );
     }
 
     #[test]

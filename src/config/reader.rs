@@ -183,6 +183,10 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
         self.src
     }
 
+    pub(super) fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+
     /// Whether the table is in the file at all.
     pub(super) fn present(&self) -> bool {
         self.table.is_some()
