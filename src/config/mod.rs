@@ -457,11 +457,13 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
                 ),
             );
         }
-    } else if storage.contains("://") {
+    } else if let Some((scheme, _)) = storage.split_once("://") {
+        // Only the scheme is repeated: the rest may hold a password.
         t.source().problem(
             &storage_origin,
             format!(
-                "[acme].storage: {storage:?}: only redis:// and rediss:// URLs are stores; anything else is a directory"
+                "[acme].storage: {scheme}:// is not a store swarmgate has; storage is a directory path \
+                 (e.g. \"certs/acme\") or a Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)"
             ),
         );
     }
@@ -1178,6 +1180,19 @@ mod tests {
             [
                 "env SWARMGATE_UPSTREAM_U_HEALTH_PORT: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"
             ]
+        );
+    }
+
+    #[test]
+    fn an_acme_storage_url_of_another_scheme_says_what_is_accepted() {
+        let text = format!("[acme]\nstorage = \"mysql://user:secret@db:3306/acme\"\n{ONE_UPSTREAM}");
+        assert_eq!(
+            problems(&text, &[]),
+            [format!(
+                "{}: [acme].storage: mysql:// is not a store swarmgate has; storage is a directory path \
+                 (e.g. \"certs/acme\") or a Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)",
+                after(&text, "storage = ")
+            )]
         );
     }
 
