@@ -8,6 +8,7 @@
 
 pub mod duration;
 mod reader;
+mod route_path;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,7 @@ use toml::de::DeTable;
 
 pub use reader::Problem;
 use reader::{Origin, Source, Table, TableName, as_str};
+use route_path::normalize_path;
 
 /// `SWARMGATE_*` variables that are not config keys.
 const NON_KEY_VARS: &[&str] = &[
@@ -811,17 +813,6 @@ fn parse_ip_literal(text: &str) -> Option<IpAddr> {
     if maybe { text.parse().ok() } else { None }
 }
 
-fn normalize_path(text: &str) -> Result<String, String> {
-    if !text.starts_with('/') {
-        return Err(format!("{text:?} must start with /"));
-    }
-    if text.bytes().any(|b| matches!(b, b'?' | b'#' | b' ')) {
-        return Err(format!("{text:?} is a path prefix: no query, fragment or spaces"));
-    }
-    let trimmed = text.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
-}
-
 /// Any `SWARMGATE_*` variable that is neither a key that was read nor a known setting.
 fn unknown_env_vars(src: &Source<'_>) {
     let used = src.used_env();
@@ -1192,6 +1183,18 @@ mod tests {
                 "{}: [acme].storage: mysql:// is not a store swarmgate has; storage is a directory path \
                  (e.g. \"certs/acme\") or a Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)",
                 after(&text, "storage = ")
+            )]
+        );
+    }
+
+    #[test]
+    fn a_route_path_that_cannot_match_is_reported_at_its_value() {
+        let text = ONE_UPSTREAM.replace("upstream = \"u\"\n[", "path = \"/café\"\nupstream = \"u\"\n[");
+        assert_eq!(
+            problems(&text, &[]),
+            [format!(
+                "{}: [[route]] #1.path: \"/café\": percent-encode 'é' in a path prefix, as %C3%A9",
+                after(&text, "path = ")
             )]
         );
     }
