@@ -352,6 +352,16 @@ fn both_traffic_listeners_off_is_a_problem() {
     // At the value that turned the last one off.
     assert!(first.starts_with("swarmgate.toml:3:8:"), "{}", out.stderr);
     assert!(first.ends_with(": [listen]: at least one of http and https must be set"), "{}", out.stderr);
+    // Turned off by the environment: the variable is at fault.
+    let out =
+        Gateway::builder("\n[listen]\nhttps = \"off\"\nadmin = \"@ADMIN@\"\n").env("SWARMGATE_LISTEN_HTTP", "").check();
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.lines().next(),
+        Some("env SWARMGATE_LISTEN_HTTP: [listen]: at least one of http and https must be set"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
