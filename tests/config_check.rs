@@ -47,8 +47,8 @@ fn valid_config_exits_0_with_a_summary() {
     assert!(lines.contains(&"  app.test/ -> app"), "{}", out.stdout);
     assert!(lines.contains(&"  *.wild.test/api -> api (strip_path)"), "{}", out.stdout);
     assert!(lines.contains(&"upstreams (2):"), "{}", out.stdout);
-    assert!(lines.contains(&"  api: 1 server(s), P2c"), "{}", out.stdout);
-    assert!(lines.contains(&"  app: 2 server(s), Random"), "{}", out.stdout);
+    assert!(lines.contains(&"  api: 1 server(s), p2c"), "{}", out.stdout);
+    assert!(lines.contains(&"  app: 2 server(s), random"), "{}", out.stdout);
     assert!(lines.contains(&"static certificates: none"), "{}", out.stdout);
 }
 
@@ -325,7 +325,7 @@ health = { path = "/health", interval = "2s" }
         .env("SWARMGATE_PROXY_SHUTDOWN_DELAY", "100ms")
         .check();
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.lines().any(|l| l == "  my-app: 3 server(s), P2c, health checked"), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l == "  my-app: 3 server(s), p2c, health checked"), "{}", out.stdout);
 
     // Bad values from the environment are reported against the variable.
     let out = Gateway::builder(config)

@@ -113,6 +113,16 @@ pub enum Challenge {
     TlsAlpn01,
 }
 
+impl Challenge {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::Http01 => "http-01",
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Acme {
     pub directory: String,
@@ -176,6 +186,16 @@ pub struct RouteConfig {
 pub enum Balance {
     Random,
     P2c,
+}
+
+impl Balance {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Random => "random",
+            Balance::P2c => "p2c",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -843,9 +863,9 @@ impl Config {
             "certificates: {}{}\n",
             self.tls.certs_dir.display(),
             self.acme.as_ref().map_or(String::new(), |a| format!(
-                ", ACME {} ({:?}), storage {}{}",
+                ", ACME {} ({}), storage {}{}",
                 a.directory,
-                a.challenge,
+                a.challenge.as_str(),
                 crate::acme::cluster::redact(&a.storage),
                 if a.storage_key.is_some() { " (encrypted)" } else { "" }
             ))
@@ -866,13 +886,13 @@ impl Config {
         s += &format!("upstreams ({}):\n", self.upstreams.len());
         for u in self.upstreams.values().take(20) {
             let servers = match &u.dns {
-                Some(d) => format!("dns {}:{} every {:?}", d.name, d.port, u.resolve_every),
+                Some(d) => format!("dns {}:{} every {}", d.name, d.port, duration::format(u.resolve_every)),
                 None => format!("{} server(s)", u.servers.len()),
             };
             s += &format!(
-                "  {}: {servers}, {:?}{}\n",
+                "  {}: {servers}, {}{}\n",
                 u.name,
-                u.balance,
+                u.balance.as_str(),
                 if u.health.is_some() { ", health checked" } else { "" }
             );
         }
@@ -1197,6 +1217,23 @@ mod tests {
                 after(&text, "path = ")
             )]
         );
+    }
+
+    #[test]
+    fn the_summary_uses_the_config_spellings() {
+        let text = format!(
+            "[acme]\nchallenge = \"tls-alpn-01\"\n{ONE_UPSTREAM}balance = \"p2c\"\n\
+             [upstream.d]\ndns = \"tasks.d:80\"\nresolve_every = \"1500ms\"\n"
+        );
+        let summary = parse(Path::new("t.toml"), &text, &BTreeMap::new()).unwrap().summary();
+        let lines: Vec<&str> = summary.lines().collect();
+        assert!(
+            lines.iter().any(|l| l
+                .ends_with(", ACME https://acme-v02.api.letsencrypt.org/directory (tls-alpn-01), storage certs/acme")),
+            "{summary}"
+        );
+        assert!(lines.contains(&"  u: 1 server(s), p2c"), "{summary}");
+        assert!(lines.contains(&"  d: dns tasks.d:80 every 1s500ms, random"), "{summary}");
     }
 
     #[test]
