@@ -47,8 +47,8 @@ fn valid_config_exits_0_with_a_summary() {
     assert!(lines.contains(&"  app.test/ -> app"), "{}", out.stdout);
     assert!(lines.contains(&"  *.wild.test/api -> api (strip_path)"), "{}", out.stdout);
     assert!(lines.contains(&"upstreams (2):"), "{}", out.stdout);
-    assert!(lines.contains(&"  api: 1 server(s), P2c"), "{}", out.stdout);
-    assert!(lines.contains(&"  app: 2 server(s), Random"), "{}", out.stdout);
+    assert!(lines.contains(&"  api: 1 server(s), p2c"), "{}", out.stdout);
+    assert!(lines.contains(&"  app: 2 server(s), random"), "{}", out.stdout);
     assert!(lines.contains(&"static certificates: none"), "{}", out.stdout);
 }
 
@@ -325,7 +325,7 @@ health = { path = "/health", interval = "2s" }
         .env("SWARMGATE_PROXY_SHUTDOWN_DELAY", "100ms")
         .check();
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.lines().any(|l| l == "  my-app: 3 server(s), P2c, health checked"), "{}", out.stdout);
+    assert!(out.stdout.lines().any(|l| l == "  my-app: 3 server(s), p2c, health checked"), "{}", out.stdout);
 
     // Bad values from the environment are reported against the variable.
     let out = Gateway::builder(config)
@@ -349,8 +349,19 @@ fn both_traffic_listeners_off_is_a_problem() {
     let out = Gateway::builder("\n[listen]\nhttp = \"\"\nhttps = \"off\"\nadmin = \"@ADMIN@\"\n").check();
     assert_eq!(out.code, Some(1));
     let first = out.stderr.lines().next().unwrap();
-    assert!(first.starts_with("swarmgate.toml:2:"), "{}", out.stderr);
+    // At the value that turned the last one off.
+    assert!(first.starts_with("swarmgate.toml:3:8:"), "{}", out.stderr);
     assert!(first.ends_with(": [listen]: at least one of http and https must be set"), "{}", out.stderr);
+    // Turned off by the environment: the variable is at fault.
+    let out =
+        Gateway::builder("\n[listen]\nhttps = \"off\"\nadmin = \"@ADMIN@\"\n").env("SWARMGATE_LISTEN_HTTP", "").check();
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.lines().next(),
+        Some("env SWARMGATE_LISTEN_HTTP: [listen]: at least one of http and https must be set"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -48,6 +48,23 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A duration as the config writes it (`"1m30s"`, `"500ms"`, `"0"`): what [`parse`] takes
+/// back, to the millisecond.
+pub fn format(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0".into();
+    }
+    let mut out = String::new();
+    for (unit, per) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        if ms >= per {
+            out += &format!("{}{unit}", ms / per);
+            ms %= per;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +77,21 @@ mod tests {
         assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse("0"), Ok(Duration::ZERO));
         assert_eq!(parse("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn formats_as_the_config_writes() {
+        for (d, text) in [
+            (Duration::ZERO, "0"),
+            (Duration::from_millis(100), "100ms"),
+            (Duration::from_millis(1500), "1s500ms"),
+            (Duration::from_secs(90), "1m30s"),
+            (Duration::from_secs(30 * 86_400), "30d"),
+            (MAX, "365d"),
+        ] {
+            assert_eq!(format(d), text);
+            assert_eq!(parse(text), Ok(d));
+        }
     }
 
     #[test]

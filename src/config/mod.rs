@@ -8,6 +8,7 @@
 
 pub mod duration;
 mod reader;
+mod route_path;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,7 @@ use toml::de::DeTable;
 
 pub use reader::Problem;
 use reader::{Origin, Source, Table, TableName, as_str};
+use route_path::normalize_path;
 
 /// `SWARMGATE_*` variables that are not config keys.
 const NON_KEY_VARS: &[&str] = &[
@@ -111,6 +113,16 @@ pub enum Challenge {
     TlsAlpn01,
 }
 
+impl Challenge {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::Http01 => "http-01",
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Acme {
     pub directory: String,
@@ -174,6 +186,16 @@ pub struct RouteConfig {
 pub enum Balance {
     Random,
     P2c,
+}
+
+impl Balance {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Random => "random",
+            Balance::P2c => "p2c",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,10 +276,10 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
     let listen = read_listen(&section(root, "listen"));
     let runtime = {
         let t = section(root, "runtime");
-        let workers = t.u64("workers", 0);
+        let (workers, workers_at) = t.u64_with_origin("workers", 0);
         // One worker thread per core is the design; a thousand is a typo, not a plan.
         if workers > 1024 {
-            t.source().problem(&Origin::Default(t.span()), "[runtime].workers must be at most 1024 (0: one per core)");
+            t.source().problem(&workers_at, "[runtime].workers must be at most 1024 (0: one per core)");
         }
         let workers = workers.min(1024) as usize;
         t.finish();
@@ -274,25 +296,30 @@ fn read_config(root: &Table<'_, '_, '_>, path: &Path) -> Config {
 }
 
 fn read_listen(t: &Table<'_, '_, '_>) -> Listen {
-    let addr = |key: &'static str, default: &str| -> Option<SocketAddr> {
-        t.get(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(as_str(raw)?))
+    let addr = |key: &'static str, default: &str| -> (Option<SocketAddr>, Origin) {
+        t.get_with_origin(key, parse_listen_addr(default).ok().flatten(), |raw| parse_listen_addr(as_str(raw)?))
     };
-    let listen = Listen {
-        http: addr("http", "0.0.0.0:80"),
-        https: addr("https", "0.0.0.0:443"),
-        admin: addr("admin", "127.0.0.1:9901"),
-    };
-    if listen.http.is_none() && listen.https.is_none() {
-        t.source().problem(&Origin::Default(t.span()), "[listen]: at least one of http and https must be set");
+    let (http, http_at) = addr("http", "0.0.0.0:80");
+    let (https, https_at) = addr("https", "0.0.0.0:443");
+    let (admin, admin_at) = addr("admin", "127.0.0.1:9901");
+    // Both are on by default, so both were turned off by a key: the environment's, if one
+    // did, is the likelier slip.
+    if http.is_none() && https.is_none() {
+        let at =
+            if matches!(https_at, Origin::Env(_)) && !matches!(http_at, Origin::Env(_)) { &https_at } else { &http_at };
+        t.source().problem(at, "[listen]: at least one of http and https must be set");
     }
-    let bound: Vec<SocketAddr> = [listen.http, listen.https, listen.admin].into_iter().flatten().collect();
-    for (i, a) in bound.iter().enumerate() {
-        if a.port() != 0 && bound[..i].contains(a) {
-            t.source().problem(&Origin::Default(t.span()), format!("[listen]: {a} is used by two listeners"));
+    let bound: Vec<(SocketAddr, &Origin)> = [(http, &http_at), (https, &https_at), (admin, &admin_at)]
+        .into_iter()
+        .filter_map(|(a, at)| Some((a?, at)))
+        .collect();
+    for (i, (a, at)) in bound.iter().enumerate() {
+        if a.port() != 0 && bound[..i].iter().any(|(b, _)| b == a) {
+            t.source().problem(at, format!("[listen]: {a} is used by two listeners"));
         }
     }
     t.finish();
-    listen
+    Listen { http, https, admin }
 }
 
 /// `""` or `"off"` turns a listener off.
@@ -307,8 +334,7 @@ fn parse_listen_addr(text: &str) -> Result<Option<SocketAddr>, String> {
 }
 
 fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
-    let trusted_proxies =
-        t.get("trusted_proxies", Vec::new(), |raw| reader::as_list(raw)?.iter().map(|s| parse_cidr(s)).collect());
+    let trusted_proxies = each_of_list(t, "trusted_proxies", parse_cidr);
     let proxy = Proxy {
         trusted_proxies,
         redirect_https: t.bool("redirect_https", true),
@@ -317,6 +343,22 @@ fn read_proxy(t: &Table<'_, '_, '_>) -> Proxy {
     };
     t.finish();
     proxy
+}
+
+/// A list whose entries are each read by `parse`: every bad entry is its own problem (at
+/// the list, in the file or the variable), and is left out.
+fn each_of_list<T>(t: &Table<'_, '_, '_>, key: &'static str, parse: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+    let (items, at) = t.list(key);
+    items
+        .iter()
+        .filter_map(|s| match parse(s) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                t.source().problem(&at, format!("{}.{key}: {e}", t.name));
+                None
+            }
+        })
+        .collect()
 }
 
 /// A CIDR, or a bare address meaning just that host.
@@ -334,33 +376,42 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 const MAX_HEADER_BYTES: usize = 1 << 20;
 
 fn read_limits(t: &Table<'_, '_, '_>) -> Limits {
+    let (header_read_timeout, header_read_timeout_at) =
+        t.duration_with_origin("header_read_timeout", Duration::from_secs(30));
+    let (max_header_bytes, max_header_bytes_at) = t.u64_with_origin("max_header_bytes", 64 * 1024);
+    let (max_uri_bytes, max_uri_bytes_at) = t.u64_with_origin("max_uri_bytes", 8 * 1024);
+    let (idle_timeout, idle_timeout_at) = t.duration_with_origin("idle_timeout", Duration::from_secs(120));
+    let (max_connections, max_connections_at) = t.u64_with_origin("max_connections", 100_000);
     let limits = Limits {
-        header_read_timeout: t.duration("header_read_timeout", Duration::from_secs(30)),
-        max_header_bytes: t.u64("max_header_bytes", 64 * 1024) as usize,
-        max_uri_bytes: t.u64("max_uri_bytes", 8 * 1024) as usize,
-        idle_timeout: t.duration("idle_timeout", Duration::from_secs(120)),
-        max_connections: t.u64("max_connections", 100_000) as usize,
+        header_read_timeout,
+        max_header_bytes: max_header_bytes as usize,
+        max_uri_bytes: max_uri_bytes as usize,
+        idle_timeout,
+        max_connections: max_connections as usize,
         retry_body_bytes: t.u64("retry_body_bytes", 64 * 1024) as usize,
         tls_handshake_timeout: t.duration("tls_handshake_timeout", Duration::from_secs(10)),
     };
-    let at = Origin::Default(t.span());
+    let problem = |at: &Origin, message: &str| t.source().problem(at, message);
     if limits.header_read_timeout.is_zero() {
-        t.source().problem(&at, "[limits].header_read_timeout must be more than 0");
+        problem(&header_read_timeout_at, "[limits].header_read_timeout must be more than 0");
     }
     // Bounded above: a head is held whole while it is read, HTTP/2's header list limit is
     // a u32, and the own HTTP/1.1 reader keeps u32 spans of it.
-    if !(8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes) {
-        t.source().problem(&at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
+    let header_ok = (8192..=MAX_HEADER_BYTES).contains(&limits.max_header_bytes);
+    if !header_ok {
+        problem(&max_header_bytes_at, "[limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)");
     }
-    if limits.max_uri_bytes < 64 || limits.max_uri_bytes > limits.max_header_bytes {
-        t.source().problem(&at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
+    // Against a bad max_header_bytes only the bound it would have had: one mistake, one problem.
+    let uri_bound = if header_ok { limits.max_header_bytes } else { MAX_HEADER_BYTES };
+    if limits.max_uri_bytes < 64 || limits.max_uri_bytes > uri_bound {
+        problem(&max_uri_bytes_at, "[limits].max_uri_bytes must be between 64 and max_header_bytes");
     }
     if limits.max_connections == 0 {
-        t.source().problem(&at, "[limits].max_connections must be more than 0");
+        problem(&max_connections_at, "[limits].max_connections must be more than 0");
     }
     // A parked connection keeps the time it has left in milliseconds as a u32.
     if limits.idle_timeout.as_millis() > u128::from(u32::MAX) {
-        t.source().problem(&at, "[limits].idle_timeout must be at most 49 days");
+        problem(&idle_timeout_at, "[limits].idle_timeout must be at most 49 days");
     }
     t.finish();
     limits
@@ -393,13 +444,13 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     if !(directory.starts_with("https://") || directory.starts_with("http://")) {
         t.source().problem(&dir_origin, format!("[acme].directory: {directory:?} is not an http(s) URL"));
     }
-    let contact = t.get("contact", Vec::new(), |raw| match raw {
+    let (contact, contact_at) = t.get_with_origin("contact", Vec::new(), |raw| match raw {
         reader::Raw::Toml(toml::de::DeValue::Array(_)) => reader::as_list(raw),
         other => Ok(vec![as_str(other)?.to_string()]),
     });
     for c in &contact {
         if !c.starts_with("mailto:") {
-            t.source().problem(&Origin::Default(t.span()), format!("[acme].contact: {c:?} must start with mailto:"));
+            t.source().problem(&contact_at, format!("[acme].contact: {c:?} must start with mailto:"));
         }
     }
     let challenge = t.get("challenge", Challenge::Http01, |raw| match as_str(raw)? {
@@ -428,11 +479,13 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
                 ),
             );
         }
-    } else if storage.contains("://") {
+    } else if let Some((scheme, _)) = storage.split_once("://") {
+        // Only the scheme is repeated: the rest may hold a password.
         t.source().problem(
             &storage_origin,
             format!(
-                "[acme].storage: {storage:?}: only redis:// and rediss:// URLs are stores; anything else is a directory"
+                "[acme].storage: {scheme}:// is not a store swarmgate has; storage is a directory path \
+                 (e.g. \"certs/acme\") or a Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)"
             ),
         );
     }
@@ -460,11 +513,8 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
 }
 
 fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
-    let nameservers = t.get("nameservers", Vec::new(), |raw| {
-        reader::as_list(raw)?
-            .iter()
-            .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:PORT address")))
-            .collect()
+    let nameservers = each_of_list(t, "nameservers", |s| {
+        s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:PORT address"))
     });
     t.finish();
     Discovery { nameservers }
@@ -532,43 +582,25 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
             _ => t.source().problem(&dns_origin, format!("{}: servers and dns both given; use one", t.name)),
         }
     }
-    // Only when nothing was listed: unparsable entries were reported above.
+    // Only when nothing was listed: unparsable entries were reported above. At the key
+    // that emptied the list, if one did; else at the table.
     if listed == 0 && dns_text.is_empty() {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name),
-        );
+        let at = match (&servers_origin, &dns_origin) {
+            (Origin::Default(_), Origin::Env(_) | Origin::File(_)) => &dns_origin,
+            _ => &servers_origin,
+        };
+        t.source().problem(at, format!("{}: needs servers = [\"IP:PORT\", ...] or dns = \"NAME:PORT\"", t.name));
     }
-    let resolve_every = t.duration("resolve_every", Duration::from_secs(2));
+    let (resolve_every, resolve_every_at) = t.duration_with_origin("resolve_every", Duration::from_secs(2));
     if resolve_every < Duration::from_millis(100) {
-        t.source().problem(&Origin::Default(t.span()), format!("{}.resolve_every must be at least 100ms", t.name));
+        t.source().problem(&resolve_every_at, format!("{}.resolve_every must be at least 100ms", t.name));
     }
     let balance = t.get("balance", Balance::Random, |raw| match as_str(raw)? {
         "random" => Ok(Balance::Random),
         "p2c" => Ok(Balance::P2c),
         other => Err(format!("{other:?} is not a balancer (\"random\" or \"p2c\")")),
     });
-    let health = t.table("health").map(|(h, span)| {
-        let env_prefix = format!("SWARMGATE_UPSTREAM_{}_HEALTH_", name.to_ascii_uppercase().replace('-', "_"));
-        let h = Table::new(t.source(), Some(h), span, Some(env_prefix), format!("{}.health", t.name));
-        let (path, path_origin) = h.string("path", "/health");
-        if !path.starts_with('/') {
-            h.source().problem(&path_origin, format!("{}.path must start with /", h.name));
-        }
-        let health = HealthConfig {
-            path,
-            interval: h.duration("interval", Duration::from_secs(2)),
-            timeout: h.duration("timeout", Duration::from_secs(1)),
-            healthy_after: checks_in_a_row(&h, "healthy_after", 1),
-            unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
-        };
-        if health.interval.is_zero() || health.timeout.is_zero() {
-            h.source()
-                .problem(&Origin::Default(h.span()), format!("{}: interval and timeout must be more than 0", h.name));
-        }
-        h.finish();
-        health
-    });
+    let health = read_health(t, name);
     let upstream = UpstreamConfig {
         name: name.to_string(),
         servers,
@@ -577,26 +609,65 @@ fn read_upstream(t: &Table<'_, '_, '_>, name: &str) -> UpstreamConfig {
         balance,
         health,
         retries: t.u64("retries", 2).min(100) as u32,
-        connect_timeout: t.duration("connect_timeout", Duration::from_secs(2)),
-        response_timeout: t.duration("response_timeout", Duration::from_secs(60)),
+        connect_timeout: more_than_0(t, "connect_timeout", Duration::from_secs(2)),
+        response_timeout: more_than_0(t, "response_timeout", Duration::from_secs(60)),
     };
-    if upstream.connect_timeout.is_zero() || upstream.response_timeout.is_zero() {
-        t.source().problem(
-            &Origin::Default(t.span()),
-            format!("{}: connect_timeout and response_timeout must be more than 0", t.name),
-        );
-    }
     t.finish();
     upstream
 }
 
-/// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row (0 is taken as 1).
+/// The keys of an upstream's `health` table.
+const HEALTH_KEYS: [&str; 5] = ["path", "interval", "timeout", "healthy_after", "unhealthy_after"];
+
+/// An upstream's `health` table. Its keys have environment forms like every scalar,
+/// `SWARMGATE_UPSTREAM_<NAME>_HEALTH_<KEY>`; one set where the file has no `health` turns
+/// checks on with the defaults for the rest, as `SWARMGATE_ACME_*` does for `[acme]`.
+fn read_health(t: &Table<'_, '_, '_>, name: &str) -> Option<HealthConfig> {
+    let env_prefix = format!("SWARMGATE_UPSTREAM_{}_HEALTH_", name.to_ascii_uppercase().replace('-', "_"));
+    let (table, span) = match t.table("health") {
+        Some((h, span)) => (Some(h), span),
+        None => (None, t.span()),
+    };
+    let env = &t.source().env;
+    if table.is_none()
+        && !HEALTH_KEYS.iter().any(|k| env.contains_key(&format!("{env_prefix}{}", k.to_ascii_uppercase())))
+    {
+        return None;
+    }
+    let h = Table::new(t.source(), table, span, Some(env_prefix), format!("{}.health", t.name));
+    let (path, path_origin) = h.string("path", "/health");
+    if !path.starts_with('/') {
+        h.source().problem(&path_origin, format!("{}.path must start with /", h.name));
+    }
+    let health = HealthConfig {
+        path,
+        interval: more_than_0(&h, "interval", Duration::from_secs(2)),
+        timeout: more_than_0(&h, "timeout", Duration::from_secs(1)),
+        healthy_after: checks_in_a_row(&h, "healthy_after", 1),
+        unhealthy_after: checks_in_a_row(&h, "unhealthy_after", 2),
+    };
+    h.finish();
+    Some(health)
+}
+
+/// `healthy_after` or `unhealthy_after`: 1 to 1000 checks in a row.
 fn checks_in_a_row(h: &Table<'_, '_, '_>, key: &'static str, default: u64) -> u32 {
-    let n = h.u64(key, default);
-    if n > 1000 {
-        h.source().problem(&Origin::Default(h.span()), format!("{}.{key} must be at most 1000", h.name));
+    let (n, at) = h.u64_with_origin(key, default);
+    if n == 0 {
+        h.source().problem(&at, format!("{}.{key} must be at least 1 (checks in a row, 1 to 1000)", h.name));
+    } else if n > 1000 {
+        h.source().problem(&at, format!("{}.{key} must be at most 1000", h.name));
     }
     n.clamp(1, 1000) as u32
+}
+
+/// A duration that must be more than 0 (a timeout or an interval), reported at its key.
+fn more_than_0(t: &Table<'_, '_, '_>, key: &'static str, default: Duration) -> Duration {
+    let (d, at) = t.duration_with_origin(key, default);
+    if d.is_zero() {
+        t.source().problem(&at, format!("{}.{key} must be more than 0", t.name));
+    }
+    d
 }
 
 fn parse_dns_target(text: &str) -> Result<DnsTarget, String> {
@@ -762,17 +833,6 @@ fn parse_ip_literal(text: &str) -> Option<IpAddr> {
     if maybe { text.parse().ok() } else { None }
 }
 
-fn normalize_path(text: &str) -> Result<String, String> {
-    if !text.starts_with('/') {
-        return Err(format!("{text:?} must start with /"));
-    }
-    if text.bytes().any(|b| matches!(b, b'?' | b'#' | b' ')) {
-        return Err(format!("{text:?} is a path prefix: no query, fragment or spaces"));
-    }
-    let trimmed = text.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
-}
-
 /// Any `SWARMGATE_*` variable that is neither a key that was read nor a known setting.
 fn unknown_env_vars(src: &Source<'_>) {
     let used = src.used_env();
@@ -803,9 +863,9 @@ impl Config {
             "certificates: {}{}\n",
             self.tls.certs_dir.display(),
             self.acme.as_ref().map_or(String::new(), |a| format!(
-                ", ACME {} ({:?}), storage {}{}",
+                ", ACME {} ({}), storage {}{}",
                 a.directory,
-                a.challenge,
+                a.challenge.as_str(),
                 crate::acme::cluster::redact(&a.storage),
                 if a.storage_key.is_some() { " (encrypted)" } else { "" }
             ))
@@ -826,13 +886,13 @@ impl Config {
         s += &format!("upstreams ({}):\n", self.upstreams.len());
         for u in self.upstreams.values().take(20) {
             let servers = match &u.dns {
-                Some(d) => format!("dns {}:{} every {:?}", d.name, d.port, u.resolve_every),
+                Some(d) => format!("dns {}:{} every {}", d.name, d.port, duration::format(u.resolve_every)),
                 None => format!("{} server(s)", u.servers.len()),
             };
             s += &format!(
-                "  {}: {servers}, {:?}{}\n",
+                "  {}: {servers}, {}{}\n",
                 u.name,
-                u.balance,
+                u.balance.as_str(),
                 if u.health.is_some() { ", health checked" } else { "" }
             );
         }
@@ -895,6 +955,53 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_max_header_bytes_is_one_problem() {
+        for env in [[("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "10")], [("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "2000000")]] {
+            assert_eq!(
+                problems(ONE_UPSTREAM, &env),
+                [
+                    "env SWARMGATE_LIMITS_MAX_HEADER_BYTES: [limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)"
+                ]
+            );
+        }
+        // A max_uri_bytes that is wrong on its own is still reported.
+        let text = format!("[limits]\nmax_header_bytes = 10\nmax_uri_bytes = 2000000\n{ONE_UPSTREAM}");
+        let found = problems(&text, &[]);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(found[1].ends_with("max_uri_bytes must be between 64 and max_header_bytes"), "{found:#?}");
+    }
+
+    #[test]
+    fn every_bad_entry_of_a_list_is_reported() {
+        let text = format!(
+            "[proxy]\ntrusted_proxies = [\"garbage1\", \"10.0.0.0/8\", \"garbage2\"]\n\
+             [discovery]\nnameservers = [\"ns1\", \"ns2\"]\n{ONE_UPSTREAM}"
+        );
+        let (proxies, nameservers) = (after(&text, "trusted_proxies = "), after(&text, "nameservers = "));
+        assert_eq!(
+            problems(&text, &[]),
+            [
+                format!(
+                    "{proxies}: [proxy].trusted_proxies: \"garbage1\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
+                ),
+                format!(
+                    "{proxies}: [proxy].trusted_proxies: \"garbage2\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address"
+                ),
+                format!("{nameservers}: [discovery].nameservers: \"ns1\" is not an IP:PORT address"),
+                format!("{nameservers}: [discovery].nameservers: \"ns2\" is not an IP:PORT address"),
+            ]
+        );
+        let env = [("SWARMGATE_PROXY_TRUSTED_PROXIES", "garbage1, 10.0.0.1,garbage2")];
+        assert_eq!(
+            problems(ONE_UPSTREAM, &env),
+            [
+                "env SWARMGATE_PROXY_TRUSTED_PROXIES: [proxy].trusted_proxies: \"garbage1\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address",
+                "env SWARMGATE_PROXY_TRUSTED_PROXIES: [proxy].trusted_proxies: \"garbage2\" is not a CIDR (e.g. 10.0.0.0/8) or an IP address",
+            ]
+        );
+    }
+
+    #[test]
     fn max_header_bytes_is_bounded_both_ways() {
         for ok in [8192u64, 65536, 1 << 20] {
             assert_eq!(limits_problems(&format!("max_header_bytes = {ok}")), Vec::<String>::new(), "{ok}");
@@ -921,12 +1028,14 @@ mod tests {
     fn out_of_range_upstream_and_runtime_values_are_refused() {
         let ok = "servers = [\"127.0.0.1:8080\"]";
         assert_eq!(upstream_problems(ok, ""), Vec::<String>::new());
-        let checked = format!("{ok}\nhealth = {{ healthy_after = 1000, unhealthy_after = 0 }}");
+        let checked = format!("{ok}\nhealth = {{ healthy_after = 1000, unhealthy_after = 1 }}");
         assert_eq!(upstream_problems(&checked, ""), Vec::<String>::new());
         for (upstream, more, says) in [
             // Once taken `as u32`: 4294967296 became 0, a server passing every check unhealthy.
             (format!("{ok}\nhealth = {{ unhealthy_after = 4294967296 }}"), "", "unhealthy_after must be at most 1000"),
             (format!("{ok}\nhealth = {{ healthy_after = 1001 }}"), "", "healthy_after must be at most 1000"),
+            (format!("{ok}\nhealth = {{ healthy_after = 0 }}"), "", "healthy_after must be at least 1"),
+            (format!("{ok}\nhealth = {{ unhealthy_after = 0 }}"), "", "unhealthy_after must be at least 1"),
             // Once the list was silently ignored.
             (format!("{ok}\ndns = \"tasks.u:8080\""), "", "servers and dns both given"),
             ("servers = [\"127.0.0.1:0\"]".to_string(), "", "has port 0"),
@@ -936,6 +1045,105 @@ mod tests {
         ] {
             let problems = upstream_problems(&upstream, more);
             assert!(problems.iter().any(|p| p.contains(says)), "{upstream} {more}: {problems:#?}");
+        }
+    }
+
+    /// A config whose one route goes to `[upstream.u]`, which ends the text (more keys of
+    /// it can follow).
+    const ONE_UPSTREAM: &str =
+        "[[route]]\nhost = \"a.test\"\nupstream = \"u\"\n[upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+
+    /// The problems of `text` with `env`, as `check` prints them.
+    fn problems(text: &str, env: &[(&str, &str)]) -> Vec<String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match parse(Path::new("t.toml"), text, &env) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems.into_iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// `t.toml:LINE:COL` of what follows the first `needle` in `text`.
+    fn after(text: &str, needle: &str) -> String {
+        let offset = text.find(needle).unwrap() + needle.len();
+        let line = text[..offset].matches('\n').count() + 1;
+        let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("t.toml:{line}:{col}")
+    }
+
+    #[test]
+    fn range_problems_point_at_the_key_or_the_variable() {
+        let up = ONE_UPSTREAM;
+        let no_https = format!("[listen]\nhttps = \"\"\n{up}");
+        let same_port = format!("[listen]\nhttp = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:1\"\n{up}");
+        let workers = format!("[runtime]\nworkers = 5000\n{up}");
+        let limits = format!("[limits]\nmax_connections = 0\nidle_timeout = \"50d\"\n{up}");
+        let contact = format!("[acme]\ncontact = \"ops@example.org\"\n{up}");
+        let health = format!("{up}health = {{ interval = \"0\" }}\nconnect_timeout = \"0\"\n");
+        for (text, env, expected) in [
+            (
+                up.to_string(),
+                vec![("SWARMGATE_LIMITS_MAX_HEADER_BYTES", "10")],
+                vec!["env SWARMGATE_LIMITS_MAX_HEADER_BYTES: [limits].max_header_bytes must be between 8192 and 1048576 (1 MiB)".to_string()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_LIMITS_HEADER_READ_TIMEOUT", "0")],
+                vec!["env SWARMGATE_LIMITS_HEADER_READ_TIMEOUT: [limits].header_read_timeout must be more than 0".into()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_UPSTREAM_U_RESOLVE_EVERY", "10ms")],
+                vec!["env SWARMGATE_UPSTREAM_U_RESOLVE_EVERY: [upstream.u].resolve_every must be at least 100ms".into()],
+            ),
+            (
+                up.to_string(),
+                vec![("SWARMGATE_UPSTREAM_U_SERVERS", "")],
+                vec![r#"env SWARMGATE_UPSTREAM_U_SERVERS: [upstream.u]: needs servers = ["IP:PORT", ...] or dns = "NAME:PORT""#.into()],
+            ),
+            (
+                no_https.clone(),
+                vec![("SWARMGATE_LISTEN_HTTP", "")],
+                vec!["env SWARMGATE_LISTEN_HTTP: [listen]: at least one of http and https must be set".into()],
+            ),
+            (
+                same_port.clone(),
+                vec![],
+                vec![format!("{}: [listen]: 127.0.0.1:1 is used by two listeners", after(&same_port, "admin = "))],
+            ),
+            (
+                workers.clone(),
+                vec![],
+                vec![format!("{}: [runtime].workers must be at most 1024 (0: one per core)", after(&workers, "workers = "))],
+            ),
+            (
+                limits.clone(),
+                vec![],
+                vec![
+                    format!("{}: [limits].max_connections must be more than 0", after(&limits, "max_connections = ")),
+                    format!("{}: [limits].idle_timeout must be at most 49 days", after(&limits, "idle_timeout = ")),
+                ],
+            ),
+            (
+                contact.clone(),
+                vec![],
+                vec![format!(
+                    "{}: [acme].contact: \"ops@example.org\" must start with mailto:",
+                    after(&contact, "contact = ")
+                )],
+            ),
+            (
+                health.clone(),
+                vec![],
+                vec![
+                    format!("{}: [upstream.u].health.interval must be more than 0", after(&health, "interval = ")),
+                    format!("{}: [upstream.u].connect_timeout must be more than 0", after(&health, "connect_timeout = ")),
+                ],
+            ),
+        ] {
+            let found = problems(&text, &env);
+            for e in &expected {
+                assert!(found.contains(e), "{env:?} {text}\nmissing {e:?} in {found:#?}");
+            }
         }
     }
 
@@ -954,6 +1162,78 @@ mod tests {
         let u = &c.upstreams["u"];
         assert!(u.dns.is_none());
         assert_eq!(u.servers, ["127.0.0.1:9000".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn health_keys_have_environment_forms_with_or_without_a_health_table() {
+        let checked = format!("{ONE_UPSTREAM}health = {{ path = \"/health\", interval = \"5s\" }}\n");
+        for text in [ONE_UPSTREAM.to_string(), checked] {
+            let env = BTreeMap::from([
+                ("SWARMGATE_UPSTREAM_U_HEALTH_PATH".to_string(), "/ready".to_string()),
+                ("SWARMGATE_UPSTREAM_U_HEALTH_UNHEALTHY_AFTER".to_string(), "3".to_string()),
+            ]);
+            let c = parse(Path::new("t.toml"), &text, &env).unwrap();
+            let health = c.upstreams["u"].health.clone().unwrap();
+            assert_eq!(
+                (health.path.as_str(), health.unhealthy_after, health.healthy_after),
+                ("/ready", 3, 1),
+                "{text}"
+            );
+        }
+        let c = parse(Path::new("t.toml"), ONE_UPSTREAM, &BTreeMap::new()).unwrap();
+        assert_eq!(c.upstreams["u"].health, None, "no variable, no table: no checks");
+        assert_eq!(
+            problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_U_HEALTH_INTERVAL", "0")]),
+            ["env SWARMGATE_UPSTREAM_U_HEALTH_INTERVAL: [upstream.u].health.interval must be more than 0"]
+        );
+        assert_eq!(
+            problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_U_HEALTH_PORT", "1")]),
+            [
+                "env SWARMGATE_UPSTREAM_U_HEALTH_PORT: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_acme_storage_url_of_another_scheme_says_what_is_accepted() {
+        let text = format!("[acme]\nstorage = \"mysql://user:secret@db:3306/acme\"\n{ONE_UPSTREAM}");
+        assert_eq!(
+            problems(&text, &[]),
+            [format!(
+                "{}: [acme].storage: mysql:// is not a store swarmgate has; storage is a directory path \
+                 (e.g. \"certs/acme\") or a Redis URL, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)",
+                after(&text, "storage = ")
+            )]
+        );
+    }
+
+    #[test]
+    fn a_route_path_that_cannot_match_is_reported_at_its_value() {
+        let text = ONE_UPSTREAM.replace("upstream = \"u\"\n[", "path = \"/café\"\nupstream = \"u\"\n[");
+        assert_eq!(
+            problems(&text, &[]),
+            [format!(
+                "{}: [[route]] #1.path: \"/café\": percent-encode 'é' in a path prefix, as %C3%A9",
+                after(&text, "path = ")
+            )]
+        );
+    }
+
+    #[test]
+    fn the_summary_uses_the_config_spellings() {
+        let text = format!(
+            "[acme]\nchallenge = \"tls-alpn-01\"\n{ONE_UPSTREAM}balance = \"p2c\"\n\
+             [upstream.d]\ndns = \"tasks.d:80\"\nresolve_every = \"1500ms\"\n"
+        );
+        let summary = parse(Path::new("t.toml"), &text, &BTreeMap::new()).unwrap().summary();
+        let lines: Vec<&str> = summary.lines().collect();
+        assert!(
+            lines.iter().any(|l| l
+                .ends_with(", ACME https://acme-v02.api.letsencrypt.org/directory (tls-alpn-01), storage certs/acme")),
+            "{summary}"
+        );
+        assert!(lines.contains(&"  u: 1 server(s), p2c"), "{summary}");
+        assert!(lines.contains(&"  d: dns tasks.d:80 every 1s500ms, random"), "{summary}");
     }
 
     #[test]

@@ -306,14 +306,34 @@ impl<'s, 't, 'i> Table<'s, 't, 'i> {
     where
         's: 't,
     {
-        self.get(key, default, as_u64)
+        self.u64_with_origin(key, default).0
+    }
+
+    /// A whole number and where it came from, for checks of its range.
+    pub(super) fn u64_with_origin(&self, key: &'static str, default: u64) -> (u64, Origin)
+    where
+        's: 't,
+    {
+        self.get_with_origin(key, default, as_u64)
     }
 
     pub(super) fn duration(&self, key: &'static str, default: std::time::Duration) -> std::time::Duration
     where
         's: 't,
     {
-        self.get(key, default, |raw| as_str(raw).and_then(super::duration::parse))
+        self.duration_with_origin(key, default).0
+    }
+
+    /// A duration and where it came from, for checks of its range.
+    pub(super) fn duration_with_origin(
+        &self,
+        key: &'static str,
+        default: std::time::Duration,
+    ) -> (std::time::Duration, Origin)
+    where
+        's: 't,
+    {
+        self.get_with_origin(key, default, |raw| as_str(raw).and_then(super::duration::parse))
     }
 
     pub(super) fn list(&self, key: &'static str) -> (Vec<String>, Origin)
