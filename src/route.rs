@@ -183,7 +183,12 @@ pub fn strip_prefix<'p>(path: &'p str, prefix: &str) -> std::borrow::Cow<'p, str
 /// serve what a prefix route never let through (`/api/../internal`), so routing sees it
 /// resolved ([`remove_dot_segments`]). Asked of every request: one pass, no allocation.
 pub fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| dots(segment).is_some())
+    path.split('/').any(is_dot_segment)
+}
+
+/// Whether one segment of a path is `.` or `..` (each dot perhaps `%2e` or `%2E`).
+pub fn is_dot_segment(segment: &str) -> bool {
+    dots(segment).is_some()
 }
 
 /// 1 for a `.` segment, 2 for `..` (each dot perhaps `%2e` or `%2E`), else `None`.

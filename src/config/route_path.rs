@@ -2,11 +2,11 @@
 //! and normalised once, when the config is read.
 //!
 //! The router compares request paths with prefixes byte for byte, as the client sent them
-//! (no decoding, no dot-segment removal), so a prefix is refused when no request could
-//! match it as meant: it starts with `/` and holds only RFC 3986 (3.3) path characters,
-//! percent-encodings in upper case (the form RFC 3986 2.1 has clients send; `%c3` would
-//! never match a request's `%C3`), and no dot-segment (`.` or `..`, also as `%2E`), which
-//! clients resolve before sending and servers may resolve after the route was chosen.
+//! (no decoding) once their dot-segments are resolved, so a prefix is refused when no
+//! request could match it as meant: it starts with `/` and holds only RFC 3986 (3.3) path
+//! characters, percent-encodings in upper case (the form RFC 3986 2.1 has clients send;
+//! `%c3` would never match a request's `%C3`), and no dot-segment (`.` or `..`, also as
+//! `%2E`), which no resolved request path has.
 
 /// The prefix `text` normalised: a trailing `/` is dropped (`/api/` is `/api`; `/` stays).
 pub(super) fn normalize_path(text: &str) -> Result<String, String> {
@@ -14,7 +14,7 @@ pub(super) fn normalize_path(text: &str) -> Result<String, String> {
         return Err(format!("{text:?} must start with /"));
     }
     let lower_hex = check_chars(text)?;
-    if text.split('/').any(is_dot_segment) {
+    if text.split('/').any(crate::route::is_dot_segment) {
         return Err(format!(
             "{text:?}: a dot-segment (\".\" or \"..\", also written %2E) cannot be part of a path prefix"
         ));
@@ -61,20 +61,6 @@ fn is_path_char(c: char) -> bool {
     matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '.' | '_' | '~' // unreserved
         | '!' | '$' | '&' | '\'' | '(' | ')' | '*' | '+' | ',' | ';' | '=' // sub-delims
         | ':' | '@' | '/')
-}
-
-/// `.` or `..`, any dot written `%2E` or `%2e` (the text is ASCII by now).
-fn is_dot_segment(segment: &str) -> bool {
-    let (mut dots, mut rest) = (0, segment);
-    while !rest.is_empty() {
-        rest = match rest.strip_prefix('.') {
-            Some(r) => r,
-            None if rest.get(..3).is_some_and(|e| e.eq_ignore_ascii_case("%2e")) => &rest[3..],
-            None => return false,
-        };
-        dots += 1;
-    }
-    (1..=2).contains(&dots)
 }
 
 #[cfg(test)]
