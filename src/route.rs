@@ -183,17 +183,26 @@ pub fn strip_prefix<'p>(path: &'p str, prefix: &str) -> std::borrow::Cow<'p, str
 /// serve what a prefix route never let through (`/api/../internal`), so routing sees it
 /// resolved ([`remove_dot_segments`]). Asked of every request: one pass, no allocation.
 pub fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(is_dot_segment)
+    // Bytewise, looking further only after a '/' followed by '.' or '%': `split('/')`
+    // cost about 170 instructions for `/` alone.
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'/' && matches!(bytes.get(i + 1), Some(b'.' | b'%')) && {
+            let segment = &bytes[i + 1..];
+            let end = segment.iter().position(|&b| b == b'/').unwrap_or(segment.len());
+            dots(&segment[..end]).is_some()
+        }
+    })
 }
 
 /// Whether one segment of a path is `.` or `..` (each dot perhaps `%2e` or `%2E`).
 pub fn is_dot_segment(segment: &str) -> bool {
-    dots(segment).is_some()
+    dots(segment.as_bytes()).is_some()
 }
 
 /// 1 for a `.` segment, 2 for `..` (each dot perhaps `%2e` or `%2E`), else `None`.
-fn dots(segment: &str) -> Option<u8> {
-    let mut rest = segment.as_bytes();
+fn dots(segment: &[u8]) -> Option<u8> {
+    let mut rest = segment;
     if !matches!(rest.first(), Some(b'.' | b'%')) {
         return None;
     }
@@ -217,7 +226,7 @@ pub fn remove_dot_segments(path: &str) -> String {
     let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     for (i, segment) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
-        match dots(segment) {
+        match dots(segment.as_bytes()) {
             None => kept.push(segment),
             Some(n) => {
                 if n == 2 {
