@@ -52,18 +52,9 @@ pub enum ApplyError {
     Certificates(Vec<crate::tls::store::CertError>),
     #[error("development certificate: {0}")]
     DevCert(String),
-    #[error("{}", acme_wildcards_message(.0))]
-    AcmeWildcards(Vec<String>),
-    #[error("{0}")]
-    Acme(String),
-}
-
-fn acme_wildcards_message(hosts: &[String]) -> String {
-    format!(
-        "no static certificate for route host(s) {}: ACME's HTTP-01 and TLS-ALPN-01 challenges cannot issue \
-         wildcard certificates; put one in [tls].certs_dir",
-        hosts.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>().join(", ")
-    )
+    /// What only checks after reading find, each where its setting is written.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Acme(Vec<config::Problem>),
 }
 
 /// With `[acme]`: its settings' local resources are usable (see
@@ -73,18 +64,21 @@ fn acme_wildcards_message(hosts: &[String]) -> String {
 /// start, reload and `swarmgate check`.
 pub fn check_acme(config: &Config, statics: &CertStore) -> Result<(), ApplyError> {
     let Some(acme) = &config.acme else { return Ok(()) };
-    let mut uncovered: Vec<String> = config
+    let mut problems: Vec<config::Problem> = config
         .routes
         .iter()
         .filter(|r| matches!(r.host, config::HostPattern::Wildcard(_)) && !statics.covers(&r.host))
-        .map(|r| r.host.to_string())
+        .map(|r| {
+            r.host_at.problem(format!(
+                "no static certificate for route host {:?}: ACME's HTTP-01 and TLS-ALPN-01 challenges cannot \
+                 issue wildcard certificates; put one in [tls].certs_dir",
+                r.host.to_string()
+            ))
+        })
         .collect();
-    if !uncovered.is_empty() {
-        uncovered.sort_unstable();
-        uncovered.dedup();
-        return Err(ApplyError::AcmeWildcards(uncovered));
-    }
-    crate::acme::manager::check_settings(acme).map_err(ApplyError::Acme)
+    problems.extend(crate::acme::manager::check_settings(acme));
+    problems.sort_by_key(|p| p.order);
+    if problems.is_empty() { Ok(()) } else { Err(ApplyError::Acme(problems)) }
 }
 
 /// What `/readyz` says.

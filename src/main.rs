@@ -74,6 +74,9 @@ fn check(cli: &Cli, env: &std::collections::BTreeMap<String, String>) -> u8 {
     };
     if let Err(e) = swarmgate::gateway::check_acme(&config, &statics) {
         say!("{e}");
+        if let swarmgate::gateway::ApplyError::Acme(problems) = &e {
+            say!("{} problem(s) in {}", problems.len(), cli.config.display());
+        }
         return exit::INVALID_CONFIG;
     }
     let mut out = config.summary();

@@ -428,8 +428,11 @@ servers = ["127.0.0.1:9000"]
     // No certificate for the wildcard: ACME cannot get one, so nothing would serve it.
     let out = Gateway::builder(ACME_WILDCARD).check();
     assert_eq!(out.code, Some(1), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    // Where the route's host is written, as every problem `check` reports.
     assert!(
-        out.stderr.contains("\"*.sandbox.test\"") && out.stderr.contains("cannot issue wildcard"),
+        out.stderr.contains("swarmgate.toml:11:8: no static certificate for route host \"*.sandbox.test\"")
+            && out.stderr.contains("cannot issue wildcard")
+            && out.stderr.contains("1 problem(s) in swarmgate.toml"),
         "{}",
         out.stderr
     );
@@ -461,9 +464,10 @@ servers = ["127.0.0.1:9000"]
 
 #[tokio::test]
 async fn unusable_acme_storage_or_ca_file_is_refused_by_check_start_and_reload() {
+    // Each where it is written (the `@ACME@` line is the 9th).
     let cases = [
-        ("storage = \"blocker/acme\"", "blocker is not a directory"),
-        ("ca_file = \"not-pem.txt\"", "[acme].ca_file not-pem.txt"),
+        ("storage = \"blocker/acme\"", "swarmgate.toml:9:11: [acme].storage blocker/acme: blocker is not a directory"),
+        ("ca_file = \"not-pem.txt\"", "swarmgate.toml:9:11: [acme].ca_file not-pem.txt"),
     ];
     for (line, says) in cases {
         let out = Gateway::builder(ACME_SETTINGS)
@@ -482,6 +486,17 @@ async fn unusable_acme_storage_or_ca_file_is_refused_by_check_start_and_reload()
         assert_eq!(code, Some(1), "{line}: {logs}");
         assert!(logs.contains(says), "{line}: {logs}");
     }
+    // Both at once: both reported, in the file's order.
+    let out = Gateway::builder(ACME_SETTINGS)
+        .var("ACME", "storage = \"blocker/acme\"\nca_file = \"not-pem.txt\"")
+        .file("blocker", "x\n")
+        .file("not-pem.txt", "x\n")
+        .check();
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", out.stderr);
+    assert!(lines[0].starts_with("swarmgate.toml:9:11: [acme].storage"), "{}", out.stderr);
+    assert!(lines[1].starts_with("swarmgate.toml:10:11: [acme].ca_file"), "{}", out.stderr);
+    assert_eq!(lines[2], "2 problem(s) in swarmgate.toml");
     // Started with usable settings, a reload to unusable ones is refused whole.
     let gw = Gateway::builder(ACME_SETTINGS).var("ACME", "").file("not-pem.txt", "not a certificate\n").start().await;
     let bad = ACME_SETTINGS.replace("@ACME@", "ca_file = \"not-pem.txt\"");

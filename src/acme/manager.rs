@@ -831,13 +831,17 @@ fn meta_key(name: &str) -> String {
 /// The `[acme]` settings' local resources, checked before a config is taken (start,
 /// reload, `swarmgate check`): a storage directory that can be made and written to, a
 /// Redis URL the client takes, a `ca_file` of certificates. Nothing is contacted.
-pub fn check_settings(acme: &config::Acme) -> Result<(), String> {
-    if is_redis_url(&acme.storage) {
-        RedisStorage::open(&acme.storage, None, Arc::default())?;
+pub fn check_settings(acme: &config::Acme) -> Vec<config::Problem> {
+    let storage = if is_redis_url(&acme.storage) {
+        RedisStorage::open(&acme.storage, None, Arc::default()).map(drop)
     } else {
-        check_writable_dir(Path::new(&acme.storage))?;
-    }
-    AcmeHttp::new(acme.ca_file.as_deref()).map(drop)
+        check_writable_dir(Path::new(&acme.storage))
+    };
+    let http = AcmeHttp::new(acme.ca_file.as_deref()).map(drop);
+    [(storage, &acme.storage_at), (http, &acme.ca_file_at)]
+        .into_iter()
+        .filter_map(|(result, at)| result.err().map(|e| at.problem(e)))
+        .collect()
 }
 
 /// Whether `dir`, or where it would be made (its nearest existing parent), is a directory

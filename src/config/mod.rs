@@ -18,7 +18,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::de::DeTable;
 
-pub use reader::Problem;
+pub use reader::{At, Problem};
 use reader::{Origin, Source, Table, TableName, as_str};
 use route_path::normalize_path;
 
@@ -129,9 +129,13 @@ pub struct Acme {
     pub contact: Vec<String>,
     pub challenge: Challenge,
     pub ca_file: Option<PathBuf>,
+    /// Where `ca_file` is written (or its default's table).
+    pub ca_file_at: At,
     pub renew_before: Duration,
     /// A directory, or `redis://`/`rediss://` shared by every replica.
     pub storage: String,
+    /// Where `storage` is written (or its default's table).
+    pub storage_at: At,
     /// This replica's name in the shared store (`/certificates` shows who ordered what);
     /// `None`: `HOST/PID`.
     pub replica_id: Option<String>,
@@ -176,6 +180,8 @@ impl std::fmt::Display for HostPattern {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub host: HostPattern,
+    /// Where `host` is written.
+    pub host_at: At,
     /// Normalised: starts with `/`, no trailing `/` unless it is `/`.
     pub path: String,
     pub strip_path: bool,
@@ -509,7 +515,19 @@ fn read_acme(t: &Table<'_, '_, '_>, config_path: &Path) -> Option<Acme> {
     }
     let storage_key = storage_key.map(crate::acme::seal::SecretKey::new);
     t.finish();
-    Some(Acme { directory, contact, challenge, ca_file, renew_before, storage, replica_id, storage_key })
+    let (storage_at, ca_file_at) = (t.source().at(&storage_origin), t.source().at(&ca_origin));
+    Some(Acme {
+        directory,
+        contact,
+        challenge,
+        ca_file,
+        ca_file_at,
+        renew_before,
+        storage,
+        storage_at,
+        replica_id,
+        storage_key,
+    })
 }
 
 fn read_discovery(t: &Table<'_, '_, '_>) -> Discovery {
@@ -719,7 +737,13 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         }
         t.finish();
         let Some(host) = host else { continue };
-        routes.push(RouteConfig { host, path, strip_path, upstream: upstream.to_string() });
+        routes.push(RouteConfig {
+            host,
+            host_at: root.source().at(&host_origin),
+            path,
+            strip_path,
+            upstream: upstream.to_string(),
+        });
         origins.push(Origin::File(span));
     }
     // A duplicate is reported once, as a duplicate; it is not checked any further.

@@ -33,6 +33,21 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// Where a setting was written (`FILE:LINE:COL`, or `env SWARMGATE_...`), kept with it for
+/// problems that only checks after reading can find (a directory that cannot be written,
+/// a wildcard route no certificate covers).
+#[derive(Debug, Clone, Default)]
+pub struct At {
+    location: String,
+    order: usize,
+}
+
+impl At {
+    pub fn problem(&self, message: impl Into<String>) -> Problem {
+        Problem { location: self.location.clone(), message: message.into(), order: self.order }
+    }
+}
+
 /// Where a value came from; turns into a [`Problem`] location.
 #[derive(Debug, Clone)]
 pub(super) enum Origin {
@@ -67,11 +82,16 @@ impl<'a> Source<'a> {
     }
 
     pub(super) fn problem(&self, origin: &Origin, message: impl Into<String>) {
-        let (location, order) = match origin {
-            Origin::File(span) | Origin::Default(span) => (self.position(span.start), span.start),
-            Origin::Env(var) => (format!("env {var}"), usize::MAX),
-        };
-        self.problems.borrow_mut().push(Problem { location, message: message.into(), order });
+        let problem = self.at(origin).problem(message);
+        self.problems.borrow_mut().push(problem);
+    }
+
+    /// Where `origin` is, kept for problems found after the config is read.
+    pub(super) fn at(&self, origin: &Origin) -> At {
+        match origin {
+            Origin::File(span) | Origin::Default(span) => At { location: self.position(span.start), order: span.start },
+            Origin::Env(var) => At { location: format!("env {var}"), order: usize::MAX },
+        }
     }
 
     pub(super) fn env_var(&self, name: &str) -> Option<&'a str> {
