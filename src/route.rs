@@ -178,21 +178,65 @@ pub fn strip_prefix<'p>(path: &'p str, prefix: &str) -> std::borrow::Cow<'p, str
     }
 }
 
-/// Whether `path` has a dot-segment: `.` or `..`, each dot also written `%2e`. Such a
-/// path names another one (RFC 3986 section 5.2.4), and a server that resolves it would
-/// serve what a prefix route never let through (`/api/../internal`), so routing sees it
-/// resolved ([`remove_dot_segments`]). Asked of every request: one pass, no allocation.
-pub fn has_dot_segment(path: &str) -> bool {
-    // Bytewise, looking further only after a '/' followed by '.' or '%': `split('/')`
-    // cost about 170 instructions for `/` alone.
+/// What a request path's dot-segments make of it (see [`dot_segments`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DotSegments {
+    None,
+    /// `.` or `..` segments between `/`s (each dot perhaps `%2e`): the path names another
+    /// one (RFC 3986 section 5.2.4), which [`remove_dot_segments`] gives.
+    Resolvable,
+    /// A dot-segment that servers read differently: after a `\`, an encoded `/` or `\`
+    /// (`%2F`, `%5C`), or with parameters (`..;x`). Tomcat, IIS, nginx and others take it
+    /// for `..` where others do not, so no one reading of it is safe to route by.
+    Ambiguous,
+}
+
+/// Whether `path` has dot-segments, and of which kind. A server resolving them would
+/// serve what a prefix route never let through (`/api/../internal`), so a resolvable
+/// path is routed resolved and an ambiguous one refused. Asked of every request: one
+/// pass over the bytes, looking further only where a segment begins with `.` or `%`,
+/// no allocation (`split('/')` cost about 170 instructions for `/` alone).
+pub fn dot_segments(path: &str) -> DotSegments {
     let bytes = path.as_bytes();
-    bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'/' && matches!(bytes.get(i + 1), Some(b'.' | b'%')) && {
-            let segment = &bytes[i + 1..];
-            let end = segment.iter().position(|&b| b == b'/').unwrap_or(segment.len());
-            dots(&segment[..end]).is_some()
+    let mut found = DotSegments::None;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Where a segment begins, and whether what ends the one before is a plain `/`.
+        let Some((len, plain)) = separator(&bytes[i..]) else {
+            i += 1;
+            continue;
+        };
+        i += len;
+        if !matches!(bytes.get(i), Some(b'.' | b'%')) {
+            continue;
         }
-    })
+        let segment = &bytes[i..];
+        let end = (0..segment.len()).find(|&j| separator(&segment[j..]).is_some()).unwrap_or(segment.len());
+        let (name, params) = match segment[..end].iter().position(|&b| b == b';') {
+            Some(semicolon) => (&segment[..semicolon], true),
+            None => (&segment[..end], false),
+        };
+        if dots(name).is_some() {
+            let next_plain = segment.get(end).is_none_or(|&b| b == b'/');
+            if !plain || params || !next_plain {
+                return DotSegments::Ambiguous;
+            }
+            found = DotSegments::Resolvable;
+        }
+    }
+    found
+}
+
+/// The separator `bytes` begins with, if any: its length, and whether it is a plain `/`
+/// (else `\`, `%2F` or `%5C`, which some servers read as one).
+fn separator(bytes: &[u8]) -> Option<(usize, bool)> {
+    match bytes {
+        [b'/', ..] => Some((1, true)),
+        [b'\\', ..] => Some((1, false)),
+        [b'%', b'2', c, ..] if c.eq_ignore_ascii_case(&b'f') => Some((3, false)),
+        [b'%', b'5', c, ..] if c.eq_ignore_ascii_case(&b'c') => Some((3, false)),
+        _ => None,
+    }
 }
 
 /// Whether one segment of a path is `.` or `..` (each dot perhaps `%2e` or `%2E`).
@@ -265,11 +309,29 @@ mod tests {
             ("/.", "/"),
         ];
         for (path, resolved) in cases {
-            assert!(has_dot_segment(path), "{path}");
+            assert_eq!(dot_segments(path), DotSegments::Resolvable, "{path}");
             assert_eq!(remove_dot_segments(path), resolved, "{path}");
         }
-        for path in ["/", "", "*", "/a/b", "/.well-known/x", "/a/...", "/a..b/c", "/%2e%2e%2e", "/a.", "/%2ex", "/%2"] {
-            assert!(!has_dot_segment(path), "{path}");
+        let plain = ["/", "", "*", "/a/b", "/.well-known/x", "/a/...", "/a..b/c", "/%2e%2e%2e", "/a.", "/%2ex", "/%2"];
+        for path in plain.into_iter().chain(["/a;b/c", "/a\\b", "/a%2Fb", "/..x;y"]) {
+            assert_eq!(dot_segments(path), DotSegments::None, "{path}");
+        }
+        // Read as `..` by some servers and not by others: refused, not guessed at.
+        for path in [
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/public/..%2Fadmin",
+            "/public/..%2fadmin",
+            "/public%2F..%2Fadmin",
+            "/public/..%5Cadmin",
+            "/public\\..\\admin",
+            "/public/..\\admin",
+            "/public\\../admin",
+            "/a/./b/..;/c",
+            "/.;",
+            "/%2e%2e%5c",
+        ] {
+            assert_eq!(dot_segments(path), DotSegments::Ambiguous, "{path}");
         }
     }
 

@@ -164,6 +164,14 @@ async fn dot_segments_are_resolved_before_routing() {
     assert_eq!(paths(&s.exact), ["/internal", "/internal?q=1"]);
     assert_eq!(paths(&s.fhir), ["/fhir/Patient/1", "/fhir"]);
     assert_eq!(paths(&s.strip), ["/"]);
+    // Spellings some servers read as `..` and others not: refused, never routed.
+    for path in ["/fhir/..;/internal", "/fhir/..%2Finternal", "/fhir/..%5cinternal"] {
+        assert_eq!(who(&s, "a.example.test", path).await, "400 400 bad request", "{path}");
+    }
+    // A target over max_uri_bytes is refused whatever its dot-segments would leave of it.
+    let long = format!("/fhir{}", "/.".repeat(5000));
+    assert_eq!(who(&s, "a.example.test", &long).await, "414 414 request target too long");
+    assert_eq!(s.exact.hits() + s.fhir.hits() + s.strip.hits(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

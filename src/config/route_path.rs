@@ -56,11 +56,14 @@ fn check_chars(text: &str) -> Result<Option<&str>, String> {
     Ok(lower_hex)
 }
 
-/// RFC 3986 3.3 `pchar` and `/`, but `%` (checked with the two digits after it).
+/// RFC 3986 3.3 `pchar` and `/`, but `%` (checked with the two digits after it); and `|`,
+/// `[`, `]`, `^`, which browsers send as they are (the WHATWG URL standard's path
+/// percent-encode set leaves them), so a route must name them so to match.
 fn is_path_char(c: char) -> bool {
     matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '.' | '_' | '~' // unreserved
         | '!' | '$' | '&' | '\'' | '(' | ')' | '*' | '+' | ',' | ';' | '=' // sub-delims
-        | ':' | '@' | '/')
+        | ':' | '@' | '/'
+        | '|' | '[' | ']' | '^')
 }
 
 #[cfg(test)]
@@ -78,6 +81,7 @@ mod tests {
             ("/a-b._~!$&'()*+,;=:@/c", "/a-b._~!$&'()*+,;=:@/c"),
             ("/.well-known/x", "/.well-known/x"),
             ("/.../a..b/.x", "/.../a..b/.x"),
+            ("/a|b/[c]^", "/a|b/[c]^"),
         ] {
             assert_eq!(normalize_path(text).as_deref(), Ok(prefix), "{text:?}");
         }
@@ -94,7 +98,8 @@ mod tests {
             ("/a\\b", "percent-encode '\\\\'"),
             ("/a?b=1", "as %3F (a route matches the path only, never a query or fragment)"),
             ("/a#top", "as %23 (a route matches"),
-            ("/a|b", "percent-encode '|'"),
+            ("/a{b}", "percent-encode '{'"),
+            ("/a`b", "percent-encode '`'"),
             ("/a%", "% must start a percent-encoding"),
             ("/a%4", "% must start a percent-encoding"),
             ("/a%G0", "% must start a percent-encoding"),

@@ -5,6 +5,7 @@
 //! the chains (`X-Forwarded-For`, `Forwarded`) extended; from anyone else every one of
 //! them is replaced, so a client can never spoof its address or the public URL.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -211,6 +212,10 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
             all.push(value.to_str().unwrap_or("").to_owned());
             HeaderValue::from_str(&all.join(", ")).unwrap_or(value)
         };
+        // The client its X-Forwarded-For names first, for a `Forwarded` of ours alone.
+        let client: Option<IpAddr> = (xff && !fwd)
+            .then(|| headers.get(&X_FORWARDED_FOR)?.to_str().ok()?.split(',').next()?.trim().parse().ok())
+            .flatten();
         let value = if xff { chain(headers, &X_FORWARDED_FOR, ip) } else { ip };
         fields.push((&X_FORWARDED_FOR, value));
         // The public URL is the one the peer says it was reached at, where it says so;
@@ -243,7 +248,21 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
             fields.push((&X_FORWARDED_PREFIX, value.unwrap_or_else(|| p.clone())));
         }
         if let Some(element) = element {
-            let value = if fwd { chain(headers, &FORWARDED, element) } else { element };
+            let value = if fwd {
+                chain(headers, &FORWARDED, element)
+            } else if xff || proto || host {
+                // X-Forwarded-* but no `Forwarded` from the peer: the one element says
+                // what they say (the client, the public host and scheme), for services
+                // that read `Forwarded` first.
+                let public = Facts {
+                    proto: said.proto.map_or(f.proto, |https| if https { "https" } else { "http" }),
+                    host: said.host.as_ref().unwrap_or(f.host),
+                    ..*f
+                };
+                forwarded_element(client.unwrap_or(f.peer.ip), &public).unwrap_or(element)
+            } else {
+                element
+            };
             fields.push((&FORWARDED, value));
         }
     } else {
@@ -292,31 +311,51 @@ pub struct Said {
 
 impl Said {
     pub fn of(headers: &HeaderMap) -> Said {
-        // A list's last member is the one its nearest proxy added.
-        let last = |name: &HeaderName| {
-            let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
-            Some(value.rsplit(',').next().unwrap_or(value).trim())
-        };
-        let element = headers.get_all(FORWARDED).iter().next_back().and_then(|v| v.to_str().ok()).map(last_element);
-        let element = element.unwrap_or_default();
-        let proto = last(&X_FORWARDED_PROTO).or(element.proto.as_deref());
-        let host = headers.get(&X_FORWARDED_HOST).and_then(|v| v.to_str().ok()).or(element.host.as_deref());
+        let element = own_element(headers);
+        let host = last_member(headers, &X_FORWARDED_HOST).or(element.host.as_deref());
         Said {
-            proto: proto.and_then(|p| match p.to_ascii_lowercase().as_str() {
-                "https" => Some(true),
-                "http" => Some(false),
-                _ => None,
-            }),
+            proto: last_member(headers, &X_FORWARDED_PROTO).or(element.proto.as_deref()).and_then(scheme),
             host: host
                 .filter(|h| !h.is_empty() && super::valid_authority(h))
                 .and_then(|h| HeaderValue::from_str(h).ok()),
         }
     }
+
+    /// Whether the peer says it was reached over https ([`Said::of`]'s `proto` alone).
+    pub fn https(headers: &HeaderMap) -> bool {
+        let element = || own_element(headers).proto.and_then(|p| scheme(&p));
+        match last_member(headers, &X_FORWARDED_PROTO) {
+            Some(p) => scheme(p) == Some(true),
+            None => element() == Some(true),
+        }
+    }
+}
+
+/// The last member of the last `name` field: the one the nearest proxy added.
+fn last_member<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
+    let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
+    Some(value.rsplit(',').next().unwrap_or(value).trim())
+}
+
+/// `true` for https, `false` for http, any case.
+fn scheme(p: &str) -> Option<bool> {
+    if p.eq_ignore_ascii_case("https") {
+        Some(true)
+    } else if p.eq_ignore_ascii_case("http") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The peer's own `Forwarded` element: the last one of the last field.
+fn own_element(headers: &HeaderMap) -> Element<'_> {
+    headers.get_all(FORWARDED).iter().next_back().and_then(|v| v.to_str().ok()).map(last_element).unwrap_or_default()
 }
 
 /// The `proto` and `host` parameters of the last element of a `Forwarded` value (RFC
 /// 7239 section 4), unquoted.
-fn last_element(value: &str) -> Element {
+fn last_element(value: &str) -> Element<'_> {
     // Elements are split at commas outside quoted strings.
     let mut quoted = false;
     let mut escaped = false;
@@ -335,13 +374,15 @@ fn last_element(value: &str) -> Element {
         let Some((name, v)) = pair.split_once('=') else { continue };
         let v = v.trim();
         let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-            Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
-            None => v.to_string(),
+            Some(inner) if inner.contains('\\') => Cow::Owned(inner.replace("\\\"", "\"").replace("\\\\", "\\")),
+            Some(inner) => Cow::Borrowed(inner),
+            None => Cow::Borrowed(v),
         };
-        match name.trim().to_ascii_lowercase().as_str() {
-            "proto" => element.proto = Some(v),
-            "host" => element.host = Some(v),
-            _ => {}
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("proto") {
+            element.proto = Some(v);
+        } else if name.eq_ignore_ascii_case("host") {
+            element.host = Some(v);
         }
     }
     element
@@ -349,9 +390,9 @@ fn last_element(value: &str) -> Element {
 
 /// A `Forwarded` element's `proto` and `host`, as written.
 #[derive(Debug, Default)]
-struct Element {
-    proto: Option<String>,
-    host: Option<String>,
+struct Element<'v> {
+    proto: Option<Cow<'v, str>>,
+    host: Option<Cow<'v, str>>,
 }
 
 /// Rewrites the forwarding fields in `headers` itself; returns the request id in use.
@@ -585,6 +626,32 @@ mod tests {
             let get = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
             [get(&X_FORWARDED_PROTO), get(&X_FORWARDED_HOST), get(&X_FORWARDED_PORT)]
         };
+        let forwarded = |given: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in given {
+                h.append(
+                    HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+                    HeaderValue::from_str(value).expect("a value"),
+                );
+            }
+            apply(&mut h, &Facts { proto: "http", port: 80, ..facts(&peer, true, &ours, None) });
+            h.get(FORWARDED).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+        };
+        // X-Forwarded-* alone: `Forwarded` says the same (client, public host and scheme).
+        let xf = [
+            ("x-forwarded-for", "203.0.113.9, 10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "pub.example.org"),
+        ];
+        assert_eq!(forwarded(&xf), "for=203.0.113.9;host=pub.example.org;proto=https");
+        assert_eq!(forwarded(&[("x-forwarded-proto", "https")]), "for=10.0.0.2;host=gw.internal;proto=https");
+        // Its own `Forwarded` is extended by the gateway's hop, as RFC 7239 has it.
+        assert_eq!(
+            forwarded(&[("forwarded", "for=203.0.113.9;proto=https"), ("x-forwarded-proto", "https")]),
+            "for=203.0.113.9;proto=https, for=10.0.0.2;host=gw.internal;proto=http"
+        );
+        // Nothing forwarded: the gateway's own facts.
+        assert_eq!(forwarded(&[]), "for=10.0.0.2;host=gw.internal;proto=http");
         assert_eq!(case(&[("x-forwarded-proto", "https")]), ["https", "gw.internal", "443"]);
         assert_eq!(case(&[("x-forwarded-host", "pub.example.org:8443")]), ["http", "pub.example.org:8443", "8443"]);
         assert_eq!(

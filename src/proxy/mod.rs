@@ -95,12 +95,16 @@ pub fn handle(
 ) -> impl Future<Output = Response<RespBody>> {
     async move {
         let start = Instant::now();
-        if route::has_dot_segment(req.uri().path()) {
-            resolve_dot_segments(&mut req);
-        }
         // A guard, not a clone: no shared reference count written per request (arc-swap
         // falls back to a full reference by itself when a thread holds many at once).
         let snap = gw.snapshot_guard();
+        let dots = route::dot_segments(req.uri().path());
+        if dots != route::DotSegments::None {
+            if let Err(err) = resolve_dot_segments(&mut req, dots, snap.proxy.limits.max_uri_bytes) {
+                AccessLog::write_refusal(&req, &err, start);
+                return local_error(&err, &unrouted(gw), start);
+            }
+        }
         let routed = match route_request(gw, &snap, conn, &req, start) {
             Ok(routed) => routed,
             Err((err, stats)) => {
@@ -138,23 +142,36 @@ pub fn handle(
     }
 }
 
-/// Resolves the dot-segments of the request's path (see `route::has_dot_segment`): it is
+/// Resolves the dot-segments of the request's path (see `route::dot_segments`): it is
 /// routed, logged and sent on as the path they name, as a server resolving them would
-/// read it.
+/// read it. An ambiguous one is refused. A target over `max_uri_bytes` is left as it is,
+/// for its 414: resolving it first would let any length through as `/./` repeats.
 #[cold]
-fn resolve_dot_segments(req: &mut Request<ClientBody>) {
-    let path = route::remove_dot_segments(req.uri().path());
-    let target = match req.uri().query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
+fn resolve_dot_segments(
+    req: &mut Request<ClientBody>,
+    dots: route::DotSegments,
+    max_uri_bytes: usize,
+) -> Result<(), ProxyError> {
+    if dots == route::DotSegments::Ambiguous {
+        return Err(ProxyError::BadRequest("a dot-segment servers read differently (after \\, %2F or %5C, or with ;)"));
+    }
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes {
+        return Ok(());
+    }
+    let target = target(&route::remove_dot_segments(req.uri().path()), req.uri().query());
     let mut parts = req.uri().clone().into_parts();
-    // Fewer characters of the same kinds: it parses.
-    if let Ok(target) = target.parse() {
-        parts.path_and_query = Some(target);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
+    // Fewer characters of the same kinds: it parses. Should it not, the path would be
+    // routed unresolved: refused instead.
+    parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    Ok(())
+}
+
+/// An origin-form request target: `path`, and `?query` if there is one.
+fn target(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
     }
 }
 
@@ -229,8 +246,7 @@ fn route_request(
             return Ok(Routed::Acme);
         }
         // Not a request a trusted proxy says it took over HTTPS: that would loop.
-        let came_over_https =
-            || snap.proxy.is_trusted(conn.peer.ip()) && forwarded::Said::of(req.headers()).proto == Some(true);
+        let came_over_https = || snap.proxy.is_trusted(conn.peer.ip()) && forwarded::Said::https(req.headers());
         if snap.proxy.redirect_https && !came_over_https() {
             if let Some(port) = snap.proxy.https_port {
                 return Ok(Routed::Answer(Box::new(redirect(gw, req, authority_str, port, start))));
@@ -469,11 +485,7 @@ fn rewrite_request(
     if needs_new_uri {
         let path = req.uri.path();
         let path = if route.strip_path { route::strip_prefix(path, route.prefix()) } else { path.into() };
-        let target = match req.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.into_owned(),
-        };
-        if let Ok(uri) = target.parse::<Uri>() {
+        if let Ok(uri) = target(&path, req.uri.query()).parse::<Uri>() {
             req.uri = uri;
         }
     }

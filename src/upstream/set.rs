@@ -202,6 +202,11 @@ impl ServerSet {
         let Some(server) = self.all.load().iter().find(|s| s.addr == addr).cloned() else {
             return false;
         };
+        if server.state() == ServerState::Draining && !held.contains(&addr) {
+            // Already on its way out: the source stopped listing it. Held, it would be
+            // kept (and shown draining) until the next reconcile.
+            return true;
+        }
         held.insert(addr);
         if server.state() != ServerState::Draining {
             self.start_drain_locked(&server);
@@ -506,6 +511,18 @@ mod tests {
         assert_eq!(r.added, vec![addr(2)]);
         assert_eq!(s.eligible().len(), 2);
         assert!(!Arc::ptr_eq(&s.all()[1], &drained), "a new server, not the drained one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admin_drain_of_a_server_the_source_dropped_leaves_nothing_behind() {
+        let s = set(false);
+        s.reconcile(&[addr(1), addr(2)]);
+        let stuck = s.all()[1].begin();
+        s.reconcile(&[addr(1)]); // addr(2) drains: no longer listed
+        assert!(s.drain(addr(2)), "a draining server is still in the set");
+        drop(stuck);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(addrs(&s.all()), [addr(1)], "forgotten once idle, not held as drained");
     }
 
     #[tokio::test(start_paused = true)]
