@@ -17,6 +17,7 @@ use crate::config::{self, Config};
 use crate::metrics::{Metrics, RouteStats};
 use crate::route::Router;
 use crate::snapshot::{ProxySettings, Route, Snapshot};
+use crate::tls::store::CertSource;
 use crate::tls::{CertResolver, CertStore, devcert};
 use crate::upstream::{ServerSet, SetSettings, Upstream};
 
@@ -94,7 +95,7 @@ impl Gateway {
     /// Builds the gateway for `config` (the start-up form of [`Gateway::reload`]).
     pub fn new(config: Config) -> Result<Arc<Gateway>, ApplyError> {
         let certs = Arc::new(CertResolver::default());
-        let prepared = prepare_certs(&config)?;
+        let prepared = prepare_certs(&config, None)?;
         let challenges = Arc::new(Challenges::default());
         let acme = crate::acme::Manager::new(Arc::clone(&certs), Arc::clone(&challenges));
         let gw = Arc::new(Gateway {
@@ -175,7 +176,7 @@ impl Gateway {
             Ok(mut config) => {
                 self.keep_restart_only(&mut config);
                 let t1 = std::time::Instant::now();
-                prepare_certs(&config).map(|prepared| {
+                prepare_certs(&config, Some(&self.certs.statics())).map(|prepared| {
                     let t2 = std::time::Instant::now();
                     let generation = self.snapshot().generation + 1;
                     self.install(config, prepared, generation);
@@ -362,7 +363,8 @@ pub struct PreparedCerts {
 }
 
 /// Loads `certs_dir` and, where HTTPS is on without ACME, the development certificate.
-pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
+/// `running`: the certificates served now, on a reload (see [`refuse_lost_certificates`]).
+pub fn prepare_certs(config: &Config, running: Option<&CertStore>) -> Result<PreparedCerts, ApplyError> {
     let dir = &config.tls.certs_dir;
     let mut statics = CertStore::load_dir(dir, &[devcert::DEV_CERT_STEM]).map_err(ApplyError::Certificates)?;
     check_acme(config, &statics)?;
@@ -370,6 +372,9 @@ pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
     let mut dev_hosts = Vec::new();
     if config.listen.https.is_some() && config.acme.is_none() {
         dev_hosts = devcert::uncovered(config.routes.iter().map(|r| &r.host), &statics);
+        if let Some(running) = running {
+            refuse_lost_certificates(config, &dev_hosts, running)?;
+        }
         // With no static certificate at all, clients without SNI need one too.
         let always = statics.is_empty();
         if !dev_hosts.is_empty() || always {
@@ -379,6 +384,34 @@ pub fn prepare_certs(config: &Config) -> Result<PreparedCerts, ApplyError> {
         }
     }
     Ok(PreparedCerts { statics, dev_made, dev_hosts })
+}
+
+/// A reload that would serve a route host the development certificate where a
+/// certificate file serves it now is refused (before anything is written): `certs_dir`
+/// gone at the reload (a volume or secret not mounted, a directory being swapped) or a
+/// file removed would otherwise turn every client of the host away with a self-signed
+/// certificate.
+fn refuse_lost_certificates(config: &Config, dev_hosts: &[String], running: &CertStore) -> Result<(), ApplyError> {
+    let mut lost: Vec<String> = config
+        .routes
+        .iter()
+        .filter(|r| running.covers_from(&r.host, CertSource::Static))
+        .map(|r| r.host.to_string())
+        .filter(|h| dev_hosts.contains(h))
+        .collect();
+    if lost.is_empty() {
+        return Ok(());
+    }
+    lost.sort_unstable();
+    lost.dedup();
+    Err(ApplyError::Certificates(vec![crate::tls::store::CertError {
+        path: config.tls.certs_dir.clone(),
+        message: format!(
+            "no certificate file covers {} any more (one does now): the reload would serve the self-signed \
+             development certificate; put the files back, or remove the routes",
+            lost.join(", ")
+        ),
+    }]))
 }
 
 #[cfg(test)]

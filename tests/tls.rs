@@ -364,6 +364,30 @@ async fn certificates_are_listed_on_the_admin_listener() {
     let _ = &s.b;
 }
 
+/// A reload that would serve a route host the self-signed development certificate where a
+/// certificate file serves it now (`certs_dir` not there at the reload, a file removed)
+/// is refused, and the files' certificates go on being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_would_leave_a_host_the_development_certificate_is_refused() {
+    let s = setup("1.2", true).await;
+    let (certs, moved) = (s.gw.dir().join("certs"), s.gw.dir().join("certs.moved"));
+    let verified = TlsOpts::sni("a.test").verified(&s.pki);
+    std::fs::rename(&certs, &moved).unwrap();
+    assert!(matches!(s.gw.reload(CONFIG).await, Reload::Refused), "{}", s.gw.logs());
+    assert!(s.gw.logs().contains("no certificate file covers *.wild.test, a.test any more"), "{}", s.gw.logs());
+    let (r, _) = https_get(s.gw.https, &verified, "a.test", "/").await.expect("still the file's certificate");
+    assert_eq!(r.status, 200);
+    // One file removed: refused too.
+    std::fs::rename(&moved, &certs).unwrap();
+    std::fs::remove_file(certs.join("a.crt")).unwrap();
+    assert!(matches!(s.gw.reload(CONFIG).await, Reload::Refused), "{}", s.gw.logs());
+    assert!(s.gw.logs().contains("no certificate file covers a.test any more"), "{}", s.gw.logs());
+    assert!(https_get(s.gw.https, &verified, "a.test", "/").await.is_ok());
+    // Its route gone with it: applied.
+    let without_a = CONFIG.replace("[[route]]\nhost = \"a.test\"\nupstream = \"app\"\n", "");
+    assert!(matches!(s.gw.reload(&without_a).await, Reload::Applied(_)), "{}", s.gw.logs());
+}
+
 /// An HTTP/1.0 request may come without Host: there is no URL to redirect it to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_host_is_not_redirected_to_nowhere() {

@@ -3,12 +3,14 @@
 //! `certs_dir` holds `NAME.crt` (PEM chain, leaf first) and `NAME.key` (PEM private key)
 //! pairs. Each certificate is indexed under every DNS name in its subjectAltName (the
 //! subject CN when it has none); `*.example.org` names go to the wildcard index. When two
-//! files claim one name, the first file in name order keeps it. The default certificate
-//! (for clients without SNI) is `default.crt` if present, else the first file.
+//! files claim one name, one valid now beats an expired one, then `default.crt` wins,
+//! then the one that expires later, then the first file in name order. An expired one is
+//! logged. The default certificate (for clients without SNI) is `default.crt` if present,
+//! else the first file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -67,22 +69,79 @@ impl CertStore {
             .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s)))
             .collect();
         crts.sort();
-        // `default.crt` first, so it is the default and wins name conflicts.
-        if let Some(i) = crts.iter().position(|p| p.file_stem().is_some_and(|s| s == "default")) {
-            let d = crts.remove(i);
-            crts.insert(0, d);
-        }
+        let is_default = |p: &Path| p.file_stem().is_some_and(|s| s == "default");
         let mut errors = Vec::new();
+        let mut loaded = Vec::with_capacity(crts.len());
         for crt in crts {
             let key = crt.with_extension("key");
             match load_pair(&crt, &key) {
                 Ok((ck, info)) => {
-                    store.add(Arc::new(ck), CertInfo { source: CertSource::Static, file: Some(crt), ..info })
+                    loaded.push((Arc::new(ck), CertInfo { source: CertSource::Static, file: Some(crt), ..info }))
                 }
                 Err(message) => errors.push(CertError { path: crt, message }),
             }
         }
-        if errors.is_empty() { Ok(store) } else { Err(errors) }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let now = unix_now();
+        for (_, info) in loaded.iter().filter(|(_, info)| info.not_after < now) {
+            let file = info.file.as_deref().unwrap_or(dir);
+            tracing::warn!(file = %file.display(), names = ?info.names, "certificate expired; served only for names no valid one has");
+        }
+        // For no SNI: `default.crt`, else the first file.
+        store.default = loaded
+            .iter()
+            .find(|(_, i)| i.file.as_deref().is_some_and(is_default))
+            .or(loaded.first())
+            .map(|(c, _)| Arc::clone(c));
+        // Which file keeps a name two claim (`add` lets the first keep it): valid now,
+        // `default.crt`, expiring later, first by file name (a stable sort keeps that).
+        loaded.sort_by_key(|(_, i)| {
+            (i.not_after < now, !i.file.as_deref().is_some_and(is_default), std::cmp::Reverse(i.not_after))
+        });
+        for (ck, info) in loaded {
+            if info.not_after < now {
+                store.add_fallback(ck, info);
+            } else {
+                store.add(ck, info);
+            }
+        }
+        Ok(store)
+    }
+
+    /// [`CertStore::add`] for an expired certificate: under the names no certificate
+    /// here serves yet, a wildcard one included (an expired `a.example.org` does not
+    /// shadow a valid `*.example.org`).
+    fn add_fallback(&mut self, cert: Arc<CertifiedKey>, info: CertInfo) {
+        for name in &info.names {
+            let name = name.to_ascii_lowercase();
+            match name.strip_prefix("*.") {
+                Some(suffix) if !self.wildcard.contains_key(suffix) => {
+                    self.wildcard.insert(suffix.to_string(), Arc::clone(&cert));
+                }
+                None if self.lookup(&name).is_none() => {
+                    self.exact.insert(name, Arc::clone(&cert));
+                }
+                _ => {}
+            }
+        }
+        self.entries.push((cert, info));
+    }
+
+    /// Whether a certificate of `source` here covers a route host (see [`CertStore::covers`]).
+    pub fn covers_from(&self, host: &crate::config::HostPattern, source: CertSource) -> bool {
+        use crate::config::HostPattern;
+        let names = self.entries.iter().filter(|(_, i)| i.source == source).flat_map(|(_, i)| &i.names);
+        let mut names = names.map(|n| n.to_ascii_lowercase());
+        match host {
+            HostPattern::Exact(h) => {
+                let wildcard = h.split_once('.').map(|(_, parent)| format!("*.{parent}"));
+                names.any(|n| n == *h || Some(&n) == wildcard.as_ref())
+            }
+            HostPattern::Wildcard(s) => names.any(|n| n.strip_prefix("*.") == Some(s.as_str())),
+            HostPattern::Any => false,
+        }
     }
 
     /// Adds a certificate under its names; earlier entries keep names they already have.
@@ -208,8 +267,60 @@ fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Seconds until `not_after` (negative when expired).
 pub fn seconds_left(not_after: i64) -> i64 {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64;
-    not_after - now
+    not_after - unix_now()
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `names` that ends in `year`, written as `stem.crt`
+    /// and `stem.key` in `dir`; returns its DER.
+    fn write_cert(dir: &Path, stem: &str, names: &[&str], year: i32) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let cert = params.self_signed(&key).expect("a certificate");
+        std::fs::write(dir.join(format!("{stem}.crt")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("write");
+        cert.der().to_vec()
+    }
+
+    #[test]
+    fn of_two_files_for_one_name_a_valid_one_that_ends_later_wins() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let expired = write_cert(dir.path(), "a-expired", &["app.test"], 2021);
+        let sooner = write_cert(dir.path(), "b-sooner", &["app.test", "*.wild.test"], 2090);
+        let later = write_cert(dir.path(), "c-later", &["app.test"], 2095);
+        let old_exact = write_cert(dir.path(), "d-old", &["x.wild.test"], 2021);
+        let store = CertStore::load_dir(dir.path(), &[]).expect("loads");
+        let served = |name: &str| store.lookup(name).map(|c| c.cert[0].as_ref().to_vec());
+        assert_eq!(served("app.test"), Some(later), "the valid one that ends later");
+        // An expired exact name does not shadow a valid wildcard.
+        assert_eq!(served("y.wild.test"), Some(sooner.clone()));
+        assert_eq!(served("x.wild.test"), Some(sooner.clone()));
+        // Alone, an expired certificate is still served (and logged).
+        let only = write_cert(dir.path(), "e-only", &["only.test"], 2021);
+        let store = CertStore::load_dir(dir.path(), &[]).expect("loads");
+        assert_eq!(store.lookup("only.test").map(|c| c.cert[0].as_ref().to_vec()), Some(only));
+        let _ = old_exact;
+        // No SNI: the first file, as documented (no `default.crt` here).
+        assert_eq!(store.default_cert().map(|c| c.cert[0].as_ref().to_vec()), Some(expired));
+        // `default.crt` wins a name over a file that ends later, when both are valid.
+        let default = write_cert(dir.path(), "default", &["app.test"], 2091);
+        let store = CertStore::load_dir(dir.path(), &[]).expect("loads");
+        assert_eq!(store.lookup("app.test").map(|c| c.cert[0].as_ref().to_vec()), Some(default.clone()));
+        assert_eq!(store.default_cert().map(|c| c.cert[0].as_ref().to_vec()), Some(default));
+        let _ = sooner;
+    }
 }
