@@ -207,6 +207,9 @@ async fn signals(
     let snap = gw.snapshot();
     let (delay, drain) = (snap.config.proxy.shutdown_delay, snap.config.proxy.drain_timeout);
     drop(snap);
+    // Still waiting for its first DNS lookups, `/readyz` has said 503 all along: no load
+    // balancer sends it anything to wait for either.
+    let stopped_early = stopped_early || gw.readiness() == crate::gateway::Readiness::Starting;
     gw.set_not_ready();
     let forced = if stopped_early {
         tracing::info!("stopped before serving: shutting down without waiting shutdown_delay");

@@ -225,3 +225,26 @@ async fn a_sigterm_while_starting_stops_without_the_shutdown_delay() {
     assert!(logs.contains("swarmgate stopped"), "{logs}");
     drop(held);
 }
+
+/// Stopped while `/readyz` still says "starting" (its first DNS lookup has not come
+/// back): no load balancer has sent it anything, so no `shutdown_delay` either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_before_the_first_dns_lookup_stops_without_the_shutdown_delay() {
+    // A nameserver that takes queries and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = format!(
+        "[listen]\nhttp = \"@HTTP@\"\nhttps = \"\"\nadmin = \"@ADMIN@\"\n\n[proxy]\nshutdown_delay = \"60s\"\n\n\
+         [discovery]\nnameservers = [\"{}\"]\n\n[[route]]\nhost = \"*\"\nupstream = \"app\"\n\n\
+         [upstream.app]\ndns = \"tasks.app:8080\"\n",
+        silent.local_addr().unwrap()
+    );
+    // Exited within the 20 s it is given: not after the 60 s shutdown_delay.
+    let (code, logs) = Gateway::builder(&config)
+        .signal_after("TERM", Duration::from_millis(800))
+        .run_to_exit(Duration::from_secs(20))
+        .await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(logs.contains("swarmgate is serving"), "signalled after start-up: {logs}");
+    assert!(logs.contains("stopped before serving"), "{logs}");
+    drop(silent);
+}
