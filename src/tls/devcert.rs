@@ -12,6 +12,9 @@ use crate::tls::store::{CertStore, certified_key_from_pem};
 
 pub const DEV_CERT_STEM: &str = "swarmgate-dev";
 
+/// How long a development certificate is valid.
+const VALID_DAYS: u64 = 397;
+
 /// Hosts that need the development certificate: route hosts no static certificate covers.
 pub fn uncovered<'a>(hosts: impl Iterator<Item = &'a HostPattern>, statics: &CertStore) -> Vec<String> {
     // Routes share hosts (one per path): each distinct host is looked up once.
@@ -55,6 +58,11 @@ pub fn ensure(dir: &Path, hosts: &[String], always: bool) -> Result<(CertStore, 
     let mut params = rcgen::CertificateParams::new(names.clone())
         .map_err(|e| format!("cannot make a certificate for {names:?}: {e}"))?;
     params.distinguished_name.push(rcgen::DnType::CommonName, "swarmgate development certificate");
+    // 397 days, the longest validity browsers take (Apple's platforms refuse any longer,
+    // even from a root the user trusts); made anew at a start or reload in its last week.
+    let now = x509_parser::time::ASN1Time::now().to_datetime();
+    params.not_before = now - std::time::Duration::from_secs(86_400);
+    params.not_after = now + std::time::Duration::from_secs(VALID_DAYS * 86_400);
     let cert = params.self_signed(&key_pair).map_err(|e| format!("cannot sign the certificate: {e}"))?;
     let (cert_pem, key_pem) = (cert.pem(), key_pair.serialize_pem());
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -69,4 +77,23 @@ pub fn ensure(dir: &Path, hosts: &[String], always: bool) -> Result<(CertStore, 
         super::store::CertInfo { source: super::store::CertSource::Dev, file: Some(crt), ..info },
     );
     Ok((store, true))
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_development_certificate_is_valid_for_no_longer_than_browsers_take() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let (store, made) = ensure(dir.path(), &["app.test".to_string()], false).expect("made");
+        assert!(made);
+        let info = store.infos().next().expect("one certificate");
+        let days = super::super::store::seconds_left(info.not_after) / 86_400;
+        assert!((396..=397).contains(&days), "valid for {days} more days");
+        // Reused while it covers the hosts and has more than a week left.
+        let (_, made) = ensure(dir.path(), &["app.test".to_string()], false).expect("loaded");
+        assert!(!made);
+    }
 }
