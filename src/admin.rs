@@ -361,7 +361,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
         (
             "swarmgate_tls_handshake_errors_total",
             "counter",
-            "Failed or timed-out TLS handshakes.",
+            "Failed or timed-out TLS handshakes (a client closing during one is not counted).",
             m.tls_handshake_errors.load(Ordering::Relaxed) as i64,
         ),
         (

@@ -105,6 +105,20 @@ async fn unknown_sni_fails_the_handshake() {
     }
     assert_eq!(after - before, 2.0);
     assert_eq!(s.b.hits(), 0);
+    // A client that connects and leaves (a load balancer's TCP check), or leaves in the
+    // middle of its ClientHello, or right after its handshake: no failed handshake.
+    use tokio::io::AsyncWriteExt;
+    for partial in [&b""[..], &client_hello("a.test")[..20]] {
+        let mut c = tokio::net::TcpStream::connect(s.gw.https).await.unwrap();
+        c.write_all(partial).await.unwrap();
+        drop(c);
+    }
+    let c = tls_connect(s.gw.https, &TlsOpts::sni("a.test")).await.expect("a handshake");
+    drop(c);
+    // The failed handshakes above were counted within moments: give these as long.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.gw.metric("swarmgate_tls_handshake_errors_total").await.unwrap(), after);
+    assert!(s.gw.logs().contains("client closed the connection during the TLS handshake"), "{}", s.gw.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

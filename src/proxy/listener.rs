@@ -210,6 +210,13 @@ async fn tls_connection(stream: TcpStream, peer: SocketAddr, config: Arc<rustls:
     };
     let tls = match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
+        // A client gone before the handshake ended is no failed handshake: a load
+        // balancer's TCP check connects and closes, a TLS 1.3 client that only wanted
+        // the handshake leaves before its session tickets are written.
+        Ok(Err(e)) if is_client_gone(&e) => {
+            tracing::debug!(%peer, error = %e, "client closed the connection during the TLS handshake");
+            return;
+        }
         Ok(Err(e)) => {
             metrics.tls_handshake_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -235,6 +242,12 @@ async fn tls_connection(stream: TcpStream, peer: SocketAddr, config: Arc<rustls:
     } else {
         serving(H1 { io: tls, conn, held }, None).await;
     }
+}
+
+/// Whether an I/O error is the client closing or resetting the connection.
+fn is_client_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 thread_local! {
