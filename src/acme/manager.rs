@@ -269,6 +269,8 @@ enum Failure {
     /// The store could not be reached: retried soon, not counted as a failed order.
     Store(String),
     Error(String),
+    /// The ACME server does not know the account (any more), or it is deactivated.
+    AccountGone(String),
 }
 
 fn store_failure(e: StorageError) -> Failure {
@@ -318,9 +320,16 @@ struct Ctx {
     remote: Option<RemoteAnswers>,
     http: AcmeHttp,
     publisher: Arc<dyn Publisher>,
-    account: tokio::sync::Mutex<Option<Account>>,
+    account: tokio::sync::Mutex<Option<StoredAccount>>,
     account_key: String,
     limit: Semaphore,
+}
+
+/// An account with the stored credentials (JSON) it came from.
+#[derive(Clone)]
+struct StoredAccount {
+    account: Account,
+    creds: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -619,7 +628,7 @@ impl State {
                 entry.last_error = Some(message);
                 self.dirty = true;
             }
-            Err(Failure::Error(message)) => {
+            Err(Failure::Error(message) | Failure::AccountGone(message)) => {
                 stats.orders_failed.fetch_add(1, Ordering::Relaxed);
                 entry.failures += 1;
                 let remaining = entry.cert.as_ref().and_then(|l| {
@@ -1064,14 +1073,31 @@ impl Ctx {
         Account::builder_with_http(Box::new(self.http.clone()))
     }
 
-    /// The account: restored from storage, or created once (under the `account` lease).
-    async fn account(&self) -> Result<Account, Failure> {
+    /// The account: restored from storage, or created once (under the `account` lease),
+    /// with the stored credentials it came from.
+    ///
+    /// `gone`: the credentials of an account the ACME server no longer knows (reset,
+    /// deactivated, deleted). That account is neither used from memory nor taken from the
+    /// store; one replica replaces it in the store (under the lease) and every other one,
+    /// and every other order here, takes the replacement: all converge on one new account.
+    /// Credentials tell accounts apart, not the account URL a reset server may reuse.
+    async fn account(&self, gone: Option<(&StoredAccount, &str)>) -> Result<StoredAccount, Failure> {
         let mut slot = self.account.lock().await;
-        if let Some(a) = slot.as_ref() {
+        let gone = gone.map(|(a, said)| {
+            // Logged once: by the first order to find out (the others find it replaced).
+            if slot.as_ref().is_some_and(|s| s.creds == a.creds) {
+                tracing::warn!(id = %a.account.id(), file = %self.storage.locate(&self.account_key),
+                    "the ACME server no longer knows this account ({said}); registering a new one and ordering again");
+            }
+            a.creds.as_slice()
+        });
+        if let Some(a) = slot.as_ref().filter(|a| Some(a.creds.as_slice()) != gone) {
             return Ok(a.clone());
         }
-        if let Some(account) = self.stored_account().await? {
-            tracing::info!(id = %account.id(), "ACME account restored from storage");
+        *slot = None;
+        let usable = |a: &StoredAccount| Some(a.creds.as_slice()) != gone;
+        if let Some(account) = self.stored_account().await?.filter(usable) {
+            tracing::info!(id = %account.account.id(), "ACME account restored from storage");
             *slot = Some(account.clone());
             return Ok(account);
         }
@@ -1091,8 +1117,8 @@ impl Ctx {
                         return Err(Failure::Deferred);
                     }
                     tokio::time::sleep(jittered(Duration::from_millis(150))).await;
-                    if let Some(account) = self.stored_account().await? {
-                        tracing::info!(id = %account.id(), "ACME account created by another replica restored from storage");
+                    if let Some(account) = self.stored_account().await?.filter(usable) {
+                        tracing::info!(id = %account.account.id(), "ACME account created by another replica restored from storage");
                         *slot = Some(account.clone());
                         return Ok(account);
                     }
@@ -1101,7 +1127,7 @@ impl Ctx {
         };
         let created = async {
             // Another gateway may have made it while we waited for the lease.
-            if let Some(account) = self.stored_account().await? {
+            if let Some(account) = self.stored_account().await?.filter(usable) {
                 return Ok(account);
             }
             let contact: Vec<&str> = self.contact.iter().map(String::as_str).collect();
@@ -1116,10 +1142,12 @@ impl Ctx {
                 .map_err(|e| Failure::Error(format!("creating the ACME account: {}", acme_error(&e))))?;
             let json =
                 serde_json::to_vec_pretty(&creds).map_err(|e| Failure::Error(format!("account credentials: {e}")))?;
+            // Replaces a stored account the server no longer knows (the fencing token of
+            // this lease is newer than the one it was written with).
             match self.storage.put_fenced(&self.account_key, &json, lease.token).await {
                 Ok(()) => {}
                 Err(StorageError::Fenced { .. }) => {
-                    if let Some(a) = self.stored_account().await? {
+                    if let Some(a) = self.stored_account().await?.filter(usable) {
                         return Ok(a);
                     }
                 }
@@ -1127,7 +1155,7 @@ impl Ctx {
             }
             tracing::info!(id = %account.id(), file = %self.storage.locate(&self.account_key),
                 "ACME account created");
-            Ok(account)
+            Ok(StoredAccount { account, creds: json })
         }
         .await;
         let _ = self.storage.unlock(&lease).await;
@@ -1136,7 +1164,7 @@ impl Ctx {
         Ok(account)
     }
 
-    async fn stored_account(&self) -> Result<Option<Account>, Failure> {
+    async fn stored_account(&self) -> Result<Option<StoredAccount>, Failure> {
         let bytes = match self.storage.get(&self.account_key).await {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
@@ -1148,7 +1176,7 @@ impl Ctx {
                 .builder()
                 .from_credentials(creds)
                 .await
-                .map(Some)
+                .map(|account| Some(StoredAccount { account, creds: bytes }))
                 .map_err(|e| Failure::Error(format!("restoring the ACME account: {}", acme_error(&e)))),
             Err(e) => {
                 self.set_aside(&self.account_key, &format!("not ACME account credentials: {e}")).await;
@@ -1223,8 +1251,15 @@ impl Ctx {
                 return Ok((stored, false));
             }
         }
-        let account = self.account().await?;
-        let (chain, key) = self.order(&account, &job.name, job.challenge).await?;
+        let account = self.account(None).await?;
+        let (chain, key) = match self.order(&account.account, &job.name, job.challenge).await {
+            // Reset, deactivated or deleted: a new account, and the order again at once.
+            Err(Failure::AccountGone(said)) => {
+                let account = self.account(Some((&account, &said))).await?;
+                self.order(&account.account, &job.name, job.challenge).await?
+            }
+            other => other?,
+        };
         let bundle = format!("{}\n{}", chain.trim_end(), key);
         let key_name = cert_key(&job.name);
         let loaded = parse_bundle(bundle.as_bytes(), &job.name, self.storage.locate(&key_name))
@@ -1281,7 +1316,10 @@ impl Ctx {
     /// One ACME order for `name`: answers the challenge, finalizes, downloads the chain.
     /// Returns (PEM chain, PEM key).
     async fn order(&self, account: &Account, name: &str, challenge: Challenge) -> Result<(String, String), Failure> {
-        let err = |what: &str, e: instant_acme::Error| Failure::Error(format!("{what} for {name}: {}", acme_error(&e)));
+        let err = |what: &str, e: instant_acme::Error| {
+            let message = format!("{what} for {name}: {}", acme_error(&e));
+            if account_gone(&e) { Failure::AccountGone(message) } else { Failure::Error(message) }
+        };
         let ids = [Identifier::Dns(name.to_string())];
         let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| err("new order", e))?;
         let kind = match challenge {
@@ -1459,6 +1497,22 @@ pub fn retry_delay(failures: u32, remaining: Option<Duration>) -> Duration {
     let delay = RETRY_BASE.saturating_mul(1 << exp);
     let cap = remaining.map_or(RETRY_CAP, |r| (r / 10).clamp(RETRY_BASE, RETRY_CAP));
     delay.min(cap)
+}
+
+/// Whether the ACME server says the account signing the request is unusable: it does not
+/// exist (`accountDoesNotExist`: a reset server, a deleted account) or it is deactivated
+/// (RFC 8555 section 7.3.6: `unauthorized`, with a detail saying so: Pebble "Account has
+/// been deactivated", Boulder "Account is not valid, has status \"deactivated\"").
+fn account_gone(e: &instant_acme::Error) -> bool {
+    const URN: &str = "urn:ietf:params:acme:error:";
+    let instant_acme::Error::Api(p) = e else { return false };
+    let kind = p.r#type.as_deref().and_then(|t| t.strip_prefix(URN));
+    let detail = p.detail.as_deref().unwrap_or("").to_ascii_lowercase();
+    match kind {
+        Some("accountDoesNotExist") => true,
+        Some("unauthorized") => detail.contains("deactivated") || detail.contains("account is not valid"),
+        _ => false,
+    }
 }
 
 /// ACME problem types (RFC 8555 section 6.7) after which asking again soon cannot succeed.
@@ -1659,6 +1713,33 @@ mod tests {
         );
         assert_eq!(key_segment("https://127.0.0.1:14000/dir"), "127.0.0.1_14000_dir");
         assert!(super::super::storage::valid_key(&format!("accounts/{}.json", key_segment("https://[::1]:14000/dir"))));
+    }
+
+    #[test]
+    fn unknown_and_deactivated_accounts_are_recognised() {
+        let problem = |kind: &str, detail: &str| {
+            instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "type": format!("urn:ietf:params:acme:error:{kind}"), "detail": detail, "status": 400
+                }))
+                .unwrap(),
+            )
+        };
+        for gone in [
+            problem("accountDoesNotExist", "URL in JWS 'kid' field does not correspond to an account"),
+            problem("unauthorized", "Account has been deactivated"),
+            problem("unauthorized", "Account is not valid, has status \"deactivated\""),
+        ] {
+            assert!(account_gone(&gone), "{gone}");
+        }
+        for other in [
+            problem("unauthorized", "Account authenticating Request is not owner of the challenge"),
+            problem("rejectedIdentifier", "account deactivated"),
+            problem("malformed", "accountDoesNotExist"),
+            instant_acme::Error::Str("accountDoesNotExist"),
+        ] {
+            assert!(!account_gone(&other), "{other}");
+        }
     }
 
     #[test]
