@@ -300,6 +300,30 @@ fn renewal(redis: bool) {
     assert_eq!(pebble.accounts(), 1);
 }
 
+/// A certificate that expires while the ACME server is unreachable shows `expired` and is
+/// not ready (the back-off cap once expired is checked by the unit test of retry_delay).
+#[test]
+fn a_certificate_expiring_while_the_acme_server_is_down_shows_expired_and_retries_soon() {
+    let s = Setup::new();
+    let plan = s.plan(Some(6));
+    let config = s.config(&plan, "tls-alpn-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    drop(pebble);
+    let name = || {
+        let (_, certs) = gw.admin("/certificates");
+        let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+        certs["acme"]["names"][0].clone()
+    };
+    let expired = wait_for(Duration::from_secs(20), || (name()["state"] == "expired").then_some(()));
+    assert!(expired.is_some(), "{}\n{}", name(), gw.log_text());
+    assert_eq!(gw.metric(&format!("swarmgate_acme_certificate_ready{{name=\"{APP}\"}}")), 0.0);
+    let n = name();
+    assert!(n["failures"].as_u64().unwrap() >= 1, "{n}");
+    assert!(n["next_attempt_in"].as_i64().unwrap() <= 300, "retried within minutes: {n}");
+}
+
 #[test]
 fn pebble_down_at_start_static_hosts_serve_and_acme_issues_once_it_appears() {
     let s = Setup::new();

@@ -14,7 +14,8 @@
 //!   `renew_before` its expiry (at most a third of its lifetime, less up to 10% jitter).
 //! - Each name is its own task: at most [`CONCURRENT_ORDERS`] run at once and a failing
 //!   name never waits for another. Failures retry with exponential back-off (1 s
-//!   doubling, capped at a tenth of the remaining lifetime, or an hour without one).
+//!   doubling, capped at a tenth of the remaining lifetime, 5 minutes once expired, or an
+//!   hour without one).
 //! - Within an order, a lease `order-NAME` in storage keeps other gateways sharing the
 //!   storage from ordering the same name; its fencing token guards the write.
 //! - Clustered (a store with [`Storage::events`], Redis): a replica that stores a
@@ -72,6 +73,8 @@ pub const STORE_RETRY_CAP: Duration = Duration::from_secs(10);
 const ACCOUNT_WAIT: Duration = Duration::from_secs(30);
 const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(3600);
+/// Longest back-off once the certificate served has expired.
+const EXPIRED_RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// What the gateway wants certificates for (sent on start and on every reload).
 #[derive(Debug, Clone, Default)]
@@ -135,7 +138,8 @@ pub struct Stats {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NameStatus {
     pub name: String,
-    /// `valid`, `pending` (no certificate yet) or `renewing` (valid, due).
+    /// `valid`, `pending` (no certificate yet), `renewing` (valid, due) or `expired` (past
+    /// its not-after, still the one served until a new one arrives).
     pub state: &'static str,
     pub not_after: Option<i64>,
     /// Seconds until the next order or renewal attempt.
@@ -227,9 +231,15 @@ impl Manager {
         self.tx.borrow().names.contains(name)
     }
 
-    /// Per-name state for `/certificates`.
+    /// Per-name state for `/certificates` (`expired` as of now: the loop may be asleep).
     pub fn status(&self) -> Vec<NameStatus> {
-        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        let mut status = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for s in &mut status {
+            if s.not_after.is_some_and(expired) {
+                s.state = "expired";
+            }
+        }
+        status
     }
 }
 
@@ -631,10 +641,7 @@ impl State {
             Err(Failure::Error(message) | Failure::AccountGone(message)) => {
                 stats.orders_failed.fetch_add(1, Ordering::Relaxed);
                 entry.failures += 1;
-                let remaining = entry.cert.as_ref().and_then(|l| {
-                    let left = crate::tls::store::seconds_left(l.info.not_after);
-                    (left > 0).then(|| Duration::from_secs(left as u64))
-                });
+                let remaining = remaining_lifetime(entry.cert.as_ref());
                 // A server that refuses the name or says to slow down is asked again after
                 // the longest back-off, not in seconds: failed validations and orders count
                 // against its rate limits, which would then hold every other name too.
@@ -792,6 +799,7 @@ impl State {
                 name: name.clone(),
                 state: match &e.cert {
                     None => "pending",
+                    Some(l) if expired(l.info.not_after) => "expired",
                     Some(_) if e.next <= now || e.busy => "renewing",
                     Some(_) => "valid",
                 },
@@ -1491,12 +1499,28 @@ fn renewal_instant(l: &Loaded, renew_before: Duration) -> Instant {
 }
 
 /// Back-off after `failures` failed attempts: 1 s doubling, capped at a tenth of the
-/// remaining lifetime (at least 1 s) or at an hour.
+/// remaining lifetime of the certificate served (at least 1 s; [`EXPIRED_RETRY_CAP`] once
+/// it has expired, `remaining` zero) or, without one (`None`), at an hour.
 pub fn retry_delay(failures: u32, remaining: Option<Duration>) -> Duration {
     let exp = failures.saturating_sub(1).min(20);
     let delay = RETRY_BASE.saturating_mul(1 << exp);
-    let cap = remaining.map_or(RETRY_CAP, |r| (r / 10).clamp(RETRY_BASE, RETRY_CAP));
+    let cap = match remaining {
+        None => RETRY_CAP,
+        Some(Duration::ZERO) => EXPIRED_RETRY_CAP,
+        Some(r) => (r / 10).clamp(RETRY_BASE, RETRY_CAP),
+    };
     delay.min(cap)
+}
+
+/// What is left of the certificate served, for [`retry_delay`]: zero once it has expired
+/// (retried every few minutes, not hourly), `None` without one.
+fn remaining_lifetime(cert: Option<&Loaded>) -> Option<Duration> {
+    cert.map(|l| Duration::from_secs(crate::tls::store::seconds_left(l.info.not_after).max(0) as u64))
+}
+
+/// Whether a certificate with this `not_after` has expired.
+fn expired(not_after: i64) -> bool {
+    crate::tls::store::seconds_left(not_after) <= 0
 }
 
 /// Whether the ACME server says the account signing the request is unusable: it does not
@@ -1703,6 +1727,15 @@ mod tests {
         assert_eq!(retry_delay(10, left), Duration::from_secs(10));
         assert_eq!(retry_delay(10, Some(Duration::from_secs(3))), RETRY_BASE);
         assert_eq!(retry_delay(30, Some(Duration::from_secs(90 * 86_400))), RETRY_CAP);
+        // Expired: every few minutes, not the hour of a name without a certificate.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let gone = loaded(now - 100, now - 10);
+        assert_eq!(remaining_lifetime(Some(&gone)), Some(Duration::ZERO));
+        assert_eq!(retry_delay(40, remaining_lifetime(Some(&gone))), EXPIRED_RETRY_CAP);
+        assert_eq!(retry_delay(40, remaining_lifetime(None)), RETRY_CAP);
+        assert!(expired(gone.info.not_after) && !expired(now + 10));
+        assert_eq!(retry_delay(u32::MAX, Some(Duration::ZERO)), EXPIRED_RETRY_CAP);
+        assert_eq!(retry_delay(2, Some(Duration::ZERO)), Duration::from_secs(2));
     }
 
     #[test]
