@@ -477,10 +477,10 @@ pub fn render_metrics(gw: &Gateway) -> String {
         &mut out,
         "swarmgate_acme_certificate_ready",
         "gauge",
-        "1 when an ACME host has a certificate to serve, else 0.",
+        "1 when an ACME host has an unexpired certificate to serve, else 0.",
     );
     for n in gw.acme.status() {
-        let ready = u8::from(n.not_after.is_some());
+        let ready = u8::from(n.not_after.is_some() && n.state != "expired");
         let _ = writeln!(out, "swarmgate_acme_certificate_ready{{name=\"{}\"}} {ready}", label(&n.name));
     }
     out

@@ -300,6 +300,30 @@ fn renewal(redis: bool) {
     assert_eq!(pebble.accounts(), 1);
 }
 
+/// A certificate that expires while the ACME server is unreachable shows `expired` and is
+/// not ready (the back-off cap once expired is checked by the unit test of retry_delay).
+#[test]
+fn a_certificate_expiring_while_the_acme_server_is_down_shows_expired_and_retries_soon() {
+    let s = Setup::new();
+    let plan = s.plan(Some(6));
+    let config = s.config(&plan, "tls-alpn-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    drop(pebble);
+    let name = || {
+        let (_, certs) = gw.admin("/certificates");
+        let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+        certs["acme"]["names"][0].clone()
+    };
+    let expired = wait_for(Duration::from_secs(20), || (name()["state"] == "expired").then_some(()));
+    assert!(expired.is_some(), "{}\n{}", name(), gw.log_text());
+    assert_eq!(gw.metric(&format!("swarmgate_acme_certificate_ready{{name=\"{APP}\"}}")), 0.0);
+    let n = name();
+    assert!(n["failures"].as_u64().unwrap() >= 1, "{n}");
+    assert!(n["next_attempt_in"].as_i64().unwrap() <= 300, "retried within minutes: {n}");
+}
+
 #[test]
 fn pebble_down_at_start_static_hosts_serve_and_acme_issues_once_it_appears() {
     let s = Setup::new();
@@ -561,6 +585,39 @@ fn reload_orders_new_hosts_and_a_refused_host_never_delays_the_others() {
     assert!(tls_connect(s.ports.https, APP, &pebble.roots()).is_ok());
 }
 
+/// The ACME server forgets the account (here Pebble restarts; in production a staging
+/// reset, a deleted or deactivated account): the next order registers a new account,
+/// replaces the stored one and gets its certificate at once, without a gateway restart.
+#[test]
+fn an_account_the_server_no_longer_knows_is_replaced_and_the_order_goes_through() {
+    const NEW: &str = "new.swarmgate.test";
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    let gw = s.gateway(&config, "gw.log");
+    expect_cert(&gw, &pebble, APP, Duration::from_secs(30));
+    let account_file = std::fs::read_dir(s.path().join("acme/accounts")).unwrap().next().unwrap().unwrap().path();
+    let old_account = std::fs::read(&account_file).unwrap();
+
+    let pebble = pebble.restart();
+    // A host added by reload: its order is the first request signed by the old account.
+    s.config(&pebble.plan, "http-01", "30d", &hosts(&[APP, NEW]));
+    let status = std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status().unwrap();
+    assert!(status.success());
+    let tls = expect_cert(&gw, &pebble, NEW, Duration::from_secs(30));
+    assert_eq!(peer_leaf(&tls).1, vec![NEW.to_string()]);
+
+    assert_eq!(pebble.accounts(), 1, "one new account:\n{}", pebble.log_text());
+    assert_ne!(std::fs::read(&account_file).unwrap(), old_account, "the stored account is replaced");
+    assert_eq!(std::fs::read_dir(s.path().join("acme/accounts")).unwrap().count(), 1);
+    let log = gw.log_text();
+    assert_eq!(log.matches("no longer knows this account").count(), 1, "one clear line:\n{log}");
+    assert!(log.contains("accountDoesNotExist"), "{log}");
+    // Ordered again within the same attempt: no failure, no back-off.
+    assert_eq!(gw.metric("swarmgate_acme_orders_total{result=\"failed\"}"), 0.0, "{log}");
+}
+
 #[test]
 fn failed_validation_logs_the_problem_document_and_retries_with_back_off() {
     let s = Setup::new();
@@ -629,6 +686,54 @@ fn two_gateways_sharing_storage_order_each_name_once() {
         log.matches("picked up").count() + log.matches("loaded from storage").count()
     };
     assert_eq!(reused(&gw_a) + reused(&gw_b), names.len());
+}
+
+/// Two gateways sharing storage both find the account gone (a Pebble restart): they
+/// converge on one new account (the `account` lease), and both get their new names.
+#[test]
+fn gateways_sharing_storage_replace_a_forgotten_account_with_one_new_account() {
+    let a = Setup::new();
+    let mut plan = a.plan(None);
+    plan.always_valid = true;
+    fn acme(plan: &PebblePlan) -> AcmeSettings<'_> {
+        AcmeSettings {
+            directory: plan.directory_url(),
+            ca_file: &plan.api_ca,
+            challenge: "http-01",
+            renew_before: "30d",
+        }
+    }
+    let (b_ports, b_dir) = (Ports::free(), tempfile::tempdir().unwrap());
+    let shared = a.path().join("acme").display().to_string();
+    let config_b = |plan: &PebblePlan, names: &[String]| {
+        let path = write_config(b_dir.path(), b_ports, &acme(plan), names, a.backend);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace(&b_dir.path().join("acme").display().to_string(), &shared)).unwrap();
+        path
+    };
+    let first = hosts(&[APP]);
+    let config_a = a.config(&plan, "http-01", "30d", &first);
+    let cb = config_b(&plan, &first);
+    let pebble = plan.start();
+    let gw_a = a.gateway(&config_a, "gw-a.log");
+    let gw_b = Gateway::start(&cb, b_ports, b_dir.path().join("gw-b.log"));
+    expect_cert(&gw_a, &pebble, APP, Duration::from_secs(30));
+    expect_cert(&gw_b, &pebble, APP, Duration::from_secs(30));
+
+    let pebble = pebble.restart();
+    // Names of each gateway's own: both order at once, both with the forgotten account.
+    let (more_a, more_b) = (hosts(&[APP, "a.swarmgate.test"]), hosts(&[APP, "b.swarmgate.test"]));
+    a.config(&pebble.plan, "http-01", "30d", &more_a);
+    config_b(&pebble.plan, &more_b);
+    for gw in [&gw_a, &gw_b] {
+        let status = std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+    expect_cert(&gw_a, &pebble, "a.swarmgate.test", Duration::from_secs(30));
+    expect_cert(&gw_b, &pebble, "b.swarmgate.test", Duration::from_secs(30));
+    let logs = format!("{}\n{}", gw_a.log_text(), gw_b.log_text());
+    assert_eq!(pebble.accounts(), 1, "one new account for the shared storage:\n{logs}");
+    assert_eq!(std::fs::read_dir(a.path().join("acme/accounts")).unwrap().count(), 1);
 }
 
 /// Start-up to valid certificates for 1 and for 20 hosts (printed; loose bounds only,

@@ -14,7 +14,8 @@
 //!   `renew_before` its expiry (at most a third of its lifetime, less up to 10% jitter).
 //! - Each name is its own task: at most [`CONCURRENT_ORDERS`] run at once and a failing
 //!   name never waits for another. Failures retry with exponential back-off (1 s
-//!   doubling, capped at a tenth of the remaining lifetime, or an hour without one).
+//!   doubling, capped at a tenth of the remaining lifetime, 5 minutes once expired, or an
+//!   hour without one).
 //! - Within an order, a lease `order-NAME` in storage keeps other gateways sharing the
 //!   storage from ordering the same name; its fencing token guards the write.
 //! - Clustered (a store with [`Storage::events`], Redis): a replica that stores a
@@ -72,6 +73,8 @@ pub const STORE_RETRY_CAP: Duration = Duration::from_secs(10);
 const ACCOUNT_WAIT: Duration = Duration::from_secs(30);
 const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_CAP: Duration = Duration::from_secs(3600);
+/// Longest back-off once the certificate served has expired.
+const EXPIRED_RETRY_CAP: Duration = Duration::from_secs(300);
 
 /// What the gateway wants certificates for (sent on start and on every reload).
 #[derive(Debug, Clone, Default)]
@@ -135,7 +138,8 @@ pub struct Stats {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NameStatus {
     pub name: String,
-    /// `valid`, `pending` (no certificate yet) or `renewing` (valid, due).
+    /// `valid`, `pending` (no certificate yet), `renewing` (valid, due) or `expired` (past
+    /// its not-after, still the one served until a new one arrives).
     pub state: &'static str,
     pub not_after: Option<i64>,
     /// Seconds until the next order or renewal attempt.
@@ -227,9 +231,15 @@ impl Manager {
         self.tx.borrow().names.contains(name)
     }
 
-    /// Per-name state for `/certificates`.
+    /// Per-name state for `/certificates` (`expired` as of now: the loop may be asleep).
     pub fn status(&self) -> Vec<NameStatus> {
-        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        let mut status = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        for s in &mut status {
+            if s.not_after.is_some_and(expired) {
+                s.state = "expired";
+            }
+        }
+        status
     }
 }
 
@@ -269,6 +279,8 @@ enum Failure {
     /// The store could not be reached: retried soon, not counted as a failed order.
     Store(String),
     Error(String),
+    /// The ACME server does not know the account (any more), or it is deactivated.
+    AccountGone(String),
 }
 
 fn store_failure(e: StorageError) -> Failure {
@@ -318,9 +330,16 @@ struct Ctx {
     remote: Option<RemoteAnswers>,
     http: AcmeHttp,
     publisher: Arc<dyn Publisher>,
-    account: tokio::sync::Mutex<Option<Account>>,
+    account: tokio::sync::Mutex<Option<StoredAccount>>,
     account_key: String,
     limit: Semaphore,
+}
+
+/// An account with the stored credentials (JSON) it came from.
+#[derive(Clone)]
+struct StoredAccount {
+    account: Account,
+    creds: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -619,13 +638,10 @@ impl State {
                 entry.last_error = Some(message);
                 self.dirty = true;
             }
-            Err(Failure::Error(message)) => {
+            Err(Failure::Error(message) | Failure::AccountGone(message)) => {
                 stats.orders_failed.fetch_add(1, Ordering::Relaxed);
                 entry.failures += 1;
-                let remaining = entry.cert.as_ref().and_then(|l| {
-                    let left = crate::tls::store::seconds_left(l.info.not_after);
-                    (left > 0).then(|| Duration::from_secs(left as u64))
-                });
+                let remaining = remaining_lifetime(entry.cert.as_ref());
                 // A server that refuses the name or says to slow down is asked again after
                 // the longest back-off, not in seconds: failed validations and orders count
                 // against its rate limits, which would then hold every other name too.
@@ -783,6 +799,7 @@ impl State {
                 name: name.clone(),
                 state: match &e.cert {
                     None => "pending",
+                    Some(l) if expired(l.info.not_after) => "expired",
                     Some(_) if e.next <= now || e.busy => "renewing",
                     Some(_) => "valid",
                 },
@@ -1064,14 +1081,31 @@ impl Ctx {
         Account::builder_with_http(Box::new(self.http.clone()))
     }
 
-    /// The account: restored from storage, or created once (under the `account` lease).
-    async fn account(&self) -> Result<Account, Failure> {
+    /// The account: restored from storage, or created once (under the `account` lease),
+    /// with the stored credentials it came from.
+    ///
+    /// `gone`: the credentials of an account the ACME server no longer knows (reset,
+    /// deactivated, deleted). That account is neither used from memory nor taken from the
+    /// store; one replica replaces it in the store (under the lease) and every other one,
+    /// and every other order here, takes the replacement: all converge on one new account.
+    /// Credentials tell accounts apart, not the account URL a reset server may reuse.
+    async fn account(&self, gone: Option<(&StoredAccount, &str)>) -> Result<StoredAccount, Failure> {
         let mut slot = self.account.lock().await;
-        if let Some(a) = slot.as_ref() {
+        let gone = gone.map(|(a, said)| {
+            // Logged once: by the first order to find out (the others find it replaced).
+            if slot.as_ref().is_some_and(|s| s.creds == a.creds) {
+                tracing::warn!(id = %a.account.id(), file = %self.storage.locate(&self.account_key),
+                    "the ACME server no longer knows this account ({said}); registering a new one and ordering again");
+            }
+            a.creds.as_slice()
+        });
+        if let Some(a) = slot.as_ref().filter(|a| Some(a.creds.as_slice()) != gone) {
             return Ok(a.clone());
         }
-        if let Some(account) = self.stored_account().await? {
-            tracing::info!(id = %account.id(), "ACME account restored from storage");
+        *slot = None;
+        let usable = |a: &StoredAccount| Some(a.creds.as_slice()) != gone;
+        if let Some(account) = self.stored_account().await?.filter(usable) {
+            tracing::info!(id = %account.account.id(), "ACME account restored from storage");
             *slot = Some(account.clone());
             return Ok(account);
         }
@@ -1091,8 +1125,8 @@ impl Ctx {
                         return Err(Failure::Deferred);
                     }
                     tokio::time::sleep(jittered(Duration::from_millis(150))).await;
-                    if let Some(account) = self.stored_account().await? {
-                        tracing::info!(id = %account.id(), "ACME account created by another replica restored from storage");
+                    if let Some(account) = self.stored_account().await?.filter(usable) {
+                        tracing::info!(id = %account.account.id(), "ACME account created by another replica restored from storage");
                         *slot = Some(account.clone());
                         return Ok(account);
                     }
@@ -1101,7 +1135,7 @@ impl Ctx {
         };
         let created = async {
             // Another gateway may have made it while we waited for the lease.
-            if let Some(account) = self.stored_account().await? {
+            if let Some(account) = self.stored_account().await?.filter(usable) {
                 return Ok(account);
             }
             let contact: Vec<&str> = self.contact.iter().map(String::as_str).collect();
@@ -1116,10 +1150,12 @@ impl Ctx {
                 .map_err(|e| Failure::Error(format!("creating the ACME account: {}", acme_error(&e))))?;
             let json =
                 serde_json::to_vec_pretty(&creds).map_err(|e| Failure::Error(format!("account credentials: {e}")))?;
+            // Replaces a stored account the server no longer knows (the fencing token of
+            // this lease is newer than the one it was written with).
             match self.storage.put_fenced(&self.account_key, &json, lease.token).await {
                 Ok(()) => {}
                 Err(StorageError::Fenced { .. }) => {
-                    if let Some(a) = self.stored_account().await? {
+                    if let Some(a) = self.stored_account().await?.filter(usable) {
                         return Ok(a);
                     }
                 }
@@ -1127,7 +1163,7 @@ impl Ctx {
             }
             tracing::info!(id = %account.id(), file = %self.storage.locate(&self.account_key),
                 "ACME account created");
-            Ok(account)
+            Ok(StoredAccount { account, creds: json })
         }
         .await;
         let _ = self.storage.unlock(&lease).await;
@@ -1136,7 +1172,7 @@ impl Ctx {
         Ok(account)
     }
 
-    async fn stored_account(&self) -> Result<Option<Account>, Failure> {
+    async fn stored_account(&self) -> Result<Option<StoredAccount>, Failure> {
         let bytes = match self.storage.get(&self.account_key).await {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(None),
@@ -1148,7 +1184,7 @@ impl Ctx {
                 .builder()
                 .from_credentials(creds)
                 .await
-                .map(Some)
+                .map(|account| Some(StoredAccount { account, creds: bytes }))
                 .map_err(|e| Failure::Error(format!("restoring the ACME account: {}", acme_error(&e)))),
             Err(e) => {
                 self.set_aside(&self.account_key, &format!("not ACME account credentials: {e}")).await;
@@ -1223,8 +1259,15 @@ impl Ctx {
                 return Ok((stored, false));
             }
         }
-        let account = self.account().await?;
-        let (chain, key) = self.order(&account, &job.name, job.challenge).await?;
+        let account = self.account(None).await?;
+        let (chain, key) = match self.order(&account.account, &job.name, job.challenge).await {
+            // Reset, deactivated or deleted: a new account, and the order again at once.
+            Err(Failure::AccountGone(said)) => {
+                let account = self.account(Some((&account, &said))).await?;
+                self.order(&account.account, &job.name, job.challenge).await?
+            }
+            other => other?,
+        };
         let bundle = format!("{}\n{}", chain.trim_end(), key);
         let key_name = cert_key(&job.name);
         let loaded = parse_bundle(bundle.as_bytes(), &job.name, self.storage.locate(&key_name))
@@ -1281,7 +1324,10 @@ impl Ctx {
     /// One ACME order for `name`: answers the challenge, finalizes, downloads the chain.
     /// Returns (PEM chain, PEM key).
     async fn order(&self, account: &Account, name: &str, challenge: Challenge) -> Result<(String, String), Failure> {
-        let err = |what: &str, e: instant_acme::Error| Failure::Error(format!("{what} for {name}: {}", acme_error(&e)));
+        let err = |what: &str, e: instant_acme::Error| {
+            let message = format!("{what} for {name}: {}", acme_error(&e));
+            if account_gone(&e) { Failure::AccountGone(message) } else { Failure::Error(message) }
+        };
         let ids = [Identifier::Dns(name.to_string())];
         let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(|e| err("new order", e))?;
         let kind = match challenge {
@@ -1453,12 +1499,44 @@ fn renewal_instant(l: &Loaded, renew_before: Duration) -> Instant {
 }
 
 /// Back-off after `failures` failed attempts: 1 s doubling, capped at a tenth of the
-/// remaining lifetime (at least 1 s) or at an hour.
+/// remaining lifetime of the certificate served (at least 1 s; [`EXPIRED_RETRY_CAP`] once
+/// it has expired, `remaining` zero) or, without one (`None`), at an hour.
 pub fn retry_delay(failures: u32, remaining: Option<Duration>) -> Duration {
     let exp = failures.saturating_sub(1).min(20);
     let delay = RETRY_BASE.saturating_mul(1 << exp);
-    let cap = remaining.map_or(RETRY_CAP, |r| (r / 10).clamp(RETRY_BASE, RETRY_CAP));
+    let cap = match remaining {
+        None => RETRY_CAP,
+        Some(Duration::ZERO) => EXPIRED_RETRY_CAP,
+        Some(r) => (r / 10).clamp(RETRY_BASE, RETRY_CAP),
+    };
     delay.min(cap)
+}
+
+/// What is left of the certificate served, for [`retry_delay`]: zero once it has expired
+/// (retried every few minutes, not hourly), `None` without one.
+fn remaining_lifetime(cert: Option<&Loaded>) -> Option<Duration> {
+    cert.map(|l| Duration::from_secs(crate::tls::store::seconds_left(l.info.not_after).max(0) as u64))
+}
+
+/// Whether a certificate with this `not_after` has expired.
+fn expired(not_after: i64) -> bool {
+    crate::tls::store::seconds_left(not_after) <= 0
+}
+
+/// Whether the ACME server says the account signing the request is unusable: it does not
+/// exist (`accountDoesNotExist`: a reset server, a deleted account) or it is deactivated
+/// (RFC 8555 section 7.3.6: `unauthorized`, with a detail saying so: Pebble "Account has
+/// been deactivated", Boulder "Account is not valid, has status \"deactivated\"").
+fn account_gone(e: &instant_acme::Error) -> bool {
+    const URN: &str = "urn:ietf:params:acme:error:";
+    let instant_acme::Error::Api(p) = e else { return false };
+    let kind = p.r#type.as_deref().and_then(|t| t.strip_prefix(URN));
+    let detail = p.detail.as_deref().unwrap_or("").to_ascii_lowercase();
+    match kind {
+        Some("accountDoesNotExist") => true,
+        Some("unauthorized") => detail.contains("deactivated") || detail.contains("account is not valid"),
+        _ => false,
+    }
 }
 
 /// ACME problem types (RFC 8555 section 6.7) after which asking again soon cannot succeed.
@@ -1649,6 +1727,15 @@ mod tests {
         assert_eq!(retry_delay(10, left), Duration::from_secs(10));
         assert_eq!(retry_delay(10, Some(Duration::from_secs(3))), RETRY_BASE);
         assert_eq!(retry_delay(30, Some(Duration::from_secs(90 * 86_400))), RETRY_CAP);
+        // Expired: every few minutes, not the hour of a name without a certificate.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let gone = loaded(now - 100, now - 10);
+        assert_eq!(remaining_lifetime(Some(&gone)), Some(Duration::ZERO));
+        assert_eq!(retry_delay(40, remaining_lifetime(Some(&gone))), EXPIRED_RETRY_CAP);
+        assert_eq!(retry_delay(40, remaining_lifetime(None)), RETRY_CAP);
+        assert!(expired(gone.info.not_after) && !expired(now + 10));
+        assert_eq!(retry_delay(u32::MAX, Some(Duration::ZERO)), EXPIRED_RETRY_CAP);
+        assert_eq!(retry_delay(2, Some(Duration::ZERO)), Duration::from_secs(2));
     }
 
     #[test]
@@ -1659,6 +1746,33 @@ mod tests {
         );
         assert_eq!(key_segment("https://127.0.0.1:14000/dir"), "127.0.0.1_14000_dir");
         assert!(super::super::storage::valid_key(&format!("accounts/{}.json", key_segment("https://[::1]:14000/dir"))));
+    }
+
+    #[test]
+    fn unknown_and_deactivated_accounts_are_recognised() {
+        let problem = |kind: &str, detail: &str| {
+            instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "type": format!("urn:ietf:params:acme:error:{kind}"), "detail": detail, "status": 400
+                }))
+                .unwrap(),
+            )
+        };
+        for gone in [
+            problem("accountDoesNotExist", "URL in JWS 'kid' field does not correspond to an account"),
+            problem("unauthorized", "Account has been deactivated"),
+            problem("unauthorized", "Account is not valid, has status \"deactivated\""),
+        ] {
+            assert!(account_gone(&gone), "{gone}");
+        }
+        for other in [
+            problem("unauthorized", "Account authenticating Request is not owner of the challenge"),
+            problem("rejectedIdentifier", "account deactivated"),
+            problem("malformed", "accountDoesNotExist"),
+            instant_acme::Error::Str("accountDoesNotExist"),
+        ] {
+            assert!(!account_gone(&other), "{other}");
+        }
     }
 
     #[test]

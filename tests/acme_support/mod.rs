@@ -58,6 +58,7 @@ fn binary(name: &str) -> PathBuf {
 
 /// Pebble's ports and files, chosen and written before it runs (so a gateway can be
 /// configured against a Pebble that is not up yet).
+#[derive(Clone)]
 pub struct PebblePlan {
     pub dir: PathBuf,
     pub api_port: u16,
@@ -204,6 +205,15 @@ impl Pebble {
 
     pub fn roots(&self) -> rustls::RootCertStore {
         roots_from_pem(self.root_pem.as_bytes())
+    }
+
+    /// Stops this Pebble and starts another on the same ports and API certificate. Pebble
+    /// keeps no state: the new one knows no account (`accountDoesNotExist` for the old
+    /// ones), signs with a new root, and its log starts empty.
+    pub fn restart(self) -> Pebble {
+        let plan = self.plan.clone();
+        drop(self);
+        plan.start()
     }
 }
 
