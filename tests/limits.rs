@@ -201,15 +201,8 @@ async fn a_bad_head_is_answered_logged_and_counted() {
     assert_eq!(raw_status(&bytes), Some(200), "{}", String::from_utf8_lossy(&bytes));
     assert_eq!((b.hits(), b.last().uri.as_str()), (1, "/later"));
 
-    let m = gw.metrics().await;
-    for status in [400, 414, 431, 505] {
-        let n = cases.iter().filter(|c| c.1 == status).count();
-        let series = format!(r#"swarmgate_responses_total{{route="",upstream="",status="{status}"}}"#);
-        assert_eq!(metric_value(&m, &series), Some(n as f64), "{series}\n{m}");
-        let line = format!("method=- host=- path=- status={status} ");
-        let logged = gw.logs().lines().filter(|l| l.contains("swarmgate::access") && l.contains(&line)).count();
-        assert_eq!(logged, n, "{status}\n{}", gw.logs());
-    }
+    let statuses: Vec<u16> = cases.iter().map(|c| c.1).collect();
+    assert_refusals_counted_and_logged(&gw, &statuses, &[400, 414, 431, 505]).await;
     // A client's bad head is no failure of the gateway's: no warning, even for a 505.
     assert!(!gw.logs().lines().any(|l| l.contains("WARN") && l.contains("request failed")), "{}", gw.logs());
 }
@@ -236,9 +229,16 @@ async fn a_bad_head_behind_a_request_with_a_body_is_logged_and_counted() {
         assert!(closed, "the connection is closed after the answer");
     }
     assert_eq!(b.hits(), cases.len());
+    let statuses: Vec<u16> = cases.iter().map(|c| c.1).collect();
+    assert_refusals_counted_and_logged(&gw, &statuses, &[400, 431]).await;
+}
+
+/// Each of `statuses` (the refused heads' answers) is counted with the unrouted requests
+/// and has its access-log line with `-` for what could not be told.
+async fn assert_refusals_counted_and_logged(gw: &Gateway, statuses: &[u16], kinds: &[u16]) {
     let m = gw.metrics().await;
-    for status in [400, 431] {
-        let n = cases.iter().filter(|c| c.1 == status).count();
+    for &status in kinds {
+        let n = statuses.iter().filter(|&&s| s == status).count();
         let series = format!(r#"swarmgate_responses_total{{route="",upstream="",status="{status}"}}"#);
         assert_eq!(metric_value(&m, &series), Some(n as f64), "{series}\n{m}");
         let line = format!("method=- host=- path=- status={status} ");

@@ -614,7 +614,8 @@ mod tests {
     fn a_trusted_peer_s_missing_facts_follow_from_those_it_gives() {
         let peer = PeerValues::new(IpAddr::from([10, 0, 0, 2]));
         let ours = HeaderValue::from_static("gw.internal");
-        let case = |given: &[(&str, &str)]| {
+        // The fields the service gets when the peer sends `given`.
+        let sent = |given: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
             for (name, value) in given {
                 h.append(
@@ -623,20 +624,13 @@ mod tests {
                 );
             }
             apply(&mut h, &Facts { proto: "http", port: 80, ..facts(&peer, true, &ours, None) });
-            let get = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+            move |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+        };
+        let case = |given: &[(&str, &str)]| {
+            let get = sent(given);
             [get(&X_FORWARDED_PROTO), get(&X_FORWARDED_HOST), get(&X_FORWARDED_PORT)]
         };
-        let forwarded = |given: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
-            for (name, value) in given {
-                h.append(
-                    HeaderName::from_bytes(name.as_bytes()).expect("a name"),
-                    HeaderValue::from_str(value).expect("a value"),
-                );
-            }
-            apply(&mut h, &Facts { proto: "http", port: 80, ..facts(&peer, true, &ours, None) });
-            h.get(FORWARDED).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
-        };
+        let forwarded = |given: &[(&str, &str)]| sent(given)(&FORWARDED);
         // X-Forwarded-* alone: `Forwarded` says the same (client, public host and scheme).
         let xf = [
             ("x-forwarded-for", "203.0.113.9, 10.0.0.1"),
