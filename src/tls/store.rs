@@ -69,6 +69,16 @@ impl CertStore {
             .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s)))
             .collect();
         crts.sort();
+        if let Ok(keys) = std::fs::read_dir(dir) {
+            let lone = keys.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
+                p.extension().is_some_and(|x| x == "key")
+                    && p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s))
+                    && !p.with_extension("crt").exists()
+            });
+            for key in lone {
+                tracing::warn!(file = %key.display(), "a key without its .crt is not loaded");
+            }
+        }
         let is_default = |p: &Path| p.file_stem().is_some_and(|s| s == "default");
         let mut errors = Vec::new();
         let mut loaded = Vec::with_capacity(crts.len());
@@ -219,7 +229,13 @@ pub fn certified_key_from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<(Certi
     if chain.is_empty() {
         return Err("no certificate in the file".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("not a PEM private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+        if key_pem.windows(9).any(|w| w == b"ENCRYPTED") {
+            "an encrypted private key: the key file must hold it unencrypted".to_string()
+        } else {
+            format!("not a PEM private key: {e}")
+        }
+    })?;
     let signing = super::signing_key(&key).map_err(|e| format!("unsupported private key: {e}"))?;
     let info = describe(&chain[0])?;
     let ck = CertifiedKey::new(chain, signing);
@@ -294,6 +310,17 @@ mod tests {
         std::fs::write(dir.join(format!("{stem}.crt")), cert.pem()).expect("write");
         std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("write");
         cert.der().to_vec()
+    }
+
+    #[test]
+    fn an_encrypted_key_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().expect("a directory");
+        write_cert(dir.path(), "app", &["app.test"], 2090);
+        let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        std::fs::write(dir.path().join("app.key"), encrypted).expect("write");
+        let errors = CertStore::load_dir(dir.path(), &[]).expect_err("refused");
+        assert!(errors[0].message.contains("an encrypted private key"), "{}", errors[0]);
+        assert!(errors[0].message.contains("app.key"), "{}", errors[0]);
     }
 
     #[test]
