@@ -85,6 +85,44 @@ async fn get_n(s: &Scripted, n: usize, status: u16, body: &str) -> usize {
     s.connections.load(Ordering::SeqCst)
 }
 
+/// A server that refuses a POST without reading its body reads the body as the next
+/// request on that connection, and answers it: that connection must not carry anyone's
+/// next request, which would get the answer meant for the body's "request".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_server_refused_a_body_unread_is_not_reused() {
+    // Answers each head it reads with 401 and the head's target, taking its time before
+    // it reads the next one.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split(' ').nth(1).unwrap_or("?").to_string();
+                    let reply =
+                        format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{target}", target.len());
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+        }
+    });
+    let gw = gateway(addr).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: inside\r\n\r\n";
+    let r = send(gw.http, req("POST", "app.test", "/upload").body(full(smuggled)).unwrap()).await;
+    assert_eq!((r.status, r.text().as_str()), (401, "/upload"));
+    // Before the server gets to the body: the next request must not go on its connection.
+    let r = get(gw.http, "app.test", "/victim").await;
+    assert_eq!((r.status, r.text().as_str()), (401, "/victim"), "another request's answer");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interim_responses_are_skipped_and_the_final_one_forwarded() {
     let s = Scripted::start(

@@ -641,7 +641,9 @@ async fn exchange(
     drop(head);
     let (framing, method) = (out.framing, &out.head.parts.method);
     let mut buf = BytesMut::new();
+    let mut had_body = out.inlined.is_some_and(|b| !b.is_empty());
     if let Some(body) = body.filter(|b| !matches!(b, ReqBody::Empty)) {
+        had_body = true;
         let mut upload = Upload::new(std::mem::replace(body, ReqBody::Empty), framing);
         let answered = poll_fn(|cx| {
             let before = upload.written;
@@ -661,7 +663,12 @@ async fn exchange(
     loop {
         if !buf.is_empty() {
             if let Some(head) = h1::final_head(&mut buf, method)? {
-                return Ok((head, buf, None));
+                // A server refusing a request may answer without reading its body, then
+                // read the body as the next request on the connection (and its answer
+                // would go to whoever sends next): after an error answer to a request
+                // with a body the connection is not kept.
+                let keep_alive = head.keep_alive && !(had_body && head.status.as_u16() >= 400);
+                return Ok((Head { keep_alive, ..head }, buf, None));
             }
         }
         let read = poll_fn(|cx| h1::poll_fill_with(io, &mut buf, room, cx)).await?;
