@@ -68,6 +68,29 @@ impl Scripted {
     }
 }
 
+/// A server that answers each request head it reads (bodies unread) with `answer(head)`,
+/// then waits `pause` before it reads the next one; and the connections it accepted.
+async fn head_server(answer: fn(&[u8]) -> Vec<u8>, pause: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    if s.write_all(&answer(&head)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
 async fn gateway(server: std::net::SocketAddr) -> Gateway {
     Gateway::builder(CONFIG).var("B", server).start().await
 }
@@ -92,27 +115,12 @@ async fn get_n(s: &Scripted, n: usize, status: u16, body: &str) -> usize {
 async fn a_connection_whose_server_refused_a_body_unread_is_not_reused() {
     // Answers each head it reads with 401 and the head's target, taking its time before
     // it reads the next one.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                while let Some(head) = read_request_head(&mut s).await {
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let target = head.split(' ').nth(1).unwrap_or("?").to_string();
-                    let reply =
-                        format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{target}", target.len());
-                    if s.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            });
-        }
-    });
+    let answer = |head: &[u8]| {
+        let head = String::from_utf8_lossy(head).into_owned();
+        let target = head.split(' ').nth(1).unwrap_or("?").to_string();
+        format!("HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{target}", target.len()).into_bytes()
+    };
+    let (addr, connections) = head_server(answer, Duration::from_millis(300)).await;
     let gw = gateway(addr).await;
     let smuggled = "GET /smuggled HTTP/1.1\r\nHost: inside\r\n\r\n";
     let r = send(gw.http, req("POST", "app.test", "/upload").body(full(smuggled)).unwrap()).await;
@@ -379,25 +387,13 @@ async fn an_early_answer_then_a_reset_still_reaches_the_client_and_ejects_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_of_any_size_arrive_whole_whatever_the_last_one_needed() {
     const BIG: usize = 100 * 1024;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&connections);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            seen.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                while let Some(head) = read_request_head(&mut s).await {
-                    let body = if head.starts_with(b"GET /big") { vec![b'x'; BIG] } else { b"small".to_vec() };
-                    let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-                    reply.extend_from_slice(&body);
-                    if s.write_all(&reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let answer = |head: &[u8]| {
+        let body = if head.starts_with(b"GET /big") { vec![b'x'; BIG] } else { b"small".to_vec() };
+        let mut reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        reply.extend_from_slice(&body);
+        reply
+    };
+    let (addr, connections) = head_server(answer, Duration::ZERO).await;
     let gw = gateway(addr).await;
     let mut c = H1::connect(gw.http).await;
     for path in ["/small", "/small", "/big", "/big", "/small", "/big", "/small"] {
