@@ -395,7 +395,7 @@ fn refuse_lost_certificates(config: &Config, dev_hosts: &[String], running: &Cer
     let mut lost: Vec<String> = config
         .routes
         .iter()
-        .filter(|r| running.covers_from(&r.host, CertSource::Static))
+        .filter(|r| running.served_from(&r.host) == Some(CertSource::Static))
         .map(|r| r.host.to_string())
         .filter(|h| dev_hosts.contains(h))
         .collect();

@@ -156,12 +156,17 @@ const CLAIM_BYTES: [&[u8]; 4] = [b"x-real-ip", b"x-forwarded-ssl", b"x-forwarded
 #[inline]
 pub fn is_forwarding(name: &[u8]) -> bool {
     name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
-        && NAME_BYTES.iter().chain(&CLAIM_BYTES).any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
+        && (listed(&NAME_BYTES, name) || listed(&CLAIM_BYTES, name))
 }
 
 /// Whether `name` is one of [`CLAIM_BYTES`].
 fn is_claim(name: &[u8]) -> bool {
-    CLAIM_BYTES.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
+    listed(&CLAIM_BYTES, name)
+}
+
+/// Whether `name` is one of `names` (lower case), in any case.
+fn listed(names: &[&[u8]], name: &[u8]) -> bool {
+    names.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
 }
 
 /// Whether `name` is one of those fields spelt with `_` for `-` (`X_Forwarded_For`).
@@ -223,8 +228,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         // a port from its host or its scheme), so that the fields never disagree.
         let said = if proto || host || fwd { Said::of(headers) } else { Said::default() };
         if !proto {
-            let value = said.proto.map_or(f.proto, |https| if https { "https" } else { "http" });
-            fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(value)));
+            fields.push((&X_FORWARDED_PROTO, HeaderValue::from_static(said.proto_or(f.proto))));
         }
         if !host {
             match &said.host {
@@ -254,11 +258,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
                 // X-Forwarded-* but no `Forwarded` from the peer: the one element says
                 // what they say (the client, the public host and scheme), for services
                 // that read `Forwarded` first.
-                let public = Facts {
-                    proto: said.proto.map_or(f.proto, |https| if https { "https" } else { "http" }),
-                    host: said.host.as_ref().unwrap_or(f.host),
-                    ..*f
-                };
+                let public = Facts { proto: said.proto_or(f.proto), host: said.host.as_ref().unwrap_or(f.host), ..*f };
                 forwarded_element(client.unwrap_or(f.peer.ip), &public).unwrap_or(element)
             } else {
                 element
@@ -314,7 +314,7 @@ impl Said {
         let element = own_element(headers);
         let host = last_member(headers, &X_FORWARDED_HOST).or(element.host.as_deref());
         Said {
-            proto: last_member(headers, &X_FORWARDED_PROTO).or(element.proto.as_deref()).and_then(scheme),
+            proto: said_proto(headers, &element),
             host: host
                 .filter(|h| !h.is_empty() && super::valid_authority(h))
                 .and_then(|h| HeaderValue::from_str(h).ok()),
@@ -323,12 +323,18 @@ impl Said {
 
     /// Whether the peer says it was reached over https ([`Said::of`]'s `proto` alone).
     pub fn https(headers: &HeaderMap) -> bool {
-        let element = || own_element(headers).proto.and_then(|p| scheme(&p));
-        match last_member(headers, &X_FORWARDED_PROTO) {
-            Some(p) => scheme(p) == Some(true),
-            None => element() == Some(true),
-        }
+        said_proto(headers, &own_element(headers)) == Some(true)
     }
+
+    /// The scheme said, else `ours`.
+    fn proto_or(&self, ours: &'static str) -> &'static str {
+        self.proto.map_or(ours, |https| if https { "https" } else { "http" })
+    }
+}
+
+/// The scheme a peer said: its `X-Forwarded-Proto`, else its `Forwarded` element's.
+fn said_proto(headers: &HeaderMap, element: &Element<'_>) -> Option<bool> {
+    last_member(headers, &X_FORWARDED_PROTO).or(element.proto.as_deref()).and_then(scheme)
 }
 
 /// The last member of the last `name` field: the one the nearest proxy added.

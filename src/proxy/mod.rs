@@ -155,7 +155,7 @@ fn resolve_dot_segments(
     if dots == route::DotSegments::Ambiguous {
         return Err(ProxyError::BadRequest("a dot-segment servers read differently (after \\, %2F or %5C, or with ;)"));
     }
-    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes {
+    if target_too_long(req, max_uri_bytes) {
         return Ok(());
     }
     let target = target(&route::remove_dot_segments(req.uri().path()), req.uri().query());
@@ -165,6 +165,11 @@ fn resolve_dot_segments(
     parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     Ok(())
+}
+
+/// Whether the request's path and query are over `max_uri_bytes` (a 414).
+fn target_too_long(req: &Request<ClientBody>, max_uri_bytes: usize) -> bool {
+    req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > max_uri_bytes
 }
 
 /// An origin-form request target: `path`, and `?query` if there is one.
@@ -238,7 +243,7 @@ fn route_request(
         return Err((ProxyError::BadRequest("asterisk-form request target outside OPTIONS"), None));
     }
     let authority_str = authority.to_str().unwrap_or("");
-    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+    if target_too_long(req, limits.max_uri_bytes) {
         return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
     }
     if !conn.tls {

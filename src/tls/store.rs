@@ -63,21 +63,16 @@ impl CertStore {
                 return Err(vec![CertError { path: dir.to_path_buf(), message: format!("cannot read: {e}") }]);
             }
         };
-        let mut crts: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
-            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s)))
-            .collect();
+        // The directory's files once: the pairs' `.crt`s, and the `.key`s without one.
+        let ours = |p: &Path, ext: &str| {
+            p.extension().is_some_and(|x| x == ext)
+                && p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s))
+        };
+        let files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut crts: Vec<PathBuf> = files.iter().filter(|p| ours(p, "crt")).cloned().collect();
         crts.sort();
-        if let Ok(keys) = std::fs::read_dir(dir) {
-            let lone = keys.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| {
-                p.extension().is_some_and(|x| x == "key")
-                    && p.file_stem().and_then(|s| s.to_str()).is_none_or(|s| !skip.contains(&s))
-                    && !p.with_extension("crt").exists()
-            });
-            for key in lone {
-                tracing::warn!(file = %key.display(), "a key without its .crt is not loaded");
-            }
+        for key in files.iter().filter(|p| ours(p, "key") && !crts.contains(&p.with_extension("crt"))) {
+            tracing::warn!(file = %key.display(), "a key without its .crt is not loaded");
         }
         let is_default = |p: &Path| p.file_stem().is_some_and(|s| s == "default");
         let mut errors = Vec::new();
@@ -139,19 +134,16 @@ impl CertStore {
         self.entries.push((cert, info));
     }
 
-    /// Whether a certificate of `source` here covers a route host (see [`CertStore::covers`]).
-    pub fn covers_from(&self, host: &crate::config::HostPattern, source: CertSource) -> bool {
+    /// Where the certificate a route host is served with here came from (`None`: no
+    /// certificate covers it, or it is `*`).
+    pub fn served_from(&self, host: &crate::config::HostPattern) -> Option<CertSource> {
         use crate::config::HostPattern;
-        let names = self.entries.iter().filter(|(_, i)| i.source == source).flat_map(|(_, i)| &i.names);
-        let mut names = names.map(|n| n.to_ascii_lowercase());
-        match host {
-            HostPattern::Exact(h) => {
-                let wildcard = h.split_once('.').map(|(_, parent)| format!("*.{parent}"));
-                names.any(|n| n == *h || Some(&n) == wildcard.as_ref())
-            }
-            HostPattern::Wildcard(s) => names.any(|n| n.strip_prefix("*.") == Some(s.as_str())),
-            HostPattern::Any => false,
-        }
+        let cert = match host {
+            HostPattern::Exact(h) => self.lookup(h)?,
+            HostPattern::Wildcard(s) => Arc::clone(self.wildcard.get(s.as_str())?),
+            HostPattern::Any => return None,
+        };
+        self.entries.iter().find(|(c, _)| Arc::ptr_eq(c, &cert)).map(|(_, info)| info.source)
     }
 
     /// Adds a certificate under its names; earlier entries keep names they already have.
