@@ -139,6 +139,8 @@ async fn echo_is_full_duplex() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // An answer that takes the body as it comes does not end the client's connection.
+    assert_eq!(resp.headers().get("connection"), None);
     let mut body = resp.into_body();
     let got = Arc::new(AtomicU64::new(0));
     while let Some(frame) = body.frame().await {

@@ -368,6 +368,15 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     let gw = gateway(refusing_server(Some(Duration::from_secs(10))).await).await;
     let got = upload_and_read_answer(&gw).await;
     assert_eq!(raw_status(&got), Some(413), "{}", String::from_utf8_lossy(&got));
+    // The rest of the upload will not be read: the answer says the connection ends.
+    assert!(says_close(&got), "{}", String::from_utf8_lossy(&got));
+}
+
+/// Whether a raw response's head has `Connection: close`.
+fn says_close(raw: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(raw).to_ascii_lowercase();
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    head.split("\r\n").any(|line| line == "connection: close")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,6 +385,7 @@ async fn an_early_answer_then_a_reset_still_reaches_the_client_and_ejects_nothin
     for _ in 0..4 {
         let got = upload_and_read_answer(&gw).await;
         assert_eq!(raw_status(&got), Some(413), "{}", String::from_utf8_lossy(&got));
+        assert!(says_close(&got), "{}", String::from_utf8_lossy(&got));
     }
     let v: serde_json::Value = serde_json::from_slice(&gw.admin_get("/upstreams").await.body).unwrap();
     assert_eq!(v["upstreams"][0]["servers"][0]["ejected"], false, "{v}");

@@ -277,6 +277,12 @@ impl RespBody {
         }
     }
 
+    /// The server answered before the request body was all sent and will not take the
+    /// rest (see `h1::Head::cuts_upload`).
+    pub fn cuts_upload(&self) -> bool {
+        matches!(self, RespBody::Upstream(b) if b.inner.cuts_upload())
+    }
+
     /// Takes the server's fields out, for a client that needs them in a `HeaderMap`.
     pub fn take_fields(&mut self) -> Option<Fields> {
         match self {

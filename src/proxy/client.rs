@@ -655,8 +655,12 @@ async fn exchange(
         if let Some(head) = answered {
             // The server answered before the whole body was sent: the rest goes on
             // while the response streams (full duplex), and the connection is not kept.
+            // An error answer refuses the request (its server is not expected to read
+            // the rest), and a server that stopped reading will not: either way the
+            // client's connection ends with it (RFC 9112 section 9.6).
+            let cuts_upload = upload.abandoned || head.status.as_u16() >= 400;
             let upload = (!upload.abandoned).then(|| Box::new(upload));
-            return Ok((Head { keep_alive: false, ..head }, buf, upload));
+            return Ok((Head { keep_alive: false, cuts_upload, ..head }, buf, upload));
         }
     }
     let mut room = first_room;

@@ -199,6 +199,10 @@ pub struct Head {
     pub framing: Framing,
     /// Whether the connection may carry another request once this body has ended.
     pub keep_alive: bool,
+    /// The server answered before the request body was all sent, refusing the request
+    /// or no longer taking the body: the client's connection ends with this response
+    /// (the rest of its body will not be read), and the answer says so.
+    pub cuts_upload: bool,
 }
 
 /// Fields as a peer wrote them: one shared copy of its head and where each end-to-end
@@ -386,7 +390,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     }
     let persistent = super::hop::persistent(version, noted.connection.close, || noted.connection.keep_alive);
     let keep_alive = clean && persistent && framing != Framing::Close;
-    Ok(Some(Head { status, version, fields, framing, keep_alive }))
+    Ok(Some(Head { status, version, fields, framing, keep_alive, cuts_upload: false }))
 }
 
 /// The fields a response's framing and persistence depend on.
@@ -790,6 +794,8 @@ pub struct ResponseBody {
     upload: Option<Box<Upload>>,
     /// The response's fields, until they are written or put in a map.
     fields: Fields,
+    /// See [`Head::cuts_upload`].
+    cuts_upload: bool,
 }
 
 impl ResponseBody {
@@ -809,7 +815,7 @@ impl ResponseBody {
             Framing::Chunked => State::Chunked(Chunked::Size),
             Framing::Close => State::Close,
         };
-        let keep_alive = head.keep_alive;
+        let (keep_alive, cuts_upload) = (head.keep_alive, head.cuts_upload);
         ResponseBody {
             io: Some(io),
             buf,
@@ -822,7 +828,13 @@ impl ResponseBody {
             moved: false,
             upload,
             fields: head.fields,
+            cuts_upload,
         }
+    }
+
+    /// See [`Head::cuts_upload`].
+    pub fn cuts_upload(&self) -> bool {
+        self.cuts_upload
     }
 
     /// The response's fields (see [`Fields`]).

@@ -567,6 +567,10 @@ fn tracked_service(
                     resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, length);
                 }
             }
+            if h1 && resp.body().cuts_upload() {
+                // hyper ends the connection after a response whose head says so.
+                resp.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+            }
             if let Some(fields) = resp.body_mut().take_fields() {
                 if let Some(reason) = fields.reason_phrase(resp.status()).filter(|_| h1) {
                     resp.extensions_mut().insert(reason);
