@@ -644,6 +644,42 @@ fn failed_validation_logs_the_problem_document_and_retries_with_back_off() {
     assert!(tls_connect(s.ports.https, APP, &pebble.roots()).is_err());
 }
 
+/// A reload is an operator's word that something may have been mended: a name backing
+/// off after failed orders is ordered again at once, not at the end of its back-off.
+#[test]
+fn a_reload_orders_again_at_once_a_name_backing_off_after_failures() {
+    let s = Setup::new();
+    let plan = s.plan(None);
+    let config = s.config(&plan, "http-01", "30d", &hosts(&[APP]));
+    let pebble = plan.start();
+    // Pebble validates at an address where nothing listens: every order fails.
+    pebble.set_dns_a(APP, Some("127.0.0.2"));
+    let gw = s.gateway(&config, "gw.log");
+    let next_attempt_in = || {
+        let (_, certs) = gw.admin("/certificates");
+        let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+        let name = &certs["acme"]["names"][0];
+        (name["failures"].as_u64().unwrap_or(0), name["next_attempt_in"].as_i64().unwrap_or(0))
+    };
+    // Four failures: the next attempt is about 8 s away.
+    let waiting = wait_for(Duration::from_secs(40), || {
+        let (failures, next) = next_attempt_in();
+        (failures >= 4 && next >= 6).then_some(next)
+    });
+    let Some(waiting) = waiting else { panic!("no back-off of 6 s or more:\n{}", gw.log_text()) };
+    let failed = pebble.orders();
+
+    pebble.set_dns_a(APP, None);
+    let status = std::process::Command::new("kill").arg("-HUP").arg(gw.pid().to_string()).status().unwrap();
+    assert!(status.success());
+    // Well before the back-off would have ended.
+    let timeout = Duration::from_secs(waiting as u64 - 1);
+    let tls = wait_for_cert(s.ports.https, APP, &pebble.roots(), timeout);
+    assert!(tls.is_some(), "no certificate {timeout:?} after the reload:\n{}", gw.log_text());
+    assert_eq!(pebble.orders(), failed + 1, "one order after the reload:\n{}", gw.log_text());
+    assert!(gw.log_text().contains("ordering again at once"), "{}", gw.log_text());
+}
+
 #[test]
 fn two_gateways_sharing_storage_order_each_name_once() {
     // Pebble validates nothing here (both gateways answer for every name only in the

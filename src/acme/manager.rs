@@ -483,6 +483,9 @@ impl State {
         }
         self.renew_before = acme.renew_before;
         let now = Instant::now();
+        if same {
+            self.retry_failed_now(now);
+        }
         let mut waiting = Vec::new();
         for name in &wanted.names {
             if self.entries.contains_key(name) {
@@ -528,6 +531,24 @@ impl State {
             tracing::info!(names = ?waiting, "ordering ACME certificates; until each arrives, TLS handshakes for it are refused");
         }
         self.dirty = true;
+    }
+
+    /// A reload is an operator's word that something may have been mended (DNS, a
+    /// firewall, a listener): names backing off after a failed order are tried again at
+    /// once, but for those the server refused or rate-limited, whose long back-off keeps
+    /// the server's limits from holding every other name.
+    fn retry_failed_now(&mut self, now: Instant) {
+        let mut retried = Vec::new();
+        for (name, e) in &mut self.entries {
+            let refused = e.last_error.as_deref().is_some_and(slow_down);
+            if e.failures > 0 && !e.busy && !e.store_wait && !refused && e.next > now {
+                e.next = now;
+                retried.push(name.clone());
+            }
+        }
+        if !retried.is_empty() {
+            tracing::info!(names = ?retried, "reload: ordering again at once the ACME names whose last order failed");
+        }
     }
 
     fn warn_listeners(&mut self, wanted: &Wanted, acme: &config::Acme) {

@@ -203,6 +203,26 @@ impl Pebble {
         self.log_text().lines().filter(|l| l.contains("POST /sign-me-up")).count()
     }
 
+    /// Points `host` at `address` in the DNS Pebble validates with (challtestsrv's
+    /// management API), or back at the default 127.0.0.1 with `None`.
+    pub fn set_dns_a(&self, host: &str, address: Option<&str>) {
+        let (path, body) = match address {
+            Some(a) => ("/add-a", serde_json::json!({ "host": format!("{host}."), "addresses": [a] })),
+            None => ("/clear-a", serde_json::json!({ "host": format!("{host}.") })),
+        };
+        let body = body.to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", self.plan.dns_mgmt_port)).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "challtestsrv {path}: {answer}");
+    }
+
     pub fn roots(&self) -> rustls::RootCertStore {
         roots_from_pem(self.root_pem.as_bytes())
     }
