@@ -330,11 +330,11 @@ fn forward(
             Prefetched::Body(b) => b,
             Prefetched::Stalled => {
                 tracing::debug!(after = ?wait, "the client sent none of its request body");
-                return Err(log.failed(ProxyError::BodyTimeout, stats()));
+                return Err(log.failed(ProxyError::BodyTimeout(None), stats()));
             }
             Prefetched::Malformed(e) if body::client_went_away(&e) => {
                 tracing::debug!(error = %e, "the client went away while it sent its request body");
-                return Err(log.failed(ProxyError::ClientClosed, stats()));
+                return Err(log.failed(ProxyError::ClientClosed(None), stats()));
             }
             Prefetched::Malformed(e) => {
                 tracing::debug!(error = %e, "malformed request body");
@@ -534,7 +534,7 @@ fn attempts(
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
-                    return Err(ProxyError::BodyTimeout);
+                    return Err(ProxyError::BodyTimeout(Some(server.addr)));
                 }
                 Err(client::Failure { error: SendError::ClientBody(e), .. }) => {
                     // The client's body broke (bad chunking) or its client went away while it
@@ -542,7 +542,11 @@ fn attempts(
                     // nothing to retry.
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %e, "client body failed");
                     let gone = body::client_went_away(&e);
-                    return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
+                    return Err(if gone {
+                        ProxyError::ClientClosed(Some(server.addr))
+                    } else {
+                        ProxyError::BadRequest("malformed body")
+                    });
                 }
                 Err(client::Failure { error, unsent }) => {
                     record_failure(&upstream.set, &server, &error, nth);
