@@ -367,6 +367,8 @@ async fn every_request_has_an_access_log_line_refused_failed_or_abandoned() {
             .any(|l| l.contains("swarmgate::access") && l.contains(&format!("status={status} ")) && l.contains(path))
     };
     assert!(wait_until(Duration::from_secs(2), || logged("499", "path=/sleep")).await, "{}", gw.logs());
+    // The client left while the server worked: the line names that server.
+    assert!(logged("499", &format!("path=/sleep status=499 upstream=\"{}\"", b.addr)), "{}", gw.logs());
     assert!(logged("200", "path=/ok") && logged("404", "path=/refused"), "{}", gw.logs());
     // The gateway's own answer is logged with the bytes of its text.
     let text = "404 no route for this host and path\n";

@@ -836,6 +836,10 @@ async fn a_client_gone_mid_upload_is_499_not_400() {
     for path in ["/held", "/streamed"] {
         assert!(logged("499", &format!("path={path} status=499 upstream=\"{}\"", b.addr)), "{}", gw.logs());
     }
+    // Each line names the server that had the request's head.
+    for path in ["/held", "/streamed"] {
+        assert!(logged("499", &format!("path={path} status=499 upstream=\"{}\"", b.addr)), "{}", gw.logs());
+    }
     let m = gw.metrics().await;
     let count = |status: &str| -> f64 {
         m.lines()

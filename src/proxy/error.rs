@@ -15,9 +15,8 @@ pub enum ProxyError {
     HeadTooLarge,
     #[error("HTTP version not supported")]
     VersionNotSupported,
-    /// With the server that had the request's head, if one had.
     #[error("the client stopped sending its request body")]
-    BodyTimeout(Option<std::net::SocketAddr>),
+    BodyTimeout,
     #[error("a request body in a transfer coding other than chunked")]
     UnsupportedCoding,
     #[error("no route for this host and path")]
@@ -34,9 +33,8 @@ pub enum ProxyError {
     UpgradeFailed,
     #[error("every attempt in upstream {upstream} failed; last: {last}")]
     Exhausted { upstream: String, last: SendError },
-    /// With the server that had the request's head, if one had.
     #[error("the client went away while it sent its request body")]
-    ClientClosed(Option<std::net::SocketAddr>),
+    ClientClosed,
 }
 
 impl ProxyError {
@@ -44,7 +42,6 @@ impl ProxyError {
     pub fn server(&self) -> Option<std::net::SocketAddr> {
         match self {
             ProxyError::Upstream(e) | ProxyError::Exhausted { last: e, .. } => e.server(),
-            ProxyError::BodyTimeout(server) | ProxyError::ClientClosed(server) => *server,
             _ => None,
         }
     }
@@ -52,7 +49,7 @@ impl ProxyError {
     /// The bytes of its answer's body, for the access log (none reach a client that left).
     pub fn body_bytes(&self) -> u64 {
         match self {
-            ProxyError::ClientClosed(_) => 0,
+            ProxyError::ClientClosed => 0,
             _ => self.body().len() as u64,
         }
     }
@@ -61,7 +58,7 @@ impl ProxyError {
     /// for a client that went away before its answer.
     pub fn logged_status(&self) -> u16 {
         match self {
-            ProxyError::ClientClosed(_) => 499,
+            ProxyError::ClientClosed => 499,
             _ => self.status().as_u16(),
         }
     }
@@ -69,11 +66,11 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             // ClientClosed: a 400 to a client that is most likely gone (logged as 499).
-            ProxyError::BadRequest(_) | ProxyError::ClientClosed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::VersionNotSupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
@@ -89,11 +86,11 @@ impl ProxyError {
     /// The body sent to the client: short, stable, and free of internal addresses.
     pub fn body(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::ClientClosed(_) => "400 bad request\n",
+            ProxyError::BadRequest(_) | ProxyError::ClientClosed => "400 bad request\n",
             ProxyError::UriTooLong(_) => "414 request target too long\n",
             ProxyError::HeadTooLarge => "431 request head too large\n",
             ProxyError::VersionNotSupported => "505 HTTP version not supported\n",
-            ProxyError::BodyTimeout(_) => "408 request body timed out\n",
+            ProxyError::BodyTimeout => "408 request body timed out\n",
             ProxyError::UnsupportedCoding => "501 transfer coding not supported\n",
             ProxyError::NoRoute => "404 no route for this host and path\n",
             ProxyError::Misdirected => "421 misdirected request: TLS server name and Host differ\n",

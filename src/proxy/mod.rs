@@ -330,11 +330,11 @@ fn forward(
             Prefetched::Body(b) => b,
             Prefetched::Stalled => {
                 tracing::debug!(after = ?wait, "the client sent none of its request body");
-                return Err(log.failed(ProxyError::BodyTimeout(None), stats()));
+                return Err(log.failed(ProxyError::BodyTimeout, stats()));
             }
             Prefetched::Malformed(e) if body::client_went_away(&e) => {
                 tracing::debug!(error = %e, "the client went away while it sent its request body");
-                return Err(log.failed(ProxyError::ClientClosed(None), stats()));
+                return Err(log.failed(ProxyError::ClientClosed, stats()));
             }
             Prefetched::Malformed(e) => {
                 tracing::debug!(error = %e, "malformed request body");
@@ -342,7 +342,7 @@ fn forward(
             }
         };
         let head = h1::RequestHead { parts: &parts, fields, added: &forwarding.fields };
-        let sent = match attempts(gw, &route, &head, body).await {
+        let sent = match attempts(gw, &route, &head, body, log.log.as_deref_mut()).await {
             Ok(sent) => sent,
             Err(e) => return Err(log.failed(e, stats())),
         };
@@ -504,6 +504,7 @@ fn attempts(
     route: &Route,
     head: &h1::RequestHead<'_>,
     mut body: ReqBody,
+    mut log: Option<&mut AccessLog>,
 ) -> impl Future<Output = Result<(client::Sent, InFlight), ProxyError>> {
     async move {
         let upstream = &route.upstream;
@@ -524,6 +525,9 @@ fn attempts(
                 }
             };
             let (guard, nth) = server.begin_nth();
+            if let Some(log) = log.as_deref_mut() {
+                log.server = Some(server.addr);
+            }
             // Held to the end of this attempt, whatever ends it.
             let _trial = trial.then(|| upstream.set.begin_trial(&server, nth));
             let replay = if idempotent && charged < cfg.retries { body.replay() } else { None };
@@ -534,7 +538,7 @@ fn attempts(
                 }
                 Err(client::Failure { error: error @ SendError::ClientStalled { .. }, .. }) => {
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "client body stalled");
-                    return Err(ProxyError::BodyTimeout(Some(server.addr)));
+                    return Err(ProxyError::BodyTimeout);
                 }
                 Err(client::Failure { error: SendError::ClientBody(e), .. }) => {
                     // The client's body broke (bad chunking) or its client went away while it
@@ -542,11 +546,7 @@ fn attempts(
                     // nothing to retry.
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, error = %e, "client body failed");
                     let gone = body::client_went_away(&e);
-                    return Err(if gone {
-                        ProxyError::ClientClosed(Some(server.addr))
-                    } else {
-                        ProxyError::BadRequest("malformed body")
-                    });
+                    return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
                     record_failure(&upstream.set, &server, &error, nth);
@@ -688,6 +688,9 @@ pub struct AccessLog {
     host: String,
     path: String,
     request_id: HeaderValue,
+    /// The server the request went to last, for a line the gateway writes itself (a
+    /// client gone mid-upload or while the server worked, a stalled upload).
+    server: Option<SocketAddr>,
 }
 
 pub const ACCESS_TARGET: &str = "swarmgate::access";
@@ -720,7 +723,8 @@ impl Pending<'_> {
         self.answered = true;
         if let Some(log) = self.log.take() {
             let status = err.logged_status();
-            log.write(status, err.server(), self.start.elapsed(), err.body_bytes(), status != CLIENT_CLOSED);
+            let server = err.server().or(log.server);
+            log.write(status, server, self.start.elapsed(), err.body_bytes(), status != CLIENT_CLOSED);
         }
         (err, stats)
     }
@@ -734,7 +738,7 @@ impl Pending<'_> {
         let took = self.start.elapsed();
         self.route.stats.record(CLIENT_CLOSED, took);
         if let Some(log) = self.log.take() {
-            log.write(CLIENT_CLOSED, None, took, 0, false);
+            log.write(CLIENT_CLOSED, log.server, took, 0, false);
         }
     }
 }
@@ -776,12 +780,14 @@ impl AccessLog {
             host: host.to_string(),
             path: req.uri().path().to_string(),
             request_id: HeaderValue::from_static("-"),
+            server: None,
         };
         log.write(status, None, start.elapsed(), bytes, true);
     }
 
     fn new(method: &Method, host: &str, path: &str, request_id: HeaderValue) -> Box<Self> {
-        Box::new(AccessLog { method: method.clone(), host: host.to_string(), path: path.to_string(), request_id })
+        let (host, path) = (host.to_string(), path.to_string());
+        Box::new(AccessLog { method: method.clone(), host, path, request_id, server: None })
     }
 
     pub fn write(&self, status: u16, upstream: Option<SocketAddr>, took: Duration, bytes: u64, complete: bool) {
