@@ -25,7 +25,8 @@ use crate::upstream::{ServerSet, SetSettings, Upstream};
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     sets: Mutex<HashMap<String, Arc<ServerSet>>>,
-    route_stats: Mutex<crate::FastMap<Arc<str>, Arc<RouteStats>>>,
+    /// Each route's counters by its label, with the upstream they were counted for.
+    route_stats: Mutex<crate::FastMap<Arc<str>, (Arc<RouteStats>, Arc<ServerSet>)>>,
     /// Serialises `apply` (SIGHUP and admin never race each other).
     applying: tokio::sync::Mutex<()>,
     pub certs: Arc<CertResolver>,
@@ -303,11 +304,14 @@ impl Gateway {
         for rc in &config.routes {
             let Some(upstream) = upstreams.get(&rc.upstream) else { continue };
             Route::write_label(&mut label, &rc.host, &rc.path);
+            // A route keeps its counters across reloads while its upstream stays: they
+            // are shown under the upstream's label, which must not take in another's.
             let (label, s) = match stats.get_key_value(label.as_str()) {
-                Some((label, s)) => (Arc::clone(label), Arc::clone(s)),
+                Some((label, (s, set))) if Arc::ptr_eq(set, &upstream.set) => (Arc::clone(label), Arc::clone(s)),
+                Some((label, _)) => (Arc::clone(label), Arc::default()),
                 None => (Arc::from(label.as_str()), Arc::default()),
             };
-            keep.insert(Arc::clone(&label), Arc::clone(&s));
+            keep.insert(Arc::clone(&label), (Arc::clone(&s), Arc::clone(&upstream.set)));
             let route = Arc::new(Route::new(label, &rc.path, rc.strip_path, Arc::clone(upstream), s));
             router.insert(&rc.host, &rc.path, Arc::clone(&route));
             routes.push(route);

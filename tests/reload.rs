@@ -170,6 +170,29 @@ async fn a_valid_config_takes_effect() {
     assert_eq!(who(gw, "c.test").await, "404");
 }
 
+/// A route whose upstream changes starts new counters under the new upstream's label:
+/// its old upstream's requests are not counted as the new one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_moved_to_another_upstream_counts_afresh_under_it() {
+    let s = setup().await;
+    let gw = &s.gw;
+    for _ in 0..3 {
+        assert_eq!(who(gw, "a.test").await, "b1");
+    }
+    assert_eq!(
+        gw.reload(&V1.replace("host = \"a.test\"\nupstream = \"one\"", "host = \"a.test\"\nupstream = \"two\"")).await,
+        Reload::Applied(1)
+    );
+    assert_eq!(who(gw, "a.test").await, "b2");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, r#"swarmgate_requests_total{route="a.test/",upstream="two",class="2xx"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(!m.contains(r#"route="a.test/",upstream="one""#), "the old upstream's series stays:\n{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_whole() {
     let s = setup().await;
