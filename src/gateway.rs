@@ -25,8 +25,7 @@ use crate::upstream::{ServerSet, SetSettings, Upstream};
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     sets: Mutex<HashMap<String, Arc<ServerSet>>>,
-    /// Each route's counters by its label, with the upstream they were counted for.
-    route_stats: Mutex<crate::FastMap<Arc<str>, (Arc<RouteStats>, Arc<ServerSet>)>>,
+    route_stats: Mutex<crate::FastMap<Arc<str>, Counted>>,
     /// Serialises `apply` (SIGHUP and admin never race each other).
     applying: tokio::sync::Mutex<()>,
     pub certs: Arc<CertResolver>,
@@ -320,6 +319,9 @@ impl Gateway {
         (routes, router)
     }
 }
+
+/// A route's counters (by its label) with the upstream they were counted for.
+type Counted = (Arc<RouteStats>, Arc<ServerSet>);
 
 /// Frees a replaced value on the calling (control) runtime once nothing else holds it.
 /// Requests in flight keep the snapshot they began with, and the last of them would
