@@ -371,3 +371,41 @@ fn a_redis_outage_costs_no_request_and_a_replica_started_during_it_catches_up() 
         assert_eq!(request(&mut tls, APP, "/", true).unwrap().0, 200);
     }
 }
+
+/// The ACME server forgets the account the replicas share through Redis (a Pebble
+/// restart): replicas ordering new names at once converge on one new account (the
+/// account lease in Redis), and each gets its name.
+#[test]
+fn replicas_sharing_redis_replace_a_forgotten_account_with_one_new_account() {
+    const APP: &str = "app.swarmgate.test";
+    let mut c = Cluster::start(2, "http-01", None, &[APP.to_string()], false);
+    c.converge(APP, None, Duration::from_secs(30));
+    assert_eq!(c.pebble.accounts(), 1, "{}", c.logs());
+
+    c.pebble.restart_in_place();
+    // A name of each replica's own, ordered by both at once with the forgotten account.
+    for i in 0..c.replicas.len() {
+        let (id, ports) = (format!("replica-{}", i + 1), c.replicas[i].ports);
+        c.config(&id, ports, "http-01", &[APP.to_string(), format!("own{}.swarmgate.test", i + 1)]);
+    }
+    for r in &c.replicas {
+        let status = std::process::Command::new("kill").arg("-HUP").arg(r.pid().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+    let roots = c.pebble.roots();
+    for (i, r) in c.replicas.iter().enumerate() {
+        let name = format!("own{}.swarmgate.test", i + 1);
+        let served = wait_for(Duration::from_secs(30), || tls_connect(r.ports.https, &name, &roots).ok());
+        let served = served.unwrap_or_else(|| panic!("replica-{} has no certificate for {name}\n{}", i + 1, c.logs()));
+        assert_eq!(peer_leaf(&served).1, vec![name]);
+    }
+    assert_eq!(c.pebble.accounts(), 1, "one new account for the replicas:\n{}", c.logs());
+    let told: usize = c.replicas.iter().map(|r| r.log_text().matches("no longer knows this account").count()).sum();
+    assert!(told >= 1, "{}", c.logs());
+    // APP once before the restart, each new name once after it; none failed (the
+    // refused order is sent again within its attempt).
+    let orders = |result: &str| -> f64 {
+        c.replicas.iter().map(|r| r.metric(&format!("swarmgate_acme_orders_total{{result=\"{result}\"}}"))).sum()
+    };
+    assert_eq!((orders("ok"), orders("failed")), (3.0, 0.0), "{}", c.logs());
+}

@@ -237,6 +237,17 @@ impl Pebble {
     }
 }
 
+impl Pebble {
+    /// [`Pebble::restart`] for a Pebble held in a field.
+    pub fn restart_in_place(&mut self) {
+        let _ = self.pebble.kill();
+        let _ = self.challtestsrv.kill();
+        let _ = self.pebble.wait();
+        let _ = self.challtestsrv.wait();
+        *self = self.plan.clone().start();
+    }
+}
+
 impl Drop for Pebble {
     fn drop(&mut self) {
         let _ = self.pebble.kill();
