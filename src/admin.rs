@@ -215,6 +215,8 @@ fn upstreams_json(gw: &Gateway) -> String {
                 "name": u.set.name,
                 "balance": match u.config.balance { crate::config::Balance::Random => "random", crate::config::Balance::P2c => "p2c" },
                 "discovery": u.config.dns.as_ref().map(|d| format!("{}:{}", d.name, d.port)),
+                // Its last lookup failed: the servers are the last ones DNS listed.
+                "dns_failing": u.config.dns.is_some() && u.set.is_stale(),
                 "servers": servers,
             })
         })
@@ -321,7 +323,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
     let per_upstream = [
         ("swarmgate_upstream_connect_errors_total", "Failed connects to servers.", 0),
         ("swarmgate_upstream_ejections_total", "Servers passively ejected after failures.", 1),
-        ("swarmgate_upstream_resolve_errors_total", "DNS discovery failures or empty answers.", 2),
+        ("swarmgate_upstream_resolve_errors_total", "DNS lookups that got no answer.", 2),
         ("swarmgate_upstream_health_transitions_total", "Health state changes from active checks.", 3),
     ];
     for (name, help, which) in per_upstream {
@@ -332,6 +334,16 @@ pub fn render_metrics(gw: &Gateway) -> String {
                 .load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {v}", label(n));
         }
+    }
+    family(
+        &mut out,
+        "swarmgate_upstream_dns_failing",
+        "gauge",
+        "1 while a DNS upstream's last lookup got no answer (its servers are the last ones listed).",
+    );
+    for n in &names {
+        let failing = u8::from(snap.upstreams[*n].set.is_stale());
+        let _ = writeln!(out, "swarmgate_upstream_dns_failing{{upstream=\"{}\"}} {failing}", label(n));
     }
     let simple = [
         (

@@ -144,20 +144,32 @@ impl Gateway {
         }
     }
 
-    /// At start: `/readyz` says 503 until every DNS upstream's first lookup has come back
-    /// (or `at_most` has passed), so no load balancer sends traffic that would find an
-    /// upstream still empty. Reloads do not wait: a new upstream is empty for its first
-    /// lookup's time, while the rest serve.
-    pub async fn await_discovery(&self, at_most: std::time::Duration) {
+    /// At start: `/readyz` says 503 until every DNS upstream has had its first answer
+    /// (servers, or none), so no load balancer sends traffic that would find an upstream
+    /// empty for want of a lookup. However long DNS takes: a replica that cannot look up
+    /// its services has nothing to serve them with, while the others do (they keep what
+    /// they last heard). Logged every `remind` while it waits. Reloads do not wait: a new
+    /// upstream is empty for its first lookup's time, while the rest serve.
+    pub async fn await_discovery(&self, remind: std::time::Duration) {
         let started = std::time::Instant::now();
-        let pending = || self.snapshot().upstreams.values().filter(|u| !u.set.looked_up()).count();
-        while pending() > 0 && started.elapsed() < at_most {
+        let pending = || -> Vec<String> {
+            let snap = self.snapshot();
+            snap.upstreams.values().filter(|u| !u.set.looked_up()).map(|u| u.set.name.clone()).collect()
+        };
+        let mut reminded = started;
+        loop {
+            let waiting = pending();
+            if waiting.is_empty() {
+                break;
+            }
+            if reminded.elapsed() >= remind {
+                reminded = std::time::Instant::now();
+                tracing::warn!(upstreams = ?waiting, waited_s = started.elapsed().as_secs(),
+                    "not ready: no DNS answer yet for these upstreams (/readyz says 503, starting)");
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        match pending() {
-            0 => tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up"),
-            n => tracing::warn!(upstreams = n, "ready before every DNS upstream's first lookup came back"),
-        }
+        tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up");
         self.discovered.store(true, Ordering::Release);
     }
 

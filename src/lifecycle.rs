@@ -139,8 +139,8 @@ pub fn run(config: Config) -> u8 {
         let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
         control.spawn(crate::admin::serve(l, crate::admin::Admin { gw: Arc::clone(&gw), token }, admin_stop.clone()));
     }
-    // DNS lookups come back within their timeouts (2 s, twice): ten seconds is a bound
-    // for a resolver that hangs.
+    // `/readyz` says `starting` until each DNS upstream has had an answer; the wait is
+    // logged every ten seconds.
     control.spawn({
         let gw = Arc::clone(&gw);
         async move { gw.await_discovery(std::time::Duration::from_secs(10)).await }

@@ -99,6 +99,12 @@ async fn a_new_server_gets_traffic_only_after_passing_a_check() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert!(b.health_checks() > 0, "the new server was never checked");
     assert_eq!(b.hits(), 0, "a server that never passed a check got traffic");
+    // Failed checks leave it pending: it never passed one.
+    assert!(support::wait_until(Duration::from_secs(5), || b.health_checks() >= 4).await);
+    let json: serde_json::Value = serde_json::from_str(&gw.admin_get("/upstreams").await.text()).unwrap();
+    let pending: Vec<bool> =
+        json["upstreams"][0]["servers"].as_array().unwrap().iter().map(|s| s["pending"].as_bool().unwrap()).collect();
+    assert_eq!(pending.iter().filter(|p| **p).count(), 1, "{json}");
 
     b.set_healthy(true);
     wait_state(&gw, b.addr, "healthy").await;
@@ -165,35 +171,53 @@ async fn a_post_that_was_never_sent_is_retried_on_another_server() {
     assert!(json.contains("\"ejected\":true"), "a server refusing connections is ejected: {json}");
 }
 
+/// The upstream's DNS state in `/upstreams`: whether its last lookup failed.
+async fn dns_failing(gw: &Gateway) -> bool {
+    let json: serde_json::Value = serde_json::from_str(&gw.admin_get("/upstreams").await.text()).unwrap();
+    json["upstreams"][0]["dns_failing"].as_bool().unwrap()
+}
+
+async fn dns_gateway(dns: &Dns, port: u16, every: &str) -> Gateway {
+    let upstream = format!("dns = \"tasks.app:{port}\"\nresolve_every = \"{every}\"");
+    let extra = format!("\n[discovery]\nnameservers = [\"{}\"]", dns.addr);
+    Gateway::start(&config(&upstream, &extra)).await
+}
+
+/// Lookups that get no answer (SERVFAIL, REFUSED, none at all) keep the last known servers.
 #[tokio::test]
 async fn dns_failures_keep_the_last_known_servers() {
     let port = support::free_port();
     let ip = Ipv4Addr::new(127, 0, 0, 31);
     let a = Server::start(SocketAddr::from((ip, port))).await;
     let dns = Dns::start("tasks.app", vec![ip]).await;
-    let upstream = format!("dns = \"tasks.app:{port}\"\nresolve_every = \"100ms\"");
-    let extra = format!("\n[discovery]\nnameservers = [\"{}\"]", dns.addr);
-    let gw = Gateway::start(&config(&upstream, &extra)).await;
+    let gw = dns_gateway(&dns, port, "100ms").await;
     wait_state(&gw, a.addr, "healthy").await;
+    assert!(!dns_failing(&gw).await);
 
-    // An empty answer, then no answer at all: neither may empty the upstream.
-    dns.set(Vec::new());
-    let q = dns.queries.load(Ordering::Relaxed);
-    assert!(support::wait_until(Duration::from_secs(5), || dns.queries.load(Ordering::Relaxed) > q + 3).await);
-    assert_eq!(state_of(&gw, a.addr).await.as_deref(), Some("healthy"));
-    dns.answering.store(false, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(state_of(&gw, a.addr).await.as_deref(), Some("healthy"), "a DNS outage emptied the upstream");
-    let statuses = get_n(&gw, 20).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for (rcode, answering) in [(2, true), (5, true), (0, false)] {
+        dns.rcode.store(rcode, Ordering::Relaxed);
+        dns.answering.store(answering, Ordering::Relaxed);
+        let q = dns.queries.load(Ordering::Relaxed);
+        assert!(support::wait_until(Duration::from_secs(10), || dns.queries.load(Ordering::Relaxed) > q + 4).await);
+        assert_eq!(state_of(&gw, a.addr).await.as_deref(), Some("healthy"), "rcode {rcode}: the upstream was emptied");
+        assert!(dns_failing(&gw).await, "rcode {rcode}");
+        let statuses = get_n(&gw, 10).await;
+        assert!(statuses.iter().all(|s| *s == 200), "rcode {rcode}: {statuses:?}");
+    }
+    assert_eq!(gw.metric("swarmgate_upstream_dns_failing{upstream=\"app\"}").await, Some(1.0));
     let errors = gw.metric("swarmgate_upstream_resolve_errors_total{upstream=\"app\"}").await.unwrap();
-    assert!(errors >= 2.0, "resolution failures not counted: {errors}");
-    assert!(gw.logs().contains("keeping the last known servers"));
+    assert!(errors >= 6.0, "resolution failures not counted: {errors}");
+    let logs = gw.logs();
+    assert!(logs.contains("keeping the last known servers"), "{logs}");
+    assert!(logs.contains("answered SERVFAIL") || logs.contains("answered Server Failure"), "{logs}");
+    // Logged once for the whole outage, not at every lookup.
+    assert_eq!(logs.matches("DNS lookup failed;").count(), 1, "{logs}");
 
     // DNS comes back with a different set: it is applied.
     let ip2 = Ipv4Addr::new(127, 0, 0, 32);
     let b = Server::start(SocketAddr::from((ip2, port))).await;
     dns.set(vec![ip2]);
+    dns.rcode.store(0, Ordering::Relaxed);
     dns.answering.store(true, Ordering::Relaxed);
     wait_state(&gw, b.addr, "healthy").await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -201,6 +225,107 @@ async fn dns_failures_keep_the_last_known_servers() {
         assert!(Instant::now() < deadline, "the vanished server was never drained");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(!dns_failing(&gw).await);
+    assert!(gw.logs().contains("DNS answers again"));
+}
+
+/// An answer that lists no server (NXDOMAIN: a service scaled to zero; or no records) is
+/// the truth: the upstream empties (503), rather than keep addresses Swarm may give to
+/// another service's containers; it fills again when DNS lists servers.
+#[tokio::test]
+async fn a_dns_answer_with_no_servers_empties_the_upstream() {
+    let port = support::free_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 34);
+    let a = Server::start(SocketAddr::from((ip, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    let gw = dns_gateway(&dns, port, "100ms").await;
+    wait_state(&gw, a.addr, "healthy").await;
+    for (what, empty) in [("NXDOMAIN", 3u8), ("no records", 0)] {
+        if empty == 0 {
+            dns.set(Vec::new());
+        }
+        dns.rcode.store(empty, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state_of(&gw, a.addr).await.is_some() {
+            assert!(Instant::now() < deadline, "{what}: the upstream kept its server:\n{}", gw.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get_n(&gw, 3).await, vec![503; 3], "{what}");
+        assert!(!dns_failing(&gw).await, "{what}: an answer is no failure");
+        assert!(gw.logs().contains("DNS lists no servers"), "{what}");
+        // Listed again: served again.
+        dns.rcode.store(0, Ordering::Relaxed);
+        dns.set(vec![ip]);
+        wait_state(&gw, a.addr, "healthy").await;
+        assert_eq!(get_n(&gw, 3).await, vec![200; 3], "{what}");
+    }
+}
+
+/// While DNS fails, a server that fails stays out until DNS lists it again: by then its
+/// address may be another service's (Swarm reuses a gone task's address), and a trial
+/// request or the "every server ejected" fallback would send this service's requests
+/// there.
+#[tokio::test]
+async fn a_server_failing_while_dns_fails_stays_out_until_dns_lists_it_again() {
+    let port = support::free_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 35);
+    let mine = Server::start(SocketAddr::from((ip, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    let gw = dns_gateway(&dns, port, "100ms").await;
+    wait_state(&gw, mine.addr, "healthy").await;
+    assert_eq!(get_n(&gw, 3).await, vec![200; 3]);
+
+    dns.rcode.store(2, Ordering::Relaxed); // SERVFAIL from now on
+    assert!(support::wait_until_async(Duration::from_secs(5), || async { dns_failing(&gw).await }).await);
+    mine.kill();
+    // The refused connect ejects it; then another service's container takes the address.
+    let statuses = get_n(&gw, 2).await;
+    assert!(statuses.iter().all(|s| *s == 502 || *s == 503), "{statuses:?}");
+    let mut other = None;
+    for _ in 0..50 {
+        if let Ok(l) = std::net::TcpListener::bind(SocketAddr::from((ip, port))) {
+            drop(l);
+            other = Some(Server::start(SocketAddr::from((ip, port))).await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let other = other.expect("the address could not be taken again");
+    // Past the first ejection's back-off (1 s), requests keep finding no server.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let statuses = get_n(&gw, 10).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}\n{}", gw.logs());
+    assert_eq!(other.hits(), 0, "a request went to whatever listens at the address now");
+
+    // DNS answers again and lists the address: it is this service's again, and tried.
+    dns.rcode.store(0, Ordering::Relaxed);
+    let served =
+        support::wait_until_async(Duration::from_secs(10), || async { get_n(&gw, 1).await == vec![200] }).await;
+    assert!(served, "{}", gw.logs());
+    assert!(other.hits() >= 1);
+}
+
+/// A refused connect has discovery look up at once: the task is likely gone, and DNS
+/// may already say so, long before `resolve_every`.
+#[tokio::test]
+async fn a_refused_connect_has_dns_looked_up_at_once() {
+    let port = support::free_port();
+    let (ip, ip2) = (Ipv4Addr::new(127, 0, 0, 36), Ipv4Addr::new(127, 0, 0, 37));
+    let old = Server::start(SocketAddr::from((ip, port))).await;
+    let new = Server::start(SocketAddr::from((ip2, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    let gw = dns_gateway(&dns, port, "30s").await;
+    wait_state(&gw, old.addr, "healthy").await;
+    let asked = dns.queries.load(Ordering::Relaxed);
+    dns.set(vec![ip2]);
+    old.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first request meets the refusal (retried elsewhere if it can: nowhere yet).
+    let _ = get_n(&gw, 1).await;
+    let looked_up = support::wait_until(Duration::from_secs(5), || dns.queries.load(Ordering::Relaxed) > asked).await;
+    assert!(looked_up, "no lookup before resolve_every (30 s)");
+    wait_state(&gw, new.addr, "healthy").await;
+    assert_eq!(get_n(&gw, 5).await, vec![200; 5]);
 }
 
 #[tokio::test]
@@ -224,5 +349,27 @@ async fn readiness_waits_for_the_first_dns_answer() {
     let gw = Gateway::start(&config(&upstream, &extra)).await; // waits for /readyz 200
     assert!(t0.elapsed() >= Duration::from_millis(1400), "ready after {:?}, before any DNS answer", t0.elapsed());
     let statuses = get_n(&gw, 20).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+/// A lookup that fails (SERVFAIL at once) is no answer either: `/readyz` stays 503 until
+/// DNS answers, however long that takes.
+#[tokio::test]
+async fn readiness_waits_through_failed_lookups() {
+    let port = support::free_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 38);
+    let _a = Server::start(SocketAddr::from((ip, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    dns.rcode.store(2, Ordering::Relaxed);
+    let rcode = std::sync::Arc::clone(&dns.rcode);
+    let t0 = Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        rcode.store(0, Ordering::Relaxed);
+    });
+    let gw = dns_gateway(&dns, port, "100ms").await; // waits for /readyz 200
+    assert!(t0.elapsed() >= Duration::from_millis(1900), "ready after {:?}, with no DNS answer", t0.elapsed());
+    assert!(dns.queries.load(Ordering::Relaxed) >= 10, "lookups went on meanwhile");
+    let statuses = get_n(&gw, 10).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }

@@ -622,6 +622,9 @@ pub(crate) fn record_failure(set: &Arc<ServerSet>, server: &Arc<Server>, err: &S
     let connect = matches!(err, SendError::Connect { .. } | SendError::ConnectTimeout { .. });
     if connect {
         set.stats.connect_errors.fetch_add(1, Relaxed);
+        // The task may be gone, and DNS may say so already: its address must not wait
+        // out `resolve_every` for another container to take it.
+        set.resolve_soon();
     }
     if server.is_ejected() && !trial {
         // Sent before its ejection, or while every server of its upstream is ejected: the

@@ -52,7 +52,9 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
             let state = server.state();
             let changed = if streak.passes >= health.healthy_after && state != ServerState::Healthy {
                 set.set_health(&server, true)
-            } else if streak.fails >= health.unhealthy_after && state != ServerState::Unhealthy {
+            } else if streak.fails >= health.unhealthy_after && state == ServerState::Healthy {
+                // A new server stays pending (never served) until its first pass.
+                set.resolve_soon();
                 set.set_health(&server, false)
             } else {
                 false

@@ -49,9 +49,18 @@ pub struct ServerSet {
     /// while the source (config or DNS) keeps listing them and are forgotten once it
     /// stops (an address that comes back later is a new server).
     update: Mutex<HashSet<SocketAddr>>,
-    /// False from the start of a DNS upstream until its first lookup has come back (with
-    /// servers, nothing or an error): until then its emptiness says nothing.
+    /// False from the start of a DNS upstream until its first answer (servers, or none):
+    /// until then its emptiness says nothing.
     looked_up: AtomicBool,
+    /// A DNS upstream whose last lookup failed: its servers are the last ones DNS listed,
+    /// unconfirmed. Their addresses may meanwhile belong to another service's containers
+    /// (Swarm reuses a task's address soon after it is gone), so a server that fails
+    /// then stays out until DNS lists it again: no trial, no health check and no
+    /// "every server ejected" fallback brings it back.
+    stale: AtomicBool,
+    /// Asks discovery to look up now (a server refused a connection: its task may be
+    /// gone, and DNS may already say so).
+    resolve_now: tokio::sync::Notify,
     /// Set when a server may be due for a trial or its trial was answered (a back-off
     /// ended, a trial ended, a change of the set); cleared by the request that then looks.
     trial_due: AtomicBool,
@@ -97,6 +106,8 @@ impl ServerSet {
             settings: ArcSwap::from_pointee(settings),
             update: Mutex::new(HashSet::new()),
             looked_up: AtomicBool::new(true),
+            stale: AtomicBool::new(false),
+            resolve_now: tokio::sync::Notify::new(),
             trial_due: AtomicBool::new(false),
             stats: SetStats::default(),
         })
@@ -114,9 +125,41 @@ impl ServerSet {
         self.looked_up.load(Ordering::Acquire)
     }
 
-    /// Discovery's first lookup has come back.
-    pub(super) fn mark_looked_up(&self) {
+    /// DNS answered (after the answer's servers, or none, were reconciled): the set is
+    /// what DNS says again.
+    pub(super) fn answered(&self) {
         self.looked_up.store(true, Ordering::Release);
+        if self.stale.load(Ordering::Acquire) {
+            let _g = self.lock();
+            self.stale.store(false, Ordering::Release);
+            // Trials held back while stale may be due.
+            self.trial_due.store(true, Ordering::SeqCst);
+            self.refresh_eligible_locked();
+        }
+    }
+
+    /// A lookup failed: the servers are kept, unconfirmed (see `stale`).
+    pub(super) fn lookup_failed(&self) {
+        if !self.stale.load(Ordering::Acquire) {
+            let _g = self.lock();
+            self.stale.store(true, Ordering::Release);
+            self.refresh_eligible_locked();
+        }
+    }
+
+    /// Whether the last lookup failed (see `stale`).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// Asks a DNS upstream's discovery to look up now (nothing for listed servers).
+    pub fn resolve_soon(&self) {
+        self.resolve_now.notify_one();
+    }
+
+    /// Waits for [`ServerSet::resolve_soon`].
+    pub(super) async fn resolve_asked(&self) {
+        self.resolve_now.notified().await;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashSet<SocketAddr>> {
@@ -278,7 +321,7 @@ impl ServerSet {
     }
 
     fn end_ejection_locked(&self, server: &Server) -> bool {
-        if server.ejected_until_ms.load(Ordering::SeqCst) == 0 {
+        if server.ejected_until_ms.load(Ordering::SeqCst) == 0 || self.stale.load(Ordering::Acquire) {
             return false;
         }
         server.ejected_until_ms.store(0, Ordering::SeqCst);
@@ -294,7 +337,8 @@ impl ServerSet {
         let _g = self.lock();
         let now = server.state();
         let next = if healthy { ServerState::Healthy } else { ServerState::Unhealthy };
-        if now == ServerState::Draining || now == next {
+        // Stale (see `stale`): a server out of rotation stays out until DNS lists it again.
+        if now == ServerState::Draining || now == next || healthy && self.stale.load(Ordering::Acquire) {
             return false;
         }
         server.set_state(next);
@@ -346,6 +390,9 @@ impl ServerSet {
         // Cleared before looking (and what was written before it was set is seen):
         // whatever makes a server due after this sets it again.
         self.trial_due.swap(false, Ordering::AcqRel);
+        if self.stale.load(Ordering::Acquire) {
+            return None; // `answered` sets `trial_due` again
+        }
         let now = Instant::now();
         let mut claimed = None;
         let mut due_left = false;
@@ -437,7 +484,9 @@ impl ServerSet {
             // finished, health checks switched off) after its back-off ended.
             self.trial_due.store(true, Ordering::SeqCst);
         }
-        if eligible.is_empty() {
+        // Not while stale (see `stale`): an ejected server's address may answer for
+        // another service by now.
+        if eligible.is_empty() && !self.stale.load(Ordering::Acquire) {
             eligible = all.iter().filter(healthy).cloned().collect();
         }
         self.eligible.store(Arc::new(eligible));
@@ -631,6 +680,35 @@ mod tests {
         // Draining and unhealthy servers are never brought back this way.
         s.reconcile(&[addr(2)]);
         assert_eq!(addrs(&s.eligible()), [addr(2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_dns_fails_a_failed_server_stays_out_until_listed_again() {
+        let s = set(true);
+        s.reconcile(&[addr(1), addr(2)]);
+        let all = s.all();
+        for server in all.iter() {
+            assert!(s.set_health(server, true));
+        }
+        s.lookup_failed();
+        assert!(s.is_stale());
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(2)], "working servers go on serving");
+        s.eject(&all[0], Duration::from_secs(1));
+        assert!(s.set_health(&all[1], false));
+        assert!(s.eligible().is_empty(), "no fallback to the ejected server");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::task::yield_now().await;
+        assert!(s.claim_trial(&[]).is_none(), "no trial");
+        assert!(!s.end_ejection(&all[0]), "a passing health check ends no ejection");
+        assert!(!s.set_health(&all[1], true), "nor makes a server healthy");
+        assert!(s.eligible().is_empty());
+        // DNS answers: the first is listed again and tried; the second is gone.
+        s.reconcile(&[addr(1)]);
+        s.answered();
+        assert!(!s.is_stale());
+        assert_eq!(s.claim_trial(&[]).map(|server| server.addr), Some(addr(1)));
+        assert!(s.end_ejection(&all[0]));
+        assert_eq!(addrs(&s.eligible()), [addr(1)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,9 @@ pub struct Dns {
     pub queries: Arc<AtomicU64>,
     /// When false, queries are dropped unanswered (a DNS outage).
     pub answering: Arc<AtomicBool>,
+    /// When not 0, every query is answered with this response code and no records
+    /// (2 SERVFAIL, 3 NXDOMAIN, 5 REFUSED).
+    pub rcode: Arc<AtomicU8>,
 }
 
 impl Dns {
@@ -124,8 +127,9 @@ impl Dns {
         let answers = Arc::new(Mutex::new(first));
         let queries = Arc::new(AtomicU64::new(0));
         let answering = Arc::new(AtomicBool::new(true));
-        let (answers2, queries2, answering2, name) =
-            (Arc::clone(&answers), Arc::clone(&queries), Arc::clone(&answering), name.to_string());
+        let rcode = Arc::new(AtomicU8::new(0));
+        let (answers2, queries2, answering2, rcode2, name) =
+            (Arc::clone(&answers), Arc::clone(&queries), Arc::clone(&answering), Arc::clone(&rcode), name.to_string());
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
@@ -135,12 +139,19 @@ impl Dns {
                     continue;
                 }
                 let ips = answers2.lock().unwrap().clone();
-                if let Some(reply) = dns_reply(&buf[..n], &name, &ips) {
+                let reply = match rcode2.load(Ordering::Relaxed) {
+                    0 => dns_reply(&buf[..n], &name, &ips),
+                    code => dns_reply(&buf[..n], &name, &[]).map(|mut r| {
+                        r[3] = 0x80 | code;
+                        r
+                    }),
+                };
+                if let Some(reply) = reply {
                     let _ = socket.send_to(&reply, from).await;
                 }
             }
         });
-        Dns { addr, answers, queries, answering }
+        Dns { addr, answers, queries, answering, rcode }
     }
 
     pub fn set(&self, ips: Vec<Ipv4Addr>) {
