@@ -105,6 +105,92 @@ async fn sigterm_drains_politely_and_exits_zero() {
     assert!(took < Duration::from_secs(5), "exit took {took:?}: it should not wait for drain_timeout when idle");
 }
 
+/// What a raw keep-alive client saw of its requests until its connection ended: answers,
+/// whether the last said `Connection: close`, and whether a request went unanswered.
+#[derive(Debug, Default)]
+struct Seen {
+    answered: usize,
+    told_close: bool,
+    lost: Option<String>,
+}
+
+/// Sends requests one after another on one connection (a POST with a body every other
+/// one, which hyper's session serves), a few milliseconds apart, until the gateway ends
+/// the connection.
+async fn one_after_another(addr: std::net::SocketAddr) -> Seen {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut seen = Seen::default();
+    let mut buf = Vec::new();
+    for i in 0.. {
+        let req = if i % 2 == 0 {
+            "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n".to_string()
+        } else {
+            "POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello".to_string()
+        };
+        if let Err(e) = c.write_all(req.as_bytes()).await {
+            seen.lost = Some(format!("request {i} not written: {e}"));
+            return seen;
+        }
+        // One whole response: its head, then Content-Length bytes.
+        buf.clear();
+        let mut chunk = [0u8; 4096];
+        let (head_end, length) = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                seen.told_close = head.lines().any(|l| l == "connection: close");
+                break (end + 4, length);
+            }
+            match c.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                other => {
+                    seen.lost = Some(format!("request {i} unanswered: {other:?}"));
+                    return seen;
+                }
+            }
+        };
+        while buf.len() < head_end + length {
+            match c.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                other => {
+                    seen.lost = Some(format!("request {i}'s body cut: {other:?}"));
+                    return seen;
+                }
+            }
+        }
+        seen.answered += 1;
+        if seen.told_close {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    seen
+}
+
+/// Keep-alive clients sending requests one after another (clients that never look at
+/// `/readyz`, such as those reaching a stopping task through Swarm's routing mesh) lose
+/// none at shutdown: an idle connection is not closed under a request about to arrive,
+/// but given a moment for it, and that request is answered with `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_clients_sending_one_request_after_another_lose_none_at_shutdown() {
+    let backend = Backend::start("app").await;
+    let mut gw = Gateway::start(&config(&backend, "0s", "5s")).await;
+    let clients: Vec<_> = (0..8).map(|_| tokio::spawn(one_after_another(gw.http))).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.signal("TERM");
+    for (i, c) in clients.into_iter().enumerate() {
+        let seen = c.await.unwrap();
+        assert!(seen.lost.is_none() && seen.told_close, "client {i}: {seen:?}\n{}", gw.logs());
+        assert!(seen.answered > 10, "client {i}: {seen:?}");
+    }
+    let status = gw.wait_exit(Duration::from_secs(5)).await.expect("gateway did not exit");
+    assert_eq!(status.code(), Some(0));
+}
+
 #[tokio::test]
 async fn drain_timeout_bounds_the_wait() {
     let backend = Backend::start("app").await;

@@ -90,6 +90,8 @@ where
     // Whether the watchdog must be made anew for the connection to park: at first, as the
     // one handed in may be past parking (it would fire again at once).
     let mut rearm = true;
+    // Shutting down (see `SHUTDOWN_GRACE`): when the connection closes if no request comes.
+    let mut closing: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let (req, asks, fields) = loop {
             if !buf.is_empty() {
@@ -116,7 +118,10 @@ where
                         return Outcome::Closed;
                     }
                 },
-                () = shutdown.as_mut() => return Outcome::Closed,
+                () = shutdown.as_mut(), if closing.is_none() => {
+                    closing = Some(Box::pin(tokio::time::sleep(SHUTDOWN_GRACE)));
+                }
+                () = until(&mut closing) => return Outcome::Closed,
                 why = watchdog.as_mut() => {
                     if why != Expired::Park {
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
@@ -150,6 +155,21 @@ where
             watchdog.set(watch(Some(PARK_AFTER)));
             rearm = false;
         }
+    }
+}
+
+/// At shutdown an idle connection is not closed at once: a client sending requests one
+/// after another would find it closed just as its next one goes out (and could not tell
+/// whether that one was taken). It gets this long for its next request, which is answered
+/// with `Connection: close`; a connection that idled longer than this is parked, and
+/// closed at once.
+pub(super) const SHUTDOWN_GRACE: Duration = PARK_AFTER;
+
+/// Waits for `deadline`, or forever without one.
+pub(super) async fn until(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

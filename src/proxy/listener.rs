@@ -441,6 +441,8 @@ where
     let mut session = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     // Requests seen when parking began; `None` while the session serves.
     let mut parking: Option<u64> = None;
+    // Shutting down: the session's grace for a next request (see `front::SHUTDOWN_GRACE`).
+    let mut closing: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let (requests, result) = loop {
         tokio::select! {
             res = &mut session => match parking {
@@ -452,7 +454,12 @@ where
                     return Session::Over(handover);
                 }
             },
-            () = shared.shutdown.cancelled() => {
+            () = shared.shutdown.cancelled(), if closing.is_none() && parking.is_none() => {
+                // A response from now on says `Connection: close` (`tracked_service`), and
+                // ends the session; an idle one ends after the grace.
+                closing = Some(Box::pin(tokio::time::sleep(front::SHUTDOWN_GRACE)));
+            }
+            () = front::until(&mut closing) => {
                 activity.set_parking(false);
                 Pin::new(&mut session).graceful_shutdown();
                 if let Err(e) = (&mut session).await {
@@ -537,7 +544,7 @@ fn tracked_service(
     let activity = Arc::clone(activity);
     // Each request's future holds both: one reference count to take per request, the
     // connection's own, rather than also the gateway's, which every worker shares.
-    let held = Arc::new((Arc::clone(&shared.gw), conn));
+    let held = Arc::new((Arc::clone(&shared.gw), conn, shared.tracker.clone()));
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let guard = RequestGuard::open(&activity);
         if let Some(handover) = &handover {
@@ -554,8 +561,9 @@ fn tracked_service(
         // HTTP/2 has no reason phrase.
         let h1 = req.version() < hyper::Version::HTTP_2;
         let head = req.method() == hyper::Method::HEAD;
+        let tunnel = req.method() == hyper::Method::CONNECT;
         async move {
-            let (gw, conn) = &*held;
+            let (gw, conn, tracker) = &*held;
             let mut resp = super::handle(gw, conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if head {
                 // The gateway's own answers carry their text whatever the method; hyper's
@@ -567,7 +575,9 @@ fn tracked_service(
                     resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, length);
                 }
             }
-            if h1 && resp.body().cuts_upload() {
+            let shutting_down =
+                || tracker.is_closed() && !tunnel && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS;
+            if h1 && (resp.body().cuts_upload() || shutting_down()) {
                 // hyper ends the connection after a response whose head says so.
                 resp.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
             }
