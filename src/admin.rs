@@ -389,6 +389,12 @@ pub fn render_metrics(gw: &Gateway) -> String {
             crate::proxy::activity::STALLED_STREAMS.load(Ordering::Relaxed) as i64,
         ),
         (
+            "swarmgate_h2_reset_floods_total",
+            "counter",
+            "HTTP/2 connections ended with GOAWAY for cancelling most of their requests (100 or more, at least half): a rapid-reset flood.",
+            m.h2_reset_floods.load(Ordering::Relaxed) as i64,
+        ),
+        (
             "swarmgate_upgrades_total",
             "counter",
             "Upgrade (WebSocket) requests sent to servers.",

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub unrouted: RouteStats,
     pub retries: AtomicU64,
     pub upgrades: AtomicU64,
+    /// HTTP/2 connections ended for cancelling most of their requests (rapid reset).
+    pub h2_reset_floods: AtomicU64,
 }
 
 /// Escapes a label value (Prometheus text format: backslash, quote, newline).

@@ -953,6 +953,75 @@ async fn idle_h2_connection_is_closed_after_idle_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
 }
 
+/// An idle HTTP/2 client that never answers the PING of the GOAWAY that ends its
+/// connection is closed a few seconds later, not kept for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_client_that_never_answers_the_goaway_is_closed() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (mut tls, info) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    // The preface and an empty SETTINGS frame; then nothing: no SETTINGS or PING ack.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let started = Instant::now();
+    // Reads (the gateway's SETTINGS, its GOAWAY and PING) until the connection ends.
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(12), tls.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(_)) => {}
+            Err(_) => break false,
+        }
+    };
+    let took = started.elapsed();
+    assert!(closed, "silent HTTP/2 client still connected after {took:?}");
+    // idle_timeout (1 s), then at most 5 s for the GOAWAY's PING.
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(8), "closed after {took:?}");
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(0.0));
+}
+
+/// An HTTP/2 client that resets its streams as soon as their requests are under way (a
+/// paced rapid reset, CVE-2023-44487) has its connection ended with GOAWAY after 100
+/// such cancels: its resets no longer each cost a server request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_cancelling_request_after_request_is_sent_away() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let h2 = H2::over(tls).await;
+    let mut sent = 0;
+    'attack: for _ in 0..40 {
+        let mut batch = Vec::new();
+        for _ in 0..10 {
+            let mut sender = h2.sender.clone();
+            if sender.ready().await.is_err() {
+                break 'attack;
+            }
+            let req = req2("GET", "app.test", "/sleep?ms=2000").body(empty()).unwrap();
+            // Dropped (aborted) below: hyper resets the stream (CANCEL).
+            batch.push(tokio::spawn(async move { sender.send_request(req).await }));
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        for task in batch {
+            task.abort();
+        }
+    }
+    let closed = wait_until_async(Duration::from_secs(8), || {
+        let mut s = h2.sender.clone();
+        async move { s.ready().await.is_err() || s.is_closed() }
+    })
+    .await;
+    assert!(closed, "connection still open after {sent} cancelled requests");
+    assert!(sent < 400, "all {sent} requests were sent: no GOAWAY");
+    assert!(b.hits() < 200, "{} requests reached the server", b.hits());
+    assert_eq!(gw.metric("swarmgate_h2_reset_floods_total").await, Some(1.0));
+    assert!(gw.logs().contains("cancels most of its requests"), "{}", gw.logs());
+    // Another connection is served as ever.
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    assert_eq!(H2::over(tls).await.get("app.test", "/").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_cut_off() {
     let b = Backend::start("app").await;

@@ -437,7 +437,7 @@ where
         .max_header_size(max_head)
         .keep_alive(true);
     let handover = Handover::default();
-    let service = tracked_service(shared, Arc::clone(conn), activity, Some(handover.clone()));
+    let service = tracked_service(shared, Arc::clone(conn), activity, Some(handover.clone()), None);
     let mut session = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     // Requests seen when parking began; `None` while the session serves.
     let mut parking: Option<u64> = None;
@@ -534,6 +534,7 @@ fn tracked_service(
     conn: Arc<Conn>,
     activity: &Arc<Activity>,
     handover: Option<Handover>,
+    resets: Option<Arc<Resets>>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = hyper::Response<Tracked>,
@@ -544,7 +545,7 @@ fn tracked_service(
     let activity = Arc::clone(activity);
     // Each request's future holds both: one reference count to take per request, the
     // connection's own, rather than also the gateway's, which every worker shares.
-    let held = Arc::new((Arc::clone(&shared.gw), conn, shared.tracker.clone()));
+    let held = Arc::new((Arc::clone(&shared.gw), conn, shared.tracker.clone(), resets));
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let guard = RequestGuard::open(&activity);
         if let Some(handover) = &handover {
@@ -563,8 +564,14 @@ fn tracked_service(
         let head = req.method() == hyper::Method::HEAD;
         let tunnel = req.method() == hyper::Method::CONNECT;
         async move {
-            let (gw, conn, tracker) = &*held;
+            let (gw, conn, tracker, resets) = &*held;
+            // HTTP/2: counted as cancelled if this future is dropped (its stream reset by
+            // the client) before its response.
+            let cancel = resets.as_deref().map(Cancelled::watch);
             let mut resp = super::handle(gw, conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
+            if let Some(cancel) = cancel {
+                cancel.answered();
+            }
             if head {
                 // The gateway's own answers carry their text whatever the method; hyper's
                 // HTTP/2 sends a body it is given even for HEAD (a protocol error for the
@@ -613,6 +620,70 @@ impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for BoxedCalls
     }
 }
 
+/// How long an HTTP/2 connection ended by the gateway (idle, or a reset flood) waits for its
+/// client to answer the GOAWAY's PING and its open streams to end: a client that never
+/// answers would otherwise hold the connection (and its descriptor) for good.
+const GOAWAY_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits out an HTTP/2 connection after its graceful shutdown began, for [`GOAWAY_WAIT`]
+/// at most; then it is dropped (closed).
+async fn goaway_answered<F: Future<Output = hyper::Result<()>>>(conn: Pin<&mut F>) -> hyper::Result<()> {
+    match tokio::time::timeout(GOAWAY_WAIT, conn).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::debug!(after = ?GOAWAY_WAIT, "HTTP/2 client did not finish after GOAWAY: connection closed");
+            Ok(())
+        }
+    }
+}
+
+/// Requests an HTTP/2 client cancelled (reset their stream) before their response, per
+/// connection: a client that resets stream after stream costs a server request each
+/// while the stream limit never fills (CVE-2023-44487, "rapid reset"; h2 itself ends
+/// only resets of streams not yet taken up).
+#[derive(Debug, Default)]
+struct Resets {
+    cancelled: std::sync::atomic::AtomicU64,
+    /// Told at each cancel: the connection's task decides.
+    more: tokio::sync::Notify,
+}
+
+/// Cancels a connection may have before it is ended when they are at least half of its
+/// requests: a browser cancels some (navigation, a typeahead), and a GOAWAY costs it
+/// only a new connection.
+const RESET_FLOOD: u64 = 100;
+
+static RESET_FLOOD_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+
+impl Resets {
+    fn a_flood(cancelled: u64, requests: u64) -> bool {
+        cancelled >= RESET_FLOOD && cancelled.saturating_mul(2) >= requests
+    }
+}
+
+/// A request of an HTTP/2 connection until it has its response: dropped before, it is
+/// counted in the connection's [`Resets`].
+struct Cancelled<'a>(Option<&'a Resets>);
+
+impl<'a> Cancelled<'a> {
+    fn watch(resets: &'a Resets) -> Self {
+        Cancelled(Some(resets))
+    }
+
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if let Some(resets) = self.0 {
+            resets.cancelled.fetch_add(1, Ordering::Relaxed);
+            resets.more.notify_one();
+        }
+    }
+}
+
 /// Serves HTTP/2 until the connection ends or shutdown sends GOAWAY.
 async fn serve_h2<I>(io: I, conn: Arc<Conn>, limits: &Limits, shared: &Shared)
 where
@@ -627,19 +698,37 @@ where
         .max_header_list_size(limits.max_header_bytes as u32);
     // No keep-alive pings: the kernel finds a client that is gone (see `bind`).
     let activity = Activity::new(None, limits.idle_timeout);
-    let service = BoxedCalls(tracked_service(shared, conn, &activity, None));
+    let resets = Arc::new(Resets::default());
+    let service = BoxedCalls(tracked_service(shared, conn, &activity, None, Some(Arc::clone(&resets))));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        res = conn.as_mut() => res,
-        () = shared.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        _ = activity.expired(None) => {
-            tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let result = loop {
+        tokio::select! {
+            res = conn.as_mut() => break res,
+            () = shared.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            _ = activity.expired(None) => {
+                tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
+                conn.as_mut().graceful_shutdown();
+                break goaway_answered(conn.as_mut()).await;
+            }
+            () = resets.more.notified() => {
+                let cancelled = resets.cancelled.load(Ordering::Relaxed);
+                if !Resets::a_flood(cancelled, activity.requests()) {
+                    continue;
+                }
+                shared.gw.metrics.h2_reset_floods.fetch_add(1, Ordering::Relaxed);
+                if RESET_FLOOD_WARNINGS.allow(60) {
+                    tracing::warn!(cancelled, requests = activity.requests(),
+                        "HTTP/2 client cancels most of its requests (a rapid-reset flood?): connection ended with GOAWAY (more within a minute: debug)");
+                } else {
+                    tracing::debug!(cancelled, "HTTP/2 connection ended: most of its requests cancelled");
+                }
+                conn.as_mut().graceful_shutdown();
+                break goaway_answered(conn.as_mut()).await;
+            }
         }
     };
     if let Err(e) = result {
