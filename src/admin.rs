@@ -42,7 +42,11 @@ pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken)
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    if crate::proxy::listener::ACCEPT_WARNINGS.allow(60) {
+                        tracing::warn!(error = %e, "admin accept failed (more within a minute: debug)");
+                    } else {
+                        tracing::debug!(error = %e, "admin accept failed");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

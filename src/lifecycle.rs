@@ -116,7 +116,7 @@ pub fn run(config: Config) -> u8 {
         gw: Arc::clone(&gw),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
-        permits: Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS))),
+        permits: Arc::new(Semaphore::new(connection_limit(limits.max_connections).min(Semaphore::MAX_PERMITS))),
     };
     let mut listeners = Vec::new();
     for (l, kind, name) in [(http, Kind::Plain, "http"), (https, Kind::Tls(Arc::clone(&tls_config)), "https")] {
@@ -153,6 +153,48 @@ pub fn run(config: Config) -> u8 {
     workers.stop();
     control.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// Descriptors kept out of `max_connections`' reach: the admin listener, DNS, ACME,
+/// certificate files, health checks.
+const RESERVED_FDS: u64 = 64;
+
+/// The client connections the process's descriptors allow, at most `configured`. The
+/// soft limit on open files is first raised to the hard one (as nginx's and HAProxy's
+/// packaging do): a container's default soft limit (1,024 in many) would cap the
+/// gateway far below `max_connections`. Each client connection may need an upstream
+/// connection too, so half of what is left after [`RESERVED_FDS`] goes to clients: the
+/// gateway then waits at its limit (new clients stay in the backlog) instead of running
+/// out of descriptors, where the admin listener, DNS and upstream connects would fail.
+fn connection_limit(configured: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    // No hard limit: Linux still caps open files at fs.nr_open (2^20 by default).
+    let wanted = maximum.unwrap_or(1 << 20);
+    let soft = match current {
+        Some(now) if now < wanted => match setrlimit(Resource::Nofile, Rlimit { current: Some(wanted), maximum }) {
+            Ok(()) => {
+                tracing::debug!(from = now, to = wanted, "open-files limit raised to the hard limit");
+                wanted
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, limit = now, "open-files limit not raised");
+                now
+            }
+        },
+        Some(now) => now,
+        None => return configured,
+    };
+    let room = usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX).max(1);
+    if room < configured {
+        tracing::warn!(
+            max_connections = configured,
+            allowed = room,
+            open_files_limit = soft,
+            "[limits].max_connections is more than the open-files limit allows (half of it, less {RESERVED_FDS}, for clients): at most {room} client connections; raise the limit (ulimit -n, docker --ulimit nofile) for more"
+        );
+    }
+    room.min(configured)
 }
 
 /// The signals the gateway acts on.

@@ -1301,3 +1301,60 @@ async fn slowloris_on_a_kept_alive_connection_is_cut_off() {
     assert!(took < Duration::from_millis(2500), "closed only after {took:?}");
     assert_eq!(b.hits(), 1);
 }
+
+/// The soft and hard open-files limits of process `pid` (`/proc/PID/limits`).
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let mut fields = line.split_whitespace().skip(3);
+    (fields.next().unwrap().to_string(), fields.next().unwrap().to_string())
+}
+
+/// A container's low default soft limit on open files is raised to the hard limit at
+/// start, so it does not cap the gateway far below `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(IDLE).var("B", b.addr).open_files("-Sn 200").start().await;
+    let (soft, hard) = open_files_limits(gw.pid());
+    assert_ne!(soft, "200", "soft limit not raised (hard {hard})");
+    assert_eq!(soft, hard);
+}
+
+/// With few descriptors, client connections are capped at half of them (less a reserve):
+/// the rest wait in the backlog, and the gateway keeps descriptors for its servers and
+/// its admin listener instead of running out (where `/healthz` and every new server
+/// connection would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_capped_by_the_open_files_limit() {
+    let b = Backend::start("app").await;
+    let gw = Gateway::builder(&IDLE.replace(r#"idle_timeout = "1s""#, r#"idle_timeout = "30s""#))
+        .var("B", b.addr)
+        .open_files("-n 200")
+        .start()
+        .await;
+    // (200 - 64) / 2 = 68 client connections at once.
+    assert!(gw.logs().contains("at most 68 client connections"), "{}", gw.logs());
+    let mut held = Vec::new();
+    for _ in 0..250 {
+        held.push(tokio::net::TcpStream::connect(gw.http).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(68.0));
+    assert_eq!(gw.admin_get("/healthz").await.status, 200);
+    // A request on an accepted connection reaches the server on a new connection.
+    held[0].write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), held[0].read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(raw_status(&buf[..n]), Some(200), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(!gw.logs().contains("Too many open files"), "{}", gw.logs());
+    // Closing accepted ones lets waiting ones in.
+    drop(held.drain(..10));
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            gw.metric("swarmgate_open_connections").await == Some(68.0)
+                && gw.metric("swarmgate_connections_total").await >= Some(78.0)
+        })
+        .await
+    );
+}

@@ -318,7 +318,18 @@ impl SendError {
     /// overloaded past `response_timeout`) times out every request it gets (a timeout of
     /// a request sent before one it answered is not counted: see `proxy::record_failure`).
     pub fn is_server_failure(&self) -> bool {
-        !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. })
+        !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. }) && !self.is_local_shortage()
+    }
+
+    /// A connect that failed for want of something here (descriptors, local ports,
+    /// memory), not for anything the server did: it would fail on any server alike.
+    pub fn is_local_shortage(&self) -> bool {
+        use rustix::io::Errno;
+        let SendError::Connect { source, .. } = self else { return false };
+        matches!(
+            Errno::from_io_error(source),
+            Some(Errno::MFILE | Errno::NFILE | Errno::ADDRNOTAVAIL | Errno::NOBUFS | Errno::NOMEM)
+        )
     }
 }
 

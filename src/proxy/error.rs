@@ -76,6 +76,10 @@ impl ProxyError {
             ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoServer(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // Out of descriptors or ports here: the gateway's overload, not a server's fault.
+            ProxyError::Upstream(e) | ProxyError::Exhausted { last: e, .. } if e.is_local_shortage() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(SendError::ResponseTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) | ProxyError::UpgradeFailed | ProxyError::Exhausted { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -97,8 +101,32 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => "405 method not allowed\n",
             ProxyError::NoServer(_) => "503 no server available\n",
             ProxyError::Upstream(SendError::ResponseTimeout { .. }) => "504 upstream timed out\n",
+            ProxyError::Upstream(e) | ProxyError::Exhausted { last: e, .. } if e.is_local_shortage() => {
+                "503 gateway overloaded\n"
+            }
             ProxyError::Upstream(_) | ProxyError::Exhausted { .. } => "502 upstream failed\n",
             ProxyError::UpgradeFailed => "502 upstream upgrade failed\n",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_failing_for_want_of_descriptors_is_the_gateway_s_overload() {
+        let addr = std::net::SocketAddr::from(([10, 0, 0, 1], 80));
+        let connect = |errno: i32| SendError::Connect { addr, source: std::io::Error::from_raw_os_error(errno) };
+        // EMFILE, ENFILE: 503 and not the server's failure (no ejection).
+        for errno in [24, 23] {
+            let e = ProxyError::Upstream(connect(errno));
+            assert_eq!((e.status(), e.body()), (StatusCode::SERVICE_UNAVAILABLE, "503 gateway overloaded\n"));
+            assert!(!connect(errno).is_server_failure());
+        }
+        // ECONNREFUSED: the server's.
+        let e = ProxyError::Upstream(connect(111));
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(connect(111).is_server_failure());
     }
 }

@@ -93,6 +93,9 @@ fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Accept failures let through to the log (see `serve`); shared with the admin listener.
+pub(crate) static ACCEPT_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+
 /// Accepts until shutdown; each connection runs in its own tracked task.
 pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
     let local = listener.local_addr().ok();
@@ -103,8 +106,13 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and say so once
+                    // a minute rather than at every try.
+                    if ACCEPT_WARNINGS.allow(60) {
+                        tracing::warn!(error = %e, "accept failed (out of file descriptors? see [limits].max_connections; more within a minute: debug)");
+                    } else {
+                        tracing::debug!(error = %e, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -346,6 +346,8 @@ pub struct GatewayBuilder {
     dir: tempfile::TempDir,
     /// A signal sent to the process this long after it is spawned (not waiting for ready).
     early_signal: Option<(&'static str, Duration)>,
+    /// `ulimit` arguments for the open-files limit the process starts with (`-Sn 200`).
+    open_files: Option<&'static str>,
 }
 
 /// The result of `swarmgate check`.
@@ -395,8 +397,23 @@ impl GatewayBuilder {
         }
     }
 
+    /// The process starts with this open-files limit: `ulimit` arguments (`-Sn 200` for
+    /// the soft limit alone, `-n 200` for both).
+    pub fn open_files(mut self, ulimit: &'static str) -> Self {
+        self.open_files = Some(ulimit);
+        self
+    }
+
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.open_files {
+            // The shell becomes the gateway (`exec`): same process, same pid.
+            Some(ulimit) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit {ulimit} && exec \"$0\" \"$@\""), BIN]);
+                sh
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(args).current_dir(self.dir.path());
         for (k, _) in std::env::vars() {
             if k.starts_with("SWARMGATE_") {
@@ -617,6 +634,7 @@ impl Gateway {
             vars: Vec::new(),
             dir: tempfile::Builder::new().prefix("swarmgate-test-").tempdir().unwrap(),
             early_signal: None,
+            open_files: None,
         }
     }
 
