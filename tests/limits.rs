@@ -1358,3 +1358,34 @@ async fn client_connections_are_capped_by_the_open_files_limit() {
         .await
     );
 }
+
+/// An HTTP/2 request is held to the field count of HTTP/1.1 heads (100): 431 over it, as
+/// over HTTP/1.1; a browser's cookie crumbs count as the one field they are joined into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_request_with_more_than_100_fields_is_431() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let mut h2 = H2::over(tls).await;
+    let with = |fields: usize, cookies: usize| {
+        let mut req = req2("GET", "app.test", "/").body(empty()).unwrap();
+        for i in 0..fields {
+            req.headers_mut()
+                .append(format!("x-f{i}").parse::<hyper::header::HeaderName>().unwrap(), "v".parse().unwrap());
+        }
+        for i in 0..cookies {
+            req.headers_mut().append("cookie", format!("c{i}=v").parse().unwrap());
+        }
+        req
+    };
+    let r = h2.send(with(150, 0)).await.unwrap();
+    assert_eq!((r.status, r.text()), (431, "431 request head too large\n".to_string()));
+    // (90: the forwarding fields the gateway adds must fit the test server's 100 too.)
+    let r = h2.send(with(90, 0)).await.unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.logs());
+    // 85 fields and 60 cookie crumbs: 86 fields once joined.
+    let r = h2.send(with(85, 60)).await.unwrap();
+    assert_eq!(r.status, 200);
+    let cookie = b.last().header("cookie").unwrap().to_string();
+    assert!(cookie.starts_with("c0=v; c1=v") && cookie.ends_with("c59=v"), "{cookie}");
+}

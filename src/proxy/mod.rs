@@ -229,6 +229,15 @@ fn route_request(
     // content. (hyper reads only heads whose last coding is chunked.)
     // (The gateway's own reader leaves any request with Transfer-Encoding to hyper, and
     // HTTP/2 has none.)
+    // The field count HTTP/1.1 heads are held to (hyper's and the own reader's limit),
+    // for HTTP/2 too, where only the list's size is (`max_header_bytes`); an HTTP/2
+    // client's cookie crumbs count as the one field they are joined into.
+    if req.headers().len() > h1::MAX_HEADERS {
+        let crumbs = req.headers().get_all(header::COOKIE).iter().count();
+        if req.headers().len() - crumbs.saturating_sub(1) > h1::MAX_HEADERS {
+            return Err((ProxyError::HeadTooLarge, None));
+        }
+    }
     if matches!(req.body(), ClientBody::Hyper(_)) && req.version() <= Version::HTTP_11 {
         let codings = req.headers().get_all(header::TRANSFER_ENCODING);
         match codings.iter().map(|v| hop::chunked_codings(v.as_bytes())).sum::<Option<usize>>() {
