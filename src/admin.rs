@@ -399,6 +399,12 @@ pub fn render_metrics(gw: &Gateway) -> String {
             m.h2_reset_floods.load(Ordering::Relaxed) as i64,
         ),
         (
+            "swarmgate_slow_heads_total",
+            "counter",
+            "HTTP/1.1 connections closed because a request head did not arrive whole within header_read_timeout (a slowloris, or a client stalled mid-head).",
+            m.slow_heads.load(Ordering::Relaxed) as i64,
+        ),
+        (
             "swarmgate_upgrades_total",
             "counter",
             "Upgrade (WebSocket) requests sent to servers.",

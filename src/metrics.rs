@@ -127,6 +127,9 @@ pub struct Metrics {
     pub upgrades: AtomicU64,
     /// HTTP/2 connections ended for cancelling most of their requests (rapid reset).
     pub h2_reset_floods: AtomicU64,
+    /// HTTP/1.1 connections closed because a request head did not arrive whole within
+    /// `header_read_timeout` (a slowloris, or a client stalled mid-head).
+    pub slow_heads: AtomicU64,
 }
 
 /// Escapes a label value (Prometheus text format: backslash, quote, newline).

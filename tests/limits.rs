@@ -311,6 +311,8 @@ async fn slowloris_is_closed_after_header_read_timeout() {
     assert!(closed);
     assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "closed after {took:?}");
     assert_eq!(b.hits(), 0);
+    // Counted, so that an operator sees a slowloris.
+    assert_eq!(gw.metric("swarmgate_slow_heads_total").await, Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,9 @@ where
                 why = watchdog.as_mut() => {
                     if why != Expired::Park {
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                        if why == Expired::SlowHead {
+                        ctx.shared.gw.metrics.slow_heads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                         return Outcome::Closed;
                     }
                     if buf.is_empty() && !io.has_unread() {

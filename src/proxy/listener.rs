@@ -478,6 +478,9 @@ where
             why = watchdog.as_mut() => {
                 if why != Expired::Park {
                     tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+                    if why == Expired::SlowHead {
+                        shared.gw.metrics.slow_heads.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Session::Over(handover); // nothing is in flight: dropping the connection closes it
                 }
                 // Idle: hyper ends the session once its last response is flushed (at
