@@ -121,7 +121,7 @@ where
                 () = shutdown.as_mut(), if closing.is_none() => {
                     closing = Some(Box::pin(tokio::time::sleep(SHUTDOWN_GRACE)));
                 }
-                () = until(&mut closing) => return Outcome::Closed,
+                () = until(&mut closing), if closing.is_some() => return Outcome::Closed,
                 why = watchdog.as_mut() => {
                     if why != Expired::Park {
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
