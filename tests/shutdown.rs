@@ -191,6 +191,27 @@ async fn keep_alive_clients_sending_one_request_after_another_lose_none_at_shutd
     assert_eq!(status.code(), Some(0));
 }
 
+/// An HTTP/2 client with no stream open that never answers the shutdown's GOAWAY (its
+/// PING) does not hold the exit up until `drain_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_h2_client_does_not_hold_the_exit_up() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("app").await;
+    let mut gw = Gateway::start(&config(&backend, "0s", "30s")).await;
+    let (mut tls, info) = support::tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]));
+    // The preface and an empty SETTINGS frame; then nothing, and nothing read.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term_at = Instant::now();
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(20)).await.expect("gateway did not exit before drain_timeout");
+    assert_eq!(status.code(), Some(0));
+    let took = term_at.elapsed();
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    drop(tls);
+}
+
 #[tokio::test]
 async fn drain_timeout_bounds_the_wait() {
     let backend = Backend::start("app").await;

@@ -83,6 +83,11 @@ impl Activity {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// No request (or tunnel) is open on the connection.
+    pub(super) fn is_idle(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0
+    }
+
     /// The client asked for the connection to end after the current response.
     pub(super) fn set_closing(&self) {
         self.closing.store(true, Ordering::Relaxed);

@@ -636,16 +636,18 @@ impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for BoxedCalls
 /// answers would otherwise hold the connection (and its descriptor) for good.
 const GOAWAY_WAIT: Duration = Duration::from_secs(5);
 
+/// The wait for an HTTP/2 connection after its GOAWAY ran out.
+struct Closed;
+
 /// Waits out an HTTP/2 connection after its graceful shutdown began, for [`GOAWAY_WAIT`]
-/// at most; then it is dropped (closed).
-async fn goaway_answered<F: Future<Output = hyper::Result<()>>>(conn: Pin<&mut F>) -> hyper::Result<()> {
-    match tokio::time::timeout(GOAWAY_WAIT, conn).await {
-        Ok(res) => res,
-        Err(_) => {
-            tracing::debug!(after = ?GOAWAY_WAIT, "HTTP/2 client did not finish after GOAWAY: connection closed");
-            Ok(())
-        }
-    }
+/// at most.
+async fn goaway_answered<F: Future<Output = hyper::Result<()>>>(
+    conn: Pin<&mut F>,
+) -> Result<hyper::Result<()>, Closed> {
+    tokio::time::timeout(GOAWAY_WAIT, conn).await.map_err(|_| {
+        tracing::debug!(after = ?GOAWAY_WAIT, "HTTP/2 client did not finish after GOAWAY");
+        Closed
+    })
 }
 
 /// Requests an HTTP/2 client cancelled (reset their stream) before their response, per
@@ -718,12 +720,20 @@ where
             res = conn.as_mut() => break res,
             () = shared.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                break conn.await;
+                // Streams in flight get their time (`drain_timeout` bounds it); a client
+                // with none that does not answer the GOAWAY does not hold the exit up.
+                break loop {
+                    match goaway_answered(conn.as_mut()).await {
+                        Err(Closed) if !activity.is_idle() => continue,
+                        Err(Closed) => break Ok(()),
+                        Ok(res) => break res,
+                    }
+                };
             }
             _ = activity.expired(None) => {
                 tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
                 conn.as_mut().graceful_shutdown();
-                break goaway_answered(conn.as_mut()).await;
+                break goaway_answered(conn.as_mut()).await.unwrap_or(Ok(()));
             }
             () = resets.more.notified() => {
                 let cancelled = resets.cancelled.load(Ordering::Relaxed);
@@ -738,7 +748,7 @@ where
                     tracing::debug!(cancelled, "HTTP/2 connection ended: most of its requests cancelled");
                 }
                 conn.as_mut().graceful_shutdown();
-                break goaway_answered(conn.as_mut()).await;
+                break goaway_answered(conn.as_mut()).await.unwrap_or(Ok(()));
             }
         }
     };
