@@ -346,7 +346,8 @@ pub fn render_metrics(gw: &Gateway) -> String {
         "1 while a DNS upstream's last lookup got no answer (its servers are the last ones listed).",
     );
     for n in &names {
-        let failing = u8::from(snap.upstreams[*n].set.is_stale());
+        let u = &snap.upstreams[*n];
+        let failing = u8::from(u.config.dns.is_some() && u.set.is_stale());
         let _ = writeln!(out, "swarmgate_upstream_dns_failing{{upstream=\"{}\"}} {failing}", label(n));
     }
     let simple = [

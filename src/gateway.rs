@@ -146,11 +146,11 @@ impl Gateway {
 
     /// At start: `/readyz` says 503 until every DNS upstream has had its first answer
     /// (servers, or none), so no load balancer sends traffic that would find an upstream
-    /// empty for want of a lookup. However long DNS takes: a replica that cannot look up
-    /// its services has nothing to serve them with, while the others do (they keep what
-    /// they last heard). Logged every `remind` while it waits. Reloads do not wait: a new
-    /// upstream is empty for its first lookup's time, while the rest serve.
-    pub async fn await_discovery(&self, remind: std::time::Duration) {
+    /// empty for want of a lookup: a lookup that fails is no answer. For `at_most`: a
+    /// replica whose resolver fails for one name for good still serves its other routes
+    /// then (the wait is logged every `remind`). Reloads do not wait: a new upstream is
+    /// empty for its first lookup's time, while the rest serve.
+    pub async fn await_discovery(&self, at_most: std::time::Duration, remind: std::time::Duration) {
         let started = std::time::Instant::now();
         let pending = || -> Vec<String> {
             let snap = self.snapshot();
@@ -160,6 +160,12 @@ impl Gateway {
         loop {
             let waiting = pending();
             if waiting.is_empty() {
+                tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up");
+                break;
+            }
+            if started.elapsed() >= at_most {
+                tracing::warn!(upstreams = ?waiting, waited_s = started.elapsed().as_secs(),
+                    "ready with no DNS answer yet for these upstreams: they answer 503 until one comes");
                 break;
             }
             if reminded.elapsed() >= remind {
@@ -169,7 +175,6 @@ impl Gateway {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up");
         self.discovered.store(true, Ordering::Release);
     }
 
@@ -280,6 +285,9 @@ impl Gateway {
                 if !r.added.is_empty() || !r.draining.is_empty() {
                     tracing::info!(upstream = %name, added = ?r.added, draining = ?r.draining, "servers reconciled");
                 }
+                // Listed servers are what the config says: no DNS failure left over from a
+                // `dns` this upstream had (see `ServerSet::stale`) keeps any of them out.
+                set.answered();
             }
             out.insert(name.clone(), Arc::new(Upstream { config: up.clone(), set }));
         }

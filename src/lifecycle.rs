@@ -139,11 +139,12 @@ pub fn run(config: Config) -> u8 {
         let token = environment().get("SWARMGATE_ADMIN_TOKEN").cloned();
         control.spawn(crate::admin::serve(l, crate::admin::Admin { gw: Arc::clone(&gw), token }, admin_stop.clone()));
     }
-    // `/readyz` says `starting` until each DNS upstream has had an answer; the wait is
-    // logged every ten seconds.
+    // `/readyz` says `starting` until each DNS upstream has had an answer (30 s at most);
+    // the wait is logged every ten seconds.
     control.spawn({
         let gw = Arc::clone(&gw);
-        async move { gw.await_discovery(std::time::Duration::from_secs(10)).await }
+        let (at_most, remind) = (std::time::Duration::from_secs(30), std::time::Duration::from_secs(10));
+        async move { gw.await_discovery(at_most, remind).await }
     });
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = threads, "swarmgate is serving");
 

@@ -195,12 +195,18 @@ async fn dns_failures_keep_the_last_known_servers() {
     assert!(!dns_failing(&gw).await);
 
     for (rcode, answering) in [(2, true), (5, true), (0, false)] {
+        // Each from a good answer: each must make the lookups fail on its own.
+        dns.rcode.store(0, Ordering::Relaxed);
+        dns.answering.store(true, Ordering::Relaxed);
+        assert!(support::wait_until_async(Duration::from_secs(5), || async { !dns_failing(&gw).await }).await);
         dns.rcode.store(rcode, Ordering::Relaxed);
         dns.answering.store(answering, Ordering::Relaxed);
+        // (Unanswered lookups fail only after their timeouts: 2 s, twice.)
+        let failing = support::wait_until_async(Duration::from_secs(15), || async { dns_failing(&gw).await });
+        assert!(failing.await, "rcode {rcode}");
         let q = dns.queries.load(Ordering::Relaxed);
-        assert!(support::wait_until(Duration::from_secs(10), || dns.queries.load(Ordering::Relaxed) > q + 4).await);
+        assert!(support::wait_until(Duration::from_secs(10), || dns.queries.load(Ordering::Relaxed) > q + 2).await);
         assert_eq!(state_of(&gw, a.addr).await.as_deref(), Some("healthy"), "rcode {rcode}: the upstream was emptied");
-        assert!(dns_failing(&gw).await, "rcode {rcode}");
         let statuses = get_n(&gw, 10).await;
         assert!(statuses.iter().all(|s| *s == 200), "rcode {rcode}: {statuses:?}");
     }
@@ -210,8 +216,8 @@ async fn dns_failures_keep_the_last_known_servers() {
     let logs = gw.logs();
     assert!(logs.contains("keeping the last known servers"), "{logs}");
     assert!(logs.contains("answered SERVFAIL") || logs.contains("answered Server Failure"), "{logs}");
-    // Logged once for the whole outage, not at every lookup.
-    assert_eq!(logs.matches("DNS lookup failed;").count(), 1, "{logs}");
+    // Logged once per outage (three here), not at every lookup.
+    assert_eq!(logs.matches("DNS lookup failed;").count(), 3, "{logs}");
 
     // DNS comes back with a different set: it is applied.
     let ip2 = Ipv4Addr::new(127, 0, 0, 32);
@@ -372,4 +378,33 @@ async fn readiness_waits_through_failed_lookups() {
     assert!(dns.queries.load(Ordering::Relaxed) >= 10, "lookups went on meanwhile");
     let statuses = get_n(&gw, 10).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+/// An upstream moved from `dns` to listed `servers` by a reload while its DNS failed is
+/// what the config says: no failure left over from DNS keeps a server out (a server
+/// refused once is tried again after its back-off and comes back).
+#[tokio::test]
+async fn servers_listed_by_a_reload_are_not_held_out_by_a_past_dns_failure() {
+    let port = support::free_port();
+    let (ip, ip2) = (Ipv4Addr::new(127, 0, 0, 40), Ipv4Addr::new(127, 0, 0, 41));
+    let a = Server::start(SocketAddr::from((ip, port))).await;
+    let dns = Dns::start("tasks.app", vec![ip]).await;
+    let gw = dns_gateway(&dns, port, "100ms").await;
+    wait_state(&gw, a.addr, "healthy").await;
+    dns.rcode.store(2, Ordering::Relaxed);
+    assert!(support::wait_until_async(Duration::from_secs(5), || async { dns_failing(&gw).await }).await);
+
+    // The operator pins the servers: one not listening yet.
+    let pinned = SocketAddr::from((ip2, port));
+    let reloaded = gw.reload(&config(&format!("servers = [\"{pinned}\"]"), "")).await;
+    assert_eq!(reloaded, support::Reload::Applied(1));
+    assert!(!dns_failing(&gw).await);
+    assert_eq!(gw.metric("swarmgate_upstream_dns_failing{upstream=\"app\"}").await, Some(0.0));
+    let refused = get_n(&gw, 1).await;
+    assert!(refused[0] == 502 || refused[0] == 503, "{refused:?}");
+    let b = Server::start(pinned).await;
+    let served =
+        support::wait_until_async(Duration::from_secs(10), || async { get_n(&gw, 1).await == vec![200] }).await;
+    assert!(served, "the listed server never came back:\n{}", gw.logs());
+    assert!(b.hits() >= 1);
 }

@@ -838,10 +838,6 @@ async fn a_client_gone_mid_upload_is_499_not_400() {
     for path in ["/held", "/streamed"] {
         assert!(logged("499", &format!("path={path} status=499 upstream=\"{}\"", b.addr)), "{}", gw.logs());
     }
-    // Each line names the server that had the request's head.
-    for path in ["/held", "/streamed"] {
-        assert!(logged("499", &format!("path={path} status=499 upstream=\"{}\"", b.addr)), "{}", gw.logs());
-    }
     let m = gw.metrics().await;
     let count = |status: &str| -> f64 {
         m.lines()
@@ -979,7 +975,10 @@ async fn an_idle_h2_client_that_never_answers_the_goaway_is_closed() {
     assert!(closed, "silent HTTP/2 client still connected after {took:?}");
     // idle_timeout (1 s), then at most 5 s for the GOAWAY's PING.
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(8), "closed after {took:?}");
-    assert_eq!(gw.metric("swarmgate_open_connections").await, Some(0.0));
+    let counted_closed = wait_until_async(Duration::from_secs(2), || async {
+        gw.metric("swarmgate_open_connections").await == Some(0.0)
+    });
+    assert!(counted_closed.await);
 }
 
 /// An HTTP/2 client that resets its streams as soon as their requests are under way (a
@@ -1004,9 +1003,24 @@ async fn an_h2_client_cancelling_request_after_request_is_sent_away() {
             batch.push(tokio::spawn(async move { sender.send_request(req).await }));
             sent += 1;
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Long enough for the gateway to take the requests up (a reset before that is
+        // h2's to count, not the gateway's).
+        tokio::time::sleep(Duration::from_millis(80)).await;
         for task in batch {
             task.abort();
+        }
+        // Padding the gateway answers itself (421: the TLS name is app.test) does not
+        // dilute the cancels.
+        for _ in 0..15 {
+            let mut sender = h2.sender.clone();
+            if sender.ready().await.is_err() {
+                break 'attack;
+            }
+            let req = req2("GET", "other.test", "/").body(empty()).unwrap();
+            match sender.send_request(req).await {
+                Ok(r) => assert_eq!(r.status(), 421),
+                Err(_) => break 'attack,
+            }
         }
     }
     let closed = wait_until_async(Duration::from_secs(8), || {

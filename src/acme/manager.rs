@@ -270,7 +270,12 @@ struct Entry {
     /// Attempts in a row the store could not be reached for: their own back-off, which an
     /// outage does not carry over to the ACME server's errors (`failures`).
     store_failures: u32,
+    /// When a reload last cut its back-off short (see `State::retry_failed_now`).
+    reload_retry: Option<Instant>,
 }
+
+/// The least time between two reloads' retries of one failing name.
+const RELOAD_RETRY_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 enum Failure {
@@ -524,6 +529,7 @@ impl State {
                     recheck: false,
                     store_wait: false,
                     store_failures: 0,
+                    reload_retry: None,
                 },
             );
         }
@@ -541,8 +547,12 @@ impl State {
         let mut retried = Vec::new();
         for (name, e) in &mut self.entries {
             let refused = e.last_error.as_deref().is_some_and(slow_down);
-            if e.failures > 0 && !e.busy && !e.store_wait && !refused && e.next > now {
+            // Once a minute at most: reloads sent by automation every few seconds must
+            // not undo the back-off.
+            let lately = e.reload_retry.is_some_and(|at| now.duration_since(at) < RELOAD_RETRY_EVERY);
+            if e.failures > 0 && !e.busy && !e.store_wait && !refused && !lately && e.next > now {
                 e.next = now;
+                e.reload_retry = Some(now);
                 retried.push(name.clone());
             }
         }

@@ -321,15 +321,14 @@ impl SendError {
         !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. }) && !self.is_local_shortage()
     }
 
-    /// A connect that failed for want of something here (descriptors, local ports,
-    /// memory), not for anything the server did: it would fail on any server alike.
+    /// A connect that failed for want of something here (descriptors, buffers, memory),
+    /// not for anything the server did: it would fail on any server alike. (Not
+    /// EADDRNOTAVAIL: out of local ports, but also an IPv6 server seen from a container
+    /// without IPv6, which is that server's to be ejected for.)
     pub fn is_local_shortage(&self) -> bool {
         use rustix::io::Errno;
         let SendError::Connect { source, .. } = self else { return false };
-        matches!(
-            Errno::from_io_error(source),
-            Some(Errno::MFILE | Errno::NFILE | Errno::ADDRNOTAVAIL | Errno::NOBUFS | Errno::NOMEM)
-        )
+        matches!(Errno::from_io_error(source), Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM))
     }
 }
 

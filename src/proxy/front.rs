@@ -126,16 +126,21 @@ where
                     if why != Expired::Park {
                         tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
                         if why == Expired::SlowHead {
-                        ctx.shared.gw.metrics.slow_heads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                            ctx.shared.gw.metrics.slow_heads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         return Outcome::Closed;
                     }
                     if buf.is_empty() && !io.has_unread() {
-                        return Outcome::Idle;
+                        if closing.is_none() {
+                            return Outcome::Idle;
+                        }
+                        // Shutting down: parked, it would be closed at once; its grace
+                        // runs on.
+                    } else {
+                        // Bytes of a head are here (the watchdog would not say park then):
+                        // timed as a head from now on.
+                        ctx.activity.head_begun();
                     }
-                    // Bytes of a head are here (the watchdog would not say park then):
-                    // timed as a head from now on.
-                    ctx.activity.head_begun();
                     watchdog.set(watch(None));
                     rearm = true;
                 }
@@ -164,9 +169,9 @@ where
 /// At shutdown an idle connection is not closed at once: a client sending requests one
 /// after another would find it closed just as its next one goes out (and could not tell
 /// whether that one was taken). It gets this long for its next request, which is answered
-/// with `Connection: close`; a connection that idled longer than this is parked, and
+/// with `Connection: close`; a connection already parked (idle for [`PARK_AFTER`]) is
 /// closed at once.
-pub(super) const SHUTDOWN_GRACE: Duration = PARK_AFTER;
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Waits for `deadline`, or forever without one.
 pub(super) async fn until(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {

@@ -483,6 +483,11 @@ where
                     }
                     return Session::Over(handover); // nothing is in flight: dropping the connection closes it
                 }
+                if closing.is_some() {
+                    // Shutting down: parked, it would be closed at once; its grace runs on.
+                    watchdog.set(watch(None));
+                    continue;
+                }
                 // Idle: hyper ends the session once its last response is flushed (at
                 // once, mostly), and the shutdown it then sends is swallowed. The other
                 // branches still run meanwhile: a client that stopped reading is
@@ -581,7 +586,7 @@ fn tracked_service(
             let cancel = resets.as_deref().map(Cancelled::watch);
             let mut resp = super::handle(gw, conn, req.map(ClientBody::Hyper), &super::h1::NO_FIELDS).await;
             if let Some(cancel) = cancel {
-                cancel.answered();
+                cancel.answered(matches!(resp.body(), super::body::RespBody::Upstream(_)));
             }
             if head {
                 // The gateway's own answers carry their text whatever the method; hyper's
@@ -636,18 +641,24 @@ impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for BoxedCalls
 /// answers would otherwise hold the connection (and its descriptor) for good.
 const GOAWAY_WAIT: Duration = Duration::from_secs(5);
 
-/// The wait for an HTTP/2 connection after its GOAWAY ran out.
-struct Closed;
-
-/// Waits out an HTTP/2 connection after its graceful shutdown began, for [`GOAWAY_WAIT`]
-/// at most.
-async fn goaway_answered<F: Future<Output = hyper::Result<()>>>(
-    conn: Pin<&mut F>,
-) -> Result<hyper::Result<()>, Closed> {
-    tokio::time::timeout(GOAWAY_WAIT, conn).await.map_err(|_| {
-        tracing::debug!(after = ?GOAWAY_WAIT, "HTTP/2 client did not finish after GOAWAY");
-        Closed
-    })
+/// Waits out an HTTP/2 connection after its graceful shutdown began: its open streams
+/// get their time (a response's own timeouts, `drain_timeout` at shutdown, bound it);
+/// once none is open, the client gets [`GOAWAY_WAIT`] to answer the GOAWAY, and the
+/// connection is then dropped (closed).
+async fn wind_down<F: Future<Output = hyper::Result<()>>>(
+    mut conn: Pin<&mut F>,
+    activity: &Activity,
+) -> hyper::Result<()> {
+    loop {
+        match tokio::time::timeout(GOAWAY_WAIT, conn.as_mut()).await {
+            Ok(res) => return res,
+            Err(_) if !activity.is_idle() => {}
+            Err(_) => {
+                tracing::debug!(after = ?GOAWAY_WAIT, "HTTP/2 client did not finish after GOAWAY: closed");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Requests an HTTP/2 client cancelled (reset their stream) before their response, per
@@ -657,20 +668,23 @@ async fn goaway_answered<F: Future<Output = hyper::Result<()>>>(
 #[derive(Debug, Default)]
 struct Resets {
     cancelled: std::sync::atomic::AtomicU64,
+    /// Requests a server answered: the work a client may cancel as much of. (Requests
+    /// the gateway answers itself, a 404 say, cost nothing to pad a flood with.)
+    forwarded: std::sync::atomic::AtomicU64,
     /// Told at each cancel: the connection's task decides.
     more: tokio::sync::Notify,
 }
 
-/// Cancels a connection may have before it is ended when they are at least half of its
-/// requests: a browser cancels some (navigation, a typeahead), and a GOAWAY costs it
-/// only a new connection.
+/// Cancels a connection may have before it is ended when there are at least as many as
+/// requests its servers answered: a browser cancels some (navigation, a typeahead), and
+/// a GOAWAY costs it only a new connection.
 const RESET_FLOOD: u64 = 100;
 
 static RESET_FLOOD_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
 
 impl Resets {
-    fn a_flood(cancelled: u64, requests: u64) -> bool {
-        cancelled >= RESET_FLOOD && cancelled.saturating_mul(2) >= requests
+    fn a_flood(cancelled: u64, forwarded: u64) -> bool {
+        cancelled >= RESET_FLOOD && cancelled >= forwarded
     }
 }
 
@@ -683,8 +697,13 @@ impl<'a> Cancelled<'a> {
         Cancelled(Some(resets))
     }
 
-    fn answered(mut self) {
-        self.0 = None;
+    /// Its response came, from a server (`forwarded`) or the gateway.
+    fn answered(mut self, forwarded: bool) {
+        if let Some(resets) = self.0.take() {
+            if forwarded {
+                resets.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -720,35 +739,27 @@ where
             res = conn.as_mut() => break res,
             () = shared.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                // Streams in flight get their time (`drain_timeout` bounds it); a client
-                // with none that does not answer the GOAWAY does not hold the exit up.
-                break loop {
-                    match goaway_answered(conn.as_mut()).await {
-                        Err(Closed) if !activity.is_idle() => continue,
-                        Err(Closed) => break Ok(()),
-                        Ok(res) => break res,
-                    }
-                };
+                break wind_down(conn.as_mut(), &activity).await;
             }
             _ = activity.expired(None) => {
                 tracing::debug!(idle_timeout = ?limits.idle_timeout, "idle HTTP/2 connection closed");
                 conn.as_mut().graceful_shutdown();
-                break goaway_answered(conn.as_mut()).await.unwrap_or(Ok(()));
+                break wind_down(conn.as_mut(), &activity).await;
             }
             () = resets.more.notified() => {
-                let cancelled = resets.cancelled.load(Ordering::Relaxed);
-                if !Resets::a_flood(cancelled, activity.requests()) {
+                let (cancelled, forwarded) = (resets.cancelled.load(Ordering::Relaxed), resets.forwarded.load(Ordering::Relaxed));
+                if !Resets::a_flood(cancelled, forwarded) {
                     continue;
                 }
                 shared.gw.metrics.h2_reset_floods.fetch_add(1, Ordering::Relaxed);
                 if RESET_FLOOD_WARNINGS.allow(60) {
-                    tracing::warn!(cancelled, requests = activity.requests(),
+                    tracing::warn!(cancelled, answered_by_servers = forwarded,
                         "HTTP/2 client cancels most of its requests (a rapid-reset flood?): connection ended with GOAWAY (more within a minute: debug)");
                 } else {
                     tracing::debug!(cancelled, "HTTP/2 connection ended: most of its requests cancelled");
                 }
                 conn.as_mut().graceful_shutdown();
-                break goaway_answered(conn.as_mut()).await.unwrap_or(Ok(()));
+                break wind_down(conn.as_mut(), &activity).await;
             }
         }
     };

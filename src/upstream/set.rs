@@ -56,7 +56,9 @@ pub struct ServerSet {
     /// unconfirmed. Their addresses may meanwhile belong to another service's containers
     /// (Swarm reuses a task's address soon after it is gone), so a server that fails
     /// then stays out until DNS lists it again: no trial, no health check and no
-    /// "every server ejected" fallback brings it back.
+    /// "every server ejected" fallback brings it back. (A new server still waiting for
+    /// its first passing check may pass it: the last answer listed it, and it has not
+    /// failed.)
     stale: AtomicBool,
     /// Asks discovery to look up now (a server refused a connection: its task may be
     /// gone, and DNS may already say so).
@@ -125,9 +127,9 @@ impl ServerSet {
         self.looked_up.load(Ordering::Acquire)
     }
 
-    /// DNS answered (after the answer's servers, or none, were reconciled): the set is
-    /// what DNS says again.
-    pub(super) fn answered(&self) {
+    /// DNS answered (after the answer's servers, or none, were reconciled), or the config
+    /// lists the servers: the set is what its source says again.
+    pub fn answered(&self) {
         self.looked_up.store(true, Ordering::Release);
         if self.stale.load(Ordering::Acquire) {
             let _g = self.lock();
@@ -337,8 +339,9 @@ impl ServerSet {
         let _g = self.lock();
         let now = server.state();
         let next = if healthy { ServerState::Healthy } else { ServerState::Unhealthy };
-        // Stale (see `stale`): a server out of rotation stays out until DNS lists it again.
-        if now == ServerState::Draining || now == next || healthy && self.stale.load(Ordering::Acquire) {
+        // Stale (see `stale`): a server that failed stays out until DNS lists it again.
+        let failed = now == ServerState::Unhealthy;
+        if now == ServerState::Draining || now == next || healthy && failed && self.stale.load(Ordering::Acquire) {
             return false;
         }
         server.set_state(next);
@@ -700,15 +703,23 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(s.claim_trial(&[]).is_none(), "no trial");
         assert!(!s.end_ejection(&all[0]), "a passing health check ends no ejection");
-        assert!(!s.set_health(&all[1], true), "nor makes a server healthy");
+        assert!(!s.set_health(&all[1], true), "nor makes a failed server healthy");
         assert!(s.eligible().is_empty());
+        // A new server the last answer listed may pass its first check meanwhile.
+        s.answered();
+        s.reconcile(&[addr(1), addr(2), addr(3)]);
+        s.lookup_failed();
+        let Some(new) = s.all().iter().find(|x| x.addr == addr(3)).cloned() else { panic!("not added") };
+        assert_eq!(new.state(), ServerState::Pending);
+        assert!(s.set_health(&new, true));
+        assert_eq!(addrs(&s.eligible()), [addr(3)]);
         // DNS answers: the first is listed again and tried; the second is gone.
-        s.reconcile(&[addr(1)]);
+        s.reconcile(&[addr(1), addr(3)]);
         s.answered();
         assert!(!s.is_stale());
         assert_eq!(s.claim_trial(&[]).map(|server| server.addr), Some(addr(1)));
         assert!(s.end_ejection(&all[0]));
-        assert_eq!(addrs(&s.eligible()), [addr(1)]);
+        assert_eq!(addrs(&s.eligible()), [addr(1), addr(3)]);
     }
 
     #[tokio::test(start_paused = true)]
