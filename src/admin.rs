@@ -47,6 +47,9 @@ pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken)
                     } else {
                         tracing::debug!(error = %e, "admin accept failed");
                     }
+                    if crate::proxy::listener::out_of_descriptors(&e) {
+                        crate::proxy::shed_idle_connections(&admin.gw);
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

@@ -188,12 +188,23 @@ fn connection_limit(configured: usize) -> usize {
     };
     let room = usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX).max(1);
     if room < configured {
-        tracing::warn!(
-            max_connections = configured,
-            allowed = room,
-            open_files_limit = soft,
-            "[limits].max_connections is more than the open-files limit allows (half of it, less {RESERVED_FDS}, for clients): at most {room} client connections; raise the limit (ulimit -n, docker --ulimit nofile) for more"
-        );
+        // A warning where the limit is low enough to matter; the default max_connections
+        // is above what most hosts' limits allow.
+        if room < 4096 {
+            tracing::warn!(
+                max_connections = configured,
+                allowed = room,
+                open_files_limit = soft,
+                "[limits].max_connections is more than the open-files limit allows (half of it, less {RESERVED_FDS}, for clients): at most {room} client connections; raise the limit (ulimit -n, docker --ulimit nofile) for more"
+            );
+        } else {
+            tracing::info!(
+                max_connections = configured,
+                allowed = room,
+                open_files_limit = soft,
+                "client connections capped by the open-files limit: at most {room} client connections"
+            );
+        }
     }
     room.min(configured)
 }

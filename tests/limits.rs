@@ -1405,3 +1405,49 @@ async fn an_h2_request_with_more_than_100_fields_is_431() {
     let cookie = b.last().header("cookie").unwrap().to_string();
     assert!(cookie.starts_with("c0=v; c1=v") && cookie.ends_with("c59=v"), "{cookie}");
 }
+
+/// A burst of HTTP/2 streams can take more server connections than the open-files limit
+/// leaves room for, and the pools then keep them idle: the first accept or connect that
+/// fails for want of a descriptor closes the idle ones, so the admin listener and new
+/// requests are served again at once, not when the pools' idle connections time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_are_shed_when_descriptors_run_out() {
+    let b = Backend::start("app").await;
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf(&["app.test"]);
+    let gw = Gateway::builder(&IDLE.replace(r#"idle_timeout = "1s""#, r#"idle_timeout = "60s""#))
+        .var("B", b.addr)
+        .file("certs/app.crt", crt)
+        .file("certs/app.key", key)
+        .open_files("-n 200")
+        .start()
+        .await;
+    // 190 streams at once on one connection: each its own server connection, more than
+    // the 200 descriptors hold.
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let h2 = H2::over(tls).await;
+    let mut streams = Vec::new();
+    for _ in 0..190 {
+        let mut sender = h2.sender.clone();
+        streams.push(tokio::spawn(async move {
+            sender.ready().await.ok()?;
+            let req = req2("GET", "app.test", "/sleep?ms=500").body(empty()).unwrap();
+            Some(sender.send_request(req).await.ok()?.status().as_u16())
+        }));
+    }
+    let mut statuses = Vec::new();
+    for s in streams {
+        statuses.push(s.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == Some(200)).count();
+    let overloaded = statuses.iter().filter(|s| **s == Some(503)).count();
+    assert!(ok > 50 && overloaded > 0, "{ok} answered, {overloaded} overloaded: {statuses:?}");
+    // The pools' idle connections were closed: the admin listener and a new client are
+    // served now.
+    let healthz = tokio::time::timeout(Duration::from_secs(5), gw.admin_get("/healthz")).await;
+    assert_eq!(healthz.map(|r| r.status).ok(), Some(200), "{}", gw.logs());
+    let r = tokio::time::timeout(Duration::from_secs(5), get(gw.http, "app.test", "/")).await;
+    assert_eq!(r.map(|r| r.status).ok(), Some(200));
+    assert!(gw.logs().contains("idle server connections closed"), "{}", gw.logs());
+    assert_eq!(gw.metric("swarmgate_upstream_ejections_total{upstream=\"app\"}").await, Some(0.0));
+}

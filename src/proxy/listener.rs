@@ -93,6 +93,12 @@ fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether an accept failed for want of descriptors (the process's or the system's).
+pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE))
+}
+
 /// Accept failures let through to the log (see `serve`); shared with the admin listener.
 pub(crate) static ACCEPT_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
 
@@ -112,6 +118,9 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
                         tracing::warn!(error = %e, "accept failed (out of file descriptors? see [limits].max_connections; more within a minute: debug)");
                     } else {
                         tracing::debug!(error = %e, "accept failed");
+                    }
+                    if out_of_descriptors(&e) {
+                        super::shed_idle_connections(&shared.gw);
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;

@@ -558,6 +558,9 @@ fn attempts(
                     return Err(if gone { ProxyError::ClientClosed } else { ProxyError::BadRequest("malformed body") });
                 }
                 Err(client::Failure { error, unsent }) => {
+                    if error.is_local_shortage() {
+                        shed_idle_connections(gw);
+                    }
                     record_failure(&upstream.set, &server, &error, nth);
                     tried.push(server.addr);
                     tracing::debug!(upstream = %upstream.set.name, server = %server.addr, %error, "attempt failed");
@@ -585,6 +588,31 @@ fn attempts(
             }
         }
     }
+}
+
+/// Out of descriptors (a connect or an accept failed with EMFILE): the idle connections kept for every
+/// server are closed, and those in use are not kept after their responses, so that the
+/// next connects find descriptors (a burst of HTTP/2 streams can fill the pools with
+/// more than the open-files limit leaves room for). Once a second at most.
+#[cold]
+#[inline(never)]
+pub(crate) fn shed_idle_connections(gw: &Gateway) {
+    static SHED: Throttle = Throttle::new();
+    if !SHED.allow(1) {
+        return;
+    }
+    let snap = gw.snapshot_guard();
+    let mut idle = 0;
+    for upstream in snap.upstreams.values() {
+        for server in upstream.set.all().iter() {
+            idle += server.pool.idle_count();
+            server.pool.clear();
+        }
+    }
+    tracing::warn!(
+        closed = idle,
+        "out of file descriptors: idle server connections closed (see [limits].max_connections)"
+    );
 }
 
 /// The server for a request's next attempt, other than those it `tried`: an ejected one
