@@ -403,6 +403,12 @@ pub fn render_metrics(gw: &Gateway) -> String {
             m.h2_reset_floods.load(Ordering::Relaxed) as i64,
         ),
         (
+            "swarmgate_connection_limit_waits_total",
+            "counter",
+            "Accepted clients that found the client connections at their limit (max_connections, or the open-files cap) and waited for one to end.",
+            m.connection_limit_waits.load(Ordering::Relaxed) as i64,
+        ),
+        (
             "swarmgate_slow_heads_total",
             "counter",
             "HTTP/1.1 connections closed because a request head did not arrive whole within header_read_timeout (a slowloris, or a client stalled mid-head).",

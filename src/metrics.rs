@@ -130,6 +130,8 @@ pub struct Metrics {
     /// HTTP/1.1 connections closed because a request head did not arrive whole within
     /// `header_read_timeout` (a slowloris, or a client stalled mid-head).
     pub slow_heads: AtomicU64,
+    /// Accepted clients that found the connections at their limit and waited.
+    pub connection_limit_waits: AtomicU64,
 }
 
 /// Escapes a label value (Prometheus text format: backslash, quote, newline).

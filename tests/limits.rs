@@ -332,6 +332,9 @@ async fn connections_past_max_connections_wait_their_turn() {
     let h = gw.admin_get("/healthz").await;
     assert_eq!((h.status, h.text().as_str()), (200, "ok\n"));
     assert_eq!(gw.metric("swarmgate_open_connections").await, Some(2.0));
+    // The wait is counted and said.
+    assert_eq!(gw.metric("swarmgate_connection_limit_waits_total").await, Some(1.0));
+    assert!(gw.logs().contains("client connections at their limit"), "{}", gw.logs());
     // One leaves: the waiting one is served.
     drop(c1);
     let t = Instant::now();

@@ -93,6 +93,9 @@ fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Waits at the connection limit let through to the log (see `serve`).
+static LIMIT_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+
 /// Whether an accept failed for want of descriptors (the process's or the system's).
 pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
     use rustix::io::Errno;
@@ -130,9 +133,25 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
         // Taken after the accept, so that a permit given back goes to a connection that
         // is there: taken before, it could wait with another listener's (or worker's)
         // accept while this listener's clients wait in the backlog.
-        let permit = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
-            p = Arc::clone(&shared.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        let permit = match Arc::clone(&shared.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // At `max_connections` (or the open-files cap): this client waits, and
+                // those behind it in the kernel's backlog.
+                shared.gw.metrics.connection_limit_waits.fetch_add(1, Ordering::Relaxed);
+                if LIMIT_WARNINGS.allow(60) {
+                    tracing::warn!(
+                        "client connections at their limit ([limits].max_connections, or the open-files limit): new clients wait (more within a minute: debug)"
+                    );
+                } else {
+                    tracing::debug!("client connections at their limit: a new client waits");
+                }
+                tokio::select! {
+                    () = shared.shutdown.cancelled() => break,
+                    p = Arc::clone(&shared.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                }
+            }
         };
         // Plain and TLS connections are separate tasks, so a plain connection's task is
         // not sized for the TLS state it never has.
