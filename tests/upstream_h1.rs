@@ -265,6 +265,25 @@ async fn broken_or_ambiguous_responses_are_502() {
     }
 }
 
+/// A status line of a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9110 section
+/// 2.5); another major version is no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_http1_minor_version_is_read_as_http11() {
+    for (reply, status) in [
+        (&b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok"[..], 200),
+        (b"HTTP/1.9 404 Not Found\r\nContent-Length: 2\r\n\r\nno", 404),
+        (b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 502),
+    ] {
+        let s = Scripted::start(reply, true).await;
+        let gw = gateway(s.addr).await;
+        let r = get(gw.http, "app.test", "/").await;
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(reply));
+        if status != 502 {
+            assert_eq!(r.body.len(), 2);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_field_naming_more_fields_than_a_message_has_is_refused() {
     // 101 names: a client's request is a 400 and never reaches a server, whichever reader

@@ -338,6 +338,13 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(invalid("response head too large")),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(invalid("too many response header fields")),
+        // HTTP/1.2 to 1.9: read as HTTP/1.1 (RFC 9110 section 2.5), once rewritten so.
+        Err(httparse::Error::Version)
+            if matches!(buf[..], [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9', b' ', ..]) =>
+        {
+            buf[7] = b'1';
+            return parse_head(buf, method);
+        }
         Err(_) => return Err(invalid("malformed response head")),
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
