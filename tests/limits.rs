@@ -908,9 +908,14 @@ servers = ["@B@"]
 "#;
 
 async fn idle_gateway(b: &Backend) -> Gateway {
+    with_certificate(IDLE, b).start().await
+}
+
+/// A gateway for `config` (routing to `b`) with a certificate for `app.test`.
+fn with_certificate(config: &str, b: &Backend) -> GatewayBuilder {
     let pki = Pki::new();
     let (crt, key) = pki.leaf(&["app.test"]);
-    Gateway::builder(IDLE).var("B", b.addr).file("certs/app.crt", crt).file("certs/app.key", key).start().await
+    Gateway::builder(config).var("B", b.addr).file("certs/app.crt", crt).file("certs/app.key", key)
 }
 
 /// A kept-alive HTTP/1.1 connection with no request is closed after idle_timeout (not
@@ -1416,15 +1421,8 @@ async fn an_h2_request_with_more_than_100_fields_is_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_server_connections_are_shed_when_descriptors_run_out() {
     let b = Backend::start("app").await;
-    let pki = Pki::new();
-    let (crt, key) = pki.leaf(&["app.test"]);
-    let gw = Gateway::builder(&IDLE.replace(r#"idle_timeout = "1s""#, r#"idle_timeout = "60s""#))
-        .var("B", b.addr)
-        .file("certs/app.crt", crt)
-        .file("certs/app.key", key)
-        .open_files("-n 200")
-        .start()
-        .await;
+    let config = IDLE.replace(r#"idle_timeout = "1s""#, r#"idle_timeout = "60s""#);
+    let gw = with_certificate(&config, &b).open_files("-n 200").start().await;
     // 190 streams at once on one connection: each its own server connection, more than
     // the 200 descriptors hold.
     let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
