@@ -145,16 +145,20 @@ impl Gateway {
     }
 
     /// At start: `/readyz` says 503 until every DNS upstream has had its first answer
-    /// (servers, or none), so no load balancer sends traffic that would find an upstream
-    /// empty for want of a lookup: a lookup that fails is no answer. For `at_most`: a
+    /// (servers, or none) and every upstream with health checks has had them run through
+    /// its servers once, so no load balancer sends traffic that would find an upstream
+    /// empty for want of a lookup or a first check: a lookup that fails is no answer. For `at_most`: a
     /// replica whose resolver fails for one name for good still serves its other routes
     /// then (the wait is logged every `remind`). Reloads do not wait: a new upstream is
     /// empty for its first lookup's time, while the rest serve.
     pub async fn await_discovery(&self, at_most: std::time::Duration, remind: std::time::Duration) {
         let started = std::time::Instant::now();
+        // And, with health checks, until their servers have had their first: new servers
+        // get traffic only after a passing one.
         let pending = || -> Vec<String> {
             let snap = self.snapshot();
-            snap.upstreams.values().filter(|u| !u.set.looked_up()).map(|u| u.set.name.clone()).collect()
+            let waits = |u: &Upstream| !u.set.looked_up() || u.config.health.is_some() && !u.set.first_checks_done();
+            snap.upstreams.values().filter(|u| waits(u)).map(|u| u.set.name.clone()).collect()
         };
         let mut reminded = started;
         loop {

@@ -408,3 +408,18 @@ async fn servers_listed_by_a_reload_are_not_held_out_by_a_past_dns_failure() {
     assert!(served, "the listed server never came back:\n{}", gw.logs());
     assert!(b.hits() >= 1);
 }
+
+/// At start, `/readyz` waits for the first health checks of an upstream's servers: a
+/// load balancer would otherwise send requests that find them all still pending (503).
+#[tokio::test]
+async fn readiness_waits_for_the_first_health_checks() {
+    // Every answer, health checks included, takes 800 ms.
+    let slow = support::Backend::start_with_delay("slow", Duration::from_millis(800)).await;
+    let health =
+        r#"health = { path = "/health", interval = "5s", timeout = "2s", healthy_after = 1, unhealthy_after = 2 }"#;
+    let upstream = format!("servers = [\"{}\"]\n{health}", slow.addr);
+    let t0 = Instant::now();
+    let gw = Gateway::start(&config(&upstream, "")).await; // waits for /readyz 200
+    assert!(t0.elapsed() >= Duration::from_millis(700), "ready after {:?}, before any check", t0.elapsed());
+    assert_eq!(support::get(gw.http, "app.test", "/").await.status, 200);
+}

@@ -39,6 +39,7 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
                 (server, result)
             });
         }
+        let round = checks.len();
         while let Some(Ok((server, result))) = checks.join_next().await {
             let streak = streaks.entry(server.addr).or_default();
             match &result {
@@ -69,6 +70,9 @@ pub(super) async fn run(set: Arc<ServerSet>, health: HealthConfig) {
                     }
                 }
             }
+        }
+        if round > 0 {
+            set.mark_checked();
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct ServerSet {
     /// Asks discovery to look up now (a server refused a connection: its task may be
     /// gone, and DNS may already say so).
     resolve_now: tokio::sync::Notify,
+    /// Health checks have been through the set's servers once (a round with one or more
+    /// servers ended): until then its new servers wait for a first check that has not
+    /// come yet, and the start's readiness waits with them.
+    checked: AtomicBool,
     /// Set when a server may be due for a trial or its trial was answered (a back-off
     /// ended, a trial ended, a change of the set); cleared by the request that then looks.
     trial_due: AtomicBool,
@@ -110,6 +114,7 @@ impl ServerSet {
             looked_up: AtomicBool::new(true),
             stale: AtomicBool::new(false),
             resolve_now: tokio::sync::Notify::new(),
+            checked: AtomicBool::new(false),
             trial_due: AtomicBool::new(false),
             stats: SetStats::default(),
         })
@@ -147,6 +152,16 @@ impl ServerSet {
             self.stale.store(true, Ordering::Release);
             self.refresh_eligible_locked();
         }
+    }
+
+    /// A round of health checks went through one or more servers.
+    pub(super) fn mark_checked(&self) {
+        self.checked.store(true, Ordering::Release);
+    }
+
+    /// Whether its servers have had their first health checks (or it has none to check).
+    pub fn first_checks_done(&self) -> bool {
+        self.checked.load(Ordering::Acquire) || self.all.load().is_empty()
     }
 
     /// Whether the last lookup failed (see `stale`).
