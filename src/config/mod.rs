@@ -714,10 +714,10 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
         };
         let (path, path_origin) = t.str("path", "/");
         let path = match normalize_path(path) {
-            Ok(p) => p,
+            Ok(p) => Some(p),
             Err(e) => {
                 t.source().problem(&path_origin, format!("{}.path: {e}", t.name));
-                "/".to_string()
+                None // reported once: not checked any further (for a duplicate, say)
             }
         };
         let strip_path = t.bool("strip_path", false);
@@ -736,7 +736,7 @@ fn read_routes(root: &Table<'_, '_, '_>, upstreams: &BTreeMap<String, UpstreamCo
             );
         }
         t.finish();
-        let Some(host) = host else { continue };
+        let (Some(host), Some(path)) = (host, path) else { continue };
         routes.push(RouteConfig {
             host,
             host_at: root.source().at(&host_origin),
@@ -857,6 +857,21 @@ fn parse_ip_literal(text: &str) -> Option<IpAddr> {
     if maybe { text.parse().ok() } else { None }
 }
 
+/// The keys of an `[upstream.NAME]` table but `health`'s (see [`HEALTH_KEYS`]), for
+/// telling a variable that names an undeclared upstream (`undeclared_upstream`).
+const UPSTREAM_KEYS: [&str; 7] =
+    ["servers", "dns", "resolve_every", "balance", "retries", "connect_timeout", "response_timeout"];
+
+/// The upstream an unread `SWARMGATE_UPSTREAM_<NAME>_<KEY>` names, when `<KEY>` is an
+/// upstream key (lower-cased, as upstream names are read from variables).
+fn undeclared_upstream(var: &str) -> Option<String> {
+    let rest = var.strip_prefix("SWARMGATE_UPSTREAM_")?;
+    let keys = UPSTREAM_KEYS.iter().map(|k| k.to_string()).chain(HEALTH_KEYS.iter().map(|k| format!("health_{k}")));
+    keys.map(|k| format!("_{}", k.to_ascii_uppercase()))
+        .find_map(|k| rest.strip_suffix(&k).map(str::to_ascii_lowercase))
+        .filter(|n| !n.is_empty())
+}
+
 /// Any `SWARMGATE_*` variable that is neither a key that was read nor a known setting.
 fn unknown_env_vars(src: &Source<'_>) {
     let used = src.used_env();
@@ -864,7 +879,12 @@ fn unknown_env_vars(src: &Source<'_>) {
         if !used.contains(var) && !NON_KEY_VARS.contains(&var.as_str()) {
             src.problem(
                 &Origin::Env(var.clone()),
-                "not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)",
+                match undeclared_upstream(var) {
+                    Some(name) => format!(
+                        "no upstream {name:?} in the config file: SWARMGATE_UPSTREAM_<NAME>_<KEY> sets a key of an upstream the file declares"
+                    ),
+                    None => "not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)".to_string(),
+                },
             );
         }
     }
@@ -1258,6 +1278,31 @@ mod tests {
         );
         assert!(lines.contains(&"  u: 1 server(s), p2c"), "{summary}");
         assert!(lines.contains(&"  d: dns tasks.d:80 every 1s500ms, random"), "{summary}");
+    }
+
+    #[test]
+    fn a_route_with_a_bad_path_is_no_duplicate_of_another() {
+        let text = "[[route]]\nhost = \"a.example\"\npath = \"fhir\"\nupstream = \"u\"\n\
+                    [[route]]\nhost = \"a.example\"\nupstream = \"u\"\n\
+                    [upstream.u]\nservers = [\"127.0.0.1:8080\"]\n";
+        let problems = problems(text, &[]);
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("\"fhir\" must start with /"), "{problems:#?}");
+    }
+
+    #[test]
+    fn a_variable_for_an_undeclared_upstream_says_so() {
+        let dns = problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_GHOST_DNS", "tasks.g:80")]);
+        assert_eq!(
+            dns,
+            [
+                "env SWARMGATE_UPSTREAM_GHOST_DNS: no upstream \"ghost\" in the config file: SWARMGATE_UPSTREAM_<NAME>_<KEY> sets a key of an upstream the file declares"
+            ],
+        );
+        let health = problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_GHOST_HEALTH_PATH", "/h")]);
+        assert!(health[0].contains("no upstream \"ghost\""), "{health:#?}");
+        let other = problems(ONE_UPSTREAM, &[("SWARMGATE_UPSTREAM_U_COLOUR", "red")]);
+        assert!(other[0].ends_with("not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"));
     }
 
     #[test]
