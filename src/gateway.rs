@@ -257,9 +257,9 @@ impl Gateway {
         self.retire_upstreams(&config);
         crate::upstream::start_tasks(self, &config);
         if certs.dev_made {
-            tracing::warn!(dir = %config.tls.certs_dir.display(), hosts = ?certs.dev_hosts,
-                "made a self-signed development certificate ({}.crt): browsers will warn; put real certificates in certs_dir or configure [acme]",
-                devcert::DEV_CERT_STEM);
+            let file = config.tls.certs_dir.join(format!("{}.crt", devcert::DEV_CERT_STEM));
+            tracing::warn!(file = %file.display(), route_hosts = ?certs.dev_hosts,
+                "made a self-signed development certificate for localhost, 127.0.0.1, ::1 and the route hosts no certificate covers: browsers will warn; put real certificates in certs_dir, or add an [acme] section");
         }
     }
 

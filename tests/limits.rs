@@ -1452,3 +1452,23 @@ async fn idle_server_connections_are_shed_when_descriptors_run_out() {
     assert!(gw.logs().contains("idle server connections closed"), "{}", gw.logs());
     assert_eq!(gw.metric("swarmgate_upstream_ejections_total{upstream=\"app\"}").await, Some(0.0));
 }
+
+/// A plain CONNECT is 405 (swarmgate is no forward proxy), on the plain port too, where
+/// `redirect_https` would otherwise send it to https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_connect_is_405_on_either_port() {
+    let b = Backend::start("app").await;
+    let gw = with_certificate(&IDLE.replace("redirect_https = false", "redirect_https = true"), &b).start().await;
+    let connect = b"CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(connect).await.unwrap();
+    let (bytes, _) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&bytes), Some(405), "{}", String::from_utf8_lossy(&bytes));
+    assert!(String::from_utf8_lossy(&bytes).ends_with("405 method not allowed\n"));
+    let (mut tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test")).await.unwrap();
+    tls.write_all(connect).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(raw_status(&buf[..n]), Some(405), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(b.hits(), 0);
+}

@@ -251,6 +251,11 @@ fn route_request(
     if req.uri().path() == "*" && req.method() != Method::OPTIONS {
         return Err((ProxyError::BadRequest("asterisk-form request target outside OPTIONS"), None));
     }
+    // A plain CONNECT: swarmgate is no forward proxy (on the plain port too, where a
+    // redirect to https would be no answer to it).
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
+        return Err((ProxyError::MethodNotAllowed("CONNECT"), None));
+    }
     let authority_str = authority.to_str().unwrap_or("");
     if target_too_long(req, limits.max_uri_bytes) {
         return Err((ProxyError::UriTooLong(limits.max_uri_bytes), None));
@@ -278,11 +283,7 @@ fn route_request(
     };
     let route = Arc::clone(route);
     if req.method() == Method::CONNECT {
-        if req.extensions().get::<hyper::ext::Protocol>().is_none() {
-            let stats = RouteRef::Route(Arc::clone(&route.stats));
-            return Err((ProxyError::MethodNotAllowed("CONNECT"), Some(stats)));
-        }
-        return Ok(Routed::Upgrade(route, authority));
+        return Ok(Routed::Upgrade(route, authority)); // extended CONNECT (see above)
     }
     if upgrade::is_h1_upgrade(req) {
         return Ok(Routed::Upgrade(route, authority));
