@@ -221,7 +221,17 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         let client: Option<IpAddr> = (xff && !fwd)
             .then(|| headers.get(&X_FORWARDED_FOR)?.to_str().ok()?.split(',').next()?.trim().parse().ok())
             .flatten();
-        let value = if xff { chain(headers, &X_FORWARDED_FOR, ip) } else { ip };
+        let value = if xff {
+            chain(headers, &X_FORWARDED_FOR, ip)
+        } else if fwd {
+            // Only `Forwarded` from the peer: the clients it names, then the peer, so
+            // that the two fields name the same chain.
+            let mut chain: Vec<String> = forwarded_for(headers).iter().map(IpAddr::to_string).collect();
+            chain.push(ip.to_str().unwrap_or("").to_owned());
+            HeaderValue::from_str(&chain.join(", ")).unwrap_or(ip)
+        } else {
+            ip
+        };
         fields.push((&X_FORWARDED_FOR, value));
         // The public URL is the one the peer says it was reached at, where it says so;
         // a fact it leaves out follows from those it gives (its own `Forwarded` element,
@@ -362,29 +372,9 @@ fn own_element(headers: &HeaderMap) -> Element<'_> {
 /// The `proto` and `host` parameters of the last element of a `Forwarded` value (RFC
 /// 7239 section 4), unquoted.
 fn last_element(value: &str) -> Element<'_> {
-    // Elements are split at commas outside quoted strings.
-    let mut quoted = false;
-    let mut escaped = false;
-    let mut start = 0;
-    for (i, c) in value.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ',' if !quoted => start = i + 1,
-            _ => {}
-        }
-    }
     let mut element = Element::default();
-    for pair in value[start..].split(';') {
-        let Some((name, v)) = pair.split_once('=') else { continue };
-        let v = v.trim();
-        let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-            Some(inner) if inner.contains('\\') => Cow::Owned(inner.replace("\\\"", "\"").replace("\\\\", "\\")),
-            Some(inner) => Cow::Borrowed(inner),
-            None => Cow::Borrowed(v),
-        };
-        let name = name.trim();
+    let last = element_starts(value).last().map_or(value, |start| &value[start..]);
+    for (name, v) in params(last) {
         if name.eq_ignore_ascii_case("proto") {
             element.proto = Some(v);
         } else if name.eq_ignore_ascii_case("host") {
@@ -392,6 +382,66 @@ fn last_element(value: &str) -> Element<'_> {
         }
     }
     element
+}
+
+/// Where the elements of a `Forwarded` value after the first begin: after each comma
+/// outside a quoted string.
+fn element_starts(value: &str) -> impl Iterator<Item = usize> + '_ {
+    let (mut quoted, mut escaped) = (false, false);
+    value.char_indices().filter_map(move |(i, c)| {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => return Some(i + 1),
+            _ => {}
+        }
+        None
+    })
+}
+
+/// The elements of a `Forwarded` value.
+fn elements(value: &str) -> impl Iterator<Item = &str> {
+    let mut starts = std::iter::once(0).chain(element_starts(value)).peekable();
+    std::iter::from_fn(move || {
+        let start = starts.next()?;
+        let end = starts.peek().map_or(value.len(), |next| next - 1);
+        Some(&value[start..end])
+    })
+}
+
+/// An element's `name=value` parameters, values unquoted.
+fn params(element: &str) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
+    element.split(';').filter_map(|pair| {
+        let (name, v) = pair.split_once('=')?;
+        let v = v.trim();
+        let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            Some(inner) if inner.contains('\\') => Cow::Owned(inner.replace("\\\"", "\"").replace("\\\\", "\\")),
+            Some(inner) => Cow::Borrowed(inner),
+            None => Cow::Borrowed(v),
+        };
+        Some((name.trim(), v))
+    })
+}
+
+/// The client addresses a peer's `Forwarded` fields name (`for=`, in order; obfuscated
+/// and `unknown` nodes left out), for the `X-Forwarded-For` of a peer that sent none.
+fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for value in headers.get_all(&FORWARDED).iter().filter_map(|v| v.to_str().ok()) {
+        for element in elements(value) {
+            let Some((_, node)) = params(element).find(|(name, _)| name.eq_ignore_ascii_case("for")) else {
+                continue;
+            };
+            // `192.0.2.43`, `192.0.2.43:47011`, `[2001:db8::1]`, `[2001:db8::1]:4711`.
+            let ip = match node.strip_prefix('[') {
+                Some(rest) => rest.split(']').next().and_then(|v6| v6.parse::<IpAddr>().ok()),
+                None => node.split(':').next().and_then(|v4| v4.parse::<IpAddr>().ok()),
+            };
+            out.extend(ip);
+        }
+    }
+    out
 }
 
 /// A `Forwarded` element's `proto` and `host`, as written.
@@ -674,6 +724,16 @@ mod tests {
         assert_eq!(case(&[("forwarded", "proto=ftp;host=\"a b\"")]), ["http", "gw.internal", "80"]);
         // Nothing said: the gateway's own facts.
         assert_eq!(case(&[]), ["http", "gw.internal", "80"]);
+        // Only `Forwarded`: X-Forwarded-For names the same clients, then the peer.
+        let xff = |given: &[(&str, &str)]| sent(given)(&X_FORWARDED_FOR);
+        let chain = "for=\"[2001:db8::1]:4711\";proto=https, for=_hidden, for=192.0.2.43:47011;host=pub.example.org";
+        assert_eq!(xff(&[("forwarded", chain)]), "2001:db8::1, 192.0.2.43, 10.0.0.2");
+        assert_eq!(xff(&[("forwarded", "for=unknown;proto=https")]), "10.0.0.2");
+        // Its own X-Forwarded-For, when it sends one, is the chain.
+        assert_eq!(
+            xff(&[("forwarded", "for=192.0.2.43"), ("x-forwarded-for", "203.0.113.9")]),
+            "203.0.113.9, 10.0.0.2"
+        );
     }
 
     #[test]
