@@ -338,7 +338,7 @@ health = { path = "/health", interval = "2s" }
     let expected = [
         r#"env SWARMGATE_UPSTREAM_MY_APP_SERVERS: [upstream.my-app].servers: "nonsense" is not an IP:PORT address"#,
         r#"env SWARMGATE_UPSTREAM_MY_APP_HEALTH_PATH: [upstream.my-app].health.path must start with /"#,
-        r#"env SWARMGATE_UPSTREAM_GHOST_SERVERS: not a swarmgate setting (SWARMGATE_<SECTION>_<KEY> of a key that exists)"#,
+        r#"env SWARMGATE_UPSTREAM_GHOST_SERVERS: no upstream "ghost" in the config file: SWARMGATE_UPSTREAM_<NAME>_<KEY> sets a key of an upstream the file declares"#,
         "3 problem(s) in swarmgate.toml",
     ];
     assert_eq!(lines, expected, "{}", out.stderr);
