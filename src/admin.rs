@@ -47,7 +47,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken)
                     } else {
                         tracing::debug!(error = %e, "admin accept failed");
                     }
-                    if crate::proxy::listener::out_of_descriptors(&e) {
+                    if crate::proxy::listener::local_shortage(&e) {
                         crate::proxy::shed_idle_connections(&admin.gw);
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -223,7 +223,7 @@ fn upstreams_json(gw: &Gateway) -> String {
                 "balance": match u.config.balance { crate::config::Balance::Random => "random", crate::config::Balance::P2c => "p2c" },
                 "discovery": u.config.dns.as_ref().map(|d| format!("{}:{}", d.name, d.port)),
                 // Its last lookup failed: the servers are the last ones DNS listed.
-                "dns_failing": u.config.dns.is_some() && u.set.is_stale(),
+                "dns_failing": u.set.is_stale(),
                 "servers": servers,
             })
         })
@@ -349,8 +349,7 @@ pub fn render_metrics(gw: &Gateway) -> String {
         "1 while a DNS upstream's last lookup got no answer (its servers are the last ones listed).",
     );
     for n in &names {
-        let u = &snap.upstreams[*n];
-        let failing = u8::from(u.config.dns.is_some() && u.set.is_stale());
+        let failing = u8::from(snap.upstreams[*n].set.is_stale());
         let _ = writeln!(out, "swarmgate_upstream_dns_failing{{upstream=\"{}\"}} {failing}", label(n));
     }
     let simple = [

@@ -164,18 +164,18 @@ impl Gateway {
         loop {
             let waiting = pending();
             if waiting.is_empty() {
-                tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "DNS upstreams looked up");
+                tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "upstreams looked up and checked");
                 break;
             }
             if started.elapsed() >= at_most {
                 tracing::warn!(upstreams = ?waiting, waited_s = started.elapsed().as_secs(),
-                    "ready with no DNS answer yet for these upstreams: they answer 503 until one comes");
+                    "ready with no DNS answer or first health checks yet for these upstreams: they answer 503 until then");
                 break;
             }
             if reminded.elapsed() >= remind {
                 reminded = std::time::Instant::now();
                 tracing::warn!(upstreams = ?waiting, waited_s = started.elapsed().as_secs(),
-                    "not ready: no DNS answer yet for these upstreams (/readyz says 503, starting)");
+                    "not ready: no DNS answer or first health checks yet for these upstreams (/readyz says 503, starting)");
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

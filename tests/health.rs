@@ -71,6 +71,11 @@ async fn wait_state(gw: &Gateway, addr: SocketAddr, want: &str) {
     }
 }
 
+/// Whether a request is answered 200 within 10 s (tried again and again).
+async fn served_within_10_s(gw: &Gateway) -> bool {
+    support::wait_until_async(Duration::from_secs(10), || async { get_n(gw, 1).await == vec![200] }).await
+}
+
 async fn get_n(gw: &Gateway, n: usize) -> Vec<u16> {
     let mut conn = support::H1::connect(gw.http).await;
     let mut out = Vec::new();
@@ -305,8 +310,7 @@ async fn a_server_failing_while_dns_fails_stays_out_until_dns_lists_it_again() {
 
     // DNS answers again and lists the address: it is this service's again, and tried.
     dns.rcode.store(0, Ordering::Relaxed);
-    let served =
-        support::wait_until_async(Duration::from_secs(10), || async { get_n(&gw, 1).await == vec![200] }).await;
+    let served = served_within_10_s(&gw).await;
     assert!(served, "{}", gw.logs());
     assert!(other.hits() >= 1);
 }
@@ -403,8 +407,7 @@ async fn servers_listed_by_a_reload_are_not_held_out_by_a_past_dns_failure() {
     let refused = get_n(&gw, 1).await;
     assert!(refused[0] == 502 || refused[0] == 503, "{refused:?}");
     let b = Server::start(pinned).await;
-    let served =
-        support::wait_until_async(Duration::from_secs(10), || async { get_n(&gw, 1).await == vec![200] }).await;
+    let served = served_within_10_s(&gw).await;
     assert!(served, "the listed server never came back:\n{}", gw.logs());
     assert!(b.hits() >= 1);
 }

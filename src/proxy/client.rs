@@ -321,14 +321,10 @@ impl SendError {
         !matches!(self, SendError::ClientBody(_) | SendError::ClientStalled { .. }) && !self.is_local_shortage()
     }
 
-    /// A connect that failed for want of something here (descriptors, buffers, memory),
-    /// not for anything the server did: it would fail on any server alike. (Not
-    /// EADDRNOTAVAIL: out of local ports, but also an IPv6 server seen from a container
-    /// without IPv6, which is that server's to be ejected for.)
+    /// A connect that failed for want of something here, not for anything the server
+    /// did: it would fail on any server alike (see `listener::local_shortage`).
     pub fn is_local_shortage(&self) -> bool {
-        use rustix::io::Errno;
-        let SendError::Connect { source, .. } = self else { return false };
-        matches!(Errno::from_io_error(source), Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM))
+        matches!(self, SendError::Connect { source, .. } if super::listener::local_shortage(source))
     }
 }
 

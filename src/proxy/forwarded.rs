@@ -208,14 +208,9 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
     let mut fields: Vec<(&'static HeaderName, HeaderValue)> = Vec::with_capacity(NAMES.len());
     if f.trusted {
         let chain = |headers: &mut HeaderMap, name: &'static HeaderName, value: HeaderValue| {
-            let mut all: Vec<String> =
-                headers.get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect();
+            let all = headers.get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect();
             headers.remove(name);
-            if all.is_empty() {
-                return value;
-            }
-            all.push(value.to_str().unwrap_or("").to_owned());
-            HeaderValue::from_str(&all.join(", ")).unwrap_or(value)
+            extended(all, value)
         };
         // The client its X-Forwarded-For names first, for a `Forwarded` of ours alone.
         let client: Option<IpAddr> = (xff && !fwd)
@@ -226,9 +221,7 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
         } else if fwd {
             // Only `Forwarded` from the peer: the clients it names, then the peer, so
             // that the two fields name the same chain.
-            let mut chain: Vec<String> = forwarded_for(headers).iter().map(IpAddr::to_string).collect();
-            chain.push(ip.to_str().unwrap_or("").to_owned());
-            HeaderValue::from_str(&chain.join(", ")).unwrap_or(ip)
+            extended(forwarded_for(headers).iter().map(IpAddr::to_string).collect(), ip)
         } else {
             ip
         };
@@ -422,6 +415,15 @@ fn params(element: &str) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
         };
         Some((name.trim(), v))
     })
+}
+
+/// `members` then `last`, as one comma-separated list (`last` alone without members).
+fn extended(mut members: Vec<String>, last: HeaderValue) -> HeaderValue {
+    if members.is_empty() {
+        return last;
+    }
+    members.push(last.to_str().unwrap_or("").to_owned());
+    HeaderValue::from_str(&members.join(", ")).unwrap_or(last)
 }
 
 /// The client addresses a peer's `Forwarded` fields name (`for=`, in order; obfuscated

@@ -124,10 +124,7 @@ where
                 () = until(&mut closing), if closing.is_some() => return Outcome::Closed,
                 why = watchdog.as_mut() => {
                     if why != Expired::Park {
-                        tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                        if why == Expired::SlowHead {
-                            ctx.shared.gw.metrics.slow_heads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
+                        super::listener::closed_by_timeout(&ctx.shared.gw, why);
                         return Outcome::Closed;
                     }
                     if buf.is_empty() && !io.has_unread() {

@@ -93,13 +93,25 @@ fn detect_dead_peers(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An HTTP/1.1 connection closed by its watchdog (`why`): a slow head is counted
+/// (`swarmgate_slow_heads_total`), so that a slowloris leaves a trace.
+pub(super) fn closed_by_timeout(gw: &Gateway, why: Expired) {
+    tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
+    if why == Expired::SlowHead {
+        gw.metrics.slow_heads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Waits at the connection limit let through to the log (see `serve`).
 static LIMIT_WARNINGS: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
 
-/// Whether an accept failed for want of descriptors (the process's or the system's).
-pub(crate) fn out_of_descriptors(e: &std::io::Error) -> bool {
+/// Whether an accept or a connect failed for want of something here (descriptors, the
+/// process's or the system's; buffers; memory), not for anything its peer did. (Not
+/// EADDRNOTAVAIL: out of local ports, but also an IPv6 server seen from a container
+/// without IPv6, which is that server's to be ejected for.)
+pub(crate) fn local_shortage(e: &std::io::Error) -> bool {
     use rustix::io::Errno;
-    matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE))
+    matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM))
 }
 
 /// Accept failures let through to the log (see `serve`); shared with the admin listener.
@@ -122,7 +134,7 @@ pub async fn serve(listener: TcpListener, kind: Kind, shared: Shared) {
                     } else {
                         tracing::debug!(error = %e, "accept failed");
                     }
-                    if out_of_descriptors(&e) {
+                    if local_shortage(&e) {
                         super::shed_idle_connections(&shared.gw);
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -505,10 +517,7 @@ where
             }
             why = watchdog.as_mut() => {
                 if why != Expired::Park {
-                    tracing::debug!(?why, "HTTP/1.1 connection closed by its timeout");
-                    if why == Expired::SlowHead {
-                        shared.gw.metrics.slow_heads.fetch_add(1, Ordering::Relaxed);
-                    }
+                    closed_by_timeout(&shared.gw, why);
                     return Session::Over(handover); // nothing is in flight: dropping the connection closes it
                 }
                 if closing.is_some() {

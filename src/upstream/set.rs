@@ -136,20 +136,22 @@ impl ServerSet {
     /// lists the servers: the set is what its source says again.
     pub fn answered(&self) {
         self.looked_up.store(true, Ordering::Release);
-        if self.stale.load(Ordering::Acquire) {
-            let _g = self.lock();
-            self.stale.store(false, Ordering::Release);
-            // Trials held back while stale may be due.
-            self.trial_due.store(true, Ordering::SeqCst);
-            self.refresh_eligible_locked();
-        }
+        self.set_stale(false);
     }
 
     /// A lookup failed: the servers are kept, unconfirmed (see `stale`).
     pub(super) fn lookup_failed(&self) {
-        if !self.stale.load(Ordering::Acquire) {
+        self.set_stale(true);
+    }
+
+    fn set_stale(&self, stale: bool) {
+        if self.stale.load(Ordering::Acquire) != stale {
             let _g = self.lock();
-            self.stale.store(true, Ordering::Release);
+            self.stale.store(stale, Ordering::Release);
+            if !stale {
+                // Trials held back while stale may be due.
+                self.trial_due.store(true, Ordering::SeqCst);
+            }
             self.refresh_eligible_locked();
         }
     }
