@@ -345,6 +345,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
             buf[7] = b'1';
             return parse_head(buf, method);
         }
+        // The same version with the read ending right after it: the rest is to come.
+        Err(httparse::Error::Version) if matches!(buf[..], [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9']) => {
+            return Ok(None);
+        }
         Err(_) => return Err(invalid("malformed response head")),
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
@@ -1222,9 +1226,15 @@ mod tests {
 
     #[test]
     fn a_partial_head_waits_and_a_bad_or_huge_one_fails() {
-        let full = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        for cut in 0..full.len() {
-            assert!(parse(&full[..cut], Method::GET).expect("no error on a prefix").is_none(), "cut at {cut}");
+        // HTTP/1.2 is read as HTTP/1.1: a read that ends right after its version waits too.
+        for full in ["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "HTTP/1.2 200 OK\r\nContent-Length: 0\r\n\r\n"] {
+            for cut in 0..full.len() {
+                assert!(
+                    parse(&full[..cut], Method::GET).expect("no error on a prefix").is_none(),
+                    "{full:?} cut at {cut}"
+                );
+            }
+            assert!(parse(full, Method::GET).expect("a head").is_some());
         }
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP"[..]);
         assert!(parse_head(&mut buf, &Method::GET).expect("ok").is_some());
