@@ -244,6 +244,41 @@ a\r\n0123456789\r\n0\r\n\r\n",
     assert_eq!(get_n(&s, 2, 200, "0123456789").await, 2, "ambiguous framing: the connection is not reused");
 }
 
+/// A length the server repeated or listed (`5` twice, `5, 5`) reaches a client as the one
+/// number it says (RFC 9110 section 8.6): an HTTP/2 client refuses a response with two
+/// (RFC 9113 section 8.1.1), and one written as a list is no number to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_or_listed_length_reaches_the_client_once() {
+    let config = CONFIG
+        .replace(r#"https = """#, r#"https = "@HTTPS@""#)
+        .replace("[limits]", "[proxy]\nredirect_https = false\n\n[limits]");
+    for reply in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\nContent-Length: 5\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nX-Final: yes\r\n\r\nhello",
+    ] {
+        let s = Scripted::start(reply, false).await;
+        let gw = Gateway::builder(&config).var("B", s.addr).start().await;
+        // The development certificate covers localhost.
+        let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("localhost").alpn(&[b"h2"])).await.unwrap();
+        let r = H2::over(tls).await.get("localhost", "/").await;
+        assert_eq!(
+            (r.status, r.text().as_str(), r.header_all("content-length"), r.header("x-final")),
+            (200, "hello", vec!["5".to_string()], Some("yes")),
+            "HTTP/2, the server sent {:?}",
+            String::from_utf8_lossy(reply)
+        );
+        let (raw, _) = raw_exchange(
+            gw.http,
+            b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        assert!(text.ends_with("\r\n\r\nhello") && text.matches("content-length").count() == 1, "{text}");
+        assert!(text.contains("\r\ncontent-length: 5\r\n"), "{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_or_ambiguous_responses_are_502() {
     for reply in [

@@ -622,11 +622,8 @@ pub fn encode_head(
     out.extend_from_slice(reason.unwrap_or_default());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
-    // The length is written below.
+    // The length is written below (a server's is not among its fields: `h1::parse_head`).
     for (name, line) in fields.iter().flat_map(|f| f.lines()) {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            continue;
-        }
         has_date |= name.eq_ignore_ascii_case(b"date");
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");

@@ -310,9 +310,13 @@ impl Fields {
         }
     }
 
-    /// Appends the fields to `map`; their values share the head's bytes.
+    /// Appends the fields to `map`, their values sharing the head's bytes, and the
+    /// length, if there is one.
     pub fn append_to(self, map: &mut HeaderMap) {
-        map.reserve(self.at.len());
+        map.reserve(self.at.len() + 1);
+        if let Some(n) = self.length {
+            map.append(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         for f in &self.at {
             let name = HeaderName::from_bytes(self.bytes(f.name));
             let value = HeaderValue::from_maybe_shared(self.raw.slice(f.value.0 as usize..f.value.1 as usize));
@@ -372,8 +376,13 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
             noted.note_hop(which, field.value);
             continue;
         }
-        if name.eq_ignore_ascii_case(b"content-length") && !matches!(noted.length, Some(Err(_))) {
-            noted.length = Some(content_length(field.value, noted.length.and_then(Result::ok)));
+        // Framing: passed on as the one number it says (`Fields::length`), however the
+        // server repeated or listed it (RFC 9110 section 8.6).
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if !matches!(noted.length, Some(Err(_))) {
+                noted.length = Some(content_length(field.value, noted.length.and_then(Result::ok)));
+            }
+            continue;
         }
         at.push(FieldAt::within(base, name, field.value));
     }
@@ -1199,13 +1208,14 @@ mod tests {
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\nX-Private: 1\r\n\
              Proxy-Connection: close\r\nUpgrade: h2c\r\nTE: trailers\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\n",
         );
-        assert_eq!(names(&h), ["X-Kept", "Content-Length"]);
+        // The length is framing, kept as a number (`Fields::length`), not as a field.
+        assert_eq!((names(&h), h.fields.length), (vec!["X-Kept"], Some(2)));
         assert_eq!((h.framing, h.keep_alive), (Framing::Length(2), true), "Proxy-Connection is not Connection");
         // What Connection says still counts, whatever its case and however many lines.
         let h =
             head("HTTP/1.0 200 OK\r\nCONNECTION: X-A\r\nX-A: 1\r\nconnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
         assert!(h.keep_alive);
-        assert_eq!(names(&h), ["Content-Length"]);
+        assert!(names(&h).is_empty(), "{:?}", h.fields);
         let h = head("HTTP/1.1 200 OK\r\nX-B: 1\r\nConnection: x-b,, CLOSE\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(names(&h).is_empty(), "{:?}", h.fields);
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
