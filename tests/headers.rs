@@ -150,22 +150,31 @@ async fn spoofed_headers_from_an_untrusted_peer_are_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn underscore_spellings_of_the_forwarding_fields_never_reach_the_server() {
-    // CGI-style servers read X_Forwarded_For as X-Forwarded-For (HTTP_X_FORWARDED_FOR).
-    // Removed on both readers (a request without a body, and one hyper reads), and from a
+async fn underscore_spellings_of_the_forwarding_and_framing_fields_never_reach_the_server() {
+    // CGI-style servers read X_Forwarded_For as X-Forwarded-For (HTTP_X_FORWARDED_FOR),
+    // and a server reading `_` as `-` would frame by Transfer_Encoding. Removed on both
+    // readers (a request without a body, and one hyper reads), and from a
     // trusted peer too: no proxy spells them so.
     for trusted in ["", "\"127.0.0.0/8\""] {
         let (gw, b) = gateway(trusted).await;
         for (start, end) in [("GET / HTTP/1.1", ""), ("POST / HTTP/1.1", "Content-Length: 2\r\n")] {
             let request = format!(
                 "{start}\r\nHost: app.test\r\nX_Forwarded_For: 6.6.6.6\r\nx_forwarded_proto: https\r\n\
-                 X-Forwarded_Host: evil.test\r\nX_Request_Id: spoofed\r\nX_Other: kept\r\n{end}\
+                 X-Forwarded_Host: evil.test\r\nX_Request_Id: spoofed\r\nX_Other: kept\r\n\
+                 Transfer_Encoding: chunked\r\nContent_Length: 44\r\n{end}\
                  Connection: close\r\n\r\n{}",
                 if end.is_empty() { "" } else { "ok" }
             );
             assert_eq!(raw(&gw, &request).await.status, 200);
             let seen = b.last();
-            for gone in ["x_forwarded_for", "x_forwarded_proto", "x-forwarded_host", "x_request_id"] {
+            for gone in [
+                "x_forwarded_for",
+                "x_forwarded_proto",
+                "x-forwarded_host",
+                "x_request_id",
+                "transfer_encoding",
+                "content_length",
+            ] {
                 assert!(
                     !seen.has(gone),
                     "{gone} reached the server ({start}, trusted {trusted:?}): {:?}",

@@ -627,6 +627,8 @@ async fn foreign_codings_and_odd_authorities_never_reach_the_server() {
         ("GET / HTTP/1.1\r\nHost: app.test:abc\r\nConnection: close\r\n\r\n", "port"),
         ("GET / HTTP/1.1\r\nHost: app.test:99999\r\nConnection: close\r\n\r\n", "port"),
         ("GET / HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n", "bracket"),
+        ("GET / HTTP/1.1\r\nHost: app.test:80:80\r\nConnection: close\r\n\r\n", "two ports"),
+        ("GET http://app.test/x HTTP/1.1\r\nConnection: close\r\n\r\n", "no Host in HTTP/1.1"),
         ("GET * HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", "asterisk-form"),
         (
             "POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n\
@@ -1412,6 +1414,28 @@ async fn an_h2_request_with_more_than_100_fields_is_431() {
     assert_eq!(r.status, 200);
     let cookie = b.last().header("cookie").unwrap().to_string();
     assert!(cookie.starts_with("c0=v; c1=v") && cookie.ends_with("c59=v"), "{cookie}");
+}
+
+/// RFC 9113 section 8.2.1: an HTTP/2 field value with a space or tab at either end is
+/// malformed; HTTP/1.1 has no room for one, so the server would read another value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_field_value_with_whitespace_at_an_end_is_400() {
+    let b = Backend::start("app").await;
+    let gw = idle_gateway(&b).await;
+    let (tls, _) = tls_connect(gw.https, &TlsOpts::sni("app.test").alpn(&[b"h2"])).await.unwrap();
+    let mut h2 = H2::over(tls).await;
+    for value in [" a", "a ", "a\t", "\ta"] {
+        let mut req = req2("GET", "app.test", "/").body(empty()).unwrap();
+        req.headers_mut().insert("x-a", hyper::header::HeaderValue::from_str(value).unwrap());
+        let r = h2.send(req).await.unwrap();
+        assert_eq!(r.status, 400, "{value:?}");
+    }
+    assert_eq!(b.hits(), 0);
+    // Whitespace within a value is no matter; the connection still serves.
+    let mut req = req2("GET", "app.test", "/").body(empty()).unwrap();
+    req.headers_mut().insert("x-a", hyper::header::HeaderValue::from_static("a b\tc"));
+    assert_eq!(h2.send(req).await.unwrap().status, 200);
+    assert_eq!(b.last().header("x-a"), Some("a b\tc"));
 }
 
 /// A burst of HTTP/2 streams can take more server connections than the open-files limit

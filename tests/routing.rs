@@ -208,6 +208,26 @@ async fn host_and_query_reach_the_server_as_sent() {
     assert_eq!(&seen.body[..], b"{\"a\":1}");
 }
 
+/// Raw bytes other than ASCII in a target (curl sends `/café` as UTF-8) reach the server
+/// percent-encoded: a URI is ASCII (RFC 3986 section 2), and raw, U+2028 or U+0085 end a
+/// line for some readers of the server's logs and of the gateway's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_other_than_ascii_in_a_target_reach_the_server_percent_encoded() {
+    let s = setup().await;
+    let request =
+        "GET /fhir/caf\u{e9}?name=Jos\u{e9}&x=\u{2028} HTTP/1.1\r\nHost: a.example.test\r\nConnection: close\r\n\r\n";
+    let (raw, _) = raw_exchange(s.gw.http, request.as_bytes(), Duration::from_secs(5)).await;
+    let r = parse_raw(&raw);
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("fhir")), "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(s.fhir.last().uri, "/fhir/caf%C3%A9?name=Jos%C3%A9&x=%E2%80%A8");
+    // A target already encoded is left as it is.
+    let r = get(s.gw.http, "a.example.test", "/fhir/caf%C3%A9?q=%e2%80%a8").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.fhir.last().uri, "/fhir/caf%C3%A9?q=%e2%80%a8");
+    let logged = wait_until(Duration::from_secs(5), || s.gw.logs().contains("path=/fhir/caf%C3%A9 ")).await;
+    assert!(logged && !s.gw.logs().contains('\u{2028}'), "the access log: {}", s.gw.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_target_routes_by_its_authority() {
     let s = setup().await;

@@ -216,14 +216,16 @@ async fn request_trailers_reach_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_that_may_not_be_trailers_are_dropped() {
-    // Fields that frame, route or authenticate (RFC 9110 section 6.5.1), hop-by-hop ones,
+    // Fields that frame, route, authenticate or condition the request (RFC 9110 section
+    // 6.5.1), hop-by-hop ones,
     // and those the gateway writes for the server: a client must not add them after the
     // head. (Written raw: hyper's own client sends only the trailers `Trailer` declares.)
     let (gw, b, _) = setup().await;
     let request = "POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
                    5\r\nhello\r\n0\r\nX-Digest: sha-256=abc\r\nX-Forwarded-For: 6.6.6.6\r\nX_Forwarded_Proto: https\r\n\
                    X-Request-Id: spoofed\r\nHost: evil.test\r\nContent-Length: 99\r\nAuthorization: Bearer forged\r\n\
-                   Keep-Alive: 1\r\n\r\n";
+                   Keep-Alive: 1\r\nCookie: session=forged\r\nRange: bytes=0-1\r\nIf-None-Match: \"x\"\r\n\
+                   If-Match: *\r\nExpect: 100-continue\r\nPragma: no-cache\r\n\r\n";
     let (raw, _) = raw_exchange(gw.http, request.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(raw_status(&raw), Some(200), "{}", String::from_utf8_lossy(&raw));
     let seen = b.last();

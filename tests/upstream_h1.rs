@@ -283,6 +283,9 @@ async fn a_repeated_or_listed_length_reaches_the_client_once() {
 async fn broken_or_ambiguous_responses_are_502() {
     for reply in [
         &b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok"[..],
+        // RFC 9110 section 15: codes outside 100-599 are invalid.
+        b"HTTP/1.1 600 Custom\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 999 Custom\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",

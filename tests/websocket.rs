@@ -131,6 +131,29 @@ fn raw_upgrade(path: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A WebSocket handshake carrying a body: the server would take the tunnel's first bytes
+/// for the body its head announces. Refused, and nothing reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_request_with_a_body_is_400() {
+    let (gw, b, _) = setup().await;
+    for framing in ["Content-Length: 5\r\n\r\nhello", "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"] {
+        let mut request = raw_upgrade("/ws");
+        request.truncate(request.len() - 2);
+        request.extend_from_slice(framing.as_bytes());
+        let (raw, _) = raw_exchange(gw.http, &request, Duration::from_secs(5)).await;
+        assert_eq!(raw_status(&raw), Some(400), "{framing}: {}", String::from_utf8_lossy(&raw));
+    }
+    assert_eq!(b.hits(), 0);
+    // With an empty one, the handshake goes through.
+    let mut request = raw_upgrade("/ws");
+    request.truncate(request.len() - 2);
+    request.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    let (head, _) = read_head(&mut s, Vec::new()).await.expect("an answer");
+    assert_eq!(raw_status(&head), Some(101), "{}", String::from_utf8_lossy(&head));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_says_the_connection_closes() {
     let (gw, _b, _) = setup().await;

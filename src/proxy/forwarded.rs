@@ -169,18 +169,24 @@ fn listed(names: &[&[u8]], name: &[u8]) -> bool {
     names.iter().any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n))
 }
 
-/// Whether `name` is one of those fields spelt with `_` for `-` (`X_Forwarded_For`).
-/// Servers with CGI-style variables (WSGI, Rack, PHP) read both spellings as one
-/// (`HTTP_X_FORWARDED_FOR`), so a client could pass its own value in under the other
-/// spelling: such a field is removed, whoever sent it.
+/// The framing fields, whose look-alikes are removed too (see [`is_lookalike`]).
+const FRAMING_BYTES: [&[u8]; 2] = [b"content-length", b"transfer-encoding"];
+
+/// Whether `name` is one of those fields, or a framing field, spelt with `_` for `-`
+/// (`X_Forwarded_For`, `Transfer_Encoding`). Servers with CGI-style variables (WSGI,
+/// Rack, PHP) read both spellings as one (`HTTP_X_FORWARDED_FOR`), so a client could pass
+/// its own value in under the other spelling, and a server that reads `_` as `-` would
+/// frame the request by a field the gateway did not: such a field is removed, whoever
+/// sent it.
 #[inline]
 pub fn is_lookalike(name: &[u8]) -> bool {
     let alike = |ours: &u8, theirs: &u8| *ours == theirs.to_ascii_lowercase() || (*ours == b'-' && *theirs == b'_');
-    // `Forwarded` has no `-`; the others begin with `x` or `f`.
-    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
+    // `Forwarded` has no `-`; the others begin with `x`, `f`, `c` or `t`.
+    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f' | b'c' | b't'))
         && NAME_BYTES
             .iter()
             .chain(&CLAIM_BYTES)
+            .chain(&FRAMING_BYTES)
             .any(|n| n.len() == name.len() && n.iter().zip(name).all(|(o, t)| alike(o, t)))
         && name.contains(&b'_')
 }
@@ -578,10 +584,29 @@ mod tests {
 
     #[test]
     fn lookalikes_are_the_forwarding_names_with_underscores() {
-        for name in ["X_Forwarded_For", "x_forwarded-proto", "X-Forwarded_Host", "X_FORWARDED_PORT", "x_request_id"] {
+        for name in [
+            "X_Forwarded_For",
+            "x_forwarded-proto",
+            "X-Forwarded_Host",
+            "X_FORWARDED_PORT",
+            "x_request_id",
+            "Content_Length",
+            "transfer_encoding",
+        ] {
             assert!(is_lookalike(name.as_bytes()), "{name}");
         }
-        for name in ["X-Forwarded-For", "Forwarded", "X_Forwarded_Forx", "X_Custom_Header", "x_forwarded", "_"] {
+        for name in [
+            "X-Forwarded-For",
+            "Forwarded",
+            "X_Forwarded_Forx",
+            "X_Custom_Header",
+            "x_forwarded",
+            "_",
+            "Content-Length",
+            "Content_Type",
+            "Transfer-Encoding",
+            "te_",
+        ] {
             assert!(!is_lookalike(name.as_bytes()), "{name}");
         }
     }

@@ -355,7 +355,13 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         }
         Err(_) => return Err(invalid("malformed response head")),
     };
-    let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| invalid("bad status code"))?;
+    // 100 to 599: RFC 9110 section 15 makes the rest invalid (a client would take one for a
+    // 5xx; the gateway answers 502).
+    let status = resp
+        .code
+        .filter(|c| (100..=599).contains(c))
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| invalid("bad status code"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // One copy of the head; the fields are where they lie in it.
     let raw = Bytes::copy_from_slice(&buf[..len]);

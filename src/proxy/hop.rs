@@ -79,10 +79,11 @@ pub fn chunked_codings(value: &[u8]) -> Option<usize> {
 }
 
 /// Whether a field may travel in a trailer section (RFC 9110 section 6.5.1): not one
-/// that frames, routes, authenticates or describes the content, which are acted on before
-/// the content arrives; not a hop-by-hop one; and not one the gateway writes for the
-/// server (`X-Forwarded-*`, `Forwarded`, `X-Request-Id`, or a look-alike of them), which
-/// a client could otherwise add after the head.
+/// that frames, routes, authenticates, controls or conditions the request or describes
+/// the content, which are acted on before the content arrives (a server merging
+/// trailers into the head would act on them anyway); not a hop-by-hop one; and not one
+/// the gateway writes for the server (`X-Forwarded-*`, `Forwarded`, `X-Request-Id`, or a
+/// look-alike of them), which a client could otherwise add after the head.
 pub fn may_be_trailer(name: &HeaderName) -> bool {
     let forbidden = matches!(
         *name,
@@ -92,11 +93,21 @@ pub fn may_be_trailer(name: &HeaderName) -> bool {
             | header::CONTENT_LENGTH
             | header::CONTENT_RANGE
             | header::CONTENT_TYPE
+            | header::COOKIE
+            | header::EXPECT
             | header::HOST
+            | header::IF_MATCH
+            | header::IF_MODIFIED_SINCE
+            | header::IF_NONE_MATCH
+            | header::IF_RANGE
+            | header::IF_UNMODIFIED_SINCE
             | header::MAX_FORWARDS
+            | header::PRAGMA
+            | header::PROXY_AUTHORIZATION
+            | header::RANGE
             | header::SET_COOKIE
             | header::TRAILER
-            | header::PROXY_AUTHORIZATION
+            | header::WWW_AUTHENTICATE
     );
     let bytes = name.as_str().as_bytes();
     !forbidden

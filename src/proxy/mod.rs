@@ -98,6 +98,12 @@ pub fn handle(
         // A guard, not a clone: no shared reference count written per request (arc-swap
         // falls back to a full reference by itself when a thread holds many at once).
         let snap = gw.snapshot_guard();
+        if !req.uri().path_and_query().is_none_or(|t| t.as_str().is_ascii()) {
+            if let Err(err) = encode_non_ascii(&mut req) {
+                AccessLog::write_refusal(&req, &err, start);
+                return local_error(&err, &unrouted(gw), start);
+            }
+        }
         let dots = route::dot_segments(req.uri().path());
         if dots != route::DotSegments::None {
             if let Err(err) = resolve_dot_segments(&mut req, dots, snap.proxy.limits.max_uri_bytes) {
@@ -162,6 +168,34 @@ fn resolve_dot_segments(
     let mut parts = req.uri().clone().into_parts();
     // Fewer characters of the same kinds: it parses. Should it not, the path would be
     // routed unresolved: refused instead.
+    parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    Ok(())
+}
+
+/// Whether a field value begins or ends with a space or a tab.
+fn padded(value: &[u8]) -> bool {
+    matches!(value.first(), Some(b' ' | b'\t')) || matches!(value.last(), Some(b' ' | b'\t'))
+}
+
+/// Percent-encodes the bytes of the request's path and query that are not ASCII (a URI
+/// is ASCII, RFC 3986 section 2; raw UTF-8 comes from clients that do not encode, such as
+/// curl given it). Servers decode `%C3%A9` to the bytes the client meant; raw, servers and
+/// log readers would each read them their own way (U+2028 and U+0085 end a line for some).
+#[cold]
+#[inline(never)]
+fn encode_non_ascii(req: &mut Request<ClientBody>) -> Result<(), ProxyError> {
+    use std::fmt::Write as _;
+    let Some(raw) = req.uri().path_and_query() else { return Ok(()) };
+    let mut target = String::with_capacity(raw.as_str().len() * 3);
+    for &b in raw.as_str().as_bytes() {
+        if b.is_ascii() {
+            target.push(char::from(b));
+        } else {
+            let _ = write!(target, "%{b:02X}");
+        }
+    }
+    let mut parts = req.uri().clone().into_parts();
     parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     Ok(())
@@ -238,6 +272,12 @@ fn route_request(
             return Err((ProxyError::HeadTooLarge, None));
         }
     }
+    // RFC 9113 section 8.2.1: an HTTP/2 field value beginning or ending with a space or
+    // tab makes the request malformed (HTTP/1.1's grammar has no room for one, so a
+    // server would read another value than the gateway passed on). The h2 crate lets it by.
+    if req.version() == Version::HTTP_2 && req.headers().values().any(|v| padded(v.as_bytes())) {
+        return Err((ProxyError::BadRequest("a field value beginning or ending with whitespace"), None));
+    }
     if matches!(req.body(), ClientBody::Hyper(_)) && req.version() <= Version::HTTP_11 {
         let codings = req.headers().get_all(header::TRANSFER_ENCODING);
         match codings.iter().map(|v| hop::chunked_codings(v.as_bytes())).sum::<Option<usize>>() {
@@ -286,6 +326,19 @@ fn route_request(
         return Ok(Routed::Upgrade(route, authority)); // extended CONNECT (see above)
     }
     if upgrade::is_h1_upgrade(req) {
+        // A WebSocket handshake is a GET without content (RFC 6455 section 4.1); a body the
+        // server would have to read before the switch (RFC 9110 section 7.8) has no place
+        // in a tunnel, whose first bytes the server would take for it.
+        let has_body = match req.body() {
+            ClientBody::Empty => false,
+            ClientBody::Hyper(body) => !http_body::Body::is_end_stream(body),
+        };
+        if has_body {
+            return Err((
+                ProxyError::BadRequest("an upgrade request with a body"),
+                Some(RouteRef::Route(Arc::clone(&route.stats))),
+            ));
+        }
         return Ok(Routed::Upgrade(route, authority));
     }
     Ok(Routed::Forward(route, authority))
@@ -383,6 +436,11 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
+    // RFC 9112 section 3.2: an HTTP/1.1 request without Host is refused, whatever its
+    // target names (an HTTP/2 request names its authority in `:authority`).
+    if first.is_none() && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("missing Host header"));
+    }
     if let Some(auth) = req.uri().authority() {
         // The authority-form (`host:port`) is CONNECT's alone (RFC 9112 section 3.2.3).
         if req.uri().scheme().is_none() && req.method() != Method::CONNECT {
@@ -426,15 +484,16 @@ pub(super) fn valid_authority(s: &str) -> bool {
         t
     };
     let bytes = s.as_bytes();
-    // `[IP literal]` and what follows it, or a name with no brackets.
-    let (host, rest) = match bytes.split_first() {
+    // `[IP literal]` and what follows it, or a name with no brackets (and no `:` but the
+    // port's: `app.test:80:80` is no authority).
+    let (host, rest, literal) = match bytes.split_first() {
         Some((b'[', literal)) => match literal.iter().position(|&b| b == b']') {
-            Some(end) => (&literal[..end], &literal[end + 1..]),
+            Some(end) => (&literal[..end], &literal[end + 1..], true),
             None => return false,
         },
         _ => match bytes.iter().rposition(|&b| b == b':') {
-            Some(colon) => (&bytes[..colon], &bytes[colon..]),
-            None => (bytes, &[][..]),
+            Some(colon) => (&bytes[..colon], &bytes[colon..], false),
+            None => (bytes, &[][..], false),
         },
     };
     let port = match rest {
@@ -442,7 +501,7 @@ pub(super) fn valid_authority(s: &str) -> bool {
         [b':', port @ ..] => port,
         _ => return false,
     };
-    host.iter().all(|&b| HOST[usize::from(b)])
+    host.iter().all(|&b| HOST[usize::from(b)] && (literal || b != b':'))
         && port.len() <= 5
         && port.iter().all(u8::is_ascii_digit)
         && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
@@ -1163,6 +1222,9 @@ mod tests {
             "a b",
             "[::1",
             "a[b]",
+            "app.test:80:80",
+            "app.test:443:",
+            "::1",
         ] {
             assert!(!valid_authority(bad), "{bad}");
         }
