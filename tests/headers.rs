@@ -198,6 +198,11 @@ async fn other_claims_of_address_or_scheme_come_only_from_trusted_peers() {
         ("x-forwarded-ssl", "on"),
         ("x-forwarded-scheme", "https"),
         ("front-end-https", "on"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("client-ip", "6.6.6.6"),
+        ("x-cluster-client-ip", "6.6.6.6"),
+        ("x-forwarded", "for=6.6.6.6"),
     ];
     let sent: String = claims.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
     for trusted in ["", "\"127.0.0.0/8\""] {

@@ -144,18 +144,30 @@ const NAME_BYTES: [&[u8]; 7] = [
 ];
 
 /// Fields this module does not write that servers read as the same facts: the client's
-/// address (`X-Real-IP`, what many frameworks take when it is there) and the scheme
-/// (Rack's `X-Forwarded-Ssl: on` and `X-Forwarded-Scheme`, `Front-End-Https: on`).
-/// Kept from a trusted peer, removed from anyone else: a client could otherwise tell a
-/// service it came over https, or from another address.
-const CLAIM_BYTES: [&[u8]; 4] = [b"x-real-ip", b"x-forwarded-ssl", b"x-forwarded-scheme", b"front-end-https"];
+/// address (`X-Real-IP`, what many frameworks take when it is there, and the names CDNs
+/// and some frameworks use: `True-Client-IP`, `X-Client-IP`, `Client-IP`,
+/// `X-Cluster-Client-IP`), the scheme (Rack's `X-Forwarded-Ssl: on` and
+/// `X-Forwarded-Scheme`, `Front-End-Https: on`), and `X-Forwarded` (read by some as
+/// `Forwarded`). Kept from a trusted peer, removed from anyone else: a client could
+/// otherwise tell a service it came over https, or from another address.
+const CLAIM_BYTES: [&[u8]; 9] = [
+    b"x-real-ip",
+    b"x-forwarded-ssl",
+    b"x-forwarded-scheme",
+    b"front-end-https",
+    b"true-client-ip",
+    b"x-client-ip",
+    b"client-ip",
+    b"x-cluster-client-ip",
+    b"x-forwarded",
+];
 
 /// Whether a field called `name` (any case) is one this module reads and writes, or a
 /// claim of the same facts ([`CLAIM_BYTES`]). Asked of every field a client sends: the
-/// first byte (`x` or `f`, which few other names begin with) is looked at first.
+/// first byte is looked at first, then the length.
 #[inline]
 pub fn is_forwarding(name: &[u8]) -> bool {
-    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f'))
+    name.first().is_some_and(|&b| matches!(b | 0x20, b'x' | b'f' | b't' | b'c'))
         && (listed(&NAME_BYTES, name) || listed(&CLAIM_BYTES, name))
 }
 
@@ -600,7 +612,7 @@ mod tests {
             "Forwarded",
             "X_Forwarded_Forx",
             "X_Custom_Header",
-            "x_forwarded",
+            "x_forwardedx",
             "_",
             "Content-Length",
             "Content_Type",
@@ -653,7 +665,17 @@ mod tests {
     fn other_claims_of_the_same_facts_are_heard_only_from_a_trusted_peer() {
         let peer = PeerValues::new(IpAddr::from([192, 0, 2, 7]));
         let host = HeaderValue::from_static("fhir.example.org");
-        let claims = ["X-Real-IP", "x-forwarded-ssl", "X-Forwarded-Scheme", "Front-End-Https"];
+        let claims = [
+            "X-Real-IP",
+            "x-forwarded-ssl",
+            "X-Forwarded-Scheme",
+            "Front-End-Https",
+            "True-Client-IP",
+            "X-Client-IP",
+            "Client-IP",
+            "X-Cluster-Client-IP",
+            "X-Forwarded",
+        ];
         for name in claims {
             assert!(is_forwarding(name.as_bytes()), "{name}");
             assert!(is_lookalike(name.replace('-', "_").as_bytes()), "{name}");
