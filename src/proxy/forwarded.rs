@@ -398,22 +398,28 @@ fn last_element(value: &str) -> Element<'_> {
 /// Where the elements of a `Forwarded` value after the first begin: after each comma
 /// outside a quoted string.
 fn element_starts(value: &str) -> impl Iterator<Item = usize> + '_ {
+    starts_unquoted(value, ',')
+}
+
+/// Where the pieces of `value` after the first begin: after each `sep` (one byte)
+/// outside a quoted string.
+fn starts_unquoted(value: &str, sep: char) -> impl Iterator<Item = usize> + '_ {
     let (mut quoted, mut escaped) = (false, false);
     value.char_indices().filter_map(move |(i, c)| {
         match c {
             _ if escaped => escaped = false,
             '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
-            ',' if !quoted => return Some(i + 1),
+            c if c == sep && !quoted => return Some(i + 1),
             _ => {}
         }
         None
     })
 }
 
-/// The elements of a `Forwarded` value.
-fn elements(value: &str) -> impl Iterator<Item = &str> {
-    let mut starts = std::iter::once(0).chain(element_starts(value)).peekable();
+/// `value` split at each `sep` (one byte) outside a quoted string.
+fn split_unquoted(value: &str, sep: char) -> impl Iterator<Item = &str> {
+    let mut starts = std::iter::once(0).chain(starts_unquoted(value, sep)).peekable();
     std::iter::from_fn(move || {
         let start = starts.next()?;
         let end = starts.peek().map_or(value.len(), |next| next - 1);
@@ -421,9 +427,15 @@ fn elements(value: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// An element's `name=value` parameters, values unquoted.
+/// The elements of a `Forwarded` value.
+fn elements(value: &str) -> impl Iterator<Item = &str> {
+    split_unquoted(value, ',')
+}
+
+/// An element's `name=value` parameters, values unquoted; a `;` inside a quoted value
+/// (a host may hold one) does not end it.
 fn params(element: &str) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
-    element.split(';').filter_map(|pair| {
+    split_unquoted(element, ';').filter_map(|pair| {
         let (name, v) = pair.split_once('=')?;
         let v = v.trim();
         let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
@@ -801,5 +813,30 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PREFIX], "/outer/fhir");
         assert_eq!(h[FORWARDED], "for=203.0.113.1, for=\"[2001:db8::1]\";host=\"example.org:8443\";proto=https");
         assert_eq!(id, "abc");
+    }
+
+    #[test]
+    fn a_quoted_forwarded_host_keeps_its_semicolons() {
+        // `;` is a sub-delim a reg-name may hold (valid_authority takes it), so this
+        // module quotes such a host when it writes one; reading it back must not split
+        // the quoted string at its `;` (RFC 7239 section 4: forwarded-pair values are
+        // tokens or quoted-strings).
+        let mut h = HeaderMap::new();
+        h.insert(FORWARDED, HeaderValue::from_static("for=192.0.2.1;host=\"a;host=evil.example;x=\";proto=https"));
+        let said = Said::of(&h);
+        assert_eq!(said.host.as_ref().map(HeaderValue::as_bytes), Some(&b"a;host=evil.example;x="[..]));
+        assert_eq!(said.proto, Some(true));
+        // From a trusted peer that sent only `Forwarded`, the service's public host is
+        // the quoted one, not the name smuggled inside it.
+        let peer = PeerValues::new(IpAddr::from([10, 0, 0, 2]));
+        let ours = HeaderValue::from_static("gw.example");
+        let out = forwarding(&mut h, &facts(&peer, true, &ours, None));
+        let xfh = out.fields.iter().find(|(n, _)| **n == X_FORWARDED_HOST).map(|(_, v)| v.as_bytes());
+        assert_eq!(xfh, Some(&b"a;host=evil.example;x="[..]));
+        // What this module writes for such a host reads back as that host.
+        let odd = HeaderValue::from_static("a;host=evil.example;x=");
+        let mut h = HeaderMap::new();
+        apply(&mut h, &facts(&PeerValues::new(IpAddr::from([192, 0, 2, 7])), false, &odd, None));
+        assert_eq!(Said::of(&h).host.as_ref().map(HeaderValue::as_bytes), Some(odd.as_bytes()));
     }
 }
