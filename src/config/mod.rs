@@ -818,7 +818,9 @@ pub fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
         Some(rest) => (true, rest),
         None => (false, &*host),
     };
-    if parse_ip_literal(name).is_none() && dns_labels(name).is_none() {
+    // A wildcard's `*.` stands for a DNS label: what follows is labels too, never an
+    // IPv6 address (`*.b:f::`), which no Host ends with.
+    if (wild || parse_ip_literal(name).is_none()) && dns_labels(name).is_none() {
         return Err(format!("{text:?} is not a host name (no port, no scheme; a wildcard is \"*.example.org\")"));
     }
     Ok(if wild { HostPattern::Wildcard(name.to_string()) } else { HostPattern::Exact(name.to_string()) })
@@ -981,6 +983,17 @@ mod tests {
         ] {
             assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_wildcard_over_an_ipv6_address_is_refused() {
+        // `*.` stands for one DNS label before a name. A Host `x.b:f::` is no authority
+        // (`valid_authority`), and `normalize_host` would make `x.b:f:` of it anyway: a
+        // route `*.b:f::` could never match. (`*.10.0.0.1` stays: its labels are DNS labels.)
+        for bad in ["*.::1", "*.b:f::", "*.2001:db8::1", "*.::ffff:10.0.0.1"] {
+            assert!(parse_host_pattern(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(parse_host_pattern("*.10.0.0.1"), Ok(HostPattern::Wildcard("10.0.0.1".into())));
     }
 
     /// The problems `[limits]` with `line` in it has.
