@@ -468,7 +468,8 @@ fn request_authority(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyErro
 /// `host[:port]`: the characters RFC 3986 allows in a reg-name or IP literal (so no
 /// userinfo, which RFC 9110 section 4.2.4 makes an error), and a port, if any, of digits
 /// up to 65535. One pass over the bytes: asked of every request.
-pub(super) fn valid_authority(s: &str) -> bool {
+#[doc(hidden)] // public for the fuzz targets
+pub fn valid_authority(s: &str) -> bool {
     /// The bytes of a reg-name or an IPv4 address, and the `:` before a port (an IP
     /// literal's brackets are looked at apart).
     const HOST: [bool; 256] = {
