@@ -226,7 +226,12 @@ pub fn forwarding(headers: &mut HeaderMap, f: &Facts<'_>) -> Forwarding {
     let mut fields: Vec<(&'static HeaderName, HeaderValue)> = Vec::with_capacity(NAMES.len());
     if f.trusted {
         let chain = |headers: &mut HeaderMap, name: &'static HeaderName, value: HeaderValue| {
-            let all = headers.get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect();
+            // An empty field (or one of spaces) names nobody: no empty member before ours.
+            let all = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned))
+                .collect();
             headers.remove(name);
             extended(all, value)
         };
@@ -790,6 +795,9 @@ mod tests {
         let chain = "for=\"[2001:db8::1]:4711\";proto=https, for=_hidden, for=192.0.2.43:47011;host=pub.example.org";
         assert_eq!(xff(&[("forwarded", chain)]), "2001:db8::1, 192.0.2.43, 10.0.0.2");
         assert_eq!(xff(&[("forwarded", "for=unknown;proto=https")]), "10.0.0.2");
+        // An empty X-Forwarded-For names nobody.
+        assert_eq!(xff(&[("x-forwarded-for", "")]), "10.0.0.2");
+        assert_eq!(xff(&[("x-forwarded-for", " "), ("x-forwarded-for", "203.0.113.9")]), "203.0.113.9, 10.0.0.2");
         // Its own X-Forwarded-For, when it sends one, is the chain.
         assert_eq!(
             xff(&[("forwarded", "for=192.0.2.43"), ("x-forwarded-for", "203.0.113.9")]),
