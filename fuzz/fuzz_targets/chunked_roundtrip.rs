@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use swarmgate::proxy::h1::{self, Chunked, Decoded};
+use swarmgate_fuzz::Rng;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -23,18 +24,6 @@ struct Input {
 }
 
 const NAMES: [&str; 8] = ["x-sum", "grpc-status", "grpc-message", "etag", "server-timing", "x-a", "digest", "expires"];
-
-struct Rng(u32);
-impl Rng {
-    fn next(&mut self) -> u32 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        self.0 = x;
-        x
-    }
-}
 
 fuzz_target!(|input: Input| {
     let mut chunks = input.chunks;
@@ -87,7 +76,11 @@ fuzz_target!(|input: Input| {
             }
             Ok(Some(Decoded::End)) => break,
             Ok(None) => {
-                assert!(fed < wire.len(), "the decoder wants more after the whole body: {:?}", String::from_utf8_lossy(&wire));
+                assert!(
+                    fed < wire.len(),
+                    "the decoder wants more after the whole body: {:?}",
+                    String::from_utf8_lossy(&wire)
+                );
                 let n = (1 + rng.next() as usize % max_read).min(wire.len() - fed);
                 buf.extend_from_slice(&wire[fed..fed + n]);
                 fed += n;

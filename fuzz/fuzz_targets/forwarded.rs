@@ -113,7 +113,6 @@ struct Input {
     second: Option<Request>,
 }
 
-
 fn is_ip_list(v: &[u8]) -> bool {
     std::str::from_utf8(v).is_ok_and(|s| s.split(',').all(|m| m.trim().parse::<IpAddr>().is_ok()))
 }
@@ -152,10 +151,7 @@ fn run(peer: &PeerValues, peer_ip: IpAddr, req: &Request) -> Option<Vec<(String,
     for name in headers.keys() {
         assert!(!forwarded::is_lookalike(name.as_str().as_bytes()), "look-alike {name} kept");
         if !req.trusted {
-            assert!(
-                !forwarded::is_forwarding(name.as_str().as_bytes()),
-                "{name} from an untrusted peer kept"
-            );
+            assert!(!forwarded::is_forwarding(name.as_str().as_bytes()), "{name} from an untrusted peer kept");
         }
     }
     let get = |n: &str| out.fields.iter().find(|(name, _)| name.as_str() == n).map(|(_, v)| v.as_bytes());
@@ -191,7 +187,12 @@ fn run(peer: &PeerValues, peer_ip: IpAddr, req: &Request) -> Option<Vec<(String,
             let mut own = HeaderMap::new();
             own.insert("forwarded", HeaderValue::from_bytes(element).expect("a value"));
             let said = Said::of(&own);
-            assert_eq!(said.proto, Some(req.https), "Forwarded {:?}: scheme read back", String::from_utf8_lossy(element));
+            assert_eq!(
+                said.proto,
+                Some(req.https),
+                "Forwarded {:?}: scheme read back",
+                String::from_utf8_lossy(element)
+            );
             let h = host.to_str().expect("an element only for text hosts");
             let want = (!h.is_empty() && swarmgate::proxy::valid_authority(h)).then_some(h.as_bytes());
             assert!(

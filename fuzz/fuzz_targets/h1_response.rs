@@ -27,6 +27,7 @@ use bytes::BytesMut;
 use http::Method;
 use libfuzzer_sys::fuzz_target;
 use swarmgate::proxy::h1::{self, Chunked, Decoded, Framing};
+use swarmgate_fuzz::{HOP_BY_HOP, Rng};
 
 const METHODS: [Method; 6] = [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::OPTIONS, Method::DELETE];
 
@@ -62,18 +63,6 @@ struct BodyOut {
     data: Vec<u8>,
     trailers: Option<Vec<(String, Vec<u8>)>>,
     end: BodyEnd,
-}
-
-struct Rng(u32);
-impl Rng {
-    fn next(&mut self) -> u32 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        self.0 = x;
-        x
-    }
 }
 
 /// Reads the final head: each read appends to the buffer, then `final_head` is asked.
@@ -311,25 +300,19 @@ fn check_head(stream: &[u8], method: &Method, out: &HeadOut, head: h1::Head) {
         assert_ne!(out.framing, Framing::Close);
         // (For HEAD, 204 and 304 the head alone is the message, RFC 9112 section 6.3 (1):
         // the fields frame nothing.)
-        assert!(
-            no_body || !(te && !lengths.is_empty()),
-            "kept alive with both Transfer-Encoding and Content-Length"
-        );
+        assert!(no_body || !(te && !lengths.is_empty()), "kept alive with both Transfer-Encoding and Content-Length");
         assert!(!(te && out.version == http::Version::HTTP_10), "kept alive with Transfer-Encoding in HTTP/1.0");
         assert!(!close, "kept alive with Connection: close");
         if out.version == http::Version::HTTP_10 {
             assert!(
-                raw.iter().any(|(n, v)| n == "connection"
-                    && tokens(v).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))),
+                raw.iter().any(|(n, v)| n == "connection" && tokens(v).any(|t| t.eq_ignore_ascii_case(b"keep-alive"))),
                 "HTTP/1.0 kept alive without keep-alive"
             );
         }
     }
-    const HOP: [&[u8]; 7] =
-        [b"connection", b"te", b"transfer-encoding", b"upgrade", b"keep-alive", b"proxy-connection", b"proxy-authenticate"];
     for (n, _) in &out.fields {
         let lower = n.to_ascii_lowercase();
-        assert!(!HOP.contains(&lower.as_slice()), "hop-by-hop {:?} in Fields", String::from_utf8_lossy(n));
+        assert!(!HOP_BY_HOP.contains(&lower.as_slice()), "hop-by-hop {:?} in Fields", String::from_utf8_lossy(n));
         assert!(!named.contains(&lower), "a field Connection names kept: {:?}", String::from_utf8_lossy(n));
     }
     for (name, line) in head.fields.lines() {

@@ -21,7 +21,6 @@ use libfuzzer_sys::fuzz_target;
 use swarmgate::config::{self, HostPattern};
 use swarmgate::route::{self, DotSegments, Router};
 
-
 #[derive(Arbitrary, Debug)]
 struct Input {
     path: String,
@@ -72,18 +71,20 @@ fn model<'r>(routes: &'r [(HostPattern, String, usize)], host: &str, path: &str)
     let path = if path.is_empty() { "/" } else { path };
     let tiers: [Box<dyn Fn(&HostPattern) -> bool>; 3] = [
         Box::new(|p| matches!(p, HostPattern::Exact(h) if h == host)),
-        Box::new(|p| matches!(p, HostPattern::Wildcard(s) if host.split_once('.').is_some_and(|(_, parent)| parent == s))),
+        Box::new(
+            |p| matches!(p, HostPattern::Wildcard(s) if host.split_once('.').is_some_and(|(_, parent)| parent == s)),
+        ),
         Box::new(|p| matches!(p, HostPattern::Any)),
     ];
     for tier in tiers {
         // The last of duplicates wins, as in the router.
-        let best = routes
-            .iter()
-            .filter(|(p, prefix, _)| tier(p) && prefix_matches(prefix, path))
-            .fold(None::<&(HostPattern, String, usize)>, |best, r| match best {
+        let best = routes.iter().filter(|(p, prefix, _)| tier(p) && prefix_matches(prefix, path)).fold(
+            None::<&(HostPattern, String, usize)>,
+            |best, r| match best {
                 Some(b) if b.1.len() > r.1.len() => Some(b),
                 _ => Some(r),
-            });
+            },
+        );
         if let Some((_, _, id)) = best {
             return Some(*id);
         }
@@ -104,8 +105,10 @@ fuzz_target!(|input: Input| {
                     assert!(http::uri::PathAndQuery::try_from(r.as_str()).is_ok(), "{r:?} no longer parses");
                 }
                 DotSegments::None => {
-                    assert!(!path.split('/').any(route::is_dot_segment) || !path.starts_with('/'),
-                        "dot-segment in {path:?} not seen");
+                    assert!(
+                        !path.split('/').any(route::is_dot_segment) || !path.starts_with('/'),
+                        "dot-segment in {path:?} not seen"
+                    );
                 }
                 DotSegments::Ambiguous => {}
             }
@@ -119,13 +122,21 @@ fuzz_target!(|input: Input| {
     let host = route::strip_port(a);
     if let Some(port) = route::authority_port(a) {
         let rest = &a[host.len()..];
-        assert!(rest.starts_with(':') && rest[1..].bytes().all(|b| b.is_ascii_digit()), "{a:?}: port {port} from {rest:?}");
+        assert!(
+            rest.starts_with(':') && rest[1..].bytes().all(|b| b.is_ascii_digit()),
+            "{a:?}: port {port} from {rest:?}"
+        );
     }
     if let Ok(pattern) = config::parse_host_pattern(&input.pattern) {
         match &pattern {
             HostPattern::Exact(h) => {
                 let sent = if h.contains(':') { format!("[{h}]") } else { h.clone() };
-                assert_eq!(route::normalize_host(&sent), h.as_str(), "route host {h:?} (from {:?}) unreachable", input.pattern);
+                assert_eq!(
+                    route::normalize_host(&sent),
+                    h.as_str(),
+                    "route host {h:?} (from {:?}) unreachable",
+                    input.pattern
+                );
                 assert_eq!(route::normalize_host(&format!("{sent}:8443")), h.as_str());
             }
             HostPattern::Wildcard(s) => {
