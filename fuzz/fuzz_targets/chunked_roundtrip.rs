@@ -27,12 +27,12 @@ const NAMES: [&str; 8] = ["x-sum", "grpc-status", "grpc-message", "etag", "serve
 
 fuzz_target!(|input: Input| {
     let mut chunks = input.chunks;
-    if let Some((which, times)) = input.big {
-        if !chunks.is_empty() {
-            let i = usize::from(which) % chunks.len();
-            let c = chunks[i].repeat(usize::from(times % 64).max(1));
-            chunks[i] = c.repeat((8192 / c.len().max(1)).min(64).max(1));
-        }
+    if let Some((which, times)) = input.big
+        && !chunks.is_empty()
+    {
+        let i = usize::from(which) % chunks.len();
+        let c = chunks[i].repeat(usize::from(times % 64).max(1));
+        chunks[i] = c.repeat((8192 / c.len().max(1)).clamp(1, 64));
     }
     let mut map = HeaderMap::new();
     for (sel, name, value) in &input.trailers {
@@ -81,7 +81,7 @@ fuzz_target!(|input: Input| {
                     "the decoder wants more after the whole body: {:?}",
                     String::from_utf8_lossy(&wire)
                 );
-                let n = (1 + rng.next() as usize % max_read).min(wire.len() - fed);
+                let n = (1 + rng.next_u32() as usize % max_read).min(wire.len() - fed);
                 buf.extend_from_slice(&wire[fed..fed + n]);
                 fed += n;
             }

@@ -56,11 +56,14 @@ impl Ip {
     }
 }
 
+/// One `Forwarded` element's parts, as the target writes them.
+type ElementParts = (Option<Ip>, Option<Vec<u8>>, Option<bool>, bool);
+
 #[derive(Arbitrary, Debug)]
 enum Value {
     Raw(Vec<u8>),
     Ips(Vec<Ip>),
-    Elements(Vec<(Option<Ip>, Option<Vec<u8>>, Option<bool>, bool)>),
+    Elements(Vec<ElementParts>),
     Text(String),
 }
 

@@ -255,8 +255,8 @@ fuzz_target!(|data: &[u8]| {
     // Mostly small reads, now and then a big one.
     let max_read = 1 + (seed as usize % 64);
     let pieces = run(stream, max_head, || {
-        let r = rng.next() as usize;
-        if r % 8 == 0 { 4096 } else { 1 + r % max_read }
+        let r = rng.next_u32() as usize;
+        if r.is_multiple_of(8) { 4096 } else { 1 + r % max_read }
     });
     // Whole and in pieces: the same requests, the same end, but where reading in pieces
     // stopped at a head over the limit before its end came (the same refusal, earlier).

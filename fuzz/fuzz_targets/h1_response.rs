@@ -58,6 +58,9 @@ enum BodyEnd {
     NeedMore,
 }
 
+/// Trailer fields, name and value.
+type Trailers = Vec<(String, Vec<u8>)>;
+
 #[derive(Debug, PartialEq)]
 struct BodyOut {
     data: Vec<u8>,
@@ -137,7 +140,7 @@ fn read_chunked(stream: &[u8], next_read: &mut impl FnMut() -> usize) -> BodyOut
 /// A strict RFC 9112 section 7.1 decoder, within swarmgate's documented limits (a size of
 /// at most 16 hex digits, a size line of at most 4 KiB, a trailer section under 64 KiB and
 /// 100 fields). `None` when it refuses the body or it is incomplete.
-fn strict_chunked(s: &[u8]) -> Option<(Vec<u8>, Vec<(String, Vec<u8>)>, usize)> {
+fn strict_chunked(s: &[u8]) -> Option<(Vec<u8>, Trailers, usize)> {
     let mut at = 0;
     let mut data = Vec::new();
     loop {
@@ -214,7 +217,7 @@ fn strict_chunked(s: &[u8]) -> Option<(Vec<u8>, Vec<(String, Vec<u8>)>, usize)> 
 
 /// The interim and final heads of `bytes` by httparse, each with its status; the final
 /// one's end.
-fn independent_heads(bytes: &[u8]) -> (Vec<u16>, usize, Vec<(String, Vec<u8>)>) {
+fn independent_heads(bytes: &[u8]) -> (Vec<u16>, usize, Trailers) {
     let mut at = 0;
     let mut statuses = Vec::new();
     loop {
@@ -346,8 +349,8 @@ fuzz_target!(|data: &[u8]| {
     let mut rng = Rng(seed | 1);
     let max_read = 1 + (seed as usize % 32);
     let mut pieces_read = move || {
-        let r = rng.next() as usize;
-        if r % 16 == 0 { 8192 } else { 1 + r % max_read }
+        let r = rng.next_u32() as usize;
+        if r.is_multiple_of(16) { 8192 } else { 1 + r % max_read }
     };
     let (pieces, _) = read_head(stream, method, &mut pieces_read);
     assert_eq!(whole, pieces, "reading the head in pieces changed it");

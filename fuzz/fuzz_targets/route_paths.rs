@@ -67,9 +67,12 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/" || path == prefix || path.strip_prefix(prefix).is_some_and(|r| r.starts_with('/'))
 }
 
-fn model<'r>(routes: &'r [(HostPattern, String, usize)], host: &str, path: &str) -> Option<usize> {
+/// One tier of the route lookup: which host patterns it takes.
+type HostTest<'a> = Box<dyn Fn(&HostPattern) -> bool + 'a>;
+
+fn model(routes: &[(HostPattern, String, usize)], host: &str, path: &str) -> Option<usize> {
     let path = if path.is_empty() { "/" } else { path };
-    let tiers: [Box<dyn Fn(&HostPattern) -> bool>; 3] = [
+    let tiers: [HostTest<'_>; 3] = [
         Box::new(|p| matches!(p, HostPattern::Exact(h) if h == host)),
         Box::new(
             |p| matches!(p, HostPattern::Wildcard(s) if host.split_once('.').is_some_and(|(_, parent)| parent == s)),
@@ -95,23 +98,24 @@ fn model<'r>(routes: &'r [(HostPattern, String, usize)], host: &str, path: &str)
 fuzz_target!(|input: Input| {
     // Dot-segments, on paths a request can carry.
     let path = &input.path;
-    if let Ok(pq) = http::uri::PathAndQuery::try_from(path.as_str()) {
-        if pq.query().is_none() && pq.path() == path {
-            match route::dot_segments(path) {
-                DotSegments::Resolvable => {
-                    let r = route::remove_dot_segments(path);
-                    assert!(r.starts_with('/'), "{path:?} resolved to {r:?}");
-                    assert_eq!(route::dot_segments(&r), DotSegments::None, "{path:?} resolved to {r:?}");
-                    assert!(http::uri::PathAndQuery::try_from(r.as_str()).is_ok(), "{r:?} no longer parses");
-                }
-                DotSegments::None => {
-                    assert!(
-                        !path.split('/').any(route::is_dot_segment) || !path.starts_with('/'),
-                        "dot-segment in {path:?} not seen"
-                    );
-                }
-                DotSegments::Ambiguous => {}
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path.as_str())
+        && pq.query().is_none()
+        && pq.path() == path
+    {
+        match route::dot_segments(path) {
+            DotSegments::Resolvable => {
+                let r = route::remove_dot_segments(path);
+                assert!(r.starts_with('/'), "{path:?} resolved to {r:?}");
+                assert_eq!(route::dot_segments(&r), DotSegments::None, "{path:?} resolved to {r:?}");
+                assert!(http::uri::PathAndQuery::try_from(r.as_str()).is_ok(), "{r:?} no longer parses");
             }
+            DotSegments::None => {
+                assert!(
+                    !path.split('/').any(route::is_dot_segment) || !path.starts_with('/'),
+                    "dot-segment in {path:?} not seen"
+                );
+            }
+            DotSegments::Ambiguous => {}
         }
     }
     let _ = route::strip_prefix(path, "/a");
