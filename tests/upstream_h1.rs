@@ -420,6 +420,82 @@ async fn upload_and_read_answer(gw: &Gateway) -> Vec<u8> {
     got
 }
 
+/// A server that answers a request's head at once with `200 ok`, then reads its whole
+/// body (as nginx does for a `return 200` to a POST), counting the body bytes it read.
+async fn answers_then_reads() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let read = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&read);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut s).await {
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                    let (mut left, mut buf) = (length, vec![0; 65536]);
+                    while left > 0 {
+                        let n = s.read(&mut buf[..left.min(65536)]).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        left -= n;
+                        counted.fetch_add(n, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, read)
+}
+
+/// A server that answers an upload at once and then reads it: the rest of the client's
+/// body still goes to the server after the answer has ended, and the client's connection
+/// carries its next request (it was closed under the client still sending: a broken pipe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_at_once_is_still_sent_whole_and_its_connection_kept() {
+    let (addr, read) = answers_then_reads().await;
+    let gw = gateway(addr).await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let total = 1 << 20;
+    s.write_all(format!("POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: {total}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = s.into_split();
+    let sender = tokio::spawn(async move {
+        let piece = vec![b'x'; 64 * 1024];
+        for _ in 0..total / piece.len() {
+            writer.write_all(&piece).await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.write_all(b"GET /next HTTP/1.1\r\nHost: app.test\r\n\r\n").await?;
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0; 4096];
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while raw_response_count(&got) < 2 {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(answered.is_ok() && raw_response_count(&got) == 2, "two answers on the connection: {text}\n{}", gw.logs());
+    assert!(sender.await.unwrap().is_ok(), "the upload was cut: {text}");
+    assert!(!text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert_eq!(read.load(Ordering::SeqCst), total, "the server read the whole upload");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_to_an_upload_reaches_the_client() {
     let gw = gateway(refusing_server(Some(Duration::from_secs(10))).await).await;

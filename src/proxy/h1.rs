@@ -997,6 +997,50 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    /// A response read whole while the request body it answered early is still going out
+    /// (a server answering 200 at once, then reading the upload; hyper drops a body once
+    /// its length is written): the upload is finished on a task of its own. Dropped
+    /// unsent, the rest of the client's body would go unread, and its connection would
+    /// close under a client still sending it.
+    fn drop(&mut self) {
+        if !matches!(self.state, State::Done) {
+            return;
+        }
+        if let (Some(upload), Some(io)) = (self.upload.take(), self.io.take()) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(finish_upload(io, upload, self.stall_limit));
+            }
+        }
+    }
+}
+
+/// Sends the rest of `upload`; gives up when nothing moves for `limit`, or when the
+/// server stops taking it or the client's body breaks. The connection is not kept.
+async fn finish_upload(mut io: TcpStream, mut upload: Box<Upload>, limit: Duration) {
+    loop {
+        let before = upload.written;
+        let step = std::future::poll_fn(|cx| match upload.poll_send(&mut io, cx) {
+            Ok(Poll::Ready(())) => Poll::Ready(Ok(true)),
+            Ok(Poll::Pending) if upload.written != before => Poll::Ready(Ok(false)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        });
+        match tokio::time::timeout(limit, step).await {
+            Ok(Ok(true)) => return,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = ?e, "request body not sent whole after the server's answer");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?limit, "request body stalled after the server's answer; left unsent");
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::expect_used)]
 mod tests {
