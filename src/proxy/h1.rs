@@ -225,6 +225,10 @@ pub struct Fields {
     pub length: Option<u64>,
     /// A response's reason phrase (its span in `raw`; empty when it has none).
     reason: (u32, u32),
+    /// A response's first `Content-Length` value, when it is digits alone (its span in
+    /// `raw`; empty otherwise): [`Fields::append_to`] shares it rather than writing the
+    /// number anew.
+    length_at: (u32, u32),
 }
 
 /// Where one field's name and value lie in [`Fields::raw`] (start, end).
@@ -258,7 +262,7 @@ pub static NO_FIELDS: Fields = Fields::new(Bytes::new(), Vec::new());
 impl Fields {
     /// The fields at `at` in `raw` (a copy of the head they were read from).
     pub(super) const fn new(raw: Bytes, at: Vec<FieldAt>) -> Fields {
-        Fields { raw, at, length: None, reason: (0, 0) }
+        Fields { raw, at, length: None, reason: (0, 0), length_at: (0, 0) }
     }
 
     /// The reason phrase the server wrote in its status line, if any (`OK` in `200 OK`).
@@ -315,7 +319,13 @@ impl Fields {
     pub fn append_to(self, map: &mut HeaderMap) {
         map.reserve(self.at.len() + 1);
         if let Some(n) = self.length {
-            map.append(header::CONTENT_LENGTH, HeaderValue::from(n));
+            let digits = self.raw.slice(self.length_at.0 as usize..self.length_at.1 as usize);
+            let value = if digits.is_empty() {
+                HeaderValue::from(n)
+            } else {
+                HeaderValue::from_maybe_shared(digits).unwrap_or_else(|_| HeaderValue::from(n))
+            };
+            map.append(header::CONTENT_LENGTH, value);
         }
         for f in &self.at {
             let name = HeaderName::from_bytes(self.bytes(f.name));
@@ -375,6 +385,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     // What framing and persistence depend on, noted as the fields go by rather than
     // looked up afterwards.
     let mut noted = Noted::default();
+    let mut length_at = (0, 0);
     for field in resp.headers.iter() {
         let name = field.name.as_bytes();
         // Hop-by-hop fields are noted and dropped here.
@@ -386,6 +397,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
         // server repeated or listed it (RFC 9110 section 8.6).
         if name.eq_ignore_ascii_case(b"content-length") {
             if !matches!(noted.length, Some(Err(_))) {
+                if noted.length.is_none() && field.value.iter().all(u8::is_ascii_digit) {
+                    length_at = FieldAt::within(base, name, field.value).value;
+                }
                 noted.length = Some(content_length(field.value, noted.length.and_then(Result::ok)));
             }
             continue;
@@ -400,7 +414,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head
     if noted.connection.too_many {
         return Err(invalid(super::hop::TOO_MANY_NAMED));
     }
-    let mut fields = Fields { length: noted.length.and_then(Result::ok), reason, ..Fields::new(raw, at) };
+    let mut fields = Fields { length: noted.length.and_then(Result::ok), reason, length_at, ..Fields::new(raw, at) };
     // Fields the `Connection` header names are hop-by-hop too (rare beyond its usual tokens).
     for name in &noted.connection.named {
         fields.remove(name.as_str().as_bytes());

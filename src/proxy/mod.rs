@@ -164,10 +164,14 @@ fn resolve_dot_segments(
     if target_too_long(req, max_uri_bytes) {
         return Ok(());
     }
-    let target = target(&route::remove_dot_segments(req.uri().path()), req.uri().query());
-    let mut parts = req.uri().clone().into_parts();
     // Fewer characters of the same kinds: it parses. Should it not, the path would be
     // routed unresolved: refused instead.
+    set_target(req, target(&route::remove_dot_segments(req.uri().path()), req.uri().query()))
+}
+
+/// Puts `target` (an origin-form path and query) in place of the request's own.
+fn set_target(req: &mut Request<ClientBody>, target: String) -> Result<(), ProxyError> {
+    let mut parts = req.uri().clone().into_parts();
     parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     Ok(())
@@ -195,10 +199,7 @@ fn encode_non_ascii(req: &mut Request<ClientBody>) -> Result<(), ProxyError> {
             let _ = write!(target, "%{b:02X}");
         }
     }
-    let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::BadRequest("invalid request target"))?);
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    Ok(())
+    set_target(req, target)
 }
 
 /// Whether the request's path and query are over `max_uri_bytes` (a 414).
